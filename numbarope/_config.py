@@ -1,0 +1,63 @@
+"""Knobs of numbarope in one place: numba flags, block sizes, limits.
+
+Everything tunable lives here so that kernels contain no scattered literals.
+Values may be changed at run time (``numbarope._config.MAX_DEGREE = 30``);
+kernels read them at call time, not at import time, except the numba
+``FASTMATH`` flags which are fixed when a kernel is compiled.
+"""
+
+import os
+
+#: LLVM fast-math flags for numba kernels. Only re-association and fused
+#: multiply-add are allowed (they let reductions vectorise); no ``nnan`` /
+#: ``ninf`` because ``-inf`` is a meaningful mask value, and no ``afn``
+#: (approximate functions) because exp accuracy enters certified bounds.
+FASTMATH = frozenset({"reassoc", "contract", "nsz"})
+
+#: Rows of queries handled by one task of the exact streaming kernel.
+EXACT_ROW_BLOCK = 32
+#: Keys whose logits are formed at once in the exact streaming kernel.
+EXACT_KEY_BLOCK = 256
+
+#: Rows per chunk of the causal prefix-sum product of the fast path.
+CAUSAL_CHUNK = 256
+#: Rows per chunk when forming feature matrices phi(Q), psi(K).
+FEATURE_CHUNK = 1024
+
+#: Largest polynomial degree the fast path will use (refuses above).
+MAX_DEGREE = 24
+
+#: Largest number of symmetric monomial features the fast path will use.
+MAX_FEATURES = 2_000_000
+
+#: Number of grid points for the a posteriori certification of exp bounds.
+CERTIFY_GRID = 1 << 15
+
+#: Memory limit of one fast-path call as a fraction of the available RAM.
+MEMORY_FRACTION = 0.5
+
+#: Working-memory budget (bytes) of blocked FFT products; blocks are sized to it.
+FFT_BLOCK_BYTES = 256 * 2**20
+
+
+def available_memory():
+    """Available physical memory in bytes (``MemAvailable`` on Linux).
+
+    Falls back to total pages * page size, or 4 GiB when neither is known.
+    """
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30
+
+
+def memory_limit():
+    """Bytes one call may use: ``MEMORY_FRACTION`` of the available RAM."""
+    return int(MEMORY_FRACTION * available_memory())

@@ -1,0 +1,198 @@
+"""Symmetric monomials: tables, feature maps, symmetric powers of matrices.
+
+Monomials ``x^α`` of E variables with ``|α| <= g`` are listed by degree, then
+lexicographically in their sorted index sequence ``a_1 <= ... <= a_k``. Each
+monomial of degree k >= 1 has a *parent* (drop the last index) and a *last
+variable*, so ``x^α = x^{parent(α)} · x_{var(α)}``: one multiplication per
+monomial builds them all. Their count is ``C(E+g, g)``.
+
+``(qᵀk)^k = Σ_{|α|=k} (k!/α!) q^α k^α`` (multinomial theorem), so a polynomial
+``p(x) = Σ a_k x^k`` of the logit becomes an inner product of feature vectors
+``φ(q)_α = sqrt(|a_k| k!/α!) q^α`` and ``ψ(k)_α = sign(a_k) sqrt(|a_k| k!/α!) k^α``
+(Alman & Song 2025, §4, the polynomial method; symmetric monomials rather than
+the E^k tensor power).
+"""
+
+from functools import lru_cache
+
+import numpy as np
+from numba import njit, prange
+from scipy.special import comb
+
+__all__ = ["monomial_table", "n_features", "features", "symmetric_power"]
+
+
+def n_features(E, g):
+    """Number of monomials of E variables of degree <= g: ``C(E+g, g)`` (exact int)."""
+    return int(comb(E + g, g, exact=True))
+
+
+@lru_cache(maxsize=64)
+def monomial_table(E, g):
+    """Tables of the monomials of E variables up to degree g.
+
+    Returns
+    -------
+    start : (g+2,) ndarray of int64
+        Monomials of degree k occupy ``start[k]:start[k+1]``.
+    parent : (m,) ndarray of int64
+        Index of ``x^α / x_{var(α)}`` (0 for the constant monomial itself).
+    var : (m,) ndarray of int64
+        Last (largest) variable of α (0 for the constant).
+    multinomial : (m,) ndarray of float64
+        ``|α|! / α!`` (1 for the constant).
+    """
+    starts = [0, 1]
+    parent = [np.zeros(1, np.int64)]
+    var = [np.zeros(1, np.int64)]
+    multi = [np.ones(1)]
+    last = np.zeros(1, np.int64)
+    run = np.zeros(1, np.int64)
+    for d in range(g):
+        lo = starts[-2]
+        counts = E - last                       # children b = last .. E-1
+        par = np.repeat(np.arange(lo, lo + last.size), counts)
+        off = np.arange(par.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        v = np.repeat(last, counts) + off
+        prun = np.repeat(run, counts)
+        same = (v == np.repeat(last, counts)) & (d > 0)
+        crun = np.where(same, prun + 1, 1)
+        cm = np.repeat(multi[-1], counts) * (d + 1) / crun
+        parent.append(par)
+        var.append(v)
+        multi.append(cm)
+        last, run = v, crun
+        starts.append(starts[-1] + v.size)
+    out = (np.array(starts, np.int64), np.concatenate(parent), np.concatenate(var),
+           np.concatenate(multi))
+    for a in out:
+        a.setflags(write=False)
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _features_kernel(x, parent, var, weight, out):
+    rows = x.shape[0]
+    m = parent.shape[0]
+    for r in prange(rows):
+        out[r, 0] = 1.0
+        for idx in range(1, m):
+            out[r, idx] = out[r, parent[idx]] * x[r, var[idx]]
+        for idx in range(m):
+            out[r, idx] *= weight[idx]
+
+
+def features(x, E, g, weight, out=None):
+    """Weighted monomial features ``weight[α] · x^α`` of the rows of x.
+
+    Parameters
+    ----------
+    x : (rows, E) ndarray of float64, C-contiguous
+    weight : (m,) ndarray of float64, m = C(E+g, g)
+    out : (rows, m) ndarray of float64, optional
+
+    Returns
+    -------
+    (rows, m) ndarray of float64
+    """
+    start, parent, var, _ = monomial_table(E, g)
+    if out is None:
+        out = np.empty((x.shape[0], parent.shape[0]))
+    if x.shape[0]:
+        _features_kernel(x, parent, var, weight, out)
+    return out
+
+
+def feature_weights(coef, E, g):
+    """Weights of φ and ψ for a polynomial with monomial coefficients ``coef``.
+
+    Returns ``(wphi, wpsi)``, each (m,) float64, with
+    ``wphi = sqrt(|a_k| k!/α!)`` and ``wpsi = sign(a_k) · wphi``, so that
+    ``φ(q)ᵀψ(k) = Σ_k a_k (qᵀk)^k``.
+    """
+    start, _, _, multi = monomial_table(E, g)
+    deg = np.repeat(np.arange(g + 1), np.diff(start))
+    a = np.asarray(coef, dtype=np.float64)[deg]
+    wphi = np.sqrt(np.abs(a) * multi)
+    return wphi, np.sign(a) * wphi
+
+
+@lru_cache(maxsize=64)
+def _mul_table(E, d):
+    """``mul[β, e]``: within-degree index of ``x^β · x_e`` (β of degree d)."""
+    start, parent, var, _ = monomial_table(E, d + 1)
+    lo, hi = start[d + 1], start[d + 2]
+    seqs = _sequences(E, d + 1)
+    index = {s: i for i, s in enumerate(seqs[lo:hi])}
+    mul = np.empty((start[d + 1] - start[d], E), np.int64)
+    for i, s in enumerate(seqs[start[d]:start[d + 1]]):
+        for e in range(E):
+            mul[i, e] = index[tuple(sorted(s + (e,)))]
+    return mul
+
+
+@lru_cache(maxsize=16)
+def _sequences(E, g):
+    """Sorted index tuples of all monomials up to degree g, in table order."""
+    start, parent, var, _ = monomial_table(E, g)
+    seqs = [()]
+    for idx in range(1, parent.size):
+        seqs.append(seqs[parent[idx]] + (int(var[idx]),))
+    return seqs
+
+
+@njit(parallel=True, cache=True)
+def _sympow_step(W, Pprev, par_local, var_local, mul, out):
+    # out[t, α, :] = coefficients (degree-k basis) of P_{parent(α)} · ℓ_{var(α)},
+    # ℓ_a(k) = Σ_e W[t, a, e] k_e.
+    T = W.shape[0]
+    E = W.shape[1]
+    mk = par_local.shape[0]
+    mprev = Pprev.shape[2]
+    for t in prange(T):
+        for a in range(mk):
+            for c in range(out.shape[2]):
+                out[t, a, c] = 0.0
+            pa = par_local[a]
+            row = var_local[a]
+            for bprev in range(mprev):
+                cf = Pprev[t, pa, bprev]
+                if cf != 0.0:
+                    for e in range(E):
+                        out[t, a, mul[bprev, e]] += cf * W[t, row, e]
+
+
+def symmetric_power(W, k):
+    """Symmetric power ``M_k(W_t)`` of a stack of matrices in the monomial basis.
+
+    ``(qᵀ W k)^k = Σ_{|α|=|β|=k} q^α M_k(W)[α, β] k^β``, with
+    ``M_k(W)[α, β] = (k!/α!) · [k^β] Π_r ℓ_{a_r}(k)``, ``ℓ_a(k) = Σ_e W[a, e] k_e``
+    (Alman & Song 2025, §5: the tensor trick for general W_{i−j}, here grouped by
+    monomials). Built by expanding products of linear forms along the monomial
+    tree, numba-parallel over the stack.
+
+    Parameters
+    ----------
+    W : (T, E, E) ndarray of float64
+    k : int >= 0
+
+    Returns
+    -------
+    (T, m_k, m_k) ndarray of float64, m_k = C(E+k−1, k)
+    """
+    W = np.ascontiguousarray(W, dtype=np.float64)
+    T, E, _ = W.shape
+    P = np.ones((T, 1, 1))
+    if k == 0:
+        return P
+    start, parent, var, multi = monomial_table(E, k)
+    for d in range(1, k + 1):
+        lo, hi = start[d], start[d + 1]
+        par_local = np.ascontiguousarray(parent[lo:hi] - start[d - 1])
+        var_local = np.ascontiguousarray(var[lo:hi])
+        mul = _mul_table(E, d - 1)
+        out = np.empty((T, hi - lo, hi - lo))
+        _sympow_step(W, P, par_local, var_local, mul, out)
+        P = out
+    P *= multi[start[k]:start[k + 1]][None, :, None]
+    return P

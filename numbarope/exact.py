@@ -1,0 +1,141 @@
+"""Exact attention kernels: streaming ("online") softmax, never an n×n matrix.
+
+Each kernel works on a batch of heads flattened to ``(B, n, E)`` float64
+arrays and writes ``out`` in place. Query rows are cut into blocks of
+``_config.EXACT_ROW_BLOCK``; every (head, row block) pair is one task of a
+``prange`` loop, so the work is race-free by construction (each task owns its
+rows of ``out`` and its own buffers). For every block of
+``_config.EXACT_KEY_BLOCK`` keys the task forms the logits, and updates a
+running maximum ``m``, a running denominator ``l`` and a running numerator
+``acc`` (Milakov & Gimelshein 2018, "Online normalizer calculation for
+softmax"; Dao et al. 2022, FlashAttention, Alg. 1):
+
+    m' = max(m, rowmax S);  l = l·e^{m−m'} + Σ e^{S−m'};  acc = acc·e^{m−m'} + e^{S−m'} V
+
+Memory is O(B·n·(E + Ev)) plus O(row block × key block) per thread. A row
+with every logit ``-inf`` (fully masked) returns 0, as torch >= 2.5 does.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from . import _config
+
+__all__ = ["exact_attention"]
+
+_FM = set(_config.FASTMATH)
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _exact_kernel(q, k, v, relative, ridx, general, bias, bidx, has_bias,
+                  causal, scale, row_block, key_block, out):
+    B, n, E = q.shape
+    Ev = v.shape[2]
+    nblk = (n + row_block - 1) // row_block
+    for task in prange(B * nblk):
+        b = task // nblk
+        i0 = (task % nblk) * row_block
+        i1 = min(i0 + row_block, n)
+        rb = i1 - i0
+        S = np.empty((rb, key_block))
+        mx = np.full(rb, -np.inf)
+        den = np.zeros(rb)
+        acc = np.zeros((rb, Ev))
+        wq = np.empty(E)
+        jend = i1 if causal else n
+        for j0 in range(0, jend, key_block):
+            j1 = min(j0 + key_block, jend)
+            for r in range(rb):
+                i = i0 + r
+                # logits of row i against keys j0..j1
+                bm = -np.inf
+                for j in range(j0, j1):
+                    if causal and j > i:
+                        s = -np.inf
+                    else:
+                        s = 0.0
+                        if general:
+                            W = relative[ridx[b], i - j + n - 1]
+                            for a in range(E):
+                                wq[a] = 0.0
+                            for a in range(E):
+                                qa = q[b, i, a]
+                                for c in range(E):
+                                    wq[c] += qa * W[a, c]
+                            for c in range(E):
+                                s += wq[c] * k[b, j, c]
+                        else:
+                            for c in range(E):
+                                s += q[b, i, c] * k[b, j, c]
+                        s *= scale
+                        if has_bias:
+                            s += bias[bidx[b], i - j + n - 1]
+                    S[r, j - j0] = s
+                    if s > bm:
+                        bm = s
+                if bm == -np.inf:
+                    continue
+                if bm > mx[r]:
+                    corr = np.exp(mx[r] - bm)
+                    den[r] *= corr
+                    for c in range(Ev):
+                        acc[r, c] *= corr
+                    mx[r] = bm
+                m = mx[r]
+                for j in range(j0, j1):
+                    p = np.exp(S[r, j - j0] - m)
+                    den[r] += p
+                    for c in range(Ev):
+                        acc[r, c] += p * v[b, j, c]
+        for r in range(rb):
+            if den[r] > 0.0:
+                inv = 1.0 / den[r]
+                for c in range(Ev):
+                    out[b, i0 + r, c] = acc[r, c] * inv
+            else:
+                for c in range(Ev):
+                    out[b, i0 + r, c] = 0.0
+
+
+_DUMMY_REL = np.zeros((1, 1, 1, 1))
+_DUMMY_BIAS = np.zeros((1, 1))
+_ZERO_IDX = np.zeros(1, dtype=np.int64)
+
+
+def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
+                    bidx=None, causal=False):
+    """Exact softmax attention of flattened heads (internal entry point).
+
+    Parameters
+    ----------
+    q, k : (B, n, E) ndarray of float64, C-contiguous
+        Queries and keys, already rotated if a rotary embedding applies.
+    v : (B, n, Ev) ndarray of float64, C-contiguous
+    scale : float
+        Logit scale s > 0.
+    relative : (Br, 2n−1, E, E) ndarray of float64, optional
+        General relative matrices; head ``b`` uses ``relative[ridx[b]]``.
+    bias : (Bb, 2n−1) ndarray of float64, optional
+        Relative bias (−inf masks); head ``b`` uses ``bias[bidx[b]]``.
+    causal : bool
+        Mask keys j > i.
+
+    Returns
+    -------
+    out : (B, n, Ev) ndarray of float64
+        ``softmax(s·logits + bias) @ v`` row by row; fully masked rows are 0.
+    """
+    B, n, E = q.shape
+    out = np.empty((B, n, v.shape[2]))
+    if B == 0 or n == 0 or v.shape[2] == 0:
+        return out
+    general = relative is not None
+    has_bias = bias is not None
+    rel = relative if general else _DUMMY_REL
+    ri = np.ascontiguousarray(ridx, dtype=np.int64) if general else np.zeros(B, np.int64)
+    bs = bias if has_bias else _DUMMY_BIAS
+    bi = np.ascontiguousarray(bidx, dtype=np.int64) if has_bias else np.zeros(B, np.int64)
+    _exact_kernel(q, k, v, rel, ri, general, bs, bi, has_bias, bool(causal),
+                  float(scale), int(_config.EXACT_ROW_BLOCK),
+                  int(_config.EXACT_KEY_BLOCK), out)
+    return out

@@ -1,0 +1,74 @@
+"""Toeplitz and block-Toeplitz products through the FFT.
+
+A (block-)Toeplitz matrix ``T[i, j] = c(i − j)`` of order n is stored as its
+generating sequence ``c[t + n − 1] = c(t)``, ``t = −(n−1) .. n−1`` (the storage
+of ``relative`` and ``bias`` in :func:`numbarope.rope_attention`). It is
+embedded in a circulant of length ``N = scipy.fft.next_fast_len(2n − 1, real=True)``
+whose first column is ``c(t mod N)``; then ``y = T u`` is the first n entries of
+the circular convolution ``irfft(rfft(c_circ) · rfft(u, N))`` (Golub & Van Loan,
+Matrix Computations, 4th ed., §4.8.2; scipy.linalg.matmul_toeplitz does the same
+for a single Toeplitz matrix).
+"""
+
+import numpy as np
+import scipy.fft as sfft
+
+__all__ = ["fft_length", "circulant_spectrum", "toeplitz_matmul"]
+
+
+def fft_length(n):
+    """Circulant length used for an order-n Toeplitz product: ``next_fast_len(2n−1)``."""
+    return sfft.next_fast_len(max(2 * n - 1, 1), real=True)
+
+
+def circulant_spectrum(c, n, N, workers=None):
+    """rfft of the circulant embedding of a generating sequence.
+
+    Parameters
+    ----------
+    c : (2n−1, ...) ndarray of float64
+        ``c[t + n − 1] = c(t)``; trailing axes are carried along.
+    n, N : int
+        Toeplitz order and circulant length (N >= 2n − 1).
+
+    Returns
+    -------
+    (N//2 + 1, ...) ndarray of complex128
+    """
+    circ = np.zeros((N,) + c.shape[1:], dtype=np.float64)
+    circ[:n] = c[n - 1:]
+    if n > 1:
+        circ[N - (n - 1):] = c[:n - 1]
+    return sfft.rfft(circ, axis=0, workers=workers)
+
+
+def toeplitz_matmul(c, u, workers=None):
+    """Product ``y[i] = Σ_j c(i − j) u[j]`` of a Toeplitz matrix with u.
+
+    Parameters
+    ----------
+    c : (2n−1,) ndarray of float64
+        Generating sequence, ``c[t + n − 1] = c(t)``.
+    u : (n, ...) ndarray of float64
+        Right-hand side; the product acts along axis 0.
+    workers : int, optional
+        Passed to ``scipy.fft`` (None: its default; negative: counts from
+        ``os.cpu_count()``).
+
+    Returns
+    -------
+    y : (n, ...) ndarray of float64
+
+    Notes
+    -----
+    O(N log N) per column, N = ``fft_length(n)``. The result carries an
+    absolute rounding error of order ``u·log2(N)·‖c‖₂‖u‖₂`` (unit roundoff u),
+    not a relative one per entry.
+    """
+    n = u.shape[0]
+    N = fft_length(n)
+    spec = circulant_spectrum(c, n, N, workers)
+    spec = spec.reshape(spec.shape + (1,) * (u.ndim - 1))
+    U = sfft.rfft(u, n=N, axis=0, workers=workers)
+    U *= spec
+    return sfft.irfft(U, n=N, axis=0, workers=workers)[:n]

@@ -1,0 +1,451 @@
+"""``rope_attention`` and ``plan``: validation, batching, per-head dispatch."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _config
+from .exact import exact_attention
+from .fast import fast_general, fast_separable
+from .planner import AttentionInfo, plan_head
+from .rotary import Rotary, apply_rotary
+
+__all__ = ["rope_attention", "plan"]
+
+METHODS = ("auto", "exact", "fast")
+APPROXES = ("chebyshev", "taylor")
+
+
+@dataclass
+class _Problem:
+    q: np.ndarray          # (B, n, E) float64, rotated
+    k: np.ndarray
+    v: np.ndarray          # (B, n, Ev)
+    relative: np.ndarray | None   # (Br, 2n−1, E, E)
+    ridx: np.ndarray | None
+    bias: np.ndarray | None       # (Bb, 2n−1)
+    bidx: np.ndarray | None
+    causal: bool
+    scale: float
+    batch_shape: tuple
+    dtype: np.dtype
+    n: int
+    E: int
+    Ev: int
+
+
+def _as_float_array(x, name):
+    if x is None:
+        raise TypeError(f"{name} is required, got None")
+    if isinstance(x, np.ndarray):
+        arr = x
+    else:
+        try:
+            arr = np.asarray(x)
+        except Exception as exc:  # ragged lists etc.
+            raise TypeError(f"{name} could not be converted to an array: {exc}") from None
+    dt = arr.dtype
+    if dt == np.float16:
+        raise TypeError(f"{name} has dtype float16, which numbarope does not compute in; "
+                        f"cast it with {name}.astype(np.float32)")
+    if dt not in (np.float32, np.float64):
+        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {dt}"
+                        + ("; cast it with .astype(np.float64)" if dt.kind in "iub" else ""))
+    return arr
+
+
+def _check_finite(arr, name, allow_neg_inf=False):
+    if allow_neg_inf:
+        bad = np.isnan(arr) | (arr == np.inf)
+        if bad.any():
+            raise ValueError(f"{name} contains NaN or +inf ({int(bad.sum())} entries); "
+                             f"only -inf (a mask) is allowed")
+    elif not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or inf ({int((~np.isfinite(arr)).sum())} "
+                         f"entries); attention needs finite inputs")
+
+
+def _index_map(lead_shape, batch_shape):
+    """Flat index into an array of leading shape lead_shape for each broadcast head."""
+    size = int(np.prod(lead_shape, dtype=np.int64))
+    ids = np.arange(size, dtype=np.int64).reshape(lead_shape)
+    return np.ascontiguousarray(np.broadcast_to(ids, batch_shape).reshape(-1))
+
+
+def _validate_options(method, eps, degree, approx, scale, radius):
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is unknown; use one of {METHODS}")
+    if approx not in APPROXES:
+        raise ValueError(f"approx={approx!r} is unknown; use one of {APPROXES}")
+    try:
+        eps_f = float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"eps must be a real number in (0, 1), got {eps!r}") from None
+    if not (0.0 < eps_f < 1.0):
+        raise ValueError(f"eps={eps!r} must lie in (0, 1): it is the tolerated error "
+                         f"relative to max|value|")
+    if degree is not None:
+        if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)):
+            raise TypeError(f"degree must be an int or None, got {degree!r}")
+        if degree < 0 or degree > _config.MAX_DEGREE:
+            raise ValueError(f"degree={degree} must lie in [0, {_config.MAX_DEGREE}] "
+                             f"(numbarope._config.MAX_DEGREE)")
+    if scale is not None:
+        try:
+            sf = float(scale)
+        except (TypeError, ValueError):
+            raise TypeError(f"scale must be a positive real number, got {scale!r}") from None
+        if not np.isfinite(sf) or sf <= 0:
+            raise ValueError(f"scale={scale!r} must be finite and > 0")
+    if radius is not None:
+        r = np.asarray(radius, dtype=np.float64)
+        if not np.all(np.isfinite(r)) or np.any(r < 0):
+            raise ValueError(f"radius must be finite and >= 0, got {radius!r}")
+    return eps_f
+
+
+def _prepare(query, key, value, rotary, relative, bias, is_causal, scale):
+    q = _as_float_array(query, "query")
+    k = _as_float_array(key, "key")
+    v = _as_float_array(value, "value")
+    for name, a in (("query", q), ("key", k), ("value", v)):
+        if a.ndim < 2:
+            raise ValueError(f"{name} must have shape (..., n, features), got shape {a.shape}")
+    n, E = q.shape[-2:]
+    if k.shape[-2:] != (n, E):
+        raise ValueError(f"key has shape {k.shape}; expected (..., {n}, {E}) to match "
+                         f"query {q.shape} (same n and head_dim E)")
+    if v.shape[-2] != n:
+        raise ValueError(f"value has shape {v.shape}; expected (..., {n}, Ev) with the "
+                         f"same n as query {q.shape}")
+    if E < 1:
+        raise ValueError(f"query has head_dim E=0 (shape {q.shape}); E must be >= 1")
+    Ev = v.shape[-1]
+    dtype = np.result_type(q.dtype, k.dtype, v.dtype)
+    if rotary is not None and relative is not None:
+        raise ValueError("rotary and relative are exclusive: pass a rotary embedding "
+                         "OR general relative matrices (rotary_relative_matrices gives "
+                         "the matrices of a rotary embedding)")
+    if rotary is True:
+        rotary = Rotary()
+    if rotary is not None and not isinstance(rotary, Rotary):
+        raise TypeError(f"rotary must be a numbarope.Rotary, True or None, got "
+                        f"{type(rotary).__name__}")
+    if rotary is not None:
+        rotary.rotary_dim(E)      # validates dim against E
+    shapes = [q.shape[:-2], k.shape[:-2], v.shape[:-2]]
+    rel = bia = None
+    if relative is not None:
+        rel = _as_float_array(relative, "relative")
+        if rel.ndim < 3 or rel.shape[-3:] != (max(2 * n - 1, 0), E, E):
+            raise ValueError(f"relative has shape {rel.shape}; expected (..., 2n-1, E, E) = "
+                             f"(..., {2 * n - 1}, {E}, {E}) with relative[t + n - 1] = W_t")
+        shapes.append(rel.shape[:-3])
+    if bias is not None:
+        bia = _as_float_array(bias, "bias")
+        if bia.ndim < 1 or bia.shape[-1] != max(2 * n - 1, 0):
+            raise ValueError(f"bias has shape {bia.shape}; expected (..., 2n-1) = "
+                             f"(..., {2 * n - 1}) with bias[t + n - 1] = b_t")
+        shapes.append(bia.shape[:-1])
+    try:
+        batch_shape = np.broadcast_shapes(*shapes)
+    except ValueError:
+        raise ValueError(f"leading (batch, head) dims do not broadcast: query {q.shape}, "
+                         f"key {k.shape}, value {v.shape}"
+                         + (f", relative {rel.shape}" if rel is not None else "")
+                         + (f", bias {bia.shape}" if bia is not None else "")) from None
+    _check_finite(q, "query")
+    _check_finite(k, "key")
+    _check_finite(v, "value")
+    if rel is not None:
+        _check_finite(rel, "relative")
+    if bia is not None:
+        _check_finite(bia, "bias", allow_neg_inf=True)
+    s = 1.0 / np.sqrt(E) if scale is None else float(scale)
+    if rotary is not None:
+        q = apply_rotary(q, rotary)
+        k = apply_rotary(k, rotary)
+    B = int(np.prod(batch_shape, dtype=np.int64))
+
+    def flat(a, last):
+        a = np.broadcast_to(a, batch_shape + a.shape[-2:]).reshape((B,) + a.shape[-2:])
+        return np.ascontiguousarray(a, dtype=np.float64)
+
+    q64, k64, v64 = flat(q, E), flat(k, E), flat(v, Ev)
+    ridx = bidx = None
+    if rel is not None:
+        lead = rel.shape[:-3]
+        ridx = _index_map(lead, batch_shape)
+        rel = np.ascontiguousarray(rel.reshape((-1,) + rel.shape[-3:]), dtype=np.float64)
+    if bia is not None:
+        lead = bia.shape[:-1]
+        bidx = _index_map(lead, batch_shape)
+        bia = np.ascontiguousarray(bia.reshape((-1, bia.shape[-1])), dtype=np.float64)
+    return _Problem(q64, k64, v64, rel, ridx, bia, bidx, bool(is_causal), s,
+                    tuple(batch_shape), dtype, n, E, Ev)
+
+
+def _toeplitz_weights(p, b):
+    """T[t + n − 1] = exp(b_t − max b) with the causal zeros; None when T ≡ 1."""
+    n = p.n
+    if p.bias is None and not (p.causal and p.relative is not None):
+        return None
+    T = np.ones(2 * n - 1)
+    if p.bias is not None:
+        bt = p.bias[p.bidx[b]]
+        if p.causal:
+            bt = bt.copy()
+            bt[:n - 1] = -np.inf
+        finite = np.isfinite(bt)
+        T = np.exp(bt - bt[finite].max()) if finite.any() else np.zeros_like(bt)
+    elif p.causal:
+        T[:n - 1] = 0.0
+    return T
+
+
+def _row_mass(T, n):
+    """min over non-empty rows of Σ_j T(i − j) (T normalised so max T = 1)."""
+    if T is None:
+        return 1.0
+    cs = np.concatenate([[0.0], np.cumsum(T)])
+    i = np.arange(n)
+    mass = cs[i + n] - cs[i]          # Σ_{t = i−(n−1)}^{i} T(t) = T[i .. i+n−1]
+    pos = mass[mass > 0]
+    return float(pos.min()) if pos.size else 1.0
+
+
+def _radii(p, radius):
+    """Logit radius R (and R₁ for the rounding term) of every flattened head."""
+    qn = np.sqrt(np.einsum("bne,bne->bn", p.q, p.q)).max(axis=1, initial=0.0)
+    kn = np.sqrt(np.einsum("bne,bne->bn", p.k, p.k)).max(axis=1, initial=0.0)
+    q1 = np.abs(p.q).sum(axis=2).max(axis=1, initial=0.0)
+    k1 = np.abs(p.k).sum(axis=2).max(axis=1, initial=0.0)
+    if p.relative is not None:
+        wn = np.linalg.norm(p.relative, ord=2, axis=(-2, -1)).max(axis=1, initial=0.0)[p.ridx]
+        wmax = np.abs(p.relative).max(axis=(1, 2, 3), initial=0.0)[p.ridx]
+    else:
+        wn = wmax = np.ones(qn.shape)
+    R = p.scale * qn * wn * kn
+    R1 = p.scale * q1 * wmax * k1
+    if radius is not None:
+        R = np.broadcast_to(np.asarray(radius, dtype=np.float64), p.batch_shape).reshape(-1)
+        R1 = np.maximum(R1, R)
+    return R, R1
+
+
+def _plans(p, method, eps, degree, approx, radius):
+    R, R1 = _radii(p, radius)
+    heads = []
+    for b in range(p.q.shape[0]):
+        T = _toeplitz_weights(p, b)
+        vmax = float(np.abs(p.v[b]).max(initial=0.0))
+        hidx = tuple(int(i) for i in np.unravel_index(b, p.batch_shape)) if p.batch_shape else ()
+        heads.append(plan_head(
+            hidx, n=p.n, E=p.E, Ev=p.Ev, radius=R[b], radius1=R1[b],
+            general=p.relative is not None, has_bias=p.bias is not None, causal=p.causal,
+            method=method, eps=eps, degree=degree, approx=approx, vmax=vmax,
+            row_mass=_row_mass(T, p.n)))
+    return heads
+
+
+def _exact_rows(p, b, rows):
+    """Exact output of rows ``rows`` of head b (dense NumPy; O(len(rows)·n·E²))."""
+    n = p.n
+    j = np.arange(n)
+    out = np.zeros((len(rows), p.Ev))
+    for r, i in enumerate(rows):
+        if p.relative is not None:
+            W = p.relative[p.ridx[b], i - j + n - 1]            # (n, E, E)
+            logit = np.einsum("e,jef,jf->j", p.q[b, i], W, p.k[b])
+        else:
+            logit = p.k[b] @ p.q[b, i]
+        logit = logit * p.scale
+        if p.bias is not None:
+            logit = logit + p.bias[p.bidx[b], i - j + n - 1]
+        if p.causal:
+            logit = np.where(j <= i, logit, -np.inf)
+        mx = logit.max()
+        if mx == -np.inf:
+            continue
+        w = np.exp(logit - mx)
+        out[r] = w @ p.v[b] / w.sum()
+    return out
+
+
+def _run(p, heads, verify):
+    B = p.q.shape[0]
+    out = np.empty((B, p.n, p.Ev))
+    exact_ids = np.array([b for b, h in enumerate(heads) if h.method == "exact"], np.int64)
+    if exact_ids.size:
+        out[exact_ids] = exact_attention(
+            np.ascontiguousarray(p.q[exact_ids]), np.ascontiguousarray(p.k[exact_ids]),
+            np.ascontiguousarray(p.v[exact_ids]), p.scale,
+            relative=p.relative, ridx=None if p.ridx is None else p.ridx[exact_ids],
+            bias=p.bias, bidx=None if p.bidx is None else p.bidx[exact_ids],
+            causal=p.causal)
+    rng = np.random.default_rng(0)
+    for b, h in enumerate(heads):
+        if h.method != "fast":
+            continue
+        coef = h.coef
+        T = _toeplitz_weights(p, b)
+        if p.relative is not None:
+            if T is None:
+                T = np.ones(2 * p.n - 1)
+            out[b], _ = fast_general(p.q[b], p.k[b], p.v[b], p.scale, coef,
+                                     p.relative[p.ridx[b]], T)
+        else:
+            out[b], _ = fast_separable(p.q[b], p.k[b], p.v[b], p.scale, coef, T, p.causal)
+        if verify and p.n:
+            rows = np.sort(rng.choice(p.n, size=min(int(verify), p.n), replace=False))
+            h.observed_error = float(np.abs(out[b, rows] - _exact_rows(p, b, rows))
+                                     .max(initial=0.0))
+    return out
+
+
+_COMMON_DOC = """
+    Parameters
+    ----------
+    query : (..., n, E) array_like of float32 or float64
+        Queries; leading (batch, head) dims broadcast with those of key, value,
+        relative and bias.
+    key : (..., n, E) array_like of float32 or float64
+    value : (..., n, Ev) array_like of float32 or float64
+    rotary : Rotary or True, optional
+        Rotary embedding applied to query and key at positions 0..n−1
+        (``True`` means ``Rotary()``). Exclusive with ``relative``.
+    relative : (..., 2n−1, E, E) array_like of float, optional
+        General relative-position matrices, ``relative[t + n − 1] = W_t`` for
+        offset ``t = i − j`` (Alman & Song 2025, §1).
+    bias : (..., 2n−1) array_like of float, optional
+        Relative bias ``bias[t + n − 1] = b_t`` added to the logits; ``-inf``
+        masks (see :mod:`numbarope.bias` for causal, window, ALiBi builders).
+    is_causal : bool, optional
+        Mask keys after the query (j > i), as torch SDPA.
+    scale : float, optional
+        Logit scale s > 0; default ``1/sqrt(E)`` (torch SDPA). The paper uses 1/E.
+    method : {"auto", "exact", "fast"}, optional
+        ``"exact"``: streaming exact kernel. ``"fast"``: polynomial method +
+        Toeplitz/FFT, refused (``ValueError``, nothing computed) where ``eps``
+        needs a degree or memory beyond the limits. ``"auto"`` (default): per head,
+        the cheaper by predicted time of the two that meet ``eps``.
+    eps : float in (0, 1), optional
+        Tolerated error of the fast path, relative to ``max|value|`` of the head:
+        ``max|out − exact| <= eps · max|value|`` (default 1e-3).
+    degree : int, optional
+        Polynomial degree to use instead of choosing it from ``eps``.
+    approx : {"chebyshev", "taylor"}, optional
+        Approximant of exp (default Chebyshev, far better at equal degree).
+    radius : float or array_like of float, optional
+        A caller-known bound R >= max |s·q_iᵀW_t k_j| per head (broadcast to the
+        batch dims); default: ``s·max‖q‖·max_t‖W_t‖₂·max‖k‖``. Positions and bias
+        do not enter R (bias is exact in the algorithm). A radius below the true
+        one voids the certificate.
+"""
+
+
+def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
+                   is_causal=False, scale=None, method="auto", eps=1e-3, degree=None,
+                   approx="chebyshev", radius=None, verify=0, return_info=False):
+    """RoPE / relative-position softmax attention, exact or certified fast.
+
+    ``A[i, j] = exp(s·q_iᵀ W_{i−j} k_j + b_{i−j})``, ``out = D⁻¹ A V`` with
+    ``D = diag(A·1)`` (Alman & Song 2025, eq. (1); rotary gives ``W_t = R_{−t}``,
+    Su et al. 2024). Rows whose every key is masked return 0 (as torch >= 2.5).
+    {common}
+    verify : int, optional
+        For every head computed by the fast path, compute ``verify`` random rows
+        exactly (O(verify·n·E²)) and report the observed max error in
+        ``info.observed_error`` beside the bound.
+    return_info : bool, optional
+        Also return an :class:`AttentionInfo` (per head: method, algorithm,
+        degree, features, logit radius, certified error bound, predicted times).
+
+    Returns
+    -------
+    out : (..., n, Ev) ndarray
+        Same dtype as the inputs (float32 if all are float32, else float64);
+        computed in float64 internally.
+    info : AttentionInfo
+        Only with ``return_info=True``.
+
+    Raises
+    ------
+    TypeError
+        Non-float inputs (integer, bool, complex, object, float16: cast to
+        float32), options of the wrong type.
+    ValueError
+        Shapes that disagree (the message gives the shapes seen and expected),
+        NaN/inf inputs (bias: NaN/+inf), unknown method/approx, eps outside (0, 1),
+        degree outside [0, MAX_DEGREE], scale <= 0; with ``method="fast"``, a
+        request the limits refuse (degree, features, memory).
+
+    Notes
+    -----
+    The fast path's error bound is ``max|out − exact| <= 2δ'/(1−δ')·max|V|``
+    where δ' is the certified relative error δ of the polynomial on ``[−R, R]``
+    plus a floating-point allowance (Alman & Song 2025, §4; see
+    :func:`numbarope.exp_approximation`). Every weight ``p(x)T`` is within
+    a factor ``1 ± δ'`` of ``eˣT``, and a ratio of such sums moves by at most
+    ``δ'/(1−δ')·(max v − min v)``.
+
+    Examples
+    --------
+    >>> import numpy as np, numbarope
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((2, 64, 8)) * 0.3 for _ in range(3))
+    >>> out, info = numbarope.rope_attention(q, k, v, rotary=True, method="fast",
+    ...                                      eps=1e-4, return_info=True)
+    >>> exact = numbarope.rope_attention(q, k, v, rotary=True, method="exact")
+    >>> bool(np.abs(out - exact).max() <= info.error_bound.max())
+    True
+    """
+    eps_f = _validate_options(method, eps, degree, approx, scale, radius)
+    if isinstance(verify, bool) or not isinstance(verify, (int, np.integer)) or verify < 0:
+        raise ValueError(f"verify must be an int >= 0 (rows checked per head), got {verify!r}")
+    p = _prepare(query, key, value, rotary, relative, bias, is_causal, scale)
+    heads = _plans(p, method, eps_f, degree, approx, radius)
+    out = _run(p, heads, verify)
+    out = out.reshape(p.batch_shape + (p.n, p.Ev)).astype(p.dtype, copy=False)
+    if return_info:
+        return out, AttentionInfo(heads, p.batch_shape, eps_f)
+    return out
+
+
+def plan(query, key, value, *, rotary=None, relative=None, bias=None, is_causal=False,
+         scale=None, method="auto", eps=1e-3, degree=None, approx="chebyshev",
+         radius=None):
+    """Plan ``rope_attention`` without computing it: per head, what and why.
+
+    Takes the arguments of :func:`rope_attention` (the arrays are validated the
+    same way) and returns its :class:`AttentionInfo`: per head the logit radius
+    R, degree, features, algorithm, predicted time of exact and fast (seconds),
+    fast-path memory (bytes), the choice and the reason in one line.
+    ``print(plan(...))`` shows it as a table.
+    {common}
+    Returns
+    -------
+    AttentionInfo
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`rope_attention`.
+
+    Examples
+    --------
+    >>> import numpy as np, numbarope
+    >>> q = k = v = np.full((1, 4096, 4), 0.25)
+    >>> info = numbarope.plan(q, k, v, rotary=True, scale=1.0)
+    >>> info.method[0], info.algorithm[0]
+    ('fast', 'gemm')
+    """
+    eps_f = _validate_options(method, eps, degree, approx, scale, radius)
+    p = _prepare(query, key, value, rotary, relative, bias, is_causal, scale)
+    return AttentionInfo(_plans(p, method, eps_f, degree, approx, radius), p.batch_shape,
+                         eps_f)
+
+
+for _f in (rope_attention, plan):
+    _f.__doc__ = _f.__doc__.replace("    {common}\n", _COMMON_DOC.lstrip("\n"))
+del _f

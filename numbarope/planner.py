@@ -1,0 +1,264 @@
+"""Cost model, per-head method choice and the :class:`AttentionInfo` report.
+
+For every head the planner knows the logit radius R, and from it (through
+:func:`numbarope.exp_approximation`) the smallest polynomial degree g whose
+certified relative error δ gives ``2δ/(1−δ) <= eps``. It then predicts the time
+and peak memory of the exact kernel and of the fast path, and picks:
+
+* ``method="exact"``: always exact;
+* ``method="fast"``: the fast path, or a ``ValueError`` (before any work) when
+  the degree or the memory it needs exceeds the limits of ``_config``;
+* ``method="auto"``: the cheaper of the two by predicted time among those that
+  meet ``eps`` and the limits.
+
+Predicted times are ``Σ constant × operation count``, the constants in
+:data:`COST_CONSTANTS` (seconds per operation, measured on the development
+machine: 2 cores, x86_64; :func:`numbarope.calibrate` re-measures them).
+"""
+
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+from . import _config
+from ._monomials import n_features
+from .fast import fast_memory, separable_algorithm
+from .polynomial import exp_approximation
+from .toeplitz import fft_length
+
+__all__ = ["HeadPlan", "AttentionInfo", "COST_CONSTANTS", "predict_exact", "predict_fast",
+           "plan_head"]
+
+#: Seconds per elementary operation of each kind (see module docstring).
+COST_CONSTANTS = {
+    "exact_pair": 4.0e-9,    # one (i, j) pair of the exact kernel: exp + bookkeeping
+    "exact_flop": 0.35e-9,   # one multiply-add of the exact kernel's logit / value loops
+    "feature": 0.6e-9,       # one monomial feature value
+    "gemm_flop": 0.03e-9,    # one multiply-add inside BLAS GEMM
+    "fft_flop": 0.6e-9,      # one unit of N·log2(N) in scipy.fft (per column)
+    "cmul": 0.25e-9,         # one complex multiply-add per frequency (block products)
+    "sympow": 1.0e-9,        # one multiply-add building symmetric powers
+}
+
+
+@dataclass
+class HeadPlan:
+    """Plan and report of one head. All times in seconds, memory in bytes."""
+
+    head: tuple
+    method: str                 # "exact" or "fast"
+    algorithm: str              # "streaming", "gemm", "prefix", "fft", "toeplitz-fft"
+    radius: float               # logit radius R used for the polynomial
+    degree: int | None          # polynomial degree (None: fast infeasible)
+    features: int | None        # C(E+g, g) (separable) or Σ m_k² (general)
+    delta: float | None         # certified relative error of p vs exp on [−R, R]
+    error_bound: float          # bound on max |out − exact| (absolute, same units as value)
+    time_exact: float
+    time_fast: float | None
+    memory_fast: int | None
+    reason: str
+    observed_error: float | None = None    # filled by verify=k
+    rounding: float = 0.0                  # floating-point part included in error_bound
+    bound_kind: str = "exact"
+    coef: np.ndarray | None = field(default=None, repr=False)   # p's monomial coefficients
+
+
+@dataclass
+class AttentionInfo:
+    """Per-head report of :func:`numbarope.rope_attention` / :func:`numbarope.plan`.
+
+    Attributes
+    ----------
+    heads : list of HeadPlan
+        One entry per head, in C order of ``batch_shape``.
+    batch_shape : tuple of int
+        The broadcast leading (batch, head) dims.
+
+    Any field of :class:`HeadPlan` read from the info (``info.method``,
+    ``info.degree``, ``info.error_bound``, ...) gives an ndarray of
+    ``batch_shape`` holding that field for every head.
+    """
+
+    heads: list
+    batch_shape: tuple
+    eps: float = 1e-3
+    extra: dict = field(default_factory=dict)
+
+    def __getattr__(self, name):
+        if name in {f.name for f in fields(HeadPlan)}:
+            vals = [getattr(h, name) for h in self.heads]
+            arr = np.empty(len(vals), dtype=object)
+            arr[:] = vals
+            try:
+                arr = np.array(vals) if None not in vals else arr
+            except (ValueError, TypeError):
+                pass
+            return arr.reshape(self.batch_shape)
+        raise AttributeError(name)
+
+    def table(self):
+        """The report as a fixed-width text table, one line per head."""
+        head = (f"{'head':>10} {'R':>8} {'method':>6} {'algorithm':>12} {'deg':>4} "
+                f"{'features':>9} {'bound':>9} {'t_exact':>9} {'t_fast':>9}  reason")
+        lines = [head]
+        for h in self.heads:
+            deg = "-" if h.degree is None else str(h.degree)
+            feat = "-" if h.features is None else str(h.features)
+            tf = "-" if h.time_fast is None else f"{h.time_fast:9.2e}"
+            lines.append(
+                f"{str(h.head):>10} {h.radius:8.3f} {h.method:>6} {h.algorithm:>12} "
+                f"{deg:>4} {feat:>9} {h.error_bound:9.2e} {h.time_exact:9.2e} {tf:>9}  "
+                f"{h.reason}")
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.table()
+
+
+def predict_exact(n, E, Ev, general, causal):
+    """Predicted seconds of the exact streaming kernel for one head."""
+    c = COST_CONSTANTS
+    pairs = n * (n + 1) / 2 if causal else float(n) * n
+    work = (E * E + E + Ev) if general else (E + Ev)
+    return pairs * (c["exact_pair"] + c["exact_flop"] * work)
+
+
+def predict_fast(algorithm, n, E, Ev, degree):
+    """Predicted seconds of the fast path for one head (same units as predict_exact)."""
+    c = COST_CONSTANTS
+    m = n_features(E, degree)
+    ev1 = Ev + 1
+    if algorithm == "gemm":
+        return c["feature"] * 2 * n * m + c["gemm_flop"] * 2 * n * m * ev1
+    if algorithm == "prefix":
+        ch = min(_config.CAUSAL_CHUNK, max(n, 1))
+        return (c["feature"] * 2 * n * m + c["gemm_flop"] * 2 * n * m * ev1
+                + c["exact_flop"] * n * ch * (E + ev1) + c["exact_pair"] * n * ch / 4)
+    N = fft_length(n)
+    nlog = N * np.log2(max(N, 2))
+    if algorithm == "fft":
+        return (c["feature"] * 2 * n * m + c["fft_flop"] * 2 * m * ev1 * nlog
+                + c["exact_flop"] * n * m * ev1)
+    # toeplitz-fft
+    t = c["feature"] * 2 * n * m
+    F = N // 2 + 1
+    for k in range(degree + 1):
+        mk = n_features(E, k) - (n_features(E, k - 1) if k else 0)
+        mprev = n_features(E, k - 1) - (n_features(E, k - 2) if k > 1 else 0) if k else 1
+        t += c["sympow"] * (2 * n) * mk * mprev * E
+        t += c["fft_flop"] * (mk * mk + 2 * mk * ev1) * nlog
+        t += c["cmul"] * 4 * F * mk * mk * ev1 + c["exact_flop"] * n * mk * ev1
+    return t
+
+
+def general_features(E, degree):
+    """Σ_k m_k² with m_k = C(E+k−1, k): Toeplitz sequences of the general path."""
+    return int(sum((n_features(E, k) - (n_features(E, k - 1) if k else 0)) ** 2
+                   for k in range(degree + 1)))
+
+
+def rounding_term(n, m, coef, radius, radius1, delta, fft_length_=None, row_mass=None):
+    """Floating-point allowance added to δ (relative error of the weights).
+
+    * Dot products of features and sums over keys: by the standard bound
+      (Higham 2002, §3.1) each computed weight sum is within ``γ_{n+m+2g+2}``
+      times ``Σ|φ_α ψ_α|`` of the exact, and ``Σ_α |φ_α(q) ψ_α(k)| <=
+      P₁ = Σ_k |a_k| R₁^k`` with ``R₁ = s·max‖q‖₁·max‖k‖₁`` (×max|W| for
+      general W). Dividing by the smallest weight ``(1−δ)e^{−R}`` makes it
+      relative. This part is a proof.
+    * FFT convolutions (``fft_length_`` given) add an absolute error of about
+      ``5u·log2(N)·‖c‖₂‖u‖₂ <= 7.5u·log2(N)·n·P₁`` per entry, relative to the
+      smallest row mass ``min_i Σ_j T(i−j)`` (``row_mass``) times ``(1−δ)e^{−R}``.
+      This part is an estimate (the constant of the FFT error bound depends on
+      the FFT implementation; Higham 2002, §24.1).
+    """
+    u = 2.0 ** -53
+    g = len(coef) - 1
+    kk = n + m + 2 * g + 2
+    gamma = kk * u / (1 - kk * u)
+    P1 = float(np.sum(np.abs(coef) * min(radius1, 1e300) ** np.arange(len(coef))))
+    scale_ = np.exp(min(radius, 700.0)) / max(1e-300, 1 - delta)
+    rnd = gamma * P1 * scale_
+    if fft_length_ is not None:
+        rnd += (7.5 * u * np.log2(max(fft_length_, 2)) * n * P1 * scale_
+                / max(row_mass, 1e-300))
+    return rnd
+
+
+def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, method,
+              eps, degree, approx, vmax, row_mass=1.0):
+    """Choose the method of one head; returns a :class:`HeadPlan`.
+
+    Raises
+    ------
+    ValueError
+        With ``method="fast"``, when no degree <= ``_config.MAX_DEGREE`` meets
+        ``eps`` at this radius, or the fast path's memory exceeds the limit.
+    """
+    t_exact = predict_exact(n, E, Ev, general, causal)
+    algorithm = "toeplitz-fft" if general else separable_algorithm(has_bias, causal)
+    common = dict(head=head, radius=float(radius), time_exact=t_exact)
+    # ---- polynomial
+    approx_obj = None
+    why_not = None
+    try:
+        if degree is not None:
+            approx_obj = exp_approximation(radius, degree=degree, kind=approx)
+        else:
+            approx_obj = exp_approximation(radius, eps=0.9 * eps / (2.0 + eps), kind=approx)
+    except ValueError as exc:
+        why_not = str(exc).split(";")[0].split(".")[0]
+    if approx_obj is not None:
+        g = approx_obj.degree
+        m = n_features(E, g)
+        feats = general_features(E, g) if general else m
+        mem = fast_memory(algorithm, n, E, Ev, g)
+        delta = approx_obj.error_bound
+        uses_fft = algorithm in ("fft", "toeplitz-fft")
+        rnd = rounding_term(n, m, approx_obj.coef, radius, radius1, delta,
+                            fft_length(n) if uses_fft else None, row_mass)
+        dtot = delta + rnd
+        bound = 2 * dtot / (1 - dtot) * vmax if dtot < 1 else np.inf
+        t_fast = predict_fast(algorithm, n, E, Ev, g)
+        limit = _config.memory_limit()
+        if g > _config.MAX_DEGREE:
+            why_not = f"degree {g} > MAX_DEGREE={_config.MAX_DEGREE}"
+        elif feats > _config.MAX_FEATURES:
+            why_not = f"{feats} features > MAX_FEATURES={_config.MAX_FEATURES}"
+        elif mem > limit:
+            why_not = f"needs {mem / 2**30:.2f} GiB > limit {limit / 2**30:.2f} GiB"
+        elif degree is None and bound > eps * vmax * (1 + 1e-12) and vmax > 0:
+            why_not = f"certified bound {bound:.2e} > eps·max|V| = {eps * vmax:.2e}"
+        kind = ("certified (polynomial) + estimated FFT rounding"
+                if algorithm in ("fft", "toeplitz-fft") else "certified")
+        fast_fields = dict(degree=g, features=feats, delta=delta, time_fast=t_fast,
+                           memory_fast=mem, rounding=rnd, bound_kind=kind,
+                           coef=approx_obj.coef)
+    else:
+        bound = np.inf
+        fast_fields = dict(degree=None, features=None, delta=None, time_fast=None,
+                           memory_fast=None)
+    exact_plan = dict(method="exact", algorithm="streaming", error_bound=0.0)
+    if method == "exact":
+        return HeadPlan(**common, **exact_plan, **fast_fields, reason="method='exact' requested")
+    if method == "fast":
+        if why_not is not None:
+            raise ValueError(
+                f"method='fast' cannot serve head {head}: R={radius:.4g}, eps={eps:g}: "
+                f"{why_not}. Use method='exact' or 'auto', a larger eps, or a smaller "
+                f"radius (scale).")
+        return HeadPlan(**common, method="fast", algorithm=algorithm, error_bound=bound,
+                        **fast_fields, reason="method='fast' requested")
+    # auto
+    if why_not is not None:
+        return HeadPlan(**common, **exact_plan, **fast_fields,
+                        reason=f"fast infeasible: {why_not}")
+    if fast_fields["time_fast"] < t_exact:
+        return HeadPlan(**common, method="fast", algorithm=algorithm, error_bound=bound,
+                        **fast_fields,
+                        reason=f"fast {t_exact / fast_fields['time_fast']:.1f}x cheaper "
+                               f"(degree {fast_fields['degree']}, bound {bound:.1e})")
+    return HeadPlan(**common, **exact_plan, **fast_fields,
+                    reason=f"exact {fast_fields['time_fast'] / t_exact:.1f}x cheaper than "
+                           f"fast (degree {fast_fields['degree']}, "
+                           f"{fast_fields['features']} features)")

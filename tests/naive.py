@@ -1,0 +1,59 @@
+"""Slow, obviously correct references. Everything fast is checked against these."""
+
+import numpy as np
+
+
+def rotation_matrix(p, head_dim, dim=None, base=10000.0, layout="half"):
+    """Explicit E×E RoPE rotation R_p (float64), built pair by pair with loops."""
+    E = head_dim
+    dim = E if dim is None else dim
+    R = np.eye(E)
+    for i in range(dim // 2):
+        theta = p * base ** (-2.0 * i / dim)
+        a, b = (i, i + dim // 2) if layout == "half" else (2 * i, 2 * i + 1)
+        c, s = np.cos(theta), np.sin(theta)
+        R[a, a], R[a, b], R[b, a], R[b, b] = c, -s, s, c
+    return R
+
+
+def attention(q, k, v, *, W=None, bias=None, causal=False, scale=None):
+    """Dense softmax attention of one head with explicit loops over (i, j).
+
+    q, k : (n, E); v : (n, Ev); W : callable t -> (E, E) or None;
+    bias : callable t -> float or None. Fully masked rows give 0.
+    """
+    q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
+    n, E = q.shape
+    s = 1.0 / np.sqrt(E) if scale is None else scale
+    out = np.zeros((n, v.shape[1]))
+    for i in range(n):
+        logits = np.full(n, -np.inf)
+        for j in range(n):
+            if causal and j > i:
+                continue
+            Wt = np.eye(E) if W is None else W(i - j)
+            logits[j] = s * q[i] @ Wt @ k[j] + (0.0 if bias is None else bias(i - j))
+        if np.all(logits == -np.inf):
+            continue
+        w = np.exp(logits - logits.max())
+        out[i] = w @ v / w.sum()
+    return out
+
+
+def rope_attention(q, k, v, *, dim=None, base=10000.0, layout="half", **kw):
+    """RoPE attention via explicit rotation matrices: W_t = R_i^T R_j with t = i - j."""
+    E = q.shape[1]
+    rq = np.stack([rotation_matrix(i, E, dim, base, layout) @ q[i] for i in range(len(q))]) \
+        if len(q) else q
+    rk = np.stack([rotation_matrix(j, E, dim, base, layout) @ k[j] for j in range(len(k))]) \
+        if len(k) else k
+    return attention(rq, rk, v, **kw)
+
+
+def toeplitz_dense(c, n):
+    """Dense n×n Toeplitz matrix T[i, j] = c[i - j + n - 1]."""
+    T = np.empty((n, n) + np.shape(c)[1:])
+    for i in range(n):
+        for j in range(n):
+            T[i, j] = c[i - j + n - 1]
+    return T

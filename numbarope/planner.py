@@ -206,8 +206,9 @@ def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, met
             approx_obj = exp_approximation(radius, degree=degree, kind=approx)
         else:
             approx_obj = exp_approximation(radius, eps=0.9 * eps / (2.0 + eps), kind=approx)
-    except ValueError as exc:
-        why_not = str(exc).split(";")[0].split(".")[0]
+    except ValueError:
+        why_not = (f"no {approx} polynomial of degree <= MAX_DEGREE={_config.MAX_DEGREE} "
+                   f"certifies eps at R={radius:.3g}")
     if approx_obj is not None:
         g = approx_obj.degree
         m = n_features(E, g)
@@ -224,7 +225,8 @@ def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, met
         if g > _config.MAX_DEGREE:
             why_not = f"degree {g} > MAX_DEGREE={_config.MAX_DEGREE}"
         elif feats > _config.MAX_FEATURES:
-            why_not = f"{feats} features > MAX_FEATURES={_config.MAX_FEATURES}"
+            why_not = (f"degree {g} needs {feats:.3g} features > "
+                       f"MAX_FEATURES={_config.MAX_FEATURES:.3g}")
         elif mem > limit:
             why_not = f"needs {mem / 2**30:.2f} GiB > limit {limit / 2**30:.2f} GiB"
         elif degree is None and bound > eps * vmax * (1 + 1e-12) and vmax > 0:

@@ -1,0 +1,668 @@
+"""Polynomial approximants of ``exp`` with certified relative error.
+
+The fast path of numbarope replaces ``exp(x)`` on the logit interval
+``[-R, R]`` by a polynomial ``p(x) = sum_k a_k x^k`` whose *relative* error
+
+    delta = max_{|x| <= R} |p(x) e^{-x} - 1|
+
+is bounded by a number computed here and certified (an upper bound proven by
+the procedure of :func:`exp_approximation`, not a sampled estimate). Every
+attention weight is then within a factor ``1 +- delta`` of the exact one, so
+the output error is at most ``2 delta / (1 - delta) * max|V|``
+(DESIGN.md §2).
+
+Two families are offered:
+
+* ``"chebyshev"`` (default): a near-minimax fit for the relative error, found
+  by a few Remez exchange steps for the weight ``e^{-x}`` started from the
+  Chebyshev interpolant of ``e^x``, keeping whichever of the two is better;
+* ``"taylor"``: the truncated series ``a_k = 1/k!``.
+
+Both are certified by the same a posteriori procedure (see
+:func:`exp_approximation`, Notes).
+"""
+
+import functools
+import math
+import numbers
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+from numpy.polynomial import chebyshev as _cheb
+from scipy import special as _special
+
+from . import _config
+
+__all__ = ["ExpApproximation", "exp_approximation", "degree_for"]
+
+#: Valid values of ``kind``.
+KINDS = ("chebyshev", "taylor")
+
+#: Largest radius accepted: beyond it ``e^{2R}`` (the scale of float64
+#: rounding errors relative to ``e^x``) overflows and no polynomial is usable.
+MAX_RADIUS = 350.0
+
+#: Below this radius the Chebyshev fit is replaced by the Taylor series (the
+#: two coincide to rounding there, and ``R**k`` would underflow).
+_TINY_RADIUS = 1e-8
+
+_U64 = 2.0 ** -53                                   # unit roundoff of float64
+_UL = float(np.finfo(np.longdouble).eps) / 2.0      # unit roundoff of longdouble
+_EXP_ULPS = 4.0     # assumed accuracy of np.exp (float64 and longdouble), ulps
+_N_PIECES = 512     # pieces of [-R, R] for the local Lipschitz bounds
+_REMEZ_GRID = 2049  # points of the (uncertified) Remez / screening grid
+_REMEZ_STEPS = 8
+
+_BOUND_METHOD = ("a posteriori: |p e^-x - 1| on a {n}-point grid (long double) "
+                 "+ piecewise Lipschitz margin + float64 Horner bound "
+                 "gamma_2g*sum|a_k||x|^k*e^-x")
+
+
+def _gamma(n, u=_U64):
+    """Higham's gamma_n = n u / (1 - n u)."""
+    return n * u / (1.0 - n * u)
+
+
+def _horner(coef, x):
+    """Evaluate sum coef[k] x**k by Horner's rule in the dtype of ``x``."""
+    y = np.full_like(x, coef[-1])
+    for c in coef[-2::-1]:
+        y *= x
+        y += c
+    return y
+
+
+@dataclass(frozen=True, eq=False)
+class ExpApproximation:
+    """A polynomial approximant of ``exp`` on ``[-radius, radius]``.
+
+    Attributes
+    ----------
+    coef : (degree + 1,) ndarray of float64, read-only
+        Monomial coefficients ``a_k`` of ``p(x) = sum_k a_k x^k`` in the
+        original variable ``x`` (lowest degree first).
+    degree : int
+        Degree ``g`` of ``p``.
+    radius : float
+        ``R``: the approximation interval is ``[-R, R]``.
+    kind : {"chebyshev", "taylor"}
+        How ``p`` was built.
+    error_bound : float
+        Certified ``delta >= max_{|x| <= R} |p(x) e^{-x} - 1|``, valid both
+        for the exact value of ``p`` and for its float64 Horner evaluation.
+    bound_method : str
+        One line naming how ``error_bound`` was obtained.
+    """
+
+    coef: np.ndarray
+    degree: int
+    radius: float
+    kind: str
+    error_bound: float
+    bound_method: str
+
+    def __call__(self, x):
+        """Evaluate ``p(x)`` in float64 by Horner's rule.
+
+        Parameters
+        ----------
+        x : array_like of float
+            Points (any shape); the bound ``error_bound`` holds for
+            ``|x| <= radius``.
+
+        Returns
+        -------
+        float or ndarray of float64
+            ``p(x)``, same shape as ``x``.
+        """
+        xa = np.asarray(x, dtype=np.float64)
+        y = _horner(self.coef, np.array(xa, dtype=np.float64, ndmin=1))
+        return float(y[0]) if xa.ndim == 0 else y.reshape(xa.shape)
+
+    def measured_error(self, npoints=200_001):
+        """Largest ``|p(x) e^{-x} - 1|`` on a uniform grid (NOT certified).
+
+        Evaluated in ``np.longdouble`` on ``npoints`` equispaced points of
+        ``[-R, R]``; a lower estimate of the true maximum, useful to judge how
+        tight :attr:`error_bound` is.
+        """
+        if self.radius == 0.0:
+            return abs(float(self.coef[0]) - 1.0)
+        x = np.linspace(-self.radius, self.radius, int(npoints)).astype(np.longdouble)
+        f = _horner(self.coef.astype(np.longdouble), x) * np.exp(-x) - 1
+        return float(np.max(np.abs(f)))
+
+    def __repr__(self):
+        return (f"ExpApproximation(kind={self.kind!r}, degree={self.degree}, "
+                f"radius={self.radius!r}, error_bound={self.error_bound:.3g})")
+
+
+# --------------------------------------------------------------------------
+# construction of the coefficients
+# --------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=64)
+def _cheb_monomial_table(g):
+    """Integer monomial coefficients of T_0..T_g: row j holds T_j."""
+    rows = [[1], [0, 1]]
+    for _ in range(2, g + 1):
+        a, b = rows[-1], rows[-2]
+        nxt = [0] + [2 * c for c in a]
+        for k, c in enumerate(b):
+            nxt[k] -= c
+        rows.append(nxt)
+    return tuple(tuple(r) for r in rows[: g + 1])
+
+
+def _cheb_to_monomial(c, radius):
+    """Monomial coefficients in ``x = radius * y`` of ``sum_j c_j T_j(y)``.
+
+    The change of basis cancels heavily at high degree, so it is done in
+    exact rational arithmetic and each ``a_k`` is rounded to float64 once.
+    """
+    g = len(c) - 1
+    table = _cheb_monomial_table(g)
+    cf = [Fraction(float(v)) for v in c]
+    beta = [Fraction(0)] * (g + 1)
+    for j in range(g + 1):
+        if cf[j] == 0:
+            continue
+        for k, t in enumerate(table[j]):
+            if t:
+                beta[k] += cf[j] * t
+    r = Fraction(float(radius))
+    out = np.empty(g + 1)
+    scale = Fraction(1)
+    for k in range(g + 1):
+        out[k] = float(beta[k] / scale)
+        scale *= r
+    return out
+
+
+def _taylor_coef(g):
+    return np.array([float(Fraction(1, math.factorial(k))) for k in range(g + 1)])
+
+
+def _rel_err_cheb(c, y, w):
+    """p(y) e^{-Ry} - 1 with p in the Chebyshev basis; ``w = e^{-Ry}``."""
+    return _cheb.chebval(y, c) * w - 1.0
+
+
+def _alternating_extrema(err, n):
+    """Indices of ``n`` alternating-sign local extrema of ``err``, or None."""
+    s = np.sign(err)
+    s[s == 0] = 1
+    cuts = np.flatnonzero(np.diff(s)) + 1
+    starts = np.concatenate(([0], cuts))
+    ends = np.concatenate((cuts, [err.size]))
+    idx = [a + int(np.argmax(np.abs(err[a:b]))) for a, b in zip(starts, ends)]
+    if len(idx) < n:
+        return None
+    while len(idx) > n:
+        mags = [abs(err[i]) for i in idx]
+        if len(idx) - n == 1:
+            del idx[0 if mags[0] <= mags[-1] else -1]
+            continue
+        i = int(np.argmin(mags))
+        if i == 0 or i == len(idx) - 1:
+            del idx[i]
+        else:
+            j = i - 1 if mags[i - 1] <= mags[i + 1] else i + 1
+            for t in sorted((i, j), reverse=True):
+                del idx[t]
+    return np.array(idx)
+
+
+@functools.lru_cache(maxsize=16)
+def _screen_grid(radius):
+    y = -np.cos(np.pi * np.arange(_REMEZ_GRID) / (_REMEZ_GRID - 1))
+    return y, np.exp(-radius * y)
+
+
+def _chebyshev_fit(radius, g):
+    """Chebyshev coefficients (variable y = x/R) of a near-minimax fit.
+
+    Starts from the Chebyshev interpolant of ``e^{Ry}`` and runs Remez
+    exchange steps for the relative error (weight ``e^{-Ry}``); returns the
+    best candidate met, judged on the screening grid (robust fallback: the
+    interpolant itself).
+    """
+    y, w = _screen_grid(radius)
+    best = _cheb.chebinterpolate(lambda t: np.exp(radius * t), g)
+    best_err = np.max(np.abs(_rel_err_cheb(best, y, w)))
+    if best_err < 1e-14:           # already at rounding level: nothing to gain
+        return best
+    ref = -np.cos(np.pi * np.arange(g + 2) / (g + 1))
+    signs = (-1.0) ** np.arange(g + 2)
+    for _ in range(_REMEZ_STEPS):
+        # p(y_i) e^{-R y_i} - (-1)^i E = 1, unknowns (c_0..c_g, E)
+        mat = np.empty((g + 2, g + 2))
+        mat[:, :-1] = _cheb.chebvander(ref, g) * np.exp(-radius * ref)[:, None]
+        mat[:, -1] = -signs
+        try:
+            sol = np.linalg.solve(mat, np.ones(g + 2))
+        except np.linalg.LinAlgError:
+            break
+        c = sol[:-1]
+        if not np.all(np.isfinite(c)):
+            break
+        err = _rel_err_cheb(c, y, w)
+        m = np.max(np.abs(err))
+        if m < best_err:
+            best, best_err = c, m
+        level = abs(sol[-1])
+        if m <= 1.001 * level:     # equioscillation reached
+            break
+        idx = _alternating_extrema(err, g + 2)
+        if idx is None:
+            break
+        ref = y[idx]
+    return best
+
+
+@functools.lru_cache(maxsize=512)
+def _coefficients(radius, g, kind):
+    """Read-only float64 monomial coefficients of the degree-g approximant."""
+    if kind == "taylor" or radius < _TINY_RADIUS:
+        a = _taylor_coef(g)
+    else:
+        a = _cheb_to_monomial(_chebyshev_fit(radius, g), radius)
+    a.flags.writeable = False
+    return a
+
+
+# --------------------------------------------------------------------------
+# bounds
+# --------------------------------------------------------------------------
+
+def _horner_floor(a, radius):
+    """Bound on max_{|x|<=R} |fl64(p(x)) - p(x)| e^{-x} (Higham eq. (5.3))."""
+    g = a.size - 1
+    if g == 0:
+        return 0.0
+    s = float(_horner(np.abs(a), np.array([radius]))[0]) * (1.0 + _gamma(2 * g + 2))
+    return _gamma(2 * g) * s * math.exp(radius) * (1.0 + _EXP_ULPS * _U64)
+
+
+@functools.lru_cache(maxsize=512)
+def _screen(radius, g, kind):
+    """Cheap estimate of the certified delta (no guarantee, used to search).
+
+    Largest |p(x)e^{-x} - 1| on the screening grid in float64, minus a bound
+    on its own rounding error, plus the float64 Horner floor: a lower
+    estimate of :func:`_certify`.
+    """
+    a = _coefficients(radius, g, kind)
+    if radius == 0.0:
+        return abs(a[0] - 1.0)
+    y, w = _screen_grid(radius)
+    x = radius * y
+    f = np.abs(_horner(a, x) * w - 1.0)
+    rho = _gamma(2 * g + 8) * (_horner(np.abs(a), np.abs(x)) * w + 2.0)
+    return float(max(np.max(f - rho), 0.0)) + _horner_floor(a, radius)
+
+
+def _lipschitz_pieces(a, xg, starts, ends):
+    """Upper bounds L_j >= max |d/dx (p(x) e^{-x})| on [xg[starts], xg[ends]].
+
+    d/dx (p e^{-x}) = q(x) e^{-x} with q = p' - p. On a piece [c, c + w],
+    e^{-x} <= e^{-c} and, by the exact Taylor expansion of the polynomial q
+    at c, |q(c + t)| <= sum_m |q^(m)(c)/m!| w^m. The shifted coefficients are
+    computed in float64 together with the same recurrence on |q|, |c|, whose
+    result bounds their rounding errors.
+    """
+    g = a.size - 1
+    q = np.empty(g + 1)
+    qa = np.empty(g + 1)
+    k = np.arange(g + 1, dtype=np.float64)
+    q[:-1] = k[1:] * a[1:] - a[:-1]
+    qa[:-1] = k[1:] * np.abs(a[1:]) + np.abs(a[:-1])
+    q[-1] = -a[-1]
+    qa[-1] = abs(a[-1])
+    c = xg[starts]
+    w = (xg[ends] - xg[starts]) * (1.0 + 4 * _U64)
+    d = np.tile(q, (c.size, 1))
+    da = np.tile(qa, (c.size, 1))
+    ca = np.abs(c)
+    for i in range(g):                       # Taylor shift (synthetic division)
+        for j in range(g - 1, i - 1, -1):
+            d[:, j] += c * d[:, j + 1]
+            da[:, j] += ca * da[:, j + 1]
+    bound = np.abs(d) + 2.0 * _gamma(4 * g + 16) * da
+    # sum_m bound[:, m] w^m by Horner over m (all terms non-negative)
+    qmax = bound[:, -1].copy()
+    for m in range(g - 1, -1, -1):
+        qmax = qmax * w + bound[:, m]
+    qmax *= 1.0 + _gamma(2 * g + 4)
+    return qmax * np.exp(-c) * (1.0 + (_EXP_ULPS + 2) * _U64)
+
+
+@functools.lru_cache(maxsize=512)
+def _certify(radius, g, kind, npoints):
+    """Certified delta for the degree-g approximant (see exp_approximation)."""
+    a = _coefficients(radius, g, kind)
+    if radius == 0.0:
+        # p(0) = a_0 is computed exactly by Horner and e^0 = 1.
+        return abs(float(a[0]) - 1.0)
+    n = max(int(npoints), 2)
+    xg = np.linspace(-radius, radius, n)
+    xg[0], xg[-1] = -radius, radius
+    # 1. the grid values, in long double, with a bound on their rounding error
+    xl = xg.astype(np.longdouble)
+    el = np.exp(-xl)
+    fl = _horner(a.astype(np.longdouble), xl) * el - 1
+    emx = np.exp(-xg)
+    s = _horner(np.abs(a), np.abs(xg)) * emx
+    eval_err = 2.0 * _gamma(2 * g + 10, _UL) * (s * (1 + _gamma(2 * g + 8)) + 2.0)
+    big_f = np.abs(fl).astype(np.float64) * (1.0 + 2 * _U64) + eval_err
+    # 2. Lipschitz margin per cell: sup_cell |f| <= (F_i + F_{i+1})/2 + L h/2
+    cells = n - 1
+    per = -(-cells // _N_PIECES)
+    starts = np.arange(0, cells, per)
+    ends = np.minimum(starts + per, cells)
+    lip = _lipschitz_pieces(a, xg, starts, ends)
+    lip_cell = np.repeat(lip, ends - starts)
+    h = np.diff(xg) * (1.0 + 4 * _U64)
+    cell_sup = 0.5 * (big_f[:-1] + big_f[1:]) + 0.5 * lip_cell * h
+    # 3. float64 evaluation of p by the package: Higham (5.3)
+    delta = float(np.max(cell_sup)) + _horner_floor(a, radius)
+    return float(delta * (1.0 + 1e-12))
+
+
+# --------------------------------------------------------------------------
+# public functions
+# --------------------------------------------------------------------------
+
+def _check_radius(radius):
+    if isinstance(radius, bool) or not isinstance(radius, numbers.Real):
+        raise TypeError(f"radius must be a real number >= 0, got {radius!r} "
+                        f"of type {type(radius).__name__}; pass a float such as 1.0")
+    r = float(radius)
+    if not math.isfinite(r) or r < 0.0:
+        raise ValueError(f"radius must be finite and >= 0, got {radius!r}; "
+                         "pass R >= max|logit| (a finite non-negative float)")
+    if r > MAX_RADIUS:
+        raise ValueError(f"radius={r!r} is above {MAX_RADIUS}: e^(2R) overflows "
+                         "float64 and no polynomial approximation of exp is "
+                         "usable; use the exact method (method='exact')")
+    return r
+
+
+def _check_eps(eps):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number in (0, 1), got {eps!r} of "
+                        f"type {type(eps).__name__}; pass a float such as 1e-3")
+    e = float(eps)
+    if not (0.0 < e < 1.0):
+        raise ValueError(f"eps must be in the open interval (0, 1), got {eps!r}; "
+                         "pass the target relative error, e.g. eps=1e-3")
+    return e
+
+
+def _check_degree(degree, max_degree):
+    if isinstance(degree, bool) or not isinstance(degree, numbers.Integral):
+        raise TypeError(f"degree must be an int in [0, {max_degree}], got "
+                        f"{degree!r} of type {type(degree).__name__}; pass e.g. "
+                        "degree=8, or pass eps= to choose the degree")
+    d = int(degree)
+    if not 0 <= d <= max_degree:
+        raise ValueError(f"degree must be in [0, {max_degree}] "
+                         f"(numbarope._config.MAX_DEGREE), got {degree!r}; pass a "
+                         "smaller degree or raise numbarope._config.MAX_DEGREE")
+    return d
+
+
+def _check_kind(kind):
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {set(KINDS)}, got {kind!r}")
+    return kind
+
+
+def _start_degree(radius, eps, kind):
+    """A degree at or below the answer, to start the search from.
+
+    Taylor: ``e^{-R} R^{g+1}/(g+1)!`` is a rigorous lower bound of the
+    relative error (attained at ``x = R``). Chebyshev: ``2 I_{g+1}(R) e^{-R}``
+    (the first neglected Chebyshev coefficient of ``e^{Ry}`` relative to
+    ``e^R``) was below the relative minimax error for every R and g tried
+    (ratios 1.25 to ~10^3); the search also steps down while it can.
+    """
+    g = 0
+    if kind == "taylor":
+        term = math.exp(-radius) * radius
+        while term > eps and g < 200:
+            g += 1
+            term *= radius / (g + 1)
+        return g
+    while 2.0 * _special.ive(g + 1, radius) > eps and g < 200:
+        g += 1
+    return g
+
+
+@functools.lru_cache(maxsize=1024)
+def _exp_approximation(radius, eps, degree, kind, max_degree, npoints):
+    def make(g):
+        return ExpApproximation(
+            coef=_coefficients(radius, g, kind), degree=g, radius=radius,
+            kind=kind, error_bound=_certify(radius, g, kind, npoints),
+            bound_method=("exact: p(0) = 1 at radius 0" if radius == 0.0 else
+                          _BOUND_METHOD.format(n=npoints)))
+
+    if degree is not None:
+        return make(degree)
+    if radius == 0.0:
+        return make(0)
+    # search: screen cheaply upward, then certify from the first candidate
+    screens = {}
+    first = None
+    for g in range(min(_start_degree(radius, eps, kind), max_degree),
+                   max_degree + 1):
+        screens[g] = _screen(radius, g, kind)
+        if screens[g] <= eps:
+            first = g
+            break
+    if first is not None:           # the start is a lower estimate: check below
+        while first > 0:
+            screens[first - 1] = _screen(radius, first - 1, kind)
+            if screens[first - 1] > eps:
+                break
+            first -= 1
+    best_g, best_delta = None, math.inf
+    if first is not None:
+        lo = first
+        if first > 0 and screens.get(first - 1, 0.0) <= 1.01 * eps:
+            lo = first - 1          # borderline: let the certificate decide
+        for g in range(lo, max_degree + 1):
+            delta = _certify(radius, g, kind, npoints)
+            if delta <= eps:
+                return make(g)
+            if delta < best_delta:
+                best_g, best_delta = g, delta
+            if g > first + 3:
+                break
+    if best_g is None or first is None:
+        if not screens:             # even the start degree is above the limit
+            screens[max_degree] = _screen(radius, max_degree, kind)
+        best_g = min(screens, key=screens.get)
+        best_delta = _certify(radius, best_g, kind, npoints)
+    floor = _horner_floor(_coefficients(radius, best_g, kind), radius)
+    if floor > 0.1 * eps:
+        why = (f" Rounding alone limits it: float64 evaluation of p can err by "
+               f"up to {floor:.2e} relative to e^x at x=-R (it grows like "
+               "e^(2R)), so raising the degree limit will not help: accept a "
+               "larger eps or use the exact method (method='exact').")
+    else:
+        why = (" Raise numbarope._config.MAX_DEGREE, accept a larger eps, or "
+               "use the exact method (method='exact').")
+    raise ValueError(
+        f"cannot certify a {kind} polynomial approximation of exp with relative "
+        f"error eps={eps:g} on [-R, R], R={radius:g}: the best certified delta "
+        f"is {best_delta:.3e} (degree {best_g}) within the degree limit "
+        f"numbarope._config.MAX_DEGREE={max_degree}.{why}")
+
+
+def exp_approximation(radius, eps=None, degree=None, kind="chebyshev"):
+    r"""Polynomial ``p`` with certified relative error to ``exp`` on ``[-R, R]``.
+
+    Parameters
+    ----------
+    radius : float, 0 <= radius <= 350
+        ``R``; the approximation holds on ``[-R, R]`` (the logit radius of an
+        attention head, DESIGN.md §2).
+    eps : float in (0, 1), optional
+        Target relative error ``delta``: the smallest degree in
+        ``0..numbarope._config.MAX_DEGREE`` whose certified bound is
+        ``<= eps`` is chosen. Default ``1e-3`` when ``degree`` is not given.
+    degree : int in [0, numbarope._config.MAX_DEGREE], optional
+        Use this degree; the bound is certified but not compared with any
+        target (it may exceed 1). Exclusive with ``eps``.
+    kind : {"chebyshev", "taylor"}, default "chebyshev"
+        ``"chebyshev"``: near-minimax fit for the relative error (Chebyshev
+        interpolant of ``e^x`` improved by Remez exchange steps for the weight
+        ``e^{-x}``); ``"taylor"``: ``a_k = 1/k!``.
+
+    Returns
+    -------
+    ExpApproximation
+        Coefficients ``a_k`` (monomial basis, original variable), degree,
+        radius, kind, certified ``error_bound`` and its method. Results are
+        memoised on ``(radius, eps, degree, kind)`` and the config limits; the
+        coefficient array is read-only.
+
+    Raises
+    ------
+    TypeError
+        Both ``eps`` and ``degree`` given; or an argument of the wrong type
+        (non-real radius/eps, non-integer degree).
+    ValueError
+        ``radius`` negative, NaN, infinite or above 350; ``eps`` outside
+        (0, 1); ``degree`` outside ``[0, MAX_DEGREE]``; unknown ``kind``; or
+        no degree ``<= MAX_DEGREE`` has a certified bound ``<= eps`` (the
+        message gives R, eps, the best certified delta and the limit; for
+        large ``R`` and small ``eps`` float64 rounding alone, which grows like
+        ``e^{2R} g 2^{-53}``, can make the target unreachable).
+
+    Notes
+    -----
+    **Construction.** With ``y = x / R``, ``"chebyshev"`` starts from the
+    Chebyshev interpolant ``P(y) = sum_j c_j T_j(y)`` of ``e^{Ry}`` at the
+    Chebyshev points, whose error decays like ``rho^{-g}`` for every
+    ``rho > 1`` (Trefethen, ATAP, Thm 8.2, with ``e^{Ry}`` entire), then
+    runs at most 8 Remez exchange steps on ``max |P(y) e^{-Ry} - 1|``,
+    keeping the best candidate (measured on a 2049-point Chebyshev grid).
+    The weighted fit matters for ``R >~ 2``, where the unweighted
+    interpolant's relative error concentrates at ``x = -R``. The conversion
+    ``a_k = [y^k] P / R^k`` is done in exact rational arithmetic (it cancels
+    heavily in floating point) and rounded once to float64.
+    ``"taylor"`` has the a priori Lagrange bound
+    ``|p(x) e^{-x} - 1| <= e^{max(x,0) - x} |x|^{g+1} / (g+1)! <=
+    e^R R^{g+1} / (g+1)!``; the a posteriori bound below is reported instead
+    because it is sharper.
+
+    **Certificate.** Let ``f(x) = p(x) e^{-x} - 1`` with ``p`` the exact
+    polynomial of the stored float64 coefficients. The returned
+
+    .. math::
+
+        \delta = \max_i \Big[\tfrac{F_i + F_{i+1}}{2} + \tfrac{L_i h_i}{2}\Big]
+                 + \gamma_{2g}\, e^{R} \sum_k |a_k| R^k
+
+    bounds ``sup_{|x|<=R} |fl(p(x)) e^{-x} - 1|`` where ``fl(p(x))`` is the
+    float64 Horner value, because:
+
+    1. On the grid ``x_0 = -R < ... < x_{N-1} = R`` (``N =
+       numbarope._config.CERTIFY_GRID``), ``f(x_i)`` is evaluated in long
+       double; ``F_i = |f^(x_i)| + 2 gamma^L_{2g+10} (S(x_i) e^{-x_i} + 2)``,
+       ``S(x) = sum_k |a_k| |x|^k``, bounds ``|f(x_i)|`` (Horner error
+       bound of Higham §5.1, eq. (5.3), in the long-double unit roundoff,
+       plus a 4-ulp allowance for ``exp`` and the product and subtraction).
+    2. ``f' = (p' - p) e^{-x}``. On each of 512 pieces ``[c, c + w]`` the
+       polynomial ``q = p' - p`` is Taylor-shifted exactly to ``c`` (its
+       rounding bounded by the same recurrence run on ``|q|``), giving
+       ``L >= sup |f'|`` there. For a cell ``[x_i, x_{i+1}]`` of length
+       ``h_i``, ``|f(x)| <= min(F_i + L (x - x_i), F_{i+1} + L (x_{i+1} - x))
+       <= (F_i + F_{i+1})/2 + L h_i / 2``.
+    3. ``|fl(p(x)) - p(x)| <= gamma_{2g} S(|x|) <= gamma_{2g} S(R)`` (Higham
+       eq. (5.3), valid with or without fused multiply-add) and
+       ``e^{-x} <= e^R``, which adds the last term; it is the float64
+       rounding floor, ``~ 2g 2^{-53} e^{2R}``.
+
+    Small safety factors cover the float64 arithmetic of the bound itself.
+    The result is an upper bound on the true error that is typically within
+    a factor 1.1 of it, except near the rounding floor where the worst-case
+    Horner bound dominates.
+
+    References
+    ----------
+    .. [1] J. Alman and Z. Song, "Fast RoPE Attention: Combining the
+       Polynomial Method and Fast Fourier Transform", arXiv:2505.11892, 2025
+       (the polynomial method: exp replaced by a low-degree polynomial on the
+       bounded logit interval).
+    .. [2] L. N. Trefethen, *Approximation Theory and Approximation Practice*,
+       SIAM, 2013 (extended edition 2019), Ch. 8 (Thm 8.2: convergence of
+       Chebyshev interpolants of analytic functions) and Ch. 10 (minimax,
+       Remez).
+    .. [3] N. J. Higham, *Accuracy and Stability of Numerical Algorithms*,
+       2nd ed., SIAM, 2002, §5.1 (Horner's method: error bound (5.3) and
+       running error bound).
+
+    Examples
+    --------
+    >>> from numbarope.polynomial import exp_approximation
+    >>> p = exp_approximation(1.0, eps=1e-6)
+    >>> p.degree
+    7
+    >>> p.error_bound <= 1e-6
+    True
+    >>> abs(p(0.5) / 1.6487212707001282 - 1) <= p.error_bound
+    True
+    >>> exp_approximation(1.0, degree=6, kind="taylor").error_bound > 1e-4
+    True
+    """
+    max_degree = int(_config.MAX_DEGREE)
+    npoints = int(_config.CERTIFY_GRID)
+    _check_kind(kind)
+    r = _check_radius(radius)
+    if eps is not None and degree is not None:
+        raise TypeError(f"pass either eps or degree, not both (got eps={eps!r}, "
+                        f"degree={degree!r}); eps selects the smallest degree "
+                        "meeting it, degree fixes it")
+    if degree is not None:
+        return _exp_approximation(r, None, _check_degree(degree, max_degree),
+                                  kind, max_degree, npoints)
+    e = _check_eps(1e-3 if eps is None else eps)
+    return _exp_approximation(r, e, None, kind, max_degree, npoints)
+
+
+def degree_for(radius, eps, kind="chebyshev"):
+    """Smallest degree whose certified relative error on ``[-R, R]`` is <= eps.
+
+    Parameters
+    ----------
+    radius : float, 0 <= radius <= 350
+        ``R``.
+    eps : float in (0, 1)
+        Target relative error ``delta``.
+    kind : {"chebyshev", "taylor"}, default "chebyshev"
+
+    Returns
+    -------
+    int
+        ``exp_approximation(radius, eps=eps, kind=kind).degree``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`exp_approximation` (including when no degree up to
+        ``numbarope._config.MAX_DEGREE`` reaches ``eps``).
+
+    Examples
+    --------
+    >>> from numbarope.polynomial import degree_for
+    >>> degree_for(0.5, 1e-3)
+    3
+    >>> degree_for(0.5, 1e-3, kind="taylor")
+    4
+    """
+    return exp_approximation(radius, eps=eps, kind=kind).degree

@@ -7,6 +7,7 @@ attention matrix becomes a sum of rescaled Toeplitz matrices, and those are
 multiplied by GEMMs, prefix sums or the FFT. See ``rope_attention``.
 """
 
+from . import bias
 from .attention import plan, rope_attention
 from .datasets import Sample, load_sample
 from .planner import AttentionInfo, HeadPlan
@@ -19,6 +20,6 @@ __all__ = [
     "rope_attention", "plan", "AttentionInfo", "HeadPlan",
     "Rotary", "apply_rotary", "rotary_relative_matrices",
     "exp_approximation", "ExpApproximation",
-    "load_sample", "Sample",
+    "load_sample", "Sample", "bias",
     "__version__",
 ]

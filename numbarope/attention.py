@@ -154,6 +154,16 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale):
                          f"key {k.shape}, value {v.shape}"
                          + (f", relative {rel.shape}" if rel is not None else "")
                          + (f", bias {bia.shape}" if bia is not None else "")) from None
+    B = int(np.prod(batch_shape, dtype=np.int64))
+    need = 8 * B * n * (3 * E + 2 * Ev)          # float64 copies of q, k, v and out
+    if rel is not None:
+        need += 8 * rel.size
+    if need > _config.memory_limit():
+        raise ValueError(
+            f"this call needs about {need / 2**30:.2f} GiB of working memory (float64 "
+            f"copies of {B} heads of n={n}), more than the limit "
+            f"{_config.memory_limit() / 2**30:.2f} GiB (numbarope._config.MEMORY_FRACTION "
+            f"of the available RAM); split the batch into smaller calls")
     _check_finite(q, "query")
     _check_finite(k, "key")
     _check_finite(v, "value")
@@ -165,7 +175,6 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale):
     if rotary is not None:
         q = apply_rotary(q, rotary)
         k = apply_rotary(k, rotary)
-    B = int(np.prod(batch_shape, dtype=np.int64))
 
     def flat(a, last):
         a = np.broadcast_to(a, batch_shape + a.shape[-2:]).reshape((B,) + a.shape[-2:])
@@ -244,7 +253,8 @@ def _plans(p, method, eps, degree, approx, radius):
             hidx, n=p.n, E=p.E, Ev=p.Ev, radius=R[b], radius1=R1[b],
             general=p.relative is not None, has_bias=p.bias is not None, causal=p.causal,
             method=method, eps=eps, degree=degree, approx=approx, vmax=vmax,
-            row_mass=_row_mass(T, p.n)))
+            row_mass=_row_mass(T, p.n),
+            out_rounding=2.0 ** -24 * vmax if p.dtype == np.float32 else 0.0))
     return heads
 
 

@@ -26,6 +26,38 @@ __all__ = ["exact_attention"]
 _FM = set(_config.FASTMATH)
 
 
+@njit(cache=True, fastmath=_FM, inline="always")
+def _logits_block(q, k, relative, ridx, general, bias, bidx, has_bias, scale,
+                  b, i, j0, jlim, row, wq):
+    """row[j − j0] = s·q_iᵀ W_{i−j} k_j + b_{i−j} for j in [j0, jlim)."""
+    n = q.shape[1]
+    E = q.shape[2]
+    if general:
+        for j in range(j0, jlim):
+            W = relative[ridx[b], i - j + n - 1]
+            for c in range(E):
+                wq[c] = 0.0
+            for a in range(E):
+                qa = q[b, i, a]
+                for c in range(E):
+                    wq[c] += qa * W[a, c]
+            s = 0.0
+            for c in range(E):
+                s += wq[c] * k[b, j, c]
+            row[j - j0] = s * scale
+    else:
+        for j in range(j0, jlim):
+            s = 0.0
+            for c in range(E):
+                s += q[b, i, c] * k[b, j, c]
+            row[j - j0] = s * scale
+    if has_bias:
+        bb = bias[bidx[b]]
+        off = i + n - 1
+        for j in range(j0, jlim):
+            row[j - j0] += bb[off - j]
+
+
 @njit(parallel=True, cache=True, fastmath=_FM)
 def _exact_kernel(q, k, v, relative, ridx, general, bias, bidx, has_bias,
                   causal, scale, row_block, key_block, out):
@@ -37,7 +69,7 @@ def _exact_kernel(q, k, v, relative, ridx, general, bias, bidx, has_bias,
         i0 = (task % nblk) * row_block
         i1 = min(i0 + row_block, n)
         rb = i1 - i0
-        S = np.empty((rb, key_block))
+        S = np.empty(key_block)
         mx = np.full(rb, -np.inf)
         den = np.zeros(rb)
         acc = np.zeros((rb, Ev))
@@ -47,32 +79,14 @@ def _exact_kernel(q, k, v, relative, ridx, general, bias, bidx, has_bias,
             j1 = min(j0 + key_block, jend)
             for r in range(rb):
                 i = i0 + r
-                # logits of row i against keys j0..j1
+                jlim = min(j1, i + 1) if causal else j1
+                if jlim <= j0:
+                    continue
+                _logits_block(q, k, relative, ridx, general, bias, bidx, has_bias,
+                              scale, b, i, j0, jlim, S, wq)
                 bm = -np.inf
-                for j in range(j0, j1):
-                    if causal and j > i:
-                        s = -np.inf
-                    else:
-                        s = 0.0
-                        if general:
-                            W = relative[ridx[b], i - j + n - 1]
-                            for a in range(E):
-                                wq[a] = 0.0
-                            for a in range(E):
-                                qa = q[b, i, a]
-                                for c in range(E):
-                                    wq[c] += qa * W[a, c]
-                            for c in range(E):
-                                s += wq[c] * k[b, j, c]
-                        else:
-                            for c in range(E):
-                                s += q[b, i, c] * k[b, j, c]
-                        s *= scale
-                        if has_bias:
-                            s += bias[bidx[b], i - j + n - 1]
-                    S[r, j - j0] = s
-                    if s > bm:
-                        bm = s
+                for j in range(jlim - j0):
+                    bm = max(bm, S[j])
                 if bm == -np.inf:
                     continue
                 if bm > mx[r]:
@@ -82,9 +96,14 @@ def _exact_kernel(q, k, v, relative, ridx, general, bias, bidx, has_bias,
                         acc[r, c] *= corr
                     mx[r] = bm
                 m = mx[r]
-                for j in range(j0, j1):
-                    p = np.exp(S[r, j - j0] - m)
-                    den[r] += p
+                d = 0.0
+                for j in range(jlim - j0):
+                    p = np.exp(S[j] - m)
+                    S[j] = p
+                    d += p
+                den[r] += d
+                for j in range(j0, jlim):
+                    p = S[j - j0]
                     for c in range(Ev):
                         acc[r, c] += p * v[b, j, c]
         for r in range(rb):

@@ -26,7 +26,7 @@ from .fast import fast_memory, separable_algorithm
 from .polynomial import exp_approximation
 from .toeplitz import fft_length
 
-__all__ = ["HeadPlan", "AttentionInfo", "COST_CONSTANTS", "predict_exact", "predict_fast",
+__all__ = ["HeadPlan", "AttentionInfo", "COST_CONSTANTS", "calibrate", "predict_exact", "predict_fast",
            "plan_head"]
 
 #: Seconds per elementary operation of each kind (see module docstring).
@@ -186,7 +186,7 @@ def rounding_term(n, m, coef, radius, radius1, delta, fft_length_=None, row_mass
 
 
 def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, method,
-              eps, degree, approx, vmax, row_mass=1.0):
+              eps, degree, approx, vmax, row_mass=1.0, out_rounding=0.0):
     """Choose the method of one head; returns a :class:`HeadPlan`.
 
     Raises
@@ -229,8 +229,10 @@ def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, met
                        f"MAX_FEATURES={_config.MAX_FEATURES:.3g}")
         elif mem > limit:
             why_not = f"needs {mem / 2**30:.2f} GiB > limit {limit / 2**30:.2f} GiB"
-        elif degree is None and bound > eps * vmax * (1 + 1e-12) and vmax > 0:
+        elif degree is None and bound - out_rounding > eps * vmax * (1 + 1e-12) and vmax > 0:
             why_not = f"certified bound {bound:.2e} > eps·max|V| = {eps * vmax:.2e}"
+        # float32 output: the float64 result is rounded once more (<= 2^-24 max|V|)
+        bound += out_rounding
         kind = ("certified (polynomial) + estimated FFT rounding"
                 if algorithm in ("fft", "toeplitz-fft") else "certified")
         fast_fields = dict(degree=g, features=feats, delta=delta, time_fast=t_fast,
@@ -264,3 +266,83 @@ def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, met
                     reason=f"exact {fast_fields['time_fast'] / t_exact:.1f}x cheaper than "
                            f"fast (degree {fast_fields['degree']}, "
                            f"{fast_fields['features']} features)")
+
+
+def _median_time(fn, repeat=3):
+    import time
+    fn()                                      # warm (compile, caches)
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def calibrate(update=True, seed=0):
+    """Measure the cost-model constants on this machine.
+
+    Times small runs of each kernel the planner models (median of 3, after a
+    warm-up that also compiles) and derives seconds per operation for
+    :data:`COST_CONSTANTS`. Takes a few seconds.
+
+    Parameters
+    ----------
+    update : bool, optional
+        Store the measured constants in :data:`COST_CONSTANTS` (this process
+        only) so that ``method="auto"`` and :func:`numbarope.plan` use them.
+    seed : int, optional
+        Seed of the random test data.
+
+    Returns
+    -------
+    dict
+        The measured constants (seconds per operation), keys as COST_CONSTANTS.
+
+    Examples
+    --------
+    >>> import numbarope
+    >>> consts = numbarope.calibrate(update=False)   # doctest: +SKIP
+    """
+    import scipy.fft as sfft
+
+    from ._monomials import feature_weights, features, symmetric_power
+    from .exact import exact_attention
+
+    rng = np.random.default_rng(seed)
+    c = {}
+    # exact kernel: t = pairs·(pair + flop·(E + Ev)) at two widths
+    n = 768
+    ts = {}
+    for w in (4, 64):
+        q, k, v = (rng.standard_normal((1, n, w)) for _ in range(3))
+        ts[w] = _median_time(lambda: exact_attention(q, k, v, 0.1)) / (n * n)
+    c["exact_flop"] = max((ts[64] - ts[4]) / (2 * 64 - 2 * 4), 1e-12)
+    c["exact_pair"] = max(ts[4] - c["exact_flop"] * 8, 1e-12)
+    # features
+    E, g, rows = 16, 3, 4096
+    x = rng.standard_normal((rows, E))
+    wphi, _ = feature_weights(np.ones(g + 1), E, g)
+    out = np.empty((rows, wphi.size))
+    c["feature"] = _median_time(lambda: features(x, E, g, wphi, out)) / out.size
+    # GEMM
+    P = rng.standard_normal((1024, wphi.size))
+    S = rng.standard_normal((wphi.size, 17))
+    c["gemm_flop"] = _median_time(lambda: P @ S) / P.size / 17
+    # FFT per unit N·log2 N per column
+    N, cols = 8192, 64
+    u = rng.standard_normal((N, cols))
+    c["fft_flop"] = _median_time(
+        lambda: sfft.irfft(sfft.rfft(u, axis=0), n=N, axis=0)) / (2 * cols * N * np.log2(N))
+    # complex block products per frequency
+    F, mk, ev1 = 1025, 20, 17
+    A = rng.standard_normal((F, mk, mk)) + 1j
+    B = rng.standard_normal((F, mk, ev1)) + 1j
+    c["cmul"] = _median_time(lambda: np.matmul(A, B)) / (4 * F * mk * mk * ev1)
+    # symmetric powers
+    W = rng.standard_normal((2047, 4, 4))
+    t = _median_time(lambda: symmetric_power(W, 3))
+    c["sympow"] = t / (2047 * (10 * 4 + 20 * 10) * 4)
+    if update:
+        COST_CONSTANTS.update(c)
+    return c

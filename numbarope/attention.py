@@ -172,9 +172,9 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale):
     if bia is not None:
         _check_finite(bia, "bias", allow_neg_inf=True)
     s = 1.0 / np.sqrt(E) if scale is None else float(scale)
-    if rotary is not None:
-        q = apply_rotary(q, rotary)
-        k = apply_rotary(k, rotary)
+    if rotary is not None:           # rotate in float64 (no rounding back to float32)
+        q = apply_rotary(q.astype(np.float64), rotary)
+        k = apply_rotary(k.astype(np.float64), rotary)
 
     def flat(a, last):
         a = np.broadcast_to(a, batch_shape + a.shape[-2:]).reshape((B,) + a.shape[-2:])
@@ -185,11 +185,15 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale):
     if rel is not None:
         lead = rel.shape[:-3]
         ridx = _index_map(lead, batch_shape)
-        rel = np.ascontiguousarray(rel.reshape((-1,) + rel.shape[-3:]), dtype=np.float64)
+        rel = np.ascontiguousarray(
+            rel.reshape((int(np.prod(lead, dtype=np.int64)),) + rel.shape[-3:]),
+            dtype=np.float64)
     if bia is not None:
         lead = bia.shape[:-1]
         bidx = _index_map(lead, batch_shape)
-        bia = np.ascontiguousarray(bia.reshape((-1, bia.shape[-1])), dtype=np.float64)
+        bia = np.ascontiguousarray(
+            bia.reshape((int(np.prod(lead, dtype=np.int64)), bia.shape[-1])),
+            dtype=np.float64)
     return _Problem(q64, k64, v64, rel, ridx, bia, bidx, bool(is_causal), s,
                     tuple(batch_shape), dtype, n, E, Ev)
 
@@ -197,7 +201,7 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale):
 def _toeplitz_weights(p, b):
     """T[t + n − 1] = exp(b_t − max b) with the causal zeros; None when T ≡ 1."""
     n = p.n
-    if p.bias is None and not (p.causal and p.relative is not None):
+    if n == 0 or (p.bias is None and not (p.causal and p.relative is not None)):
         return None
     T = np.ones(2 * n - 1)
     if p.bias is not None:
@@ -212,14 +216,32 @@ def _toeplitz_weights(p, b):
     return T
 
 
-def _row_mass(T, n):
-    """min over non-empty rows of Σ_j T(i − j) (T normalised so max T = 1)."""
-    if T is None:
-        return 1.0
+def _row_masses(T, n):
+    """``Σ_j T(i − j)`` for every row i (T normalised so that max T = 1)."""
     cs = np.concatenate([[0.0], np.cumsum(T)])
     i = np.arange(n)
-    mass = cs[i + n] - cs[i]          # Σ_{t = i−(n−1)}^{i} T(t) = T[i .. i+n−1]
-    pos = mass[mass > 0]
+    return cs[i + n] - cs[i]          # T[i .. i+n−1] holds t = i−(n−1) .. i
+
+
+def _row_mass(p, b, T):
+    """Smallest row mass of head b over rows that see at least one key.
+
+    Returns 0 when a row that sees a key (finite logit) has mass 0 because
+    ``exp(b_t − max b)`` underflowed: the fast path cannot represent it, so its
+    bound becomes infinite and the planner refuses it.
+    """
+    if T is None:
+        return 1.0
+    mass = _row_masses(T, p.n)
+    visible = np.ones(2 * p.n - 1)
+    if p.bias is not None:
+        visible = np.isfinite(p.bias[p.bidx[b]]).astype(np.float64)
+    if p.causal:
+        visible[:p.n - 1] = 0.0
+    seen = _row_masses(visible, p.n) > 0
+    if np.any(seen & (mass <= 0)):
+        return 0.0
+    pos = mass[seen]
     return float(pos.min()) if pos.size else 1.0
 
 
@@ -253,7 +275,7 @@ def _plans(p, method, eps, degree, approx, radius):
             hidx, n=p.n, E=p.E, Ev=p.Ev, radius=R[b], radius1=R1[b],
             general=p.relative is not None, has_bias=p.bias is not None, causal=p.causal,
             method=method, eps=eps, degree=degree, approx=approx, vmax=vmax,
-            row_mass=_row_mass(T, p.n),
+            row_mass=_row_mass(p, b, T),
             out_rounding=2.0 ** -24 * vmax if p.dtype == np.float32 else 0.0))
     return heads
 
@@ -306,6 +328,9 @@ def _run(p, heads, verify):
                                      p.relative[p.ridx[b]], T)
         else:
             out[b], _ = fast_separable(p.q[b], p.k[b], p.v[b], p.scale, coef, T, p.causal)
+        if T is not None:
+            # rows that see no key: exactly 0 (the FFT leaves rounding noise there)
+            out[b, _row_masses(T, p.n) <= 0] = 0.0
         if verify and p.n:
             rows = np.sort(rng.choice(p.n, size=min(int(verify), p.n), replace=False))
             h.observed_error = float(np.abs(out[b, rows] - _exact_rows(p, b, rows))

@@ -23,6 +23,8 @@ EXACT_KEY_BLOCK = 256
 CAUSAL_CHUNK = 256
 #: Rows per chunk when forming feature matrices phi(Q), psi(K).
 FEATURE_CHUNK = 1024
+#: Rows handled by one task of the feature kernel (inner, vectorised loop).
+FEATURE_ROW_BLOCK = 128
 
 #: Largest polynomial degree the fast path will use (refuses above).
 MAX_DEGREE = 24

@@ -19,6 +19,10 @@ import numpy as np
 from numba import njit, prange
 from scipy.special import comb
 
+from . import _config
+
+_FM = set(_config.FASTMATH)
+
 __all__ = ["monomial_table", "n_features", "features", "symmetric_power"]
 
 
@@ -70,36 +74,51 @@ def monomial_table(E, g):
     return out
 
 
-@njit(parallel=True, cache=True)
-def _features_kernel(x, parent, var, weight, out):
-    rows = x.shape[0]
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _features_kernel(xt, parent, var, weight, row_block, out):
+    # Feature-major: out[idx, r]. Each task owns a block of rows (columns of
+    # out), so the inner loops run over contiguous memory and vectorise.
     m = parent.shape[0]
-    for r in prange(rows):
-        out[r, 0] = 1.0
+    rows = xt.shape[1]
+    nb = (rows + row_block - 1) // row_block
+    for blk in prange(nb):
+        r0 = blk * row_block
+        r1 = min(r0 + row_block, rows)
+        for r in range(r0, r1):
+            out[0, r] = 1.0
         for idx in range(1, m):
-            out[r, idx] = out[r, parent[idx]] * x[r, var[idx]]
+            pa = parent[idx]
+            va = var[idx]
+            for r in range(r0, r1):
+                out[idx, r] = out[pa, r] * xt[va, r]
         for idx in range(m):
-            out[r, idx] *= weight[idx]
+            w = weight[idx]
+            for r in range(r0, r1):
+                out[idx, r] *= w
 
 
 def features(x, E, g, weight, out=None):
-    """Weighted monomial features ``weight[α] · x^α`` of the rows of x.
+    """Weighted monomial features ``weight[α] · x^α`` of the rows of x, feature-major.
 
     Parameters
     ----------
-    x : (rows, E) ndarray of float64, C-contiguous
+    x : (rows, E) ndarray of float64
     weight : (m,) ndarray of float64, m = C(E+g, g)
-    out : (rows, m) ndarray of float64, optional
+    out : (m, rows) ndarray of float64, C-contiguous, optional
 
     Returns
     -------
-    (rows, m) ndarray of float64
+    (m, rows) ndarray of float64
+        ``out[α, r] = weight[α] · x[r]^α`` (the transpose of the usual feature
+        matrix: contiguous along rows, so that the recurrence vectorises).
     """
     start, parent, var, _ = monomial_table(E, g)
     if out is None:
-        out = np.empty((x.shape[0], parent.shape[0]))
+        out = np.empty((parent.shape[0], x.shape[0]))
     if x.shape[0]:
-        _features_kernel(x, parent, var, weight, out)
+        xt = np.ascontiguousarray(np.asarray(x, dtype=np.float64).T)
+        _features_kernel(xt, parent, var, np.ascontiguousarray(weight, dtype=np.float64),
+                         _config.FEATURE_ROW_BLOCK, out)
     return out
 
 

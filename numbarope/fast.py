@@ -133,35 +133,29 @@ def fast_separable(q, k, v, scale, coef, T=None, causal=False, workers=None):
     if algorithm == "gemm":
         c = _config.FEATURE_CHUNK
         S = np.zeros((m, Ev + 1))
-        buf = np.empty((min(c, n), m))
         for j0 in range(0, n, c):
             j1 = min(j0 + c, n)
-            P = features(ks[j0:j1], E, g, wpsi, buf[:j1 - j0])
-            S += P.T @ vext[j0:j1]
+            S += features(ks[j0:j1], E, g, wpsi) @ vext[j0:j1]
         for i0 in range(0, n, c):
             i1 = min(i0 + c, n)
-            P = features(qs[i0:i1], E, g, wphi, buf[:i1 - i0])
-            num[i0:i1] = P @ S
+            num[i0:i1] = features(qs[i0:i1], E, g, wphi).T @ S
     elif algorithm == "prefix":
         c = _config.CAUSAL_CHUNK
         S = np.zeros((m, Ev + 1))
-        buf = np.empty((min(c, n), m))
         pc = coef[::-1]
         for i0 in range(0, n, c):
             i1 = min(i0 + c, n)
-            P = features(qs[i0:i1], E, g, wphi, buf[:i1 - i0])
-            num[i0:i1] = P @ S
+            num[i0:i1] = features(qs[i0:i1], E, g, wphi).T @ S
             # inside the chunk: p(q'ᵀk') directly (same polynomial, O(c²E) not O(c²m))
             X = qs[i0:i1] @ ks[i0:i1].T
             Pm = np.tril(np.polyval(pc, X))
             num[i0:i1] += Pm @ vext[i0:i1]
-            P = features(ks[i0:i1], E, g, wpsi, buf[:i1 - i0])
-            S += P.T @ vext[i0:i1]
+            S += features(ks[i0:i1], E, g, wpsi) @ vext[i0:i1]
     else:
         N = fft_length(n)
         Tspec = circulant_spectrum(T, n, N, workers)
-        Pq = features(qs, E, g, wphi)
-        Pk = features(ks, E, g, wpsi)
+        Pq = features(qs, E, g, wphi).T      # (n, m) views of feature-major arrays
+        Pk = features(ks, E, g, wpsi).T
         mb = _block_columns(N, 8 * (Ev + 1) * 3, m)
         for a0 in range(0, m, mb):
             a1 = min(a0 + mb, m)
@@ -215,8 +209,8 @@ def fast_general(q, k, v, scale, coef, relative, T, workers=None):
     N = fft_length(n)
     start, _, _, _ = monomial_table(E, g)
     ones = np.ones(start[-1])
-    Qm = features(qs, E, g, ones)     # unweighted monomials q'^α
-    Km = features(ks, E, g, ones)
+    Qm = features(qs, E, g, ones).T     # unweighted monomials q'^α, (n, m) view
+    Km = features(ks, E, g, ones).T
     num = np.zeros((n, Ev + 1))
     for deg in range(g + 1):
         a = coef[deg]

@@ -323,10 +323,10 @@ def calibrate(update=True, seed=0):
     E, g, rows = 16, 3, 4096
     x = rng.standard_normal((rows, E))
     wphi, _ = feature_weights(np.ones(g + 1), E, g)
-    out = np.empty((rows, wphi.size))
+    out = np.empty((wphi.size, rows))
     c["feature"] = _median_time(lambda: features(x, E, g, wphi, out)) / out.size
     # GEMM
-    P = rng.standard_normal((1024, wphi.size))
+    P = rng.standard_normal((1024, wphi.size))   # (rows, m) @ (m, Ev+1) as in the fast path
     S = rng.standard_normal((wphi.size, 17))
     c["gemm_flop"] = _median_time(lambda: P @ S) / P.size / 17
     # FFT per unit N·log2 N per column

@@ -53,7 +53,7 @@ def test_monomial_table_is_read_only():
 def test_unweighted_features_are_monomials(E, g):
     rng = np.random.default_rng(10 * E + g)
     x = rng.standard_normal((7, E))
-    F = features(x, E, g, np.ones(n_features(E, g)))
+    F = features(x, E, g, np.ones(n_features(E, g))).T
     for idx, s in enumerate(_sequences(E, g)):
         np.testing.assert_allclose(F[:, idx], np.prod(x[:, list(s)], axis=1), rtol=1e-13)
 
@@ -68,8 +68,8 @@ def test_features_give_polynomial_of_inner_product(E, g):
     k = rng.standard_normal((11, E)) * 0.7
     wphi, wpsi = feature_weights(coef, E, g)
     assert np.all(wphi >= 0)
-    phi = features(np.ascontiguousarray(q), E, g, wphi)
-    psi = features(np.ascontiguousarray(k), E, g, wpsi)
+    phi = features(np.ascontiguousarray(q), E, g, wphi).T
+    psi = features(np.ascontiguousarray(k), E, g, wpsi).T
     assert phi.shape == (13, n_features(E, g))
     lhs = phi @ psi.T
     rhs = np.polyval(coef[::-1], q @ k.T)
@@ -79,10 +79,10 @@ def test_features_give_polynomial_of_inner_product(E, g):
 def test_features_out_buffer_and_empty():
     x = np.random.default_rng(3).standard_normal((4, 3))
     w = np.ones(n_features(3, 2))
-    buf = np.full((4, w.size), np.nan)
+    buf = np.full((w.size, 4), np.nan)
     res = features(x, 3, 2, w, out=buf)
     assert res is buf and np.isfinite(buf).all()
-    assert features(np.zeros((0, 3)), 3, 2, w).shape == (0, w.size)
+    assert features(np.zeros((0, 3)), 3, 2, w).shape == (w.size, 0)
 
 
 @pytest.mark.parametrize("E, k", [(1, 0), (1, 3), (2, 1), (2, 4), (3, 2), (3, 3), (5, 2),
@@ -98,8 +98,8 @@ def test_symmetric_power_bilinear_identity(E, k):
     ones = np.ones(n_features(E, k))
     q = rng.standard_normal((6, E))
     kk = rng.standard_normal((6, E))
-    mq = features(q, E, k, ones)[:, start[k]:start[k + 1]]
-    mkk = features(kk, E, k, ones)[:, start[k]:start[k + 1]]
+    mq = features(q, E, k, ones).T[:, start[k]:start[k + 1]]
+    mkk = features(kk, E, k, ones).T[:, start[k]:start[k + 1]]
     for t in range(T):
         lhs = np.einsum("ia,ab,ib->i", mq, M[t], mkk)
         rhs = np.einsum("ie,ef,if->i", q, W[t], kk) ** k

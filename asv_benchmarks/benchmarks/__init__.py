@@ -1,0 +1,1 @@
+"""asv benchmark suite of numbarope (see asv_benchmarks/README.md)."""

@@ -1,0 +1,246 @@
+"""asv benchmarks of numbarope: exact vs certified fast RoPE attention.
+
+Conventions (see asv_benchmarks/README.md):
+
+* data are built in ``setup`` from a fixed seed; numba kernels are warmed in
+  ``setup`` on tiny inputs (and the planner's approximant caches on the real
+  inputs), so ``time_*`` methods measure steady-state calls, not compilation;
+* ``time_*``: seconds; ``peakmem_*``: bytes; ``track_*``: measured errors and
+  ratios (units in ``unit``); compilation is timed on its own in
+  :class:`TimeCompile`, each sample in a fresh interpreter with an empty
+  numba cache;
+* ``n = 16384`` is the "large" size: with the environment variable
+  ``NUMBAROPE_BENCH_QUICK=1`` it is skipped (``NotImplementedError``, shown as
+  ``n/a`` by asv).
+
+Bounded inputs have logit radius ``R = s·max‖q‖·max‖k‖ = 0.5`` with the default
+``s = 1/sqrt(E)``: the regime of Alman & Song (arXiv:2505.11892) where a
+degree-3 polynomial certifies ``eps = 1e-3`` and the fast path is almost
+linear in n. RoPE rotations keep the norms, so R is the same after rotation.
+"""
+
+import os
+import time
+
+import numpy as np
+
+import numbarope
+
+#: Logit radius of the bounded synthetic inputs.
+RADIUS = 0.5
+#: Tolerance of the fast path (relative to max|value|).
+EPS = 1e-3
+#: Sizes skipped when NUMBAROPE_BENCH_QUICK is set.
+LARGE_N = 16384
+
+
+def _skip_large(n):
+    if n >= LARGE_N and os.environ.get("NUMBAROPE_BENCH_QUICK"):
+        raise NotImplementedError("large size skipped (NUMBAROPE_BENCH_QUICK is set)")
+
+
+def bounded_inputs(n, E, Ev, radius=RADIUS, heads=1, seed=0):
+    """Gaussian q, k, v of shape (heads, n, ·), q and k scaled to logit radius ``radius``.
+
+    The radius is ``s·max_i‖q_i‖·max_j‖k_j‖`` with ``s = 1/sqrt(E)`` (per head).
+    """
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((heads, n, E))
+    k = rng.standard_normal((heads, n, E))
+    v = rng.standard_normal((heads, n, Ev))
+    s = 1.0 / np.sqrt(E)
+    qn = np.linalg.norm(q, axis=-1).max(axis=-1)[:, None, None]
+    kn = np.linalg.norm(k, axis=-1).max(axis=-1)[:, None, None]
+    c = np.sqrt(radius / (s * qn * kn))
+    return q * c, k * c, v
+
+
+def warm_kernels():
+    """Compile (or load from numba's cache) every kernel once, on tiny inputs."""
+    q, k, v = bounded_inputs(32, 4, 4)
+    rel = numbarope.rotary_relative_matrices(32, numbarope.Rotary(), 4)
+    for causal in (False, True):
+        for method in ("exact", "fast", "auto"):
+            numbarope.rope_attention(q, k, v, rotary=numbarope.Rotary(), method=method,
+                                     eps=EPS, is_causal=causal)
+            numbarope.rope_attention(q, k, v, relative=rel, method=method, eps=EPS,
+                                     is_causal=causal)
+
+
+def _median_seconds(fn, repeat=3):
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+class TimeBounded:
+    """Bounded logits (R = 0.5), E = Ev = 16, standard RoPE: where fast pays."""
+
+    params = ([1024, 4096, LARGE_N], [False, True])
+    param_names = ["n", "is_causal"]
+    timeout = 300.0
+
+    def setup(self, n, is_causal):
+        _skip_large(n)
+        warm_kernels()
+        self.q, self.k, self.v = bounded_inputs(n, 16, 16, seed=n)
+        self.rotary = numbarope.Rotary()
+        self.causal = is_causal
+
+    def _exact(self):
+        return numbarope.rope_attention(self.q, self.k, self.v, rotary=self.rotary,
+                                        is_causal=self.causal, method="exact")
+
+    def _fast(self, return_info=False):
+        return numbarope.rope_attention(self.q, self.k, self.v, rotary=self.rotary,
+                                        is_causal=self.causal, method="fast", eps=EPS,
+                                        return_info=return_info)
+
+    def time_exact(self, n, is_causal):
+        self._exact()
+
+    def time_fast(self, n, is_causal):
+        self._fast()
+
+    def time_auto(self, n, is_causal):
+        numbarope.rope_attention(self.q, self.k, self.v, rotary=self.rotary,
+                                 is_causal=self.causal, method="auto", eps=EPS)
+
+    def track_fast_error(self, n, is_causal):
+        """max|fast − exact| / max|V| (must stay below eps)."""
+        err = np.abs(self._fast() - self._exact()).max()
+        return float(err / np.abs(self.v).max())
+
+    track_fast_error.unit = "max|err|/max|V|"
+
+    def track_bound_ratio(self, n, is_causal):
+        """Measured error over the certified bound (< 1 always)."""
+        out, info = self._fast(return_info=True)
+        err = np.abs(out - self._exact()).max()
+        return float(err / info.heads[0].error_bound)
+
+    track_bound_ratio.unit = "error/bound"
+
+    def track_speedup(self, n, is_causal):
+        """Exact time / fast time, median of 3 perf_counter runs each."""
+        return _median_seconds(self._exact) / _median_seconds(self._fast)
+
+    track_speedup.unit = "x"
+
+
+class TimeGeneral:
+    """General relative path exp(s·q_iᵀW_{i−j}k_j), W_t the RoPE rotations, E = 4."""
+
+    params = ([512, 2048],)
+    param_names = ["n"]
+    timeout = 300.0
+
+    def setup(self, n):
+        warm_kernels()
+        self.q, self.k, self.v = bounded_inputs(n, 4, 4, seed=n)
+        self.relative = numbarope.rotary_relative_matrices(n, numbarope.Rotary(), 4)
+
+    def time_exact(self, n):
+        numbarope.rope_attention(self.q, self.k, self.v, relative=self.relative,
+                                 method="exact")
+
+    def time_fast(self, n):
+        numbarope.rope_attention(self.q, self.k, self.v, relative=self.relative,
+                                 method="fast", eps=EPS)
+
+
+class TimeRealSample:
+    """Real all-MiniLM-L6-v2 activations (layer 5, 12 heads, n = 512, E = 32), RoPE."""
+
+    timeout = 300.0
+
+    def setup(self):
+        warm_kernels()
+        sample = numbarope.load_sample()
+        i = sample.layers.index(5)
+        self.q, self.k, self.v = sample.query[i], sample.key[i], sample.value[i]
+        self.rotary = numbarope.Rotary()
+        # warm the planner's (memoised) approximant search for these radii
+        numbarope.plan(self.q, self.k, self.v, rotary=self.rotary, eps=EPS)
+
+    def time_auto(self):
+        numbarope.rope_attention(self.q, self.k, self.v, rotary=self.rotary,
+                                 method="auto", eps=EPS)
+
+    def time_exact(self):
+        numbarope.rope_attention(self.q, self.k, self.v, rotary=self.rotary,
+                                 method="exact")
+
+    def track_max_radius(self):
+        """Largest logit radius R over the 12 heads (why auto stays exact here)."""
+        info = numbarope.plan(self.q, self.k, self.v, rotary=self.rotary, eps=EPS)
+        return float(np.max(info.radius))
+
+    track_max_radius.unit = "R"
+
+
+class PeakMem:
+    """Peak resident memory of one call at n = 16384, E = Ev = 16, R = 0.5."""
+
+    params = ([LARGE_N],)
+    param_names = ["n"]
+    timeout = 300.0
+
+    def setup(self, n):
+        _skip_large(n)
+        warm_kernels()
+        self.q, self.k, self.v = bounded_inputs(n, 16, 16, seed=n)
+
+    def peakmem_fast(self, n):
+        numbarope.rope_attention(self.q, self.k, self.v, rotary=True, method="fast",
+                                 eps=EPS)
+
+    def peakmem_exact(self, n):
+        numbarope.rope_attention(self.q, self.k, self.v, rotary=True, method="exact")
+
+
+# The timed child is a fresh ``python -c``: asv does not pass PYTHONPATH on to it
+# (ASV_PYTHONPATH only reaches the benchmark process's sys.path), so the child
+# is pointed explicitly at the numbarope this process imported.
+_NUMBAROPE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(numbarope.__file__)))
+
+_COMPILE_SETUP = f"""
+import os, sys, tempfile
+sys.path.insert(0, {_NUMBAROPE_ROOT!r})
+_cache = tempfile.TemporaryDirectory(prefix="numbarope-asv-")
+os.environ["NUMBA_CACHE_DIR"] = _cache.name
+import numpy as np
+import numbarope
+rng = np.random.default_rng(0)
+q, k, v = (rng.standard_normal((1, 32, 4)) * 0.3 for _ in range(3))
+rel = numbarope.rotary_relative_matrices(32, numbarope.Rotary(), 4)
+"""
+
+
+class TimeCompile:
+    """Cold JIT compilation, each sample in a fresh interpreter with an empty numba cache.
+
+    The import of numbarope and the data are in the (untimed) setup code; the
+    timed statement is the first call of each path, i.e. compilation.
+    """
+
+    timeout = 900.0
+    repeat = (1, 3, 60.0)
+    number = 1
+    warmup_time = 0.0
+
+    def timeraw_compile_exact(self):
+        return ("""
+numbarope.rope_attention(q, k, v, rotary=True, method="exact")
+numbarope.rope_attention(q, k, v, rotary=True, method="exact", is_causal=True)
+""", _COMPILE_SETUP)
+
+    def timeraw_compile_fast(self):
+        return ("""
+numbarope.rope_attention(q, k, v, rotary=True, method="fast")
+numbarope.rope_attention(q, k, v, rotary=True, method="fast", is_causal=True)
+numbarope.rope_attention(q, k, v, relative=rel, method="fast")
+""", _COMPILE_SETUP)

@@ -7,12 +7,21 @@ attention matrix becomes a sum of rescaled Toeplitz matrices, and those are
 multiplied by GEMMs, prefix sums or the FFT. See ``rope_attention``.
 """
 
-from . import bias
-from .attention import plan, rope_attention
-from .datasets import Sample, load_sample
-from .planner import AttentionInfo, HeadPlan
-from .polynomial import ExpApproximation, exp_approximation
-from .rotary import Rotary, apply_rotary, rotary_relative_matrices
+import os as _os
+
+# numba's OpenMP workers spin-wait between parallel regions by default; the fast
+# path alternates numba kernels with BLAS calls, and on a few cores the spinning
+# threads starve the next call (measured 3-5x slower on 2 cores). Passive waiting
+# costs nothing for long kernels. A value the user has set is kept; this must run
+# before the OpenMP runtime is loaded (numba loads it at the first parallel call).
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from . import bias  # noqa: E402
+from .attention import plan, rope_attention  # noqa: E402
+from .datasets import Sample, load_sample  # noqa: E402
+from .planner import AttentionInfo, HeadPlan  # noqa: E402
+from .polynomial import ExpApproximation, exp_approximation  # noqa: E402
+from .rotary import Rotary, apply_rotary, rotary_relative_matrices  # noqa: E402
 
 __version__ = "0.1.0"
 

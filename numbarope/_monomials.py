@@ -75,9 +75,11 @@ def monomial_table(E, g):
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _features_kernel(xt, parent, var, weight, row_block, out):
+def _features_kernel(xt, parent, var, ratio, w0, row_block, out):
     # Feature-major: out[idx, r]. Each task owns a block of rows (columns of
-    # out), so the inner loops run over contiguous memory and vectorise.
+    # out), so the inner loops run over contiguous memory and vectorise; the
+    # weights ride along the recurrence: out[idx] = out[parent] · x[var] · ratio[idx],
+    # ratio = weight[idx] / weight[parent] (one pass, no second sweep).
     m = parent.shape[0]
     rows = xt.shape[1]
     nb = (rows + row_block - 1) // row_block
@@ -85,16 +87,13 @@ def _features_kernel(xt, parent, var, weight, row_block, out):
         r0 = blk * row_block
         r1 = min(r0 + row_block, rows)
         for r in range(r0, r1):
-            out[0, r] = 1.0
+            out[0, r] = w0
         for idx in range(1, m):
             pa = parent[idx]
             va = var[idx]
+            f = ratio[idx]
             for r in range(r0, r1):
-                out[idx, r] = out[pa, r] * xt[va, r]
-        for idx in range(m):
-            w = weight[idx]
-            for r in range(r0, r1):
-                out[idx, r] *= w
+                out[idx, r] = out[pa, r] * xt[va, r] * f
 
 
 def features(x, E, g, weight, out=None):
@@ -113,12 +112,21 @@ def features(x, E, g, weight, out=None):
         matrix: contiguous along rows, so that the recurrence vectorises).
     """
     start, parent, var, _ = monomial_table(E, g)
+    weight = np.ascontiguousarray(weight, dtype=np.float64)
     if out is None:
         out = np.empty((parent.shape[0], x.shape[0]))
     if x.shape[0]:
         xt = np.ascontiguousarray(np.asarray(x, dtype=np.float64).T)
-        _features_kernel(xt, parent, var, np.ascontiguousarray(weight, dtype=np.float64),
-                         _config.FEATURE_ROW_BLOCK, out)
+        wpar = weight[parent]
+        if np.all(wpar[1:] != 0.0):
+            ratio = np.zeros_like(weight)
+            ratio[1:] = weight[1:] / wpar[1:]
+            _features_kernel(xt, parent, var, ratio, weight[0],
+                             _config.FEATURE_ROW_BLOCK, out)
+        else:   # a zero weight cuts the chain: unit weights, then scale
+            _features_kernel(xt, parent, var, np.ones_like(weight), 1.0,
+                             _config.FEATURE_ROW_BLOCK, out)
+            out *= weight[:, None]
     return out
 
 

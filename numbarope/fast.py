@@ -133,24 +133,29 @@ def fast_separable(q, k, v, scale, coef, T=None, causal=False, workers=None):
     if algorithm == "gemm":
         c = _config.FEATURE_CHUNK
         S = np.zeros((m, Ev + 1))
+        flat = np.empty(m * min(c, n))          # one buffer: no page faults per chunk
         for j0 in range(0, n, c):
             j1 = min(j0 + c, n)
-            S += features(ks[j0:j1], E, g, wpsi) @ vext[j0:j1]
+            P = features(ks[j0:j1], E, g, wpsi, flat[:m * (j1 - j0)].reshape(m, j1 - j0))
+            S += P @ vext[j0:j1]
         for i0 in range(0, n, c):
             i1 = min(i0 + c, n)
-            num[i0:i1] = features(qs[i0:i1], E, g, wphi).T @ S
+            P = features(qs[i0:i1], E, g, wphi, flat[:m * (i1 - i0)].reshape(m, i1 - i0))
+            num[i0:i1] = P.T @ S
     elif algorithm == "prefix":
         c = _config.CAUSAL_CHUNK
         S = np.zeros((m, Ev + 1))
         pc = coef[::-1]
+        flat = np.empty(m * min(c, n))
         for i0 in range(0, n, c):
             i1 = min(i0 + c, n)
-            num[i0:i1] = features(qs[i0:i1], E, g, wphi).T @ S
+            buf = flat[:m * (i1 - i0)].reshape(m, i1 - i0)
+            num[i0:i1] = features(qs[i0:i1], E, g, wphi, buf).T @ S
             # inside the chunk: p(q'ᵀk') directly (same polynomial, O(c²E) not O(c²m))
             X = qs[i0:i1] @ ks[i0:i1].T
             Pm = np.tril(np.polyval(pc, X))
             num[i0:i1] += Pm @ vext[i0:i1]
-            S += features(ks[i0:i1], E, g, wpsi) @ vext[i0:i1]
+            S += features(ks[i0:i1], E, g, wpsi, buf) @ vext[i0:i1]
     else:
         N = fft_length(n)
         Tspec = circulant_spectrum(T, n, N, workers)

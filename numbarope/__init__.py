@@ -19,14 +19,14 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from . import bias  # noqa: E402
 from .attention import plan, rope_attention  # noqa: E402
 from .datasets import Sample, load_sample  # noqa: E402
-from .planner import AttentionInfo, HeadPlan  # noqa: E402
+from .planner import AttentionInfo, HeadPlan, calibrate  # noqa: E402
 from .polynomial import ExpApproximation, exp_approximation  # noqa: E402
 from .rotary import Rotary, apply_rotary, rotary_relative_matrices  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "rope_attention", "plan", "AttentionInfo", "HeadPlan",
+    "rope_attention", "plan", "calibrate", "AttentionInfo", "HeadPlan",
     "Rotary", "apply_rotary", "rotary_relative_matrices",
     "exp_approximation", "ExpApproximation",
     "load_sample", "Sample", "bias",

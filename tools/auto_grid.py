@@ -1,0 +1,86 @@
+"""Measure exact, fast and auto on a grid of (n, E, R, causal), in one run.
+
+Usage::
+
+    python tools/auto_grid.py [--quick] [--calibrate]
+
+For every grid point it times ``method="exact"``, ``method="fast"`` (where the
+planner deems it feasible) and ``method="auto"`` (median of 3 runs each, same
+inputs, same process), and prints the ratio ``auto / min(exact, fast)``: the
+planner's acceptance criterion is that this never exceeds 1.5. Also prints the
+fast path's max error against exact and its certified bound.
+"""
+
+import argparse
+import time
+
+import numpy as np
+
+import numbarope as nr
+
+
+def _median(fn, repeat=3):
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        res = fn()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)), res
+
+
+def bounded(n, E, R, seed=0):
+    """q, k with s·max‖q‖·max‖k‖ = R at s = 1/sqrt(E); v standard normal (E columns)."""
+    rng = np.random.default_rng(seed)
+    s = 1 / np.sqrt(E)
+    norm = np.sqrt(R / s)
+    q = rng.standard_normal((n, E))
+    q *= norm / np.linalg.norm(q, axis=1, keepdims=True)
+    k = rng.standard_normal((n, E))
+    k *= norm / np.linalg.norm(k, axis=1, keepdims=True)
+    return q, k, rng.standard_normal((n, E))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller grid")
+    ap.add_argument("--calibrate", action="store_true", help="run numbarope.calibrate() first")
+    args = ap.parse_args(argv)
+    if args.calibrate:
+        print("calibrated:", {k: f"{v:.3g}" for k, v in nr.calibrate().items()})
+    ns = (512, 2048) if args.quick else (512, 2048, 8192)
+    Es = (4, 16) if args.quick else (4, 8, 16, 32)
+    Rs = (0.5, 2.0) if args.quick else (0.25, 0.5, 1.0, 2.0, 4.0)
+    q, k, v = bounded(8, 4, 0.5)
+    nr.rope_attention(q, k, v, rotary=True, method="fast")        # compile
+    print(f"{'n':>6} {'E':>3} {'R':>5} {'causal':>6} {'auto':>5} {'alg':>7} {'deg':>3} "
+          f"{'t_exact':>8} {'t_fast':>8} {'t_auto':>8} {'auto/best':>9} {'err':>8} {'bound':>8}")
+    worst = 0.0
+    for n in ns:
+        for E in Es:
+            for R in Rs:
+                for causal in (False, True):
+                    q, k, v = bounded(n, E, R)
+                    kw = dict(rotary=True, is_causal=causal, eps=1e-3)
+                    info = nr.plan(q, k, v, **kw)
+                    h = info.heads[0]
+                    te, ex = _median(lambda: nr.rope_attention(q, k, v, method="exact", **kw))
+                    tf = err = bound = None
+                    if h.time_fast is not None and "infeasible" not in h.reason:
+                        tf, (fo, fi) = _median(lambda: nr.rope_attention(
+                            q, k, v, method="fast", return_info=True, **kw))
+                        err = float(np.abs(fo - ex).max())
+                        bound = float(fi.heads[0].error_bound)
+                    ta, _ = _median(lambda: nr.rope_attention(q, k, v, method="auto", **kw))
+                    best = te if tf is None else min(te, tf)
+                    ratio = ta / best
+                    worst = max(worst, ratio)
+                    print(f"{n:>6} {E:>3} {R:>5} {str(causal):>6} {h.method:>5} "
+                          f"{h.algorithm[:7]:>7} {str(h.degree):>3} {te:8.4f} "
+                          f"{'-' if tf is None else f'{tf:8.4f}':>8} {ta:8.4f} {ratio:9.2f} "
+                          f"{'-' if err is None else f'{err:8.1e}':>8} "
+                          f"{'-' if bound is None else f'{bound:8.1e}':>8}", flush=True)
+    print(f"worst auto/best ratio: {worst:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,5 +1,6 @@
 """``rope_attention`` and ``plan``: validation, batching, per-head dispatch."""
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,15 +73,21 @@ def _index_map(lead_shape, batch_shape):
     return np.ascontiguousarray(np.broadcast_to(ids, batch_shape).reshape(-1))
 
 
-def _validate_options(method, eps, degree, approx, scale, radius):
-    if method not in METHODS:
+def _real(x, name, what):
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (numbers.Real, np.floating,
+                                                           np.integer)):
+        raise TypeError(f"{name} must be {what}, got {x!r} of type {type(x).__name__}")
+    return float(x)
+
+
+def _validate_options(method, eps, degree, approx, scale, radius, is_causal=False):
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method={method!r} is unknown; use one of {METHODS}")
-    if approx not in APPROXES:
+    if not isinstance(approx, str) or approx not in APPROXES:
         raise ValueError(f"approx={approx!r} is unknown; use one of {APPROXES}")
-    try:
-        eps_f = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"eps must be a real number in (0, 1), got {eps!r}") from None
+    if not isinstance(is_causal, (bool, np.bool_)):
+        raise TypeError(f"is_causal must be True or False, got {is_causal!r}")
+    eps_f = _real(eps, "eps", "a real number in (0, 1)")
     if not (0.0 < eps_f < 1.0):
         raise ValueError(f"eps={eps!r} must lie in (0, 1): it is the tolerated error "
                          f"relative to max|value|")
@@ -91,14 +98,15 @@ def _validate_options(method, eps, degree, approx, scale, radius):
             raise ValueError(f"degree={degree} must lie in [0, {_config.MAX_DEGREE}] "
                              f"(numbarope._config.MAX_DEGREE)")
     if scale is not None:
-        try:
-            sf = float(scale)
-        except (TypeError, ValueError):
-            raise TypeError(f"scale must be a positive real number, got {scale!r}") from None
+        sf = _real(scale, "scale", "a positive real number")
         if not np.isfinite(sf) or sf <= 0:
             raise ValueError(f"scale={scale!r} must be finite and > 0")
     if radius is not None:
-        r = np.asarray(radius, dtype=np.float64)
+        try:
+            r = np.asarray(radius, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"radius must be a real number or an array of them (one per "
+                            f"head), got {radius!r}") from None
         if not np.all(np.isfinite(r)) or np.any(r < 0):
             raise ValueError(f"radius must be finite and >= 0, got {radius!r}")
     return eps_f
@@ -259,7 +267,13 @@ def _radii(p, radius):
     R = p.scale * qn * wn * kn
     R1 = p.scale * q1 * wmax * k1
     if radius is not None:
-        R = np.broadcast_to(np.asarray(radius, dtype=np.float64), p.batch_shape).reshape(-1)
+        r = np.asarray(radius, dtype=np.float64)
+        try:
+            R = np.broadcast_to(r, p.batch_shape).reshape(-1)
+        except ValueError:
+            raise ValueError(f"radius has shape {r.shape}, which does not broadcast to the "
+                             f"batch (head) dims {p.batch_shape}; give one radius per "
+                             f"head or a scalar") from None
         R1 = np.maximum(R1, R)
     return R, R1
 
@@ -317,7 +331,7 @@ def _run(p, heads, verify):
             causal=p.causal)
     rng = np.random.default_rng(0)
     for b, h in enumerate(heads):
-        if h.method != "fast":
+        if h.method != "fast" or p.n == 0:
             continue
         coef = h.coef
         T = _toeplitz_weights(p, b)
@@ -435,7 +449,7 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
     >>> bool(np.abs(out - exact).max() <= info.error_bound.max())
     True
     """
-    eps_f = _validate_options(method, eps, degree, approx, scale, radius)
+    eps_f = _validate_options(method, eps, degree, approx, scale, radius, is_causal)
     if isinstance(verify, bool) or not isinstance(verify, (int, np.integer)) or verify < 0:
         raise ValueError(f"verify must be an int >= 0 (rows checked per head), got {verify!r}")
     p = _prepare(query, key, value, rotary, relative, bias, is_causal, scale)
@@ -475,7 +489,7 @@ def plan(query, key, value, *, rotary=None, relative=None, bias=None, is_causal=
     >>> info.method[0], info.algorithm[0]
     ('fast', 'gemm')
     """
-    eps_f = _validate_options(method, eps, degree, approx, scale, radius)
+    eps_f = _validate_options(method, eps, degree, approx, scale, radius, is_causal)
     p = _prepare(query, key, value, rotary, relative, bias, is_causal, scale)
     return AttentionInfo(_plans(p, method, eps_f, degree, approx, radius), p.batch_shape,
                          eps_f)

@@ -138,6 +138,9 @@ def _load_npz(path):
         data = np.load(path, allow_pickle=False)
     except Exception as exc:
         raise CLIError(f"cannot read {path!r} as a .npz file: {exc}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise CLIError(f"{path!r} holds a single array (.npy), not a .npz archive; save "
+                       f"the inputs with np.savez(path, query=..., key=..., value=...)")
     with data:
         missing = [k for k in ("query", "key", "value") if k not in data.files]
         if missing:

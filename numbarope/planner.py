@@ -196,6 +196,11 @@ def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, met
         ``eps`` at this radius, or the fast path's memory exceeds the limit.
     """
     t_exact = predict_exact(n, E, Ev, general, causal)
+    if n == 0 or Ev == 0:
+        return HeadPlan(head=head, radius=float(radius), time_exact=t_exact, method="exact",
+                        algorithm="streaming", degree=None, features=None, delta=None,
+                        error_bound=0.0, time_fast=None, memory_fast=None,
+                        reason="empty sequence (n = 0)" if n == 0 else "no value columns")
     algorithm = "toeplitz-fft" if general else separable_algorithm(has_bias, causal)
     common = dict(head=head, radius=float(radius), time_exact=t_exact)
     # ---- polynomial

@@ -85,7 +85,11 @@ class Rotary:
                     f"Rotary: dim must be a positive even integer, got {self.dim}")
             object.__setattr__(self, "dim", int(self.dim))
         if self.scaling is not None:
-            sc = float(self.scaling)
+            try:
+                sc = float(self.scaling)
+            except (TypeError, ValueError):
+                raise TypeError(f"Rotary: scaling must be a real number or None, got "
+                                f"{self.scaling!r}") from None
             if not np.isfinite(sc) or sc <= 0:
                 raise ValueError(f"Rotary: scaling must be finite and > 0, got {self.scaling!r}")
             object.__setattr__(self, "scaling", sc)
@@ -112,9 +116,19 @@ class Rotary:
         return inv
 
     def angles(self, positions, head_dim):
-        """Angles ``positions[:, None] * inv_freq[None, :]`` in radians, float64, ``(n, dim/2)``."""
-        pos = np.asarray(positions, dtype=np.float64).reshape(-1)
-        return pos[:, None] * self.inv_freq(head_dim)[None, :]
+        """Angles ``positions[:, None] * inv_freq[None, :]`` in radians, ``(n, dim/2)`` float64.
+
+        The product is formed in extended precision (``np.longdouble``) and
+        reduced modulo 2π before rounding to float64, so that the angle of a
+        large position (2**20 and beyond) keeps ~1e-16 absolute accuracy and
+        RoPE stays shift invariant to ~1e-14 (a float64 product alone errs by
+        ~|p·θ|·2^-53, 1e-10 rad at p = 2**20).
+        """
+        pos = np.asarray(positions, dtype=np.longdouble).reshape(-1)
+        ang = pos[:, None] * self.inv_freq(head_dim).astype(np.longdouble)[None, :]
+        two_pi = 2 * np.pi if np.finfo(np.longdouble).eps >= np.finfo(np.float64).eps \
+            else np.longdouble("6.283185307179586476925286766559005768")
+        return np.fmod(ang, two_pi).astype(np.float64)
 
     def pairs(self, head_dim):
         """Index arrays ``(first, second)`` of the rotated feature pairs, each ``(dim/2,)``."""
@@ -170,6 +184,8 @@ def apply_rotary(x, rotary=None, positions=None):
             "cast with x.astype(np.float32)")
     if x.ndim < 2:
         raise ValueError(f"apply_rotary: x must have shape (..., n, E), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("apply_rotary: x contains NaN or inf; rotary needs finite inputs")
     n, E = x.shape[-2:]
     if positions is None:
         positions = np.arange(n)

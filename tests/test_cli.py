@@ -100,18 +100,11 @@ BAD = [
      r"method='fast' cannot serve"),
     ("npy", ["run", "{array.npy}", "-o", "{out}"], r"npz"),
 ]
-_XFAIL_BAD = {
-    "npy": "a .npy file given as input: np.load returns an ndarray, and `with data:` "
-           "fails with \"'numpy.ndarray' object does not support the context manager "
-           "protocol\" (cli.py _load_npz) instead of saying it is not a .npz archive",
-}
 
 
 def _bad_params():
     for name, argv, pattern in BAD:
-        marks = ([pytest.mark.xfail(strict=True, reason=_XFAIL_BAD[name])]
-                 if name in _XFAIL_BAD else [])
-        yield pytest.param(argv, pattern, marks=marks, id=name)
+        yield pytest.param(argv, pattern, id=name)
 
 
 @pytest.mark.parametrize("argv, pattern", list(_bad_params()))

@@ -31,13 +31,16 @@ __all__ = ["HeadPlan", "AttentionInfo", "COST_CONSTANTS", "calibrate", "predict_
 
 #: Seconds per elementary operation of each kind (see module docstring).
 COST_CONSTANTS = {
-    "exact_pair": 4.0e-9,    # one (i, j) pair of the exact kernel: exp + bookkeeping
-    "exact_flop": 0.35e-9,   # one multiply-add of the exact kernel's logit / value loops
-    "feature": 0.6e-9,       # one monomial feature value
-    "gemm_flop": 0.03e-9,    # one multiply-add inside BLAS GEMM
-    "fft_flop": 0.6e-9,      # one unit of N·log2(N) in scipy.fft (per column)
-    "cmul": 0.25e-9,         # one complex multiply-add per frequency (block products)
-    "sympow": 1.0e-9,        # one multiply-add building symmetric powers
+    # medians of 5 runs of calibrate() on the development machine (2 cores, x86_64,
+    # AVX-512, OpenBLAS), 2026-11-29
+    "exact_pair": 9.3e-9,    # one (i, j) pair of the exact kernel: exp + bookkeeping
+    "exact_flop": 8.8e-11,   # one multiply-add of the exact kernel's logit / value loops
+    "feature": 1.1e-9,       # one monomial feature value
+    "gemm_flop": 6.2e-11,    # one multiply-add inside BLAS GEMM
+    "fft_flop": 8.9e-10,     # one unit of N·log2(N) in scipy.fft (per column)
+    "cmul": 1.1e-10,         # one complex multiply-add per frequency (block products)
+    "sympow": 1.5e-9,        # one multiply-add building symmetric powers
+    "elementwise": 8.1e-10,  # one NumPy elementwise operation (prefix path, inside chunks)
 }
 
 
@@ -132,8 +135,10 @@ def predict_fast(algorithm, n, E, Ev, degree):
         return c["feature"] * 2 * n * m + c["gemm_flop"] * 2 * n * m * ev1
     if algorithm == "prefix":
         ch = min(_config.CAUSAL_CHUNK, max(n, 1))
+        # inside each chunk: logits GEMM, Horner (2 ops per degree) + tril, GEMM with V
         return (c["feature"] * 2 * n * m + c["gemm_flop"] * 2 * n * m * ev1
-                + c["exact_flop"] * n * ch * (E + ev1) + c["exact_pair"] * n * ch / 4)
+                + c["gemm_flop"] * n * ch * (E + ev1)
+                + c["elementwise"] * n * ch * (2 * degree + 3))
     N = fft_length(n)
     nlog = N * np.log2(max(N, 2))
     if algorithm == "fft":
@@ -317,7 +322,7 @@ def calibrate(update=True, seed=0):
     rng = np.random.default_rng(seed)
     c = {}
     # exact kernel: t = pairs·(pair + flop·(E + Ev)) at two widths
-    n = 768
+    n = 2048
     ts = {}
     for w in (4, 64):
         q, k, v = (rng.standard_normal((1, n, w)) for _ in range(3))
@@ -344,6 +349,9 @@ def calibrate(update=True, seed=0):
     A = rng.standard_normal((F, mk, mk)) + 1j
     B = rng.standard_normal((F, mk, ev1)) + 1j
     c["cmul"] = _median_time(lambda: np.matmul(A, B)) / (4 * F * mk * mk * ev1)
+    # NumPy elementwise work (polyval of the intra-chunk logits in the prefix path)
+    X = rng.standard_normal((512, 512))
+    c["elementwise"] = _median_time(lambda: np.polyval(np.ones(4), X)) / (X.size * 2 * 4)
     # symmetric powers
     W = rng.standard_normal((2047, 4, 4))
     t = _median_time(lambda: symmetric_power(W, 3))

@@ -431,7 +431,10 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
 
     Notes
     -----
-    The fast path's error bound is ``max|out − exact| <= 2δ'/(1−δ')·max|V|``
+    Inputs are taken as exact values and everything is computed in float64
+    (rotary angles in extended precision); float32 inputs give a float32
+    result, whose rounding (at most ``2^-24·max|V|``) is added to
+    ``info.error_bound``. The fast path's error bound is ``max|out − exact| <= 2δ'/(1−δ')·max|V|``
     where δ' is the certified relative error δ of the polynomial on ``[−R, R]``
     plus a floating-point allowance (Alman & Song 2025, §4; see
     :func:`numbarope.exp_approximation`). Every weight ``p(x)T`` is within

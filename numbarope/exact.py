@@ -66,7 +66,12 @@ def _exact_kernel(q, k, v, relative, ridx, general, bias, bidx, has_bias,
     nblk = (n + row_block - 1) // row_block
     for task in prange(B * nblk):
         b = task // nblk
-        i0 = (task % nblk) * row_block
+        blk = task % nblk
+        if causal:
+            # pair cheap early blocks with expensive late ones (0, nb−1, 1, nb−2, …) so
+            # that prange's contiguous per-thread ranges carry equal work
+            blk = blk // 2 if blk % 2 == 0 else nblk - 1 - blk // 2
+        i0 = blk * row_block
         i1 = min(i0 + row_block, n)
         rb = i1 - i0
         S = np.empty(key_block)

@@ -26,7 +26,7 @@ from .fast import fast_memory, separable_algorithm
 from .polynomial import exp_approximation
 from .toeplitz import fft_length
 
-__all__ = ["HeadPlan", "AttentionInfo", "COST_CONSTANTS", "calibrate", "predict_exact", "predict_fast",
+__all__ = ["HeadPlan", "AttentionInfo", "COST_CONSTANTS", "calibrate", "exact_memory", "predict_exact", "predict_fast",
            "plan_head"]
 
 #: Seconds per elementary operation of each kind (see module docstring).
@@ -60,6 +60,7 @@ class HeadPlan:
     time_fast: float | None
     memory_fast: int | None
     reason: str
+    memory_exact: int = 0                  # working memory of the exact kernel (bytes)
     observed_error: float | None = None    # filled by verify=k
     rounding: float = 0.0                  # floating-point part included in error_bound
     bound_kind: str = "exact"
@@ -124,6 +125,14 @@ def predict_exact(n, E, Ev, general, causal):
     pairs = n * (n + 1) / 2 if causal else float(n) * n
     work = (E * E + E + Ev) if general else (E + Ev)
     return pairs * (c["exact_pair"] + c["exact_flop"] * work)
+
+
+def exact_memory(n, E, Ev):
+    """Working memory (bytes) of the exact path for one head: float64 copies of q, k, v,
+    the output, and per-thread row/key-block buffers."""
+    from . import _config as cfg
+    blocks = cfg.EXACT_ROW_BLOCK * (cfg.EXACT_KEY_BLOCK + Ev + 2) + E
+    return 8 * (n * (2 * E + 2 * Ev) + 2 * blocks)
 
 
 def predict_fast(algorithm, n, E, Ev, degree):
@@ -201,13 +210,15 @@ def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, met
         ``eps`` at this radius, or the fast path's memory exceeds the limit.
     """
     t_exact = predict_exact(n, E, Ev, general, causal)
+    mem_exact = exact_memory(n, E, Ev)
     if n == 0 or Ev == 0:
         return HeadPlan(head=head, radius=float(radius), time_exact=t_exact, method="exact",
+                        memory_exact=mem_exact,
                         algorithm="streaming", degree=None, features=None, delta=None,
                         error_bound=0.0, time_fast=None, memory_fast=None,
                         reason="empty sequence (n = 0)" if n == 0 else "no value columns")
     algorithm = "toeplitz-fft" if general else separable_algorithm(has_bias, causal)
-    common = dict(head=head, radius=float(radius), time_exact=t_exact)
+    common = dict(head=head, radius=float(radius), time_exact=t_exact, memory_exact=mem_exact)
     # ---- polynomial
     approx_obj = None
     why_not = None

@@ -67,22 +67,24 @@ def fast_memory(algorithm, n, E, Ev, degree):
     """
     m = n_features(E, degree)
     ev1 = Ev + 1
+    # float64 copies of q, k, v (validated, rotated, scaled), [v, 1], numerator, output
+    base = 8 * n * (4 * E + 4 * ev1)
     if algorithm in ("gemm", "prefix"):
         c = _config.FEATURE_CHUNK if algorithm == "gemm" else _config.CAUSAL_CHUNK
         c = min(c, max(n, 1))
-        return 8 * (2 * c * m + m * ev1 + c * c + 2 * n * ev1)
+        inner = 6 * c * c if algorithm == "prefix" else 0      # logits, Horner temporaries
+        return base + 8 * (c * m + 2 * m * ev1 + c * ev1 + inner)
     N = fft_length(n)
     F = N // 2 + 1
     if algorithm == "fft":
         # phi(Q), psi(K) in full + one block of (N, mb, Ev+1) real and spectra
-        return 8 * (2 * n * m + 2 * n * ev1) + min(_config.FFT_BLOCK_BYTES * 3,
-                                                    3 * 16 * F * m * ev1)
-    # toeplitz-fft: largest degree block dominates
+        return base + 8 * 2 * n * m + min(_config.FFT_BLOCK_BYTES * 3, 3 * 16 * F * m * ev1)
+    # toeplitz-fft: the largest degree's blocks dominate
     mk = n_features(E, degree) - n_features(E, degree - 1) if degree > 0 else 1
     sym = 8 * 2 * (2 * n - 1) * mk * mk               # M_k(W_t) and its predecessor
     uhat = 16 * F * mk * ev1 * 2                       # key-side spectrum + product
     block = min(_config.FFT_BLOCK_BYTES * 3, 3 * 16 * F * mk * mk)
-    return sym + uhat + block + 8 * (2 * n * mk + 2 * n * ev1)
+    return base + sym + uhat + block + 8 * 2 * n * m   # + all monomials of q and k
 
 
 def _finish(num, Ev):

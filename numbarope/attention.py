@@ -1,6 +1,7 @@
 """``rope_attention`` and ``plan``: validation, batching, per-head dispatch."""
 
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,12 @@ def _as_float_array(x, name):
         except Exception as exc:  # ragged lists etc.
             raise TypeError(f"{name} could not be converted to an array: {exc}") from None
     dt = arr.dtype
+    if dt.kind == "f" and dt.itemsize in (4, 8) and not dt.isnative:
+        arr = arr.astype(dt.newbyteorder("="))       # non-native byte order: same values
+        dt = arr.dtype
+    if isinstance(arr, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array; numbarope ignores no entries: pass "
+                        f"np.ma.getdata({name}) and express the mask as bias=-inf")
     if dt == np.float16:
         raise TypeError(f"{name} has dtype float16, which numbarope does not compute in; "
                         f"cast it with {name}.astype(np.float32)")
@@ -103,7 +110,10 @@ def _validate_options(method, eps, degree, approx, scale, radius, is_causal=Fals
             raise ValueError(f"scale={scale!r} must be finite and > 0")
     if radius is not None:
         try:
-            r = np.asarray(radius, dtype=np.float64)
+            r = np.asarray(radius)
+            if r.dtype.kind not in "fiu":
+                raise TypeError
+            r = r.astype(np.float64)
         except (TypeError, ValueError):
             raise TypeError(f"radius must be a real number or an array of them (one per "
                             f"head), got {radius!r}") from None
@@ -134,8 +144,10 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale):
         raise ValueError("rotary and relative are exclusive: pass a rotary embedding "
                          "OR general relative matrices (rotary_relative_matrices gives "
                          "the matrices of a rotary embedding)")
-    if rotary is True:
+    if rotary is True or rotary is np.True_:
         rotary = Rotary()
+    elif rotary is False or rotary is np.False_:
+        rotary = None
     if rotary is not None and not isinstance(rotary, Rotary):
         raise TypeError(f"rotary must be a numbarope.Rotary, True or None, got "
                         f"{type(rotary).__name__}")
@@ -257,15 +269,15 @@ def _radii(p, radius):
     """Logit radius R (and R₁ for the rounding term) of every flattened head."""
     qn = np.sqrt(np.einsum("bne,bne->bn", p.q, p.q)).max(axis=1, initial=0.0)
     kn = np.sqrt(np.einsum("bne,bne->bn", p.k, p.k)).max(axis=1, initial=0.0)
-    q1 = np.abs(p.q).sum(axis=2).max(axis=1, initial=0.0)
-    k1 = np.abs(p.k).sum(axis=2).max(axis=1, initial=0.0)
     if p.relative is not None:
         wn = np.linalg.norm(p.relative, ord=2, axis=(-2, -1)).max(axis=1, initial=0.0)[p.ridx]
-        wmax = np.abs(p.relative).max(axis=(1, 2, 3), initial=0.0)[p.ridx]
+        wf = np.sqrt((p.relative ** 2).sum(axis=(2, 3))).max(axis=1, initial=0.0)[p.ridx]
     else:
-        wn = wmax = np.ones(qn.shape)
+        wn = wf = np.ones(qn.shape)
     R = p.scale * qn * wn * kn
-    R1 = p.scale * q1 * wmax * k1
+    # Σ_α |φ_α(q)ψ_α(k)| = Σ_k |a_k| (s Σ_e |q_e k_e|)^k <= Σ_k |a_k| R^k (Cauchy–Schwarz);
+    # general W: (Σ_ab |q_a W_ab k_b|)^k <= (‖q‖ ‖W‖_F ‖k‖)^k.
+    R1 = p.scale * qn * wf * kn
     if radius is not None:
         r = np.asarray(radius, dtype=np.float64)
         try:
@@ -314,8 +326,15 @@ def _exact_rows(p, b, rows):
         if mx == -np.inf:
             continue
         w = np.exp(logit - mx)
-        out[r] = w @ p.v[b] / w.sum()
+        out[r] = (w / w.sum()) @ p.v[b]          # convex combination: cannot overflow
     return out
+
+
+def _value_scale(v):
+    """A power of two f with max|f·v| <= 2**1000, so that sums of values cannot overflow
+    (values near the float64 maximum); 1.0 for all ordinary inputs. Exact to undo."""
+    vmax = float(np.abs(v).max(initial=0.0))
+    return 2.0 ** -(int(np.ceil(np.log2(vmax))) - 1000) if vmax > 2.0 ** 1000 else 1.0
 
 
 def _run(p, heads, verify):
@@ -323,25 +342,33 @@ def _run(p, heads, verify):
     out = np.empty((B, p.n, p.Ev))
     exact_ids = np.array([b for b, h in enumerate(heads) if h.method == "exact"], np.int64)
     if exact_ids.size:
+        v = np.ascontiguousarray(p.v[exact_ids])
+        f = _value_scale(v)
         out[exact_ids] = exact_attention(
             np.ascontiguousarray(p.q[exact_ids]), np.ascontiguousarray(p.k[exact_ids]),
-            np.ascontiguousarray(p.v[exact_ids]), p.scale,
+            v * f if f != 1.0 else v, p.scale,
             relative=p.relative, ridx=None if p.ridx is None else p.ridx[exact_ids],
             bias=p.bias, bidx=None if p.bidx is None else p.bidx[exact_ids],
             causal=p.causal)
+        if f != 1.0:
+            out[exact_ids] /= f
     rng = np.random.default_rng(0)
     for b, h in enumerate(heads):
         if h.method != "fast" or p.n == 0:
             continue
         coef = h.coef
         T = _toeplitz_weights(p, b)
+        f = _value_scale(p.v[b])
+        vb = p.v[b] * f if f != 1.0 else p.v[b]
         if p.relative is not None:
             if T is None:
                 T = np.ones(2 * p.n - 1)
-            out[b], _ = fast_general(p.q[b], p.k[b], p.v[b], p.scale, coef,
+            out[b], _ = fast_general(p.q[b], p.k[b], vb, p.scale, coef,
                                      p.relative[p.ridx[b]], T)
         else:
-            out[b], _ = fast_separable(p.q[b], p.k[b], p.v[b], p.scale, coef, T, p.causal)
+            out[b], _ = fast_separable(p.q[b], p.k[b], vb, p.scale, coef, T, p.causal)
+        if f != 1.0:
+            out[b] /= f
         if T is not None:
             # rows that see no key: exactly 0 (the FFT leaves rounding noise there)
             out[b, _row_masses(T, p.n) <= 0] = 0.0
@@ -349,6 +376,12 @@ def _run(p, heads, verify):
             rows = np.sort(rng.choice(p.n, size=min(int(verify), p.n), replace=False))
             h.observed_error = float(np.abs(out[b, rows] - _exact_rows(p, b, rows))
                                      .max(initial=0.0))
+            if h.observed_error > h.error_bound:
+                warnings.warn(
+                    f"head {h.head}: verify found an error {h.observed_error:.3e} above the "
+                    f"certified bound {h.error_bound:.3e}; the given radius={h.radius:.4g} "
+                    f"must be below the true logit radius (omit radius= to use the "
+                    f"computed one)", RuntimeWarning, stacklevel=3)
     return out
 
 
@@ -453,8 +486,12 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
     True
     """
     eps_f = _validate_options(method, eps, degree, approx, scale, radius, is_causal)
-    if isinstance(verify, bool) or not isinstance(verify, (int, np.integer)) or verify < 0:
-        raise ValueError(f"verify must be an int >= 0 (rows checked per head), got {verify!r}")
+    if isinstance(verify, bool) or not isinstance(verify, (int, np.integer)):
+        raise TypeError(f"verify must be an int >= 0 (rows checked per head), got {verify!r}")
+    if verify < 0:
+        raise ValueError(f"verify must be >= 0 (rows checked per head), got {verify}")
+    if not isinstance(return_info, (bool, np.bool_)):
+        raise TypeError(f"return_info must be True or False, got {return_info!r}")
     p = _prepare(query, key, value, rotary, relative, bias, is_causal, scale)
     heads = _plans(p, method, eps_f, degree, approx, radius)
     out = _run(p, heads, verify)

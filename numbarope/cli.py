@@ -42,6 +42,14 @@ def _warm():
 def demo(args):
     import numbarope as nr
     out = sys.stdout
+    if not 0 < args.eps < 1:
+        raise CLIError(f"--eps must lie in (0, 1), got {args.eps}")
+    sample = nr.load_sample()
+    if args.layers is not None:
+        bad = sorted(set(args.layers) - set(sample.layers))
+        if bad or not args.layers:
+            raise CLIError(f"--layers {bad or '(none)'}: the bundled sample holds layers "
+                           f"{list(sample.layers)}")
     t0 = time.perf_counter()
     print("numbarope demo: exact vs certified fast RoPE attention "
           "(Alman & Song 2025, arXiv:2505.11892)", file=out)
@@ -49,7 +57,6 @@ def demo(args):
     _, tw = _timed(_warm)
     print(f"{tw:.1f} s", file=out)
 
-    sample = nr.load_sample()
     L, H, n, E = sample.query.shape
     rot = nr.Rotary()                      # standard RoPE: base 10000, rotate_half
     layers = sample.layers if args.layers is None else tuple(args.layers)
@@ -57,7 +64,13 @@ def demo(args):
     print(f"\n(a) real sample: {sample.metadata.get('model_name', 'all-MiniLM-L6-v2')}, "
           f"layers {layers}, {H} heads, n={n} tokens, head_dim E={E}; RoPE {rot.layout} "
           f"base {rot.base:g}; eps={eps:g}", file=out)
-    print(f"    text: {sample.metadata.get('text_source', '?')}", file=out)
+    print(f"    input text fed to the model: {sample.metadata.get('text_source', '?')} "
+          f"(first {n} tokens)", file=out)
+    print("    columns: R = logit radius s·max|q|·max|k|; auto = method numbarope picks; "
+          "deg, features = polynomial\n    degree and feature count of the fast path; "
+          "err fast = measured max|fast - exact| where\n    the fast path is feasible; "
+          "bound = its certified bound; t = wall time; why = the planner's reason",
+          file=out)
     for scale_name, scale in (("1/sqrt(E)", 1 / np.sqrt(E)), ("1/E (paper)", 1.0 / E)):
         print(f"\n  scale = {scale_name} = {scale:.4g}", file=out)
         print(f"  {'layer':>5} {'head':>4} {'R':>7} {'auto':>5} {'deg':>4} {'features':>9} "
@@ -97,21 +110,21 @@ def demo(args):
     k *= norm / np.linalg.norm(k, axis=1, keepdims=True) * rng.uniform(0.5, 1, (nb, 1))
     v = rng.standard_normal((nb, Evb))
     print(f"\n(b) long bounded case: n={nb}, E={Eb}, Ev={Evb}, RoPE, scale 1/sqrt(E), "
-          f"logit radius R <= {R}, eps=1e-3", file=out)
+          f"logit radius R <= {R}, eps={eps:g}", file=out)
     print(f"  {'mask':>7} {'algorithm':>10} {'deg':>4} {'features':>9} {'t exact':>8} "
           f"{'t fast':>8} {'speed-up':>8} {'max err':>9} {'bound':>9} {'eps*max|V|':>10}",
           file=out)
     for causal in (False, True):
-        info = nr.plan(q, k, v, rotary=rot, is_causal=causal, eps=1e-3)
+        info = nr.plan(q, k, v, rotary=rot, is_causal=causal, eps=eps)
         ex, te = _timed(nr.rope_attention, q, k, v, rotary=rot, is_causal=causal,
                         method="exact")
         (fo, finfo), tf = _timed(nr.rope_attention, q, k, v, rotary=rot, is_causal=causal,
-                                 method="fast", eps=1e-3, return_info=True)
+                                 method="fast", eps=eps, return_info=True)
         hp = finfo.heads[0]
         err = float(np.abs(fo - ex).max())
         print(f"  {'causal' if causal else 'none':>7} {hp.algorithm:>10} {hp.degree:>4} "
               f"{hp.features:>9} {te:7.2f}s {tf:7.2f}s {te / tf:7.1f}x {err:9.2e} "
-              f"{hp.error_bound:9.2e} {1e-3 * np.abs(v).max():10.2e}   "
+              f"{hp.error_bound:9.2e} {eps * np.abs(v).max():10.2e}   "
               f"(auto: {info.heads[0].method})", file=out)
         if err > hp.error_bound:
             raise RuntimeError(f"certified bound violated: err {err} > {hp.error_bound}")
@@ -136,8 +149,9 @@ def _load_npz(path):
         raise CLIError(f"input file {path!r} does not exist")
     try:
         data = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise CLIError(f"cannot read {path!r} as a .npz file: {exc}") from None
+    except (ValueError, OSError, EOFError):
+        raise CLIError(f"cannot read {path!r}: it is not a .npz archive (save the inputs with "
+                       f"np.savez(path, query=..., key=..., value=...))") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise CLIError(f"{path!r} holds a single array (.npy), not a .npz archive; save "
                        f"the inputs with np.savez(path, query=..., key=..., value=...)")
@@ -146,7 +160,18 @@ def _load_npz(path):
         if missing:
             raise CLIError(f"{path!r} lacks array(s) {missing}; it has {sorted(data.files)}; "
                            f"expected 'query', 'key', 'value' (optional 'relative', 'bias')")
-        return {k: data[k] for k in data.files}
+        unknown = sorted(set(data.files) - {"query", "key", "value", *_OPTIONAL})
+        if unknown:
+            raise CLIError(f"{path!r} holds array(s) {unknown} that numbarope does not use; "
+                           f"expected only 'query', 'key', 'value', 'relative', 'bias'")
+        arrays = {}
+        for k in data.files:
+            try:
+                arrays[k] = data[k]
+            except ValueError:
+                raise CLIError(f"array {k!r} in {path!r} holds Python objects; save "
+                               f"float32/float64 arrays") from None
+        return arrays
 
 
 def _attention_kwargs(args, arrays):
@@ -156,14 +181,26 @@ def _attention_kwargs(args, arrays):
     for name in _OPTIONAL:
         if name in arrays:
             kw[name] = arrays[name]
+    rotary_flags = [f for f, v in (("--rotary-base", args.rotary_base),
+                                   ("--rotary-dim", args.rotary_dim),
+                                   ("--layout", args.layout)) if v is not None]
+    if rotary_flags and ("relative" in arrays or args.no_rotary):
+        why = "the input holds 'relative'" if "relative" in arrays else "--no-rotary is given"
+        raise CLIError(f"{', '.join(rotary_flags)} do not apply: {why} (no rotary "
+                       f"embedding is used)")
     if "relative" not in arrays and not args.no_rotary:
-        kw["rotary"] = nr.Rotary(base=args.rotary_base, layout=args.layout,
-                                 dim=args.rotary_dim)
+        kw["rotary"] = nr.Rotary(
+            base=10000.0 if args.rotary_base is None else args.rotary_base,
+            layout=args.layout or "half", dim=args.rotary_dim)
     return kw
 
 
 def run(args):
     import numbarope as nr
+    if os.path.abspath(args.output) == os.path.abspath(args.input) or (
+            os.path.exists(args.output) and os.path.samefile(args.output, args.input)):
+        raise CLIError(f"the output {args.output!r} is the input file; choose another name "
+                       f"(it would be overwritten)")
     arrays = _load_npz(args.input)
     outdir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(outdir) or not os.access(outdir, os.W_OK):
@@ -178,6 +215,10 @@ def run(args):
             str if f in ("method", "algorithm") else np.float64)
     res["info_degree"] = np.array([-1 if h.degree is None else h.degree for h in info.heads]
                                   ).reshape(info.batch_shape)
+    if args.verify:
+        res["info_observed_error"] = np.array(
+            [np.nan if h.observed_error is None else h.observed_error for h in info.heads]
+        ).reshape(info.batch_shape)
     try:
         with open(args.output, "wb") as fh:
             np.savez(fh, **res)
@@ -205,11 +246,18 @@ def _positive_int(s):
     return v
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2), as every other CLI error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def _parser():
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="numbarope",
         description="Exact and certified fast RoPE attention on CPUs (Alman & Song 2025).")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     d = sub.add_parser("demo", help="real transformer heads + a long bounded case")
     d.add_argument("--eps", type=float, default=1e-3, help="tolerated error / max|V|")
     d.add_argument("--n", type=_positive_int, default=16384,
@@ -234,9 +282,11 @@ def _parser():
         r.add_argument("--no-rotary", action="store_true",
                        help="plain attention (rotary is applied by default unless the "
                             "file holds 'relative')")
-        r.add_argument("--rotary-base", type=float, default=10000.0)
-        r.add_argument("--rotary-dim", type=int, default=None)
-        r.add_argument("--layout", default="half", choices=("half", "interleaved"))
+        r.add_argument("--rotary-base", type=float, default=None, help="default 10000")
+        r.add_argument("--rotary-dim", type=int, default=None,
+                       help="rotate only the leading dims (partial rotary)")
+        r.add_argument("--layout", default=None, choices=("half", "interleaved"),
+                       help="feature pairing (default half: HF rotate_half)")
     d.set_defaults(fn=demo)
     return p
 
@@ -253,6 +303,10 @@ def main(argv=None):
     except MemoryError:
         print(f"numbarope {args.command}: error: out of memory", file=sys.stderr)
         return 2
+    except BrokenPipeError:          # e.g. `numbarope plan x.npz | head`: not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -101,17 +101,28 @@ class AttentionInfo:
         raise AttributeError(name)
 
     def table(self):
-        """The report as a fixed-width text table, one line per head."""
+        """The report as a fixed-width text table, one line per head.
+
+        Columns: head index; logit radius R; method; algorithm; polynomial degree;
+        features; certified bound on max|out − exact|; with ``verify``, the
+        observed max error on the checked rows; predicted seconds of exact and
+        fast; the reason of the choice.
+        """
+        verified = any(h.observed_error is not None for h in self.heads)
+        obs = f" {'observed':>9}" if verified else ""
         head = (f"{'head':>10} {'R':>8} {'method':>6} {'algorithm':>12} {'deg':>4} "
-                f"{'features':>9} {'bound':>9} {'t_exact':>9} {'t_fast':>9}  reason")
+                f"{'features':>9} {'bound':>9}{obs} {'t_exact':>9} {'t_fast':>9}  reason")
         lines = [head]
         for h in self.heads:
             deg = "-" if h.degree is None else str(h.degree)
-            feat = "-" if h.features is None else str(h.features)
+            feat = "-" if h.features is None else f"{h.features:.3g}"
             tf = "-" if h.time_fast is None else f"{h.time_fast:9.2e}"
+            ob = ""
+            if verified:
+                ob = " " + ("-" if h.observed_error is None else f"{h.observed_error:9.2e}").rjust(9)
             lines.append(
                 f"{str(h.head):>10} {h.radius:8.3f} {h.method:>6} {h.algorithm:>12} "
-                f"{deg:>4} {feat:>9} {h.error_bound:9.2e} {h.time_exact:9.2e} {tf:>9}  "
+                f"{deg:>4} {feat:>9} {h.error_bound:9.2e}{ob} {h.time_exact:9.2e} {tf:>9}  "
                 f"{h.reason}")
         return "\n".join(lines)
 
@@ -250,10 +261,18 @@ def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, met
                        f"MAX_FEATURES={_config.MAX_FEATURES:.3g}")
         elif mem > limit:
             why_not = f"needs {mem / 2**30:.2f} GiB > limit {limit / 2**30:.2f} GiB"
-        elif degree is None and bound - out_rounding > eps * vmax * (1 + 1e-12) and vmax > 0:
-            why_not = f"certified bound {bound:.2e} > eps·max|V| = {eps * vmax:.2e}"
         # float32 output: the float64 result is rounded once more (<= 2^-24 max|V|)
         bound += out_rounding
+        misses_eps = vmax > 0 and bound > eps * vmax * (1 + 1e-12)
+        if why_not is None and misses_eps:
+            if out_rounding > eps * vmax:
+                why_not = (f"float32 output rounding alone (2^-24·max|V| = {out_rounding:.2e}) "
+                           f"exceeds eps·max|V| = {eps * vmax:.2e}: pass float64 inputs")
+            else:
+                why_not = (f"degree {g} certifies {bound:.2e} > eps·max|V| = "
+                           f"{eps * vmax:.2e}")
+            if degree is not None and method == "fast":
+                why_not = None      # an explicit degree is honoured; the bound says what it gives
         kind = ("certified (polynomial) + estimated FFT rounding"
                 if algorithm in ("fft", "toeplitz-fft") else "certified")
         fast_fields = dict(degree=g, features=feats, delta=delta, time_fast=t_fast,
@@ -263,15 +282,16 @@ def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, met
         bound = np.inf
         fast_fields = dict(degree=None, features=None, delta=None, time_fast=None,
                            memory_fast=None)
-    exact_plan = dict(method="exact", algorithm="streaming", error_bound=0.0)
+    # exact: floating-point rounding only; float32 output adds its final rounding
+    exact_plan = dict(method="exact", algorithm="streaming", error_bound=out_rounding)
     if method == "exact":
         return HeadPlan(**common, **exact_plan, **fast_fields, reason="method='exact' requested")
     if method == "fast":
         if why_not is not None:
             raise ValueError(
                 f"method='fast' cannot serve head {head}: R={radius:.4g}, eps={eps:g}: "
-                f"{why_not}. Use method='exact' or 'auto', a larger eps, or a smaller "
-                f"radius (scale).")
+                f"{why_not}. Use method='exact' or 'auto', a larger eps, or smaller "
+                f"logits (scale, or a tighter radius=).")
         return HeadPlan(**common, method="fast", algorithm=algorithm, error_bound=bound,
                         **fast_fields, reason="method='fast' requested")
     # auto

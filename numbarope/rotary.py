@@ -70,6 +70,8 @@ class Rotary:
         if self.layout not in LAYOUTS:
             raise ValueError(
                 f"Rotary: layout={self.layout!r} is unknown; use one of {LAYOUTS}")
+        if isinstance(self.base, (str, bytes, bool)):
+            raise TypeError(f"Rotary: base must be a real number, got {self.base!r}")
         try:
             base = float(self.base)
         except (TypeError, ValueError):
@@ -84,6 +86,9 @@ class Rotary:
                 raise ValueError(
                     f"Rotary: dim must be a positive even integer, got {self.dim}")
             object.__setattr__(self, "dim", int(self.dim))
+        if isinstance(self.scaling, (str, bytes, bool)):
+            raise TypeError(f"Rotary: scaling must be a real number or None, got "
+                            f"{self.scaling!r}")
         if self.scaling is not None:
             try:
                 sc = float(self.scaling)
@@ -102,9 +107,11 @@ class Rotary:
                 f"Rotary: dim={dim} is larger than head_dim={head_dim}; "
                 f"use dim <= {head_dim}")
         if dim % 2:
+            fix = (f"pass Rotary(dim={dim - 1}) for a partial rotary" if dim > 1 else
+                   "a single feature cannot be rotated: use rotary=None")
             raise ValueError(
                 f"Rotary: the rotated dim must be even, got head_dim={head_dim} with "
-                f"dim=None; pass Rotary(dim={dim - 1}) for a partial rotary")
+                f"dim=None; {fix}")
         return dim
 
     def inv_freq(self, head_dim):
@@ -237,10 +244,10 @@ def rotary_relative_matrices(n, rotary=None, head_dim=None):
     Alman & Song 2025, §1 (RoPE as W_{i−j}); Su et al., RoFormer, eq. (16).
     """
     rotary = Rotary() if rotary is None else rotary
-    if head_dim is None or int(head_dim) < 1:
-        raise ValueError(f"rotary_relative_matrices: head_dim must be a positive int, got {head_dim!r}")
-    if int(n) < 0:
-        raise ValueError(f"rotary_relative_matrices: n must be >= 0, got {n}")
+    for name, val, lo in (("n", n, 0), ("head_dim", head_dim, 1)):
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < lo:
+            raise ValueError(f"rotary_relative_matrices: {name} must be an int >= {lo}, "
+                             f"got {val!r}")
     n, E = int(n), int(head_dim)
     t = np.arange(-(n - 1), n, dtype=np.float64) if n else np.zeros(0)
     first, second = rotary.pairs(E)

@@ -191,10 +191,11 @@ def test_bad_options_refused(entry, kw, exc, pattern):
     _assert_untouched([q, k, v], copies)
 
 
-@pytest.mark.parametrize("verify", [-1, 1.5, True, "2"])
-def test_bad_verify_refused(verify):
+@pytest.mark.parametrize("verify, exc", [(-1, ValueError), (1.5, TypeError),
+                                         (True, TypeError), ("2", TypeError)])
+def test_bad_verify_refused(verify, exc):
     q, k, v = _qkv()
-    with pytest.raises(ValueError, match="verify"):
+    with pytest.raises(exc, match="verify"):
         rope_attention(q, k, v, verify=verify)
 
 

@@ -9,7 +9,7 @@ is bounded by a number computed here and certified (an upper bound proven by
 the procedure of :func:`exp_approximation`, not a sampled estimate). Every
 attention weight is then within a factor ``1 +- delta`` of the exact one, so
 the output error is at most ``2 delta / (1 - delta) * max|V|``
-(DESIGN.md §2).
+(Alman & Song 2025, §4; see numbarope.rope_attention, Notes).
 
 Two families are offered:
 
@@ -509,7 +509,7 @@ def exp_approximation(radius, eps=None, degree=None, kind="chebyshev"):
     ----------
     radius : float, 0 <= radius <= 350
         ``R``; the approximation holds on ``[-R, R]`` (the logit radius of an
-        attention head, DESIGN.md §2).
+        attention head; Alman & Song 2025, §4).
     eps : float in (0, 1), optional
         Target relative error ``delta``: the smallest degree in
         ``0..numbarope._config.MAX_DEGREE`` whose certified bound is

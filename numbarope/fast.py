@@ -70,7 +70,7 @@ def fast_memory(algorithm, n, E, Ev, degree):
     # float64 copies of q, k, v (validated, rotated, scaled), [v, 1], numerator, output
     base = 8 * n * (4 * E + 4 * ev1)
     if algorithm in ("gemm", "prefix"):
-        c = _config.FEATURE_CHUNK if algorithm == "gemm" else _config.CAUSAL_CHUNK
+        c = gemm_chunk(m) if algorithm == "gemm" else _config.CAUSAL_CHUNK
         c = min(c, max(n, 1))
         inner = 6 * c * c if algorithm == "prefix" else 0      # logits, Horner temporaries
         return base + 8 * (c * m + 2 * m * ev1 + c * ev1 + inner)
@@ -85,6 +85,11 @@ def fast_memory(algorithm, n, E, Ev, degree):
     uhat = 16 * F * mk * ev1 * 2                       # key-side spectrum + product
     block = min(_config.FFT_BLOCK_BYTES * 3, 3 * 16 * F * mk * mk)
     return base + sym + uhat + block + 8 * 2 * n * m   # + all monomials of q and k
+
+
+def gemm_chunk(m):
+    """Rows per chunk of the gemm path: ~FEATURE_BLOCK_BYTES of features, 64..FEATURE_CHUNK."""
+    return int(min(_config.FEATURE_CHUNK, max(64, _config.FEATURE_BLOCK_BYTES // (8 * m))))
 
 
 def _finish(num, Ev):
@@ -133,7 +138,7 @@ def fast_separable(q, k, v, scale, coef, T=None, causal=False, workers=None):
     num = np.zeros((n, Ev + 1))
     algorithm = separable_algorithm(T is not None, causal)
     if algorithm == "gemm":
-        c = _config.FEATURE_CHUNK
+        c = gemm_chunk(m)
         S = np.zeros((m, Ev + 1))
         flat = np.empty(m * min(c, n))          # one buffer: no page faults per chunk
         for j0 in range(0, n, c):

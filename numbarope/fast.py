@@ -33,7 +33,7 @@ from ._monomials import (feature_weights, features, monomial_table,
                          n_features, symmetric_power)
 from .toeplitz import circulant_spectrum, fft_length
 
-__all__ = ["SEPARABLE_ALGORITHMS", "fast_memory", "fast_separable", "fast_general",
+__all__ = ["SEPARABLE_ALGORITHMS", "fast_memory", "gemm_chunk", "prefix_chunk", "fast_separable", "fast_general",
            "separable_algorithm"]
 
 SEPARABLE_ALGORITHMS = ("gemm", "prefix", "fft")
@@ -70,7 +70,7 @@ def fast_memory(algorithm, n, E, Ev, degree):
     # float64 copies of q, k, v (validated, rotated, scaled), [v, 1], numerator, output
     base = 8 * n * (4 * E + 4 * ev1)
     if algorithm in ("gemm", "prefix"):
-        c = gemm_chunk(m) if algorithm == "gemm" else _config.CAUSAL_CHUNK
+        c = gemm_chunk(m) if algorithm == "gemm" else prefix_chunk(m)
         c = min(c, max(n, 1))
         inner = 6 * c * c if algorithm == "prefix" else 0      # logits, Horner temporaries
         return base + 8 * (c * m + 2 * m * ev1 + c * ev1 + inner)
@@ -90,6 +90,11 @@ def fast_memory(algorithm, n, E, Ev, degree):
 def gemm_chunk(m):
     """Rows per chunk of the gemm path: ~FEATURE_BLOCK_BYTES of features, 64..FEATURE_CHUNK."""
     return int(min(_config.FEATURE_CHUNK, max(64, _config.FEATURE_BLOCK_BYTES // (8 * m))))
+
+
+def prefix_chunk(m):
+    """Rows per chunk of the causal prefix path: CAUSAL_CHUNK, fewer for many features."""
+    return int(min(_config.CAUSAL_CHUNK, gemm_chunk(m)))
 
 
 def _finish(num, Ev):
@@ -150,7 +155,7 @@ def fast_separable(q, k, v, scale, coef, T=None, causal=False, workers=None):
             P = features(qs[i0:i1], E, g, wphi, flat[:m * (i1 - i0)].reshape(m, i1 - i0))
             num[i0:i1] = P.T @ S
     elif algorithm == "prefix":
-        c = _config.CAUSAL_CHUNK
+        c = prefix_chunk(m)
         S = np.zeros((m, Ev + 1))
         pc = coef[::-1]
         flat = np.empty(m * min(c, n))

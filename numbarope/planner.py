@@ -22,7 +22,7 @@ import numpy as np
 
 from . import _config
 from ._monomials import n_features
-from .fast import fast_memory, separable_algorithm
+from .fast import fast_memory, prefix_chunk, separable_algorithm
 from .polynomial import exp_approximation
 from .toeplitz import fft_length
 
@@ -154,7 +154,7 @@ def predict_fast(algorithm, n, E, Ev, degree):
     if algorithm == "gemm":
         return c["feature"] * 2 * n * m + c["gemm_flop"] * 2 * n * m * ev1
     if algorithm == "prefix":
-        ch = min(_config.CAUSAL_CHUNK, max(n, 1))
+        ch = min(prefix_chunk(m), max(n, 1))
         # inside each chunk: logits GEMM, Horner (2 ops per degree) + tril, GEMM with V
         return (c["feature"] * 2 * n * m + c["gemm_flop"] * 2 * n * m * ev1
                 + c["gemm_flop"] * n * ch * (E + ev1)

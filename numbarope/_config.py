@@ -30,6 +30,12 @@ FEATURE_BLOCK_BYTES = 8 * 2**20
 #: Rows handled by one task of the feature kernel (inner, vectorised loop).
 FEATURE_ROW_BLOCK = 128
 
+#: ``method="auto"`` takes the fast path only when its predicted time is below
+#: the exact path's divided by this factor: on near-ties the exact answer wins,
+#: and the cost model's error (~30% on a shared 2-core machine) cannot flip a tie
+#: into a loss of more than this factor.
+AUTO_MARGIN = 1.25
+
 #: Largest polynomial degree the fast path will use (refuses above).
 MAX_DEGREE = 24
 

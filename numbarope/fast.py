@@ -97,6 +97,18 @@ def prefix_chunk(m):
     return int(min(_config.CAUSAL_CHUNK, gemm_chunk(m)))
 
 
+def _scaled(q, k, v, scale, coef):
+    """Shapes, ``q' = √s q``, ``k' = √s k`` and ``[v, 1]`` shared by both fast paths."""
+    n, E = q.shape
+    Ev = v.shape[1]
+    sq = np.sqrt(scale)
+    vext = np.empty((n, Ev + 1))
+    vext[:, :Ev] = v
+    vext[:, Ev] = 1.0
+    return (n, E, Ev, len(coef) - 1, np.ascontiguousarray(q * sq),
+            np.ascontiguousarray(k * sq), vext)
+
+
 def _finish(num, Ev):
     den = num[:, Ev]
     out = np.zeros((num.shape[0], Ev))
@@ -129,17 +141,9 @@ def fast_separable(q, k, v, scale, coef, T=None, causal=False, workers=None):
     den : (n,) ndarray of float64
         The approximate softmax denominators (rows with den <= 0 get out = 0).
     """
-    n, E = q.shape
-    Ev = v.shape[1]
-    g = len(coef) - 1
-    sq = np.sqrt(scale)
-    qs = np.ascontiguousarray(q * sq)
-    ks = np.ascontiguousarray(k * sq)
+    n, E, Ev, g, qs, ks, vext = _scaled(q, k, v, scale, coef)
     wphi, wpsi = feature_weights(coef, E, g)
     m = wphi.size
-    vext = np.empty((n, Ev + 1))
-    vext[:, :Ev] = v
-    vext[:, Ev] = 1.0
     num = np.zeros((n, Ev + 1))
     algorithm = separable_algorithm(T is not None, causal)
     if algorithm == "gemm":
@@ -214,15 +218,7 @@ def fast_general(q, k, v, scale, coef, relative, T, workers=None):
     (Alman & Song 2025, §5; grouping by monomials gives Σ_k m_k² Toeplitz
     sequences instead of C(E²+g, g)).
     """
-    n, E = q.shape
-    Ev = v.shape[1]
-    g = len(coef) - 1
-    sq = np.sqrt(scale)
-    qs = np.ascontiguousarray(q * sq)
-    ks = np.ascontiguousarray(k * sq)
-    vext = np.empty((n, Ev + 1))
-    vext[:, :Ev] = v
-    vext[:, Ev] = 1.0
+    n, E, Ev, g, qs, ks, vext = _scaled(q, k, v, scale, coef)
     N = fft_length(n)
     start, _, _, _ = monomial_table(E, g)
     ones = np.ones(start[-1])

@@ -298,7 +298,7 @@ def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, met
     if why_not is not None:
         return HeadPlan(**common, **exact_plan, **fast_fields,
                         reason=f"fast infeasible: {why_not}")
-    if fast_fields["time_fast"] < t_exact:
+    if fast_fields["time_fast"] * _config.AUTO_MARGIN < t_exact:
         return HeadPlan(**common, method="fast", algorithm=algorithm, error_bound=bound,
                         **fast_fields,
                         reason=f"fast {t_exact / fast_fields['time_fast']:.1f}x cheaper "

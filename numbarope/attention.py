@@ -196,11 +196,11 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale):
         q = apply_rotary(q.astype(np.float64), rotary)
         k = apply_rotary(k.astype(np.float64), rotary)
 
-    def flat(a, last):
+    def flat(a):
         a = np.broadcast_to(a, batch_shape + a.shape[-2:]).reshape((B,) + a.shape[-2:])
         return np.ascontiguousarray(a, dtype=np.float64)
 
-    q64, k64, v64 = flat(q, E), flat(k, E), flat(v, Ev)
+    q64, k64, v64 = flat(q), flat(k), flat(v)
     ridx = bidx = None
     if rel is not None:
         lead = rel.shape[:-3]

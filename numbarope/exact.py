@@ -4,9 +4,11 @@ Each kernel works on a batch of heads flattened to ``(B, n, E)`` float64
 arrays and writes ``out`` in place. Query rows are cut into blocks of
 ``_config.EXACT_ROW_BLOCK``; every (head, row block) pair is one task of a
 ``prange`` loop, so the work is race-free by construction (each task owns its
-rows of ``out`` and its own buffers). For every block of
-``_config.EXACT_KEY_BLOCK`` keys the task forms the logits, and updates a
-running maximum ``m``, a running denominator ``l`` and a running numerator
+rows of ``out`` and its own buffers); with ``causal`` the blocks are paired
+early/late so that each thread's share of the (triangular) work is equal. For
+every block of ``_config.EXACT_KEY_BLOCK`` keys (kept in cache across the rows
+of the task) and every row, the task forms that row's logits against the block,
+and updates the row's running maximum ``m``, denominator ``l`` and numerator
 ``acc`` (Milakov & Gimelshein 2018, "Online normalizer calculation for
 softmax"; Dao et al. 2022, FlashAttention, Alg. 1):
 

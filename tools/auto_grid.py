@@ -21,11 +21,14 @@ import numbarope as nr
 
 
 def _interleaved(fns, rounds=5):
-    """Best-of-``rounds`` wall time of each callable, run round-robin; also the results."""
+    """Best-of-``rounds`` wall time of each callable, run round-robin (the order rotates
+    every round, so no method always runs right after the same other); also the results."""
     best = [np.inf] * len(fns)
     res = [None] * len(fns)
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
+    for r in range(rounds):
+        for j in range(len(fns)):
+            i = (j + r) % len(fns)
+            fn = fns[i]
             t = time.perf_counter()
             res[i] = fn()
             best[i] = min(best[i], time.perf_counter() - t)

@@ -2,7 +2,7 @@
 
 import numbers
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -34,6 +34,13 @@ class _Problem:
     n: int
     E: int
     Ev: int
+    _weights: dict = field(default_factory=dict, repr=False)
+
+    def weights(self, b):
+        """Toeplitz weights T of head b (:func:`_toeplitz_weights`), computed once."""
+        if b not in self._weights:
+            self._weights[b] = _toeplitz_weights(self, b)
+        return self._weights[b]
 
 
 def _as_float_array(x, name):
@@ -294,7 +301,7 @@ def _plans(p, method, eps, degree, approx, radius):
     R, R1 = _radii(p, radius)
     heads = []
     for b in range(p.q.shape[0]):
-        T = _toeplitz_weights(p, b)
+        T = p.weights(b)
         vmax = float(np.abs(p.v[b]).max(initial=0.0))
         hidx = tuple(int(i) for i in np.unravel_index(b, p.batch_shape)) if p.batch_shape else ()
         heads.append(plan_head(
@@ -357,7 +364,7 @@ def _run(p, heads, verify):
         if h.method != "fast" or p.n == 0:
             continue
         coef = h.coef
-        T = _toeplitz_weights(p, b)
+        T = p.weights(b)
         f = _value_scale(p.v[b])
         vb = p.v[b] * f if f != 1.0 else p.v[b]
         if p.relative is not None:

@@ -85,7 +85,13 @@ def demo(args):
                 ex, te = _timed(nr.rope_attention, q, k, v, rotary=rot, scale=scale,
                                 method="exact")
                 err = tf = bound = None
-                if hp.degree is not None and "infeasible" not in hp.reason:
+                try:        # feasible for the fast path (limits, eps), even if not chosen?
+                    fp = nr.plan(q, k, v, rotary=rot, scale=scale, eps=eps,
+                                 method="fast").heads[0]
+                except ValueError:
+                    fp = None
+                if fp is not None:
+                    hp.degree, hp.features = fp.degree, fp.features
                     (fo, finfo), tf = _timed(nr.rope_attention, q, k, v, rotary=rot,
                                              scale=scale, method="fast", eps=eps,
                                              return_info=True)

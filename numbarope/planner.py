@@ -210,6 +210,64 @@ def rounding_term(n, m, coef, radius, radius1, delta, fft_length_=None, row_mass
     return rnd
 
 
+#: Relative spacing of the grid the logit radius is rounded up to before a
+#: polynomial is certified: the bound then holds on a slightly larger interval
+#: [−R', R'] ⊇ [−R, R] (R' <= 1.02 R), and heads or calls with close radii share
+#: one certification (10–50 ms each) through the cache.
+RADIUS_GRID = 1.02
+
+_FAILED = {}
+
+
+def _grid_radius(radius):
+    """Smallest point of the geometric grid RADIUS_GRID^k that is >= radius (0 stays 0)."""
+    if radius <= 0.0:
+        return 0.0
+    k = np.ceil(np.log(radius) / np.log(RADIUS_GRID) - 1e-12)
+    r = float(RADIUS_GRID ** k)
+    return r if r >= radius else float(RADIUS_GRID ** (k + 1))
+
+
+def _polynomial(radius, target, degree, approx):
+    """Certified approximant on [−R', R'] (R' = grid radius), or (None, reason); cached."""
+    r = _grid_radius(radius)
+    key = (r, target, degree, approx, _config.MAX_DEGREE)
+    if key in _FAILED:
+        return None, _FAILED[key]
+    try:
+        if degree is not None:
+            return exp_approximation(r, degree=degree, kind=approx), None
+        return exp_approximation(r, eps=target, kind=approx), None
+    except ValueError:
+        why = (f"no {approx} polynomial of degree <= MAX_DEGREE={_config.MAX_DEGREE} "
+               f"certifies eps at R={radius:.3g}")
+        _FAILED[key] = why
+        return None, why
+
+
+def _screen(n, E, Ev, radius, target, approx, algorithm, t_exact):
+    """Reason to skip certifying (auto only), from a cheap lower estimate of the degree.
+
+    ``_start_degree`` is a lower bound of the degree the certification would find
+    (rigorous for Taylor, verified over the tested range for Chebyshev), so if
+    even that degree is beyond the limits or slower than exact, auto picks exact
+    without spending 10–50 ms on a certification.
+    """
+    from .polynomial import _start_degree
+    g = _start_degree(_grid_radius(radius), target, approx)
+    if g > _config.MAX_DEGREE:
+        return f"degree >= {g} needed > MAX_DEGREE={_config.MAX_DEGREE}"
+    feats = general_features(E, g) if algorithm == "toeplitz-fft" else n_features(E, g)
+    if feats > _config.MAX_FEATURES:
+        return (f"degree >= {g} needs >= {feats:.3g} features > "
+                f"MAX_FEATURES={_config.MAX_FEATURES:.3g}")
+    t_fast = predict_fast(algorithm, n, E, Ev, g)
+    if t_fast >= t_exact:
+        return (f"exact {t_fast / t_exact:.1f}x cheaper than fast even at degree >= {g} "
+                f"({feats:.3g} features)")
+    return None
+
+
 def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, method,
               eps, degree, approx, vmax, row_mass=1.0, out_rounding=0.0):
     """Choose the method of one head; returns a :class:`HeadPlan`.
@@ -230,17 +288,18 @@ def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, met
                         reason="empty sequence (n = 0)" if n == 0 else "no value columns")
     algorithm = "toeplitz-fft" if general else separable_algorithm(has_bias, causal)
     common = dict(head=head, radius=float(radius), time_exact=t_exact, memory_exact=mem_exact)
+    if method == "exact":
+        return HeadPlan(**common, method="exact", algorithm="streaming",
+                        error_bound=out_rounding, degree=None, features=None, delta=None,
+                        time_fast=None, memory_fast=None, reason="method='exact' requested")
     # ---- polynomial
     approx_obj = None
     why_not = None
-    try:
-        if degree is not None:
-            approx_obj = exp_approximation(radius, degree=degree, kind=approx)
-        else:
-            approx_obj = exp_approximation(radius, eps=0.9 * eps / (2.0 + eps), kind=approx)
-    except ValueError:
-        why_not = (f"no {approx} polynomial of degree <= MAX_DEGREE={_config.MAX_DEGREE} "
-                   f"certifies eps at R={radius:.3g}")
+    target = 0.9 * eps / (2.0 + eps)
+    if method == "auto" and degree is None:
+        why_not = _screen(n, E, Ev, radius, target, approx, algorithm, t_exact)
+    if why_not is None:
+        approx_obj, why_not = _polynomial(radius, target, degree, approx)
     if approx_obj is not None:
         g = approx_obj.degree
         m = n_features(E, g)
@@ -284,8 +343,6 @@ def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, met
                            memory_fast=None)
     # exact: floating-point rounding only; float32 output adds its final rounding
     exact_plan = dict(method="exact", algorithm="streaming", error_bound=out_rounding)
-    if method == "exact":
-        return HeadPlan(**common, **exact_plan, **fast_fields, reason="method='exact' requested")
     if method == "fast":
         if why_not is not None:
             raise ValueError(
@@ -296,8 +353,9 @@ def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, met
                         **fast_fields, reason="method='fast' requested")
     # auto
     if why_not is not None:
+        cheaper = why_not.startswith("exact ")
         return HeadPlan(**common, **exact_plan, **fast_fields,
-                        reason=f"fast infeasible: {why_not}")
+                        reason=why_not if cheaper else f"fast infeasible: {why_not}")
     if fast_fields["time_fast"] * _config.AUTO_MARGIN < t_exact:
         return HeadPlan(**common, method="fast", algorithm=algorithm, error_bound=bound,
                         **fast_fields,

@@ -67,13 +67,16 @@ def warm_kernels():
                                      is_causal=causal)
 
 
-def _median_seconds(fn, repeat=3):
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+def _interleaved_best(slow, fast, rounds=5):
+    """Ratio of best-of-``rounds`` times of two callables run alternately (warmed first)."""
+    slow(), fast()
+    best = [np.inf, np.inf]
+    for _ in range(rounds):
+        for i, fn in enumerate((slow, fast)):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best[0] / best[1]
 
 
 class TimeBounded:
@@ -125,8 +128,9 @@ class TimeBounded:
     track_bound_ratio.unit = "error/bound"
 
     def track_speedup(self, n, is_causal):
-        """Exact time / fast time, median of 3 perf_counter runs each."""
-        return _median_seconds(self._exact) / _median_seconds(self._fast)
+        """Exact time / fast time: best of 5 perf_counter runs each, after one warm-up
+        call of each, the two interleaved so that machine noise hits both alike."""
+        return _interleaved_best(self._exact, self._fast)
 
     track_speedup.unit = "x"
 

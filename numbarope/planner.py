@@ -246,7 +246,9 @@ def _polynomial(radius, target, degree, approx):
 
 
 def _screen(n, E, Ev, radius, target, approx, algorithm, t_exact):
-    """Reason to skip certifying (auto only), from a cheap lower estimate of the degree.
+    """Reason (one line) to pick exact without certifying (auto only), or None.
+
+    Decided from a cheap lower estimate of the degree.
 
     ``_start_degree`` is a lower bound of the degree the certification would find
     (rigorous for Taylor, verified over the tested range for Chebyshev), so if
@@ -256,10 +258,10 @@ def _screen(n, E, Ev, radius, target, approx, algorithm, t_exact):
     from .polynomial import _start_degree
     g = _start_degree(_grid_radius(radius), target, approx)
     if g > _config.MAX_DEGREE:
-        return f"degree >= {g} needed > MAX_DEGREE={_config.MAX_DEGREE}"
+        return f"fast infeasible: degree >= {g} needed > MAX_DEGREE={_config.MAX_DEGREE}"
     feats = general_features(E, g) if algorithm == "toeplitz-fft" else n_features(E, g)
     if feats > _config.MAX_FEATURES:
-        return (f"degree >= {g} needs >= {feats:.3g} features > "
+        return (f"fast infeasible: degree >= {g} needs >= {feats:.3g} features > "
                 f"MAX_FEATURES={_config.MAX_FEATURES:.3g}")
     t_fast = predict_fast(algorithm, n, E, Ev, g)
     if t_fast >= t_exact:
@@ -279,27 +281,26 @@ def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, met
         ``eps`` at this radius, or the fast path's memory exceeds the limit.
     """
     t_exact = predict_exact(n, E, Ev, general, causal)
-    mem_exact = exact_memory(n, E, Ev)
-    if n == 0 or Ev == 0:
-        return HeadPlan(head=head, radius=float(radius), time_exact=t_exact, method="exact",
-                        memory_exact=mem_exact,
-                        algorithm="streaming", degree=None, features=None, delta=None,
-                        error_bound=0.0, time_fast=None, memory_fast=None,
-                        reason="empty sequence (n = 0)" if n == 0 else "no value columns")
-    algorithm = "toeplitz-fft" if general else separable_algorithm(has_bias, causal)
-    common = dict(head=head, radius=float(radius), time_exact=t_exact, memory_exact=mem_exact)
-    if method == "exact":
+    common = dict(head=head, radius=float(radius), time_exact=t_exact,
+                  memory_exact=exact_memory(n, E, Ev))
+
+    def exact_only(reason):        # exact, with no polynomial planned
         return HeadPlan(**common, method="exact", algorithm="streaming",
                         error_bound=out_rounding, degree=None, features=None, delta=None,
-                        time_fast=None, memory_fast=None, reason="method='exact' requested")
-    # ---- polynomial
-    approx_obj = None
-    why_not = None
+                        time_fast=None, memory_fast=None, reason=reason)
+
+    if n == 0 or Ev == 0:
+        return exact_only("empty sequence (n = 0)" if n == 0 else "no value columns")
+    if method == "exact":
+        return exact_only("method='exact' requested")
+    algorithm = "toeplitz-fft" if general else separable_algorithm(has_bias, causal)
     target = 0.9 * eps / (2.0 + eps)
     if method == "auto" and degree is None:
-        why_not = _screen(n, E, Ev, radius, target, approx, algorithm, t_exact)
-    if why_not is None:
-        approx_obj, why_not = _polynomial(radius, target, degree, approx)
+        screened = _screen(n, E, Ev, radius, target, approx, algorithm, t_exact)
+        if screened is not None:
+            return exact_only(screened)
+    # ---- polynomial
+    approx_obj, why_not = _polynomial(radius, target, degree, approx)
     if approx_obj is not None:
         g = approx_obj.degree
         m = n_features(E, g)
@@ -353,9 +354,8 @@ def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, met
                         **fast_fields, reason="method='fast' requested")
     # auto
     if why_not is not None:
-        cheaper = why_not.startswith("exact ")
         return HeadPlan(**common, **exact_plan, **fast_fields,
-                        reason=why_not if cheaper else f"fast infeasible: {why_not}")
+                        reason=f"fast infeasible: {why_not}")
     if fast_fields["time_fast"] * _config.AUTO_MARGIN < t_exact:
         return HeadPlan(**common, method="fast", algorithm=algorithm, error_bound=bound,
                         **fast_fields,

@@ -9,7 +9,7 @@ import numpy as np
 from . import _config
 from .exact import exact_attention
 from .fast import fast_general, fast_separable
-from .planner import AttentionInfo, plan_head
+from .planner import AttentionInfo, exact_error_bound, plan_head
 from .rotary import Rotary, apply_rotary
 
 __all__ = ["rope_attention", "plan"]
@@ -34,6 +34,9 @@ class _Problem:
     n: int
     E: int
     Ev: int
+    compute_dtype: np.dtype = np.dtype(np.float64)   # exact path's logits, exp, P·V
+    computed_radius: np.ndarray | None = None        # proven radii (set by _radii)
+    computed_radius1: np.ndarray | None = None
     _weights: dict = field(default_factory=dict, repr=False)
 
     def weights(self, b):
@@ -63,9 +66,21 @@ def _as_float_array(x, name):
     if dt == np.float16:
         raise TypeError(f"{name} has dtype float16, which numbarope does not compute in; "
                         f"cast it with {name}.astype(np.float32)")
+    if dt.kind == "b":
+        if name == "bias":      # torch SDPA's boolean attn_mask: True = take part
+            return np.where(arr, 0.0, -np.inf)
+        raise TypeError(f"{name} is a boolean array, which holds no attention values; "
+                        f"pass float32 or float64 {name} (a mask goes in bias=, where "
+                        f"True means 'take part', as torch SDPA's boolean attn_mask)")
     if dt not in (np.float32, np.float64):
+        advice = ""
+        if dt.kind in "iu":
+            advice = f"; cast it with {name}.astype(np.float64)"
+            if name == "bias":
+                advice += (" (bias is added to the logits; a mask is a boolean array "
+                           "with True = take part, or np.where(keep, 0.0, -np.inf))")
         raise TypeError(f"{name} must be a float32 or float64 array, got dtype {dt}"
-                        + ("; cast it with .astype(np.float64)" if dt.kind in "iub" else ""))
+                        + advice)
     return arr
 
 
@@ -92,6 +107,16 @@ def _real(x, name, what):
                                                            np.integer)):
         raise TypeError(f"{name} must be {what}, got {x!r} of type {type(x).__name__}")
     return float(x)
+
+
+PRECISIONS = (None, "float32", "float64")
+
+
+def _validate_precision(precision):
+    if precision is not None and (not isinstance(precision, str)
+                                  or precision not in PRECISIONS[1:]):
+        raise ValueError(f"precision={precision!r} is unknown; use None (float32 for "
+                         f"float32 inputs, else float64), 'float32' or 'float64'")
 
 
 def _validate_options(method, eps, degree, approx, scale, radius, is_causal=False):
@@ -129,7 +154,7 @@ def _validate_options(method, eps, degree, approx, scale, radius, is_causal=Fals
     return eps_f
 
 
-def _prepare(query, key, value, rotary, relative, bias, is_causal, scale):
+def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precision=None):
     q = _as_float_array(query, "query")
     k = _as_float_array(key, "key")
     v = _as_float_array(value, "value")
@@ -221,8 +246,10 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale):
         bia = np.ascontiguousarray(
             bia.reshape((int(np.prod(lead, dtype=np.int64)), bia.shape[-1])),
             dtype=np.float64)
+    compute = np.dtype(precision if precision is not None else
+                       ("float32" if dtype == np.float32 else "float64"))
     return _Problem(q64, k64, v64, rel, ridx, bia, bidx, bool(is_causal), s,
-                    tuple(batch_shape), dtype, n, E, Ev)
+                    tuple(batch_shape), dtype, n, E, Ev, compute)
 
 
 def _toeplitz_weights(p, b):
@@ -285,6 +312,7 @@ def _radii(p, radius):
     # Σ_α |φ_α(q)ψ_α(k)| = Σ_k |a_k| (s Σ_e |q_e k_e|)^k <= Σ_k |a_k| R^k (Cauchy–Schwarz);
     # general W: (Σ_ab |q_a W_ab k_b|)^k <= (‖q‖ ‖W‖_F ‖k‖)^k.
     R1 = p.scale * qn * wf * kn
+    p.computed_radius, p.computed_radius1 = R, R1
     if radius is not None:
         r = np.asarray(radius, dtype=np.float64)
         try:
@@ -304,12 +332,17 @@ def _plans(p, method, eps, degree, approx, radius):
         T = p.weights(b)
         vmax = float(np.abs(p.v[b]).max(initial=0.0))
         hidx = tuple(int(i) for i in np.unravel_index(b, p.batch_shape)) if p.batch_shape else ()
+        out_rounding = 2.0 ** -24 * vmax if p.dtype == np.float32 else 0.0
+        ebound = exact_error_bound(p.n, p.E, p.computed_radius[b], p.computed_radius1[b],
+                                   vmax, p.compute_dtype, p.relative is not None,
+                                   p.bias is not None) + out_rounding
         heads.append(plan_head(
             hidx, n=p.n, E=p.E, Ev=p.Ev, radius=R[b], radius1=R1[b],
             general=p.relative is not None, has_bias=p.bias is not None, causal=p.causal,
             method=method, eps=eps, degree=degree, approx=approx, vmax=vmax,
-            row_mass=_row_mass(p, b, T),
-            out_rounding=2.0 ** -24 * vmax if p.dtype == np.float32 else 0.0))
+            row_mass=_row_mass(p, b, T), out_rounding=out_rounding,
+            exact_bound=ebound, radius_given=radius is not None,
+            compute_dtype=p.compute_dtype.name))
     return heads
 
 
@@ -325,8 +358,11 @@ def _exact_rows(p, b, rows):
         else:
             logit = p.k[b] @ p.q[b, i]
         logit = logit * p.scale
-        if p.bias is not None:
-            logit = logit + p.bias[p.bidx[b], i - j + n - 1]
+        if p.bias is not None:      # shifted by the row's largest visible bias (exact)
+            bt = p.bias[p.bidx[b], i - j + n - 1]
+            vis = bt[j <= i] if p.causal else bt
+            fin = vis[np.isfinite(vis)]
+            logit = logit + (bt - (fin.max() if fin.size else 0.0))
         if p.causal:
             logit = np.where(j <= i, logit, -np.inf)
         mx = logit.max()
@@ -344,19 +380,27 @@ def _value_scale(v):
     return 2.0 ** -(int(np.ceil(np.log2(vmax))) - 1000) if vmax > 2.0 ** 1000 else 1.0
 
 
-def _run(p, heads, verify):
+def _run(p, heads, verify, workers=None):
     B = p.q.shape[0]
     out = np.empty((B, p.n, p.Ev))
     exact_ids = np.array([b for b, h in enumerate(heads) if h.method == "exact"], np.int64)
     if exact_ids.size:
-        v = np.ascontiguousarray(p.v[exact_ids])
-        f = _value_scale(v)
+        cd = p.compute_dtype
+        every = exact_ids.size == B
+
+        def take(a):
+            a = a if every else a[exact_ids]
+            return np.ascontiguousarray(a, dtype=cd)
+
+        v = take(p.v)
+        f = _value_scale(v) if cd == np.float64 else 1.0   # float32 values cannot overflow
         out[exact_ids] = exact_attention(
-            np.ascontiguousarray(p.q[exact_ids]), np.ascontiguousarray(p.k[exact_ids]),
-            v * f if f != 1.0 else v, p.scale,
-            relative=p.relative, ridx=None if p.ridx is None else p.ridx[exact_ids],
+            take(p.q), take(p.k), v * f if f != 1.0 else v, p.scale,
+            relative=None if p.relative is None else np.ascontiguousarray(p.relative,
+                                                                          dtype=cd),
+            ridx=None if p.ridx is None else p.ridx[exact_ids],
             bias=p.bias, bidx=None if p.bidx is None else p.bidx[exact_ids],
-            causal=p.causal)
+            causal=p.causal, workers=workers)
         if f != 1.0:
             out[exact_ids] /= f
     rng = np.random.default_rng(0)
@@ -371,9 +415,10 @@ def _run(p, heads, verify):
             if T is None:
                 T = np.ones(2 * p.n - 1)
             out[b], _ = fast_general(p.q[b], p.k[b], vb, p.scale, coef,
-                                     p.relative[p.ridx[b]], T)
+                                     p.relative[p.ridx[b]], T, workers=workers)
         else:
-            out[b], _ = fast_separable(p.q[b], p.k[b], vb, p.scale, coef, T, p.causal)
+            out[b], _ = fast_separable(p.q[b], p.k[b], vb, p.scale, coef, T, p.causal,
+                                       workers=workers)
         if f != 1.0:
             out[b] /= f
         if T is not None:
@@ -384,11 +429,18 @@ def _run(p, heads, verify):
             h.observed_error = float(np.abs(out[b, rows] - _exact_rows(p, b, rows))
                                      .max(initial=0.0))
             if h.observed_error > h.error_bound:
+                if h.radius_given:
+                    why = (f"the radius={h.radius:.4g} given for this head must be below "
+                           f"its true logit radius (omit radius= to use the computed "
+                           f"one, which is a proven upper bound)")
+                else:
+                    why = (f"the computed logit radius R={h.radius:.4g} is a proven upper "
+                           f"bound, so this points at a numbarope defect: please report "
+                           f"it with the inputs")
                 warnings.warn(
                     f"head {h.head}: verify found an error {h.observed_error:.3e} above the "
-                    f"certified bound {h.error_bound:.3e}; the given radius={h.radius:.4g} "
-                    f"must be below the true logit radius (omit radius= to use the "
-                    f"computed one)", RuntimeWarning, stacklevel=3)
+                    f"certified bound {h.error_bound:.3e}; {why}", RuntimeWarning,
+                    stacklevel=3)
     return out
 
 
@@ -406,9 +458,14 @@ _COMMON_DOC = """
     relative : (..., 2n−1, E, E) array_like of float, optional
         General relative-position matrices, ``relative[t + n − 1] = W_t`` for
         offset ``t = i − j`` (Alman & Song 2025, §1).
-    bias : (..., 2n−1) array_like of float, optional
+    bias : (..., 2n−1) array_like of float or bool, optional
         Relative bias ``bias[t + n − 1] = b_t`` added to the logits; ``-inf``
         masks (see :mod:`numbarope.bias` for causal, window, ALiBi builders).
+        A boolean array is a mask with torch SDPA's meaning: True = the pair
+        takes part (bias 0), False = masked (−inf). Any finite magnitude is
+        exact: softmax is invariant to a constant per row, so each row's bias
+        is shifted by its largest visible value (``finfo.min`` used as a mask
+        behaves like −inf).
     is_causal : bool, optional
         Mask keys after the query (j > i), as torch SDPA.
     scale : float, optional
@@ -429,13 +486,21 @@ _COMMON_DOC = """
         A caller-known bound R >= max |s·q_iᵀW_t k_j| per head (broadcast to the
         batch dims); default: ``s·max‖q‖·max_t‖W_t‖₂·max‖k‖``. Positions and bias
         do not enter R (bias is exact in the algorithm). A radius below the true
-        one voids the certificate.
+        one voids the certificate of the fast path (the exact path's bound always
+        uses the computed radius).
+    precision : {None, "float32", "float64"}, optional
+        Compute precision of the exact path (logits, exp, the value product;
+        the softmax state is always float64). None (default): float32 when all
+        of query, key and value are float32 (torch's speed; its rounding,
+        typically ~1e-6 relative, is in ``info.error_bound``), else float64.
+        The fast path always computes in float64.
 """
 
 
 def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
                    is_causal=False, scale=None, method="auto", eps=1e-3, degree=None,
-                   approx="chebyshev", radius=None, verify=0, return_info=False):
+                   approx="chebyshev", radius=None, verify=0, return_info=False,
+                   precision=None, workers=None):
     """RoPE / relative-position softmax attention, exact or certified fast.
 
     ``A[i, j] = exp(s·q_iᵀ W_{i−j} k_j + b_{i−j})``, ``out = D⁻¹ A V`` with
@@ -449,6 +514,10 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
     return_info : bool, optional
         Also return an :class:`AttentionInfo` (per head: method, algorithm,
         degree, features, logit radius, certified error bound, predicted times).
+    workers : int, optional
+        Threads used by the kernels, BLAS and scipy.fft, with scipy.fft's
+        meaning: None (default) all cores or what :func:`numbarope.set_workers`
+        set; a negative count is counted from ``os.cpu_count()`` (-1: all cores).
 
     Returns
     -------
@@ -461,20 +530,23 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
     Raises
     ------
     TypeError
-        Non-float inputs (integer, bool, complex, object, float16: cast to
-        float32), options of the wrong type.
+        Non-float inputs (integer, complex, object, float16: cast to float32;
+        bool except in ``bias``), options of the wrong type (``workers`` not an int).
     ValueError
         Shapes that disagree (the message gives the shapes seen and expected),
-        NaN/inf inputs (bias: NaN/+inf), unknown method/approx, eps outside (0, 1),
-        degree outside [0, MAX_DEGREE], scale <= 0; with ``method="fast"``, a
-        request the limits refuse (degree, features, memory).
+        NaN/inf inputs (bias: NaN/+inf), unknown method/approx/precision, eps
+        outside (0, 1), degree outside [0, MAX_DEGREE], scale <= 0, workers = 0;
+        with ``method="fast"``, a request the limits refuse (degree, features, memory).
 
     Notes
     -----
-    Inputs are taken as exact values and everything is computed in float64
-    (rotary angles in extended precision); float32 inputs give a float32
-    result, whose rounding (at most ``2^-24·max|V|``) is added to
-    ``info.error_bound``. The fast path's error bound is ``max|out − exact| <= 2δ'/(1−δ')·max|V|``
+    Inputs are taken as exact values; rotary angles are computed in extended
+    precision; the fast path computes in float64 and the exact path in
+    ``precision``. ``info.error_bound`` bounds ``max|out − o|`` where ``o`` is
+    the mathematical value of the formula for the given inputs, on every path:
+    for the exact path it is the floating-point rounding of logits, exp, sums
+    and the final division (:func:`numbarope.planner.exact_error_bound`); float32
+    results add their final rounding (at most ``2^-24·max|V|``). The fast path's error bound is ``max|out − exact| <= 2δ'/(1−δ')·max|V|``
     where δ' is the certified relative error δ of the polynomial on ``[−R, R]``
     plus a floating-point allowance (Alman & Song 2025, §4; see
     :func:`numbarope.exp_approximation`). Every weight ``p(x)T`` is within
@@ -493,15 +565,18 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
     True
     """
     eps_f = _validate_options(method, eps, degree, approx, scale, radius, is_causal)
+    _validate_precision(precision)
+    from ._threads import resolve_workers
+    nthreads = resolve_workers(workers)
     if isinstance(verify, bool) or not isinstance(verify, (int, np.integer)):
         raise TypeError(f"verify must be an int >= 0 (rows checked per head), got {verify!r}")
     if verify < 0:
         raise ValueError(f"verify must be >= 0 (rows checked per head), got {verify}")
     if not isinstance(return_info, (bool, np.bool_)):
         raise TypeError(f"return_info must be True or False, got {return_info!r}")
-    p = _prepare(query, key, value, rotary, relative, bias, is_causal, scale)
+    p = _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precision)
     heads = _plans(p, method, eps_f, degree, approx, radius)
-    out = _run(p, heads, verify)
+    out = _run(p, heads, verify, nthreads)
     out = out.reshape(p.batch_shape + (p.n, p.Ev)).astype(p.dtype, copy=False)
     if return_info:
         return out, AttentionInfo(heads, p.batch_shape, eps_f)
@@ -510,7 +585,7 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
 
 def plan(query, key, value, *, rotary=None, relative=None, bias=None, is_causal=False,
          scale=None, method="auto", eps=1e-3, degree=None, approx="chebyshev",
-         radius=None):
+         radius=None, precision=None):
     """Plan ``rope_attention`` without computing it: per head, what and why.
 
     Takes the arguments of :func:`rope_attention` (the arrays are validated the
@@ -537,7 +612,8 @@ def plan(query, key, value, *, rotary=None, relative=None, bias=None, is_causal=
     ('fast', 'gemm')
     """
     eps_f = _validate_options(method, eps, degree, approx, scale, radius, is_causal)
-    p = _prepare(query, key, value, rotary, relative, bias, is_causal, scale)
+    _validate_precision(precision)
+    p = _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precision)
     return AttentionInfo(_plans(p, method, eps_f, degree, approx, radius), p.batch_shape,
                          eps_f)
 

@@ -1,126 +1,238 @@
-"""Exact attention kernels: streaming ("online") softmax, never an n×n matrix.
+"""Exact attention kernels: blocked online softmax on BLAS, never an n×n matrix.
 
-Each kernel works on a batch of heads flattened to ``(B, n, E)`` float64
-arrays and writes ``out`` in place. Query rows are cut into blocks of
-``_config.EXACT_ROW_BLOCK``; every (head, row block) pair is one task of a
-``prange`` loop, so the work is race-free by construction (each task owns its
-rows of ``out`` and its own buffers); with ``causal`` the blocks are paired
-early/late so that each thread's share of the (triangular) work is equal. For
-every block of ``_config.EXACT_KEY_BLOCK`` keys (kept in cache across the rows
-of the task) and every row, the task forms that row's logits against the block,
-and updates the row's running maximum ``m``, denominator ``l`` and numerator
+The work is cut into tasks, one per (head, block of ``_config.EXACT_ROW_BLOCK``
+query rows), run on ``workers`` Python threads (:mod:`numbarope._threads`), each
+task a serial numba kernel that releases the GIL. A task walks the key blocks
+(``_config.EXACT_KEY_BLOCK`` keys; with ``causal``, only up to its last row) and
+keeps, per row, the running maximum ``m``, denominator ``l`` and numerator
 ``acc`` (Milakov & Gimelshein 2018, "Online normalizer calculation for
 softmax"; Dao et al. 2022, FlashAttention, Alg. 1):
 
-    m' = max(m, rowmax S);  l = l·e^{m−m'} + Σ e^{S−m'};  acc = acc·e^{m−m'} + e^{S−m'} V
+    S = s·Q_b K_bᵀ + b − rowshift          (one GEMM; bias and mask in one pass)
+    m' = max(m, rowmax S);  P = exp(S − m')  (vectorised exp, see below)
+    l = l·e^{m−m'} + rowsum P;  acc = acc·e^{m−m'} + P·V_b   (one GEMM)
 
-Memory is O(B·n·(E + Ev)) plus O(row block × key block) per thread. A row
-with every logit ``-inf`` (fully masked) returns 0, as torch >= 2.5 does.
+and finally ``out = acc / l`` and the row log-sum-exp ``lse = m + log l``.
+
+* **GEMMs** ``Q_b K_bᵀ`` and ``P V_b`` go to BLAS (numba's ``np.dot``), one BLAS
+  thread per task; the threads of numbarope are the tasks.
+* **exp** is our own vectorised kernel (:func:`_exp_block`): Cody–Waite
+  reduction ``x = k·ln2 + r``, ``|r| <= ln2/2``, a Taylor polynomial of ``e^r``
+  (degree 13 in float64, 7 in float32), and ``2^k`` written into the exponent
+  bits. Its relative error is at most ``EXP_ULPS[dtype]`` units of roundoff
+  (proven for float64 below; checked exhaustively over every float32 input in
+  the tests). Arguments below ``EXP_FLUSH[dtype]`` (weights below e^−708 in
+  float64, e^−87 in float32, relative to the row's running maximum) give
+  exactly 0: they would be subnormal, cost ~50× more in arithmetic, and change
+  a sum of >= 1 by less than ``n·e^{EXP_FLUSH}`` (in ``info.error_bound``).
+* **Precision**: the logits, ``exp`` and the ``P V`` product run in the compute
+  dtype (float32 or float64); ``m``, ``l``, ``acc`` and the bias are float64.
+* **General** ``W_t`` (``relative``): the logits ``q_iᵀ W_{i−j} k_j`` are
+  per-pair bilinear forms, O(E²) each (no GEMM applies); the rest is the same.
+
+Fully masked rows (every logit ``-inf``) return 0, as torch >= 2.5 does, with
+``lse = -inf``. Memory: O(B·n·(E + Ev)) plus one row block × key block per
+thread.
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, types
+from numba.extending import overload
 
 from . import _config
+from ._threads import blas_threads, resolve_workers, run_tasks
 
-__all__ = ["exact_attention"]
+__all__ = ["exact_attention", "EXP_ULPS", "EXP_FLUSH"]
 
 _FM = set(_config.FASTMATH)
 
+#: Proven bound on the relative error of :func:`_exp_block`, in units of the
+#: dtype's unit roundoff u (2⁻⁵³, 2⁻²⁴). float64: Cody–Waite reduction
+#: (k·ln2_hi exact for |k| < 2¹¹, r carries <= 2u|r| + 2⁻⁶⁵), Taylor remainder of
+#: degree 13 on |r| <= 0.3466 below 1e-17 relative, Horner of a polynomial with
+#: positive terms at |r| <= 0.35: <= γ₂₆·e^{2|r|}/e^{r}... bounded by 40u; the
+#: exponent scaling is exact. float32: measured maximum over every float32 in
+#: [−87, 0] is below 2u (tests/test_exact.py::test_exp_kernel_float32_exhaustive);
+#: 4u is claimed.
+EXP_ULPS = {np.dtype(np.float64): 40.0, np.dtype(np.float32): 4.0}
+#: Arguments below this give exactly 0 (weights that would be subnormal).
+EXP_FLUSH = {np.dtype(np.float64): -708.0, np.dtype(np.float32): -87.0}
 
-@njit(cache=True, fastmath=_FM, inline="always")
-def _logits_block(q, k, relative, ridx, general, bias, bidx, has_bias, scale,
-                  b, i, j0, jlim, row, wq):
-    """row[j − j0] = s·q_iᵀ W_{i−j} k_j + b_{i−j} for j in [j0, jlim)."""
-    n = q.shape[1]
-    E = q.shape[2]
-    if general:
-        for j in range(j0, jlim):
-            W = relative[ridx[b], i - j + n - 1]
-            for c in range(E):
-                wq[c] = 0.0
-            for a in range(E):
-                qa = q[b, i, a]
-                for c in range(E):
-                    wq[c] += qa * W[a, c]
-            s = 0.0
-            for c in range(E):
-                s += wq[c] * k[b, j, c]
-            row[j - j0] = s * scale
-    else:
-        for j in range(j0, jlim):
-            s = 0.0
-            for c in range(E):
-                s += q[b, i, c] * k[b, j, c]
-            row[j - j0] = s * scale
-    if has_bias:
-        bb = bias[bidx[b]]
-        off = i + n - 1
-        for j in range(j0, jlim):
-            row[j - j0] += bb[off - j]
+_LOG2E = 1.4426950408889634
+_SHIFT64 = 6755399441055744.0       # 1.5·2⁵²: x + SHIFT rounds x to an integer
+_SHIFT32 = 12582912.0               # 1.5·2²³
+_LN2HI64 = 0.6931471803691238       # 33 significant bits: k·LN2HI exact for |k| < 2^11
+_LN2LO64 = 1.9082149292705877e-10
+_LN2HI32 = 0.693359375              # 9 significant bits
+_LN2LO32 = -2.12194440e-4
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
-def _exact_kernel(q, k, v, relative, ridx, general, bias, bidx, has_bias,
-                  causal, scale, row_block, key_block, out):
+@njit(cache=True, nogil=True, fastmath={"contract"})
+def _exp64(x, ibuf, n):
+    # No reassociation here: the shifter trick t − SHIFT relies on the order.
+    lo = -708.0
+    for i in range(n):
+        xi = x[i]
+        xc = xi if xi > lo else lo
+        t = xc * _LOG2E + _SHIFT64
+        kf = t - _SHIFT64
+        r = (xc - kf * _LN2HI64) - kf * _LN2LO64
+        p = 1.0 + r * (1.0 + r * (0.5 + r * (1.6666666666666666e-1 + r * (
+            4.1666666666666664e-2 + r * (8.333333333333333e-3 + r * (
+                1.388888888888889e-3 + r * (1.984126984126984e-4 + r * (
+                    2.48015873015873e-5 + r * (2.7557319223985893e-6 + r * (
+                        2.755731922398589e-7 + r * (2.505210838544172e-8 + r * (
+                            2.08767569878681e-9 + r * 1.6059043836821613e-10))))))))))))
+        x[i] = p if xi > lo else 0.0
+        ibuf[i] = (np.int64(kf) + 1023) << 52
+    f = ibuf[:n].view(np.float64)
+    for i in range(n):
+        x[i] = x[i] * f[i]
+
+
+@njit(cache=True, nogil=True, fastmath={"contract"})
+def _exp32(x, ibuf, n):
+    lo = np.float32(-87.0)
+    ib = ibuf.view(np.int32)
+    for i in range(n):
+        xi = x[i]
+        xc = xi if xi > lo else lo
+        t = xc * np.float32(_LOG2E) + np.float32(_SHIFT32)
+        kf = t - np.float32(_SHIFT32)
+        r = (xc - kf * np.float32(_LN2HI32)) - kf * np.float32(_LN2LO32)
+        p = np.float32(1.0) + r * (np.float32(1.0) + r * (np.float32(0.5) + r * (
+            np.float32(1.6666667e-1) + r * (np.float32(4.1666668e-2) + r * (
+                np.float32(8.333334e-3) + r * (np.float32(1.3888889e-3) + r * (
+                    np.float32(1.9841270e-4))))))))
+        x[i] = p if xi > lo else np.float32(0.0)
+        ib[i] = (np.int32(kf) + np.int32(127)) << np.int32(23)
+    f = ib[:n].view(np.float32)
+    for i in range(n):
+        x[i] = x[i] * f[i]
+
+
+def _exp_block(x, ibuf, n):
+    """x[:n] = exp(x[:n]) in place for x <= 0 (−inf → 0); ibuf: (>= n,) int64 scratch."""
+    raise NotImplementedError("numba-only")
+
+
+@overload(_exp_block)
+def _exp_block_impl(x, ibuf, n):
+    if x.dtype == types.float64:
+        return lambda x, ibuf, n: _exp64(x, ibuf, n)
+    return lambda x, ibuf, n: _exp32(x, ibuf, n)
+
+
+@njit(cache=True, nogil=True, fastmath={"contract"})
+def exp_kernel(x):
+    """exp of a 1-D array of values <= 0 with :func:`_exp_block` (for tests)."""
+    out = x.copy()
+    ibuf = np.empty(x.size, np.int64)
+    _exp_block(out, ibuf, x.size)
+    return out
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshift,
+                 causal, scale, row_block, key_block, tasks, out, lse):
     B, n, E = q.shape
     Ev = v.shape[2]
-    nblk = (n + row_block - 1) // row_block
-    for task in prange(B * nblk):
-        b = task // nblk
-        blk = task % nblk
-        if causal:
-            # pair cheap early blocks with expensive late ones (0, nb−1, 1, nb−2, …) so
-            # that prange's contiguous per-thread ranges carry equal work
-            blk = blk // 2 if blk % 2 == 0 else nblk - 1 - blk // 2
-        i0 = blk * row_block
+    dt = q.dtype
+    Sbuf = np.empty(row_block * key_block, dt)
+    ibuf = np.empty(key_block, np.int64)
+    acc = np.empty((row_block, Ev))
+    PV = np.empty(row_block * Ev, dt)
+    mx = np.empty(row_block)
+    den = np.empty(row_block)
+    wq = np.empty(E)
+    for ti in range(tasks.shape[0]):
+        b = tasks[ti, 0]
+        i0 = tasks[ti, 1]
         i1 = min(i0 + row_block, n)
         rb = i1 - i0
-        S = np.empty(key_block)
-        mx = np.full(rb, -np.inf)
-        den = np.zeros(rb)
-        acc = np.zeros((rb, Ev))
-        wq = np.empty(E)
+        acc[:rb] = 0.0
+        mx[:rb] = -np.inf
+        den[:rb] = 0.0
         jend = i1 if causal else n
         for j0 in range(0, jend, key_block):
             j1 = min(j0 + key_block, jend)
+            kb = j1 - j0
+            S = Sbuf[:rb * kb].reshape((rb, kb))
+            if general:
+                for r in range(rb):
+                    i = i0 + r
+                    for j in range(j0, j1):
+                        W = relative[ridx[b], i - j + n - 1]
+                        for c in range(E):
+                            wq[c] = 0.0
+                        for a in range(E):
+                            qa = q[b, i, a]
+                            for c in range(E):
+                                wq[c] += qa * W[a, c]
+                        s = 0.0
+                        for c in range(E):
+                            s += wq[c] * k[b, j, c]
+                        S[r, j - j0] = s
+            else:
+                np.dot(q[b, i0:i1], k[b, j0:j1].T, S)
+            # scale, bias, causal mask, row maxima: one pass (bias in float64)
             for r in range(rb):
                 i = i0 + r
-                jlim = min(j1, i + 1) if causal else j1
-                if jlim <= j0:
-                    continue
-                _logits_block(q, k, relative, ridx, general, bias, bidx, has_bias,
-                              scale, b, i, j0, jlim, S, wq)
+                jl = min(j1, i + 1) if causal else j1
                 bm = -np.inf
-                for j in range(jlim - j0):
-                    bm = max(bm, S[j])
-                if bm == -np.inf:
+                if has_bias:
+                    bb = bias[bidx[b]]
+                    sh = rowshift[bidx[b], i]
+                    off = i + n - 1
+                    for j in range(j0, jl):
+                        x = S[r, j - j0] * scale + (bb[off - j] - sh)
+                        S[r, j - j0] = x
+                        bm = max(bm, x)
+                else:
+                    for j in range(j0, jl):
+                        x = S[r, j - j0] * scale
+                        S[r, j - j0] = x
+                        bm = max(bm, x)
+                for j in range(jl, j1):
+                    S[r, j - j0] = -np.inf
+                mnew = max(mx[r], bm)
+                if mnew == -np.inf:        # nothing visible yet in this row
+                    for j in range(kb):
+                        S[r, j] = 0.0
                     continue
-                if bm > mx[r]:
-                    corr = np.exp(mx[r] - bm)
+                if mnew > mx[r]:
+                    corr = np.exp(mx[r] - mnew)
+                    if corr < 1e-308:
+                        corr = 0.0
                     den[r] *= corr
                     for c in range(Ev):
                         acc[r, c] *= corr
-                    mx[r] = bm
+                    mx[r] = mnew
                 m = mx[r]
+                for j in range(kb):
+                    S[r, j] = S[r, j] - m
+                row = S[r]
+                _exp_block(row, ibuf, kb)
                 d = 0.0
-                for j in range(jlim - j0):
-                    p = np.exp(S[j] - m)
-                    S[j] = p
-                    d += p
+                for j in range(kb):
+                    d += row[j]
                 den[r] += d
-                for j in range(j0, jlim):
-                    p = S[j - j0]
-                    for c in range(Ev):
-                        acc[r, c] += p * v[b, j, c]
+            P = PV[:rb * Ev].reshape((rb, Ev))
+            if Ev > 0:
+                np.dot(S, v[b, j0:j1], P)
+            for r in range(rb):
+                for c in range(Ev):
+                    acc[r, c] += P[r, c]
         for r in range(rb):
             if den[r] > 0.0:
                 inv = 1.0 / den[r]
                 for c in range(Ev):
                     out[b, i0 + r, c] = acc[r, c] * inv
+                lse[b, i0 + r] = mx[r] + np.log(den[r])
             else:
                 for c in range(Ev):
                     out[b, i0 + r, c] = 0.0
+                lse[b, i0 + r] = -np.inf
 
 
 _DUMMY_REL = np.zeros((1, 1, 1, 1))
@@ -128,40 +240,106 @@ _DUMMY_BIAS = np.zeros((1, 1))
 _ZERO_IDX = np.zeros(1, dtype=np.int64)
 
 
+def bias_row_shift(bias, n, causal):
+    """Largest visible bias of every query row: ``max_{t visible to i} b_t``.
+
+    Softmax is invariant to a constant per row, so the exact kernel adds
+    ``b_t − shift_i`` (<= 0 on the visible offsets): biases of any finite
+    magnitude (``finfo.min`` as a mask, a constant ``-1e30``) then cost no
+    accuracy. Row i sees ``t = i − j`` for j in [0, n): ``t`` in [i−n+1, i]
+    (with ``causal``, [0, i]); rows that see no finite bias get 0.
+
+    Parameters
+    ----------
+    bias : (Bb, 2n−1) ndarray of float64
+    n : int
+    causal : bool
+
+    Returns
+    -------
+    (Bb, n) ndarray of float64
+    """
+    Bb = bias.shape[0]
+    shift = np.zeros((Bb, n))
+    if n == 0:
+        return shift
+    pos = np.maximum.accumulate(bias[:, n - 1:], axis=1)          # max over t in [0, i]
+    if causal:
+        m = pos
+    else:
+        neg = bias[:, :n]                                         # t = i−n+1 .. 0 at index i
+        sufmax = np.maximum.accumulate(neg[:, ::-1], axis=1)[:, ::-1]
+        m = np.maximum(pos, sufmax)
+    ok = np.isfinite(m)
+    shift[ok] = m[ok]
+    return shift
+
+
 def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
-                    bidx=None, causal=False):
+                    bidx=None, causal=False, workers=None, return_lse=False):
     """Exact softmax attention of flattened heads (internal entry point).
 
     Parameters
     ----------
-    q, k : (B, n, E) ndarray of float64, C-contiguous
-        Queries and keys, already rotated if a rotary embedding applies.
-    v : (B, n, Ev) ndarray of float64, C-contiguous
+    q, k : (B, n, E) ndarray of float32 or float64, C-contiguous
+        Queries and keys, already rotated if a rotary embedding applies. Their
+        dtype (the same for q, k, v) is the compute precision of the logits,
+        exp and the value product; the softmax state is float64.
+    v : (B, n, Ev) ndarray, same dtype, C-contiguous
     scale : float
         Logit scale s > 0.
-    relative : (Br, 2n−1, E, E) ndarray of float64, optional
+    relative : (Br, 2n−1, E, E) ndarray of the same dtype, optional
         General relative matrices; head ``b`` uses ``relative[ridx[b]]``.
     bias : (Bb, 2n−1) ndarray of float64, optional
-        Relative bias (−inf masks); head ``b`` uses ``bias[bidx[b]]``.
+        Relative bias (−inf masks); head ``b`` uses ``bias[bidx[b]]``. Shifted
+        per row by :func:`bias_row_shift` (exact for softmax).
     causal : bool
         Mask keys j > i.
+    workers : int, optional
+        Threads (scipy.fft's meaning; default all cores).
+    return_lse : bool
+        Also return the row log-sum-exp ``log Σ_j exp(s·logit_ij + b_ij)``.
 
     Returns
     -------
-    out : (B, n, Ev) ndarray of float64
+    out : (B, n, Ev) ndarray of the compute dtype
         ``softmax(s·logits + bias) @ v`` row by row; fully masked rows are 0.
+    lse : (B, n) ndarray of float64
+        Only with ``return_lse``; −inf on fully masked rows.
     """
     B, n, E = q.shape
-    out = np.empty((B, n, v.shape[2]))
-    if B == 0 or n == 0 or v.shape[2] == 0:
-        return out
+    dt = q.dtype
+    Ev = v.shape[2]
+    out = np.empty((B, n, Ev), dt)
+    lse = np.empty((B, n))
+    if B == 0 or n == 0:
+        return (out, lse) if return_lse else out
     general = relative is not None
     has_bias = bias is not None
-    rel = relative if general else _DUMMY_REL
+    rel = relative if general else _DUMMY_REL.astype(dt)
     ri = np.ascontiguousarray(ridx, dtype=np.int64) if general else np.zeros(B, np.int64)
-    bs = bias if has_bias else _DUMMY_BIAS
+    bs = np.ascontiguousarray(bias, dtype=np.float64) if has_bias else _DUMMY_BIAS
     bi = np.ascontiguousarray(bidx, dtype=np.int64) if has_bias else np.zeros(B, np.int64)
-    _exact_kernel(q, k, v, rel, ri, general, bs, bi, has_bias, bool(causal),
-                  float(scale), int(_config.EXACT_ROW_BLOCK),
-                  int(_config.EXACT_KEY_BLOCK), out)
-    return out
+    shift = bias_row_shift(bs, n, causal) if has_bias else _DUMMY_BIAS
+    rb = int(_config.EXACT_ROW_BLOCK)
+    kb = int(_config.EXACT_KEY_BLOCK)
+    starts = np.arange(0, n, rb, dtype=np.int64)
+    tasks = np.stack(np.broadcast_arrays(np.arange(B, dtype=np.int64)[:, None],
+                                         starts[None, :]), axis=-1).reshape(-1, 2)
+    if causal:      # longest tasks first: dynamic scheduling then balances the tail
+        tasks = tasks[np.argsort(-tasks[:, 1], kind="stable")]
+    nthreads = resolve_workers(workers)
+    # enough chunks for dynamic balance, few enough that Python overhead stays small
+    pairs_per_task = rb * (n if not causal else n / 2) * (E * E if general else E + Ev)
+    per_chunk = max(1, int(4e6 // max(pairs_per_task, 1)))
+    nchunks = max(min(len(tasks), 8 * nthreads), -(-len(tasks) // per_chunk))
+    chunks = np.array_split(tasks, min(nchunks, len(tasks)))
+    fs = float(scale)
+
+    def run(chunk):
+        _exact_tasks(q, k, v, rel, ri, general, bs, bi, has_bias, shift, bool(causal),
+                     fs, rb, kb, np.ascontiguousarray(chunk), out, lse)
+
+    with blas_threads(1):
+        run_tasks(run, chunks, nthreads)
+    return (out, lse) if return_lse else out

@@ -26,15 +26,18 @@ from .fast import fast_memory, prefix_chunk, separable_algorithm
 from .polynomial import exp_approximation
 from .toeplitz import fft_length
 
-__all__ = ["HeadPlan", "AttentionInfo", "COST_CONSTANTS", "calibrate", "exact_memory", "predict_exact", "predict_fast",
-           "plan_head"]
+__all__ = ["HeadPlan", "AttentionInfo", "COST_CONSTANTS", "calibrate", "exact_memory",
+           "exact_error_bound", "predict_exact", "predict_fast", "plan_head"]
 
 #: Seconds per elementary operation of each kind (see module docstring).
 COST_CONSTANTS = {
     # medians of 5 runs of calibrate() on the development machine (2 cores, x86_64,
     # AVX-512, OpenBLAS), 2026-11-29
-    "exact_pair": 9.3e-9,    # one (i, j) pair of the exact kernel: exp + bookkeeping
-    "exact_flop": 8.8e-11,   # one multiply-add of the exact kernel's logit / value loops
+    "exact_pair": 2.0e-9,    # one (i, j) pair of the exact kernel, float64: exp + passes
+    "exact_flop": 1.5e-11,   # one multiply-add of its GEMMs (Q K^T, P V), float64
+    "exact_pair32": 1.0e-9,  # the same in float32
+    "exact_flop32": 8.0e-12,
+    "exact_general_flop": 8.8e-11,   # one multiply-add of the general-W bilinear forms
     "feature": 1.1e-9,       # one monomial feature value
     "gemm_flop": 6.2e-11,    # one multiply-add inside BLAS GEMM
     "fft_flop": 8.9e-10,     # one unit of N·log2(N) in scipy.fft (per column)
@@ -65,6 +68,8 @@ class HeadPlan:
     rounding: float = 0.0                  # floating-point part included in error_bound
     bound_kind: str = "exact"
     coef: np.ndarray | None = field(default=None, repr=False)   # p's monomial coefficients
+    radius_given: bool = False             # radius came from the caller (radius=)
+    precision: str = "float64"             # compute precision of the exact path
 
 
 @dataclass
@@ -130,19 +135,99 @@ class AttentionInfo:
         return self.table()
 
 
-def predict_exact(n, E, Ev, general, causal):
-    """Predicted seconds of the exact streaming kernel for one head."""
+def predict_exact(n, E, Ev, general, causal, precision="float64"):
+    """Predicted seconds of the exact streaming kernel for one head (all threads)."""
     c = COST_CONSTANTS
+    sfx = "32" if precision == "float32" else ""
     pairs = n * (n + 1) / 2 if causal else float(n) * n
-    work = (E * E + E + Ev) if general else (E + Ev)
-    return pairs * (c["exact_pair"] + c["exact_flop"] * work)
+    t = pairs * (c["exact_pair" + sfx] + c["exact_flop" + sfx] * (E + Ev))
+    if general:
+        t += pairs * c["exact_general_flop"] * (E * E + E)
+    return t
+
+
+def _gamma(k, u):
+    """Higham's γ_k = k·u / (1 − k·u) (Accuracy and Stability of Numerical Algorithms, §3.1)."""
+    ku = k * u
+    return ku / (1.0 - ku) if ku < 1 else np.inf
+
+
+def exact_error_bound(n, E, radius, radius1, vmax, precision="float64", general=False,
+                      has_bias=False, key_block=None):
+    """Bound on ``max|out − o|`` of the exact kernel, o the mathematical value.
+
+    Parameters
+    ----------
+    n, E : int
+        Sequence length and head_dim.
+    radius : float
+        Proven logit radius R >= max |s·q_iᵀW_t k_j| (not a caller's guess).
+    radius1 : float
+        ``s·max‖q‖·max‖W‖_F·max‖k‖`` (>= Σ_ab |s q_a W_ab k_b|); R for W = I.
+    vmax : float
+        max|V| of the head.
+    precision : {"float64", "float32"}
+        Compute precision of logits, exp and the P·V product (unit roundoff u).
+    general, has_bias : bool
+    key_block : int, optional
+        Keys per block (default ``_config.EXACT_KEY_BLOCK``).
+
+    Returns
+    -------
+    float
+        ``2ρ/(1−ρ)·vmax + (γ_kb(u) + u + γ_{n/kb}(u₆₄) + 2u₆₄)·vmax``; ρ bounds the
+        error of the weights relative to their sum (see Notes). Excludes the final
+        rounding of a float32 result (added by the caller).
+
+    Notes
+    -----
+    With x_ij = L_ij − m_i (the logit, bias shifted per row, minus the running
+    maximum; |m_i| <= R because the shifted bias is 0 at the row's largest
+    visible bias and <= 0 elsewhere):
+
+    * the logit's dot product, the rounding of rotated inputs to the compute
+      dtype and the scale: ``|ΔL| <= γ_{E+3}(u)·R₁`` (Higham §3.1; general W:
+      γ_{2E+3}); the bias addition, the store and the subtraction of m:
+      ``<= 3u(|x| + R)``;
+    * exp: ``EXP_ULPS·u`` relative (numbarope.exact);
+    * hence each weight ``e^x`` is computed within ``e^x·(ρ₀)`` plus
+      ``3u|x|e^x``; Σ_j |x_j|e^{x_j} <= 1.37·(ln n + 1)·Σ_j e^{x_j}, so the
+      weights' total error is ``<= ρ·Σ_j e^{x_j}`` with
+      ``ρ = ρ₀ + 4.2u(ln n + 1)(1 + ρ₀) + n·e^{EXP_FLUSH} + γ_{n+n/kb}(u₆₄) + 3(n/kb)u₆₄``
+      (flushed weights, float64 sums and block rescalings);
+    * the value product in the compute dtype adds ``γ_kb(u)·vmax`` per block,
+      the value rounding ``u·vmax``, the float64 accumulation ``γ_{n/kb}(u₆₄)``.
+
+    A perturbation of the weights by at most ``ρ`` times their sum moves a
+    ratio ``Σ w v / Σ w`` by at most ``2ρ/(1−ρ)·max|v|``.
+    """
+    from .exact import EXP_FLUSH, EXP_ULPS
+    if n == 0 or vmax == 0.0:
+        return 0.0
+    dt = np.dtype(precision)
+    u = 2.0 ** -24 if dt == np.float32 else 2.0 ** -53
+    u64 = 2.0 ** -53
+    kb = int(key_block or _config.EXACT_KEY_BLOCK)
+    nb = -(-n // kb)
+    R = min(float(radius), 1e300)
+    R1 = min(max(float(radius1), R), 1e300)
+    dlogit = _gamma((2 * E if general else E) + 3, u) * R1 + 3 * u * R
+    if not np.isfinite(dlogit) or dlogit > 1.0:
+        return np.inf
+    rho0 = np.expm1(2 * dlogit) + EXP_ULPS[dt] * u * np.exp(2 * dlogit)
+    rho = (rho0 + 4.2 * u * (np.log(n) + 1) * (1 + rho0) + n * np.exp(EXP_FLUSH[dt])
+           + _gamma(n + nb, u64) + 3 * nb * u64)
+    if rho >= 1:
+        return np.inf
+    return float(vmax * (2 * rho / (1 - rho) + _gamma(kb, u) + u + _gamma(nb, u64)
+                         + 2 * u64))
 
 
 def exact_memory(n, E, Ev):
     """Working memory (bytes) of the exact path for one head: float64 copies of q, k, v,
     the output, and per-thread row/key-block buffers."""
     from . import _config as cfg
-    blocks = cfg.EXACT_ROW_BLOCK * (cfg.EXACT_KEY_BLOCK + Ev + 2) + E
+    blocks = cfg.EXACT_ROW_BLOCK * (cfg.EXACT_KEY_BLOCK + 2 * Ev + 2) + 2 * cfg.EXACT_KEY_BLOCK + E
     return 8 * (n * (2 * E + 2 * Ev) + 2 * blocks)
 
 
@@ -271,7 +356,8 @@ def _screen(n, E, Ev, radius, target, approx, algorithm, t_exact):
 
 
 def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, method,
-              eps, degree, approx, vmax, row_mass=1.0, out_rounding=0.0):
+              eps, degree, approx, vmax, row_mass=1.0, out_rounding=0.0,
+              exact_bound=None, radius_given=False, compute_dtype="float64"):
     """Choose the method of one head; returns a :class:`HeadPlan`.
 
     Raises
@@ -280,13 +366,17 @@ def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, met
         With ``method="fast"``, when no degree <= ``_config.MAX_DEGREE`` meets
         ``eps`` at this radius, or the fast path's memory exceeds the limit.
     """
-    t_exact = predict_exact(n, E, Ev, general, causal)
+    t_exact = predict_exact(n, E, Ev, general, causal, compute_dtype)
+    if exact_bound is None:
+        exact_bound = exact_error_bound(n, E, radius, radius1, vmax, compute_dtype,
+                                        general, has_bias) + out_rounding
     common = dict(head=head, radius=float(radius), time_exact=t_exact,
-                  memory_exact=exact_memory(n, E, Ev))
+                  memory_exact=exact_memory(n, E, Ev), radius_given=bool(radius_given),
+                  precision=compute_dtype)
 
     def exact_only(reason):        # exact, with no polynomial planned
         return HeadPlan(**common, method="exact", algorithm="streaming",
-                        error_bound=out_rounding, degree=None, features=None, delta=None,
+                        error_bound=exact_bound, degree=None, features=None, delta=None,
                         time_fast=None, memory_fast=None, reason=reason)
 
     if n == 0 or Ev == 0:
@@ -342,8 +432,8 @@ def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, met
         bound = np.inf
         fast_fields = dict(degree=None, features=None, delta=None, time_fast=None,
                            memory_fast=None)
-    # exact: floating-point rounding only; float32 output adds its final rounding
-    exact_plan = dict(method="exact", algorithm="streaming", error_bound=out_rounding)
+    # exact: floating-point rounding only (exact_error_bound + final float32 rounding)
+    exact_plan = dict(method="exact", algorithm="streaming", error_bound=exact_bound)
     if method == "fast":
         if why_not is not None:
             raise ValueError(

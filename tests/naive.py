@@ -57,3 +57,35 @@ def toeplitz_dense(c, n):
         for j in range(n):
             T[i, j] = c[i - j + n - 1]
     return T
+
+
+def attention_longdouble(q, k, v, *, bias=None, causal=False, scale=None):
+    """Dense softmax attention of one head in extended precision (``np.longdouble``).
+
+    The reference for floating-point error bounds: logits, exp and sums in
+    long double (64-bit significand on x86-64: 2^11 times finer than float64).
+    The bias enters row by row as ``b_t − max_visible b`` (softmax is invariant
+    to a constant per row), so biases of any finite magnitude are exact.
+    q, k : (n, E); v : (n, Ev); bias : (2n−1,) array or None. Masked rows give 0.
+    """
+    ld = np.longdouble
+    q, k, v = (np.asarray(a, dtype=np.float64).astype(ld) for a in (q, k, v))
+    n, E = q.shape
+    s = ld(1.0) / np.sqrt(ld(E)) if scale is None else ld(scale)
+    out = np.zeros((n, v.shape[1]), dtype=ld)
+    for i in range(n):
+        j = np.arange(n)
+        vis = (j <= i) if causal else np.ones(n, bool)
+        b = np.zeros(n, dtype=ld)
+        if bias is not None:
+            bt = np.asarray(bias, dtype=np.float64)[i - j + n - 1]
+            vis &= np.isfinite(bt)
+            if not vis.any():
+                continue
+            b = (bt - bt[vis].max()).astype(ld)
+        if not vis.any():
+            continue
+        logits = (k[vis] @ q[i]) * s + b[vis]
+        w = np.exp(logits - logits.max())
+        out[i] = (w @ v[vis]) / w.sum()
+    return out

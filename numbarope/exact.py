@@ -57,6 +57,10 @@ _FM = set(_config.FASTMATH)
 EXP_ULPS = {np.dtype(np.float64): 40.0, np.dtype(np.float32): 4.0}
 #: Arguments below this give exactly 0 (weights that would be subnormal).
 EXP_FLUSH = {np.dtype(np.float64): -708.0, np.dtype(np.float32): -87.0}
+#: A key block whose logits are bounded (Cauchy–Schwarz) by the running maximum
+#: plus this much needs no maximum pass: its weights are at most e^headroom.
+#: It enters the rounding bound as 3u·headroom (planner.exact_error_bound).
+EXACT_HEADROOM = {np.dtype(np.float64): 60.0, np.dtype(np.float32): 30.0}
 
 _LOG2E = 1.4426950408889634
 _SHIFT64 = 6755399441055744.0       # 1.5·2⁵²: x + SHIFT rounds x to an integer
@@ -68,11 +72,11 @@ _LN2LO32 = -2.12194440e-4
 
 
 @njit(cache=True, nogil=True, fastmath={"contract"})
-def _exp64(x, ibuf, n):
+def _exp64(x, ibuf, n, m):
     # No reassociation here: the shifter trick t − SHIFT relies on the order.
     lo = -708.0
     for i in range(n):
-        xi = x[i]
+        xi = x[i] - m
         xc = xi if xi > lo else lo
         t = xc * _LOG2E + _SHIFT64
         kf = t - _SHIFT64
@@ -85,17 +89,16 @@ def _exp64(x, ibuf, n):
                             2.08767569878681e-9 + r * 1.6059043836821613e-10))))))))))))
         x[i] = p if xi > lo else 0.0
         ibuf[i] = (np.int64(kf) + 1023) << 52
-    f = ibuf[:n].view(np.float64)
-    for i in range(n):
-        x[i] = x[i] * f[i]
+    return _scale_sum(x, ibuf[:n].view(np.float64), n)
 
 
 @njit(cache=True, nogil=True, fastmath={"contract"})
-def _exp32(x, ibuf, n):
+def _exp32(x, ibuf, n, m):
     lo = np.float32(-87.0)
     ib = ibuf.view(np.int32)
+    m32 = np.float32(m)
     for i in range(n):
-        xi = x[i]
+        xi = x[i] - m32
         xc = xi if xi > lo else lo
         t = xc * np.float32(_LOG2E) + np.float32(_SHIFT32)
         kf = t - np.float32(_SHIFT32)
@@ -106,21 +109,32 @@ def _exp32(x, ibuf, n):
                     np.float32(1.9841270e-4))))))))
         x[i] = p if xi > lo else np.float32(0.0)
         ib[i] = (np.int32(kf) + np.int32(127)) << np.int32(23)
-    f = ib[:n].view(np.float32)
+    return _scale_sum(x, ib[:n].view(np.float32), n)
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _scale_sum(x, f, n):
+    # x *= 2^k (exact), and the float64 sum (re-associated: vectorised; the sum
+    # of n positive terms keeps its γ_n bound in any order)
+    tot = 0.0
     for i in range(n):
-        x[i] = x[i] * f[i]
+        y = x[i] * f[i]
+        x[i] = y
+        tot += np.float64(y)
+    return tot
 
 
-def _exp_block(x, ibuf, n):
-    """x[:n] = exp(x[:n]) in place for x <= 0 (−inf → 0); ibuf: (>= n,) int64 scratch."""
+def _exp_block(x, ibuf, n, m):
+    """x[:n] = exp(x[:n] − m) in place, for x <= m (−inf → 0); returns Σ x[:n] in
+    float64. ibuf: (>= n,) int64 scratch. (Implemented for numba only.)"""
     raise NotImplementedError("numba-only")
 
 
 @overload(_exp_block)
-def _exp_block_impl(x, ibuf, n):
+def _exp_block_impl(x, ibuf, n, m):
     if x.dtype == types.float64:
-        return lambda x, ibuf, n: _exp64(x, ibuf, n)
-    return lambda x, ibuf, n: _exp32(x, ibuf, n)
+        return lambda x, ibuf, n, m: _exp64(x, ibuf, n, m)
+    return lambda x, ibuf, n, m: _exp32(x, ibuf, n, m)
 
 
 @njit(cache=True, nogil=True, fastmath={"contract"})
@@ -128,13 +142,16 @@ def exp_kernel(x):
     """exp of a 1-D array of values <= 0 with :func:`_exp_block` (for tests)."""
     out = x.copy()
     ibuf = np.empty(x.size, np.int64)
-    _exp_block(out, ibuf, x.size)
+    _exp_block(out, ibuf, x.size, 0.0)
     return out
 
 
 @njit(cache=True, nogil=True, fastmath=_FM)
 def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshift,
-                 causal, scale, row_block, key_block, tasks, out, lse):
+                 causal, gscale, row_block, key_block, qnorm, knorm, headroom,
+                 tasks, out, lse):
+    # q arrives multiplied by the scale s, except with general W (then gscale = s;
+    # with no general W and a bias, gscale = 1)
     B, n, E = q.shape
     Ev = v.shape[2]
     dt = q.dtype
@@ -175,30 +192,40 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
                         S[r, j - j0] = s
             else:
                 np.dot(q[b, i0:i1], k[b, j0:j1].T, S)
-            # scale, bias, causal mask, row maxima: one pass (bias in float64)
+            # scale (general W), bias (float64), causal mask, row maxima
+            kbound = knorm[b, j0 // key_block]
             for r in range(rb):
                 i = i0 + r
+                row = S[r]
                 jl = min(j1, i + 1) if causal else j1
+                # Cauchy–Schwarz: logits of this block <= ‖q_i‖·max‖k_j‖ (+ shifted
+                # bias <= 0). Within `headroom` of the running maximum no new maximum
+                # is needed: weights e^{x−m} <= e^headroom cannot overflow.
+                skip_max = (not general) and qnorm[b, i] * kbound <= mx[r] + headroom
                 bm = -np.inf
                 if has_bias:
                     bb = bias[bidx[b]]
                     sh = rowshift[bidx[b], i]
-                    off = i + n - 1
-                    for j in range(j0, jl):
-                        x = S[r, j - j0] * scale + (bb[off - j] - sh)
-                        S[r, j - j0] = x
-                        bm = max(bm, x)
-                else:
-                    for j in range(j0, jl):
-                        x = S[r, j - j0] * scale
-                        S[r, j - j0] = x
-                        bm = max(bm, x)
-                for j in range(jl, j1):
-                    S[r, j - j0] = -np.inf
+                    off = i + n - 1 - j0
+                    for jj in range(jl - j0):
+                        x = row[jj] * gscale + (bb[off - jj] - sh)
+                        row[jj] = x
+                        bm = x if x > bm else bm
+                elif general:
+                    for jj in range(jl - j0):
+                        x = row[jj] * gscale
+                        row[jj] = x
+                        bm = x if x > bm else bm
+                elif not skip_max:          # q was scaled: the GEMM gave the logits
+                    for jj in range(jl - j0):
+                        x = row[jj]
+                        bm = x if x > bm else bm
+                for jj in range(jl - j0, kb):
+                    row[jj] = -np.inf
                 mnew = max(mx[r], bm)
                 if mnew == -np.inf:        # nothing visible yet in this row
-                    for j in range(kb):
-                        S[r, j] = 0.0
+                    for jj in range(kb):
+                        row[jj] = 0.0
                     continue
                 if mnew > mx[r]:
                     corr = np.exp(mx[r] - mnew)
@@ -208,15 +235,7 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
                     for c in range(Ev):
                         acc[r, c] *= corr
                     mx[r] = mnew
-                m = mx[r]
-                for j in range(kb):
-                    S[r, j] = S[r, j] - m
-                row = S[r]
-                _exp_block(row, ibuf, kb)
-                d = 0.0
-                for j in range(kb):
-                    d += row[j]
-                den[r] += d
+                den[r] += _exp_block(row, ibuf, kb, mx[r])
             P = PV[:rb * Ev].reshape((rb, Ev))
             if Ev > 0:
                 np.dot(S, v[b, j0:j1], P)
@@ -275,6 +294,21 @@ def bias_row_shift(bias, n, causal):
     return shift
 
 
+def exact_blocks(B, n, nthreads):
+    """Row and key block sizes of the exact kernel for B heads of length n.
+
+    ``_config.EXACT_ROW_BLOCK`` rows per task (large blocks keep the GEMMs
+    efficient), halved down to 32 until there are at least 4 tasks per thread
+    (so that every thread is busy and the last tasks balance);
+    ``_config.EXACT_KEY_BLOCK`` keys, fewer when n is shorter.
+    """
+    rb = int(_config.EXACT_ROW_BLOCK)
+    while rb > 32 and B * -(-n // rb) < 4 * nthreads:
+        rb //= 2
+    kb = int(min(_config.EXACT_KEY_BLOCK, max(n, 1)))
+    return rb, kb
+
+
 def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
                     bidx=None, causal=False, workers=None, return_lse=False):
     """Exact softmax attention of flattened heads (internal entry point).
@@ -321,24 +355,43 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
     bs = np.ascontiguousarray(bias, dtype=np.float64) if has_bias else _DUMMY_BIAS
     bi = np.ascontiguousarray(bidx, dtype=np.int64) if has_bias else np.zeros(B, np.int64)
     shift = bias_row_shift(bs, n, causal) if has_bias else _DUMMY_BIAS
-    rb = int(_config.EXACT_ROW_BLOCK)
-    kb = int(_config.EXACT_KEY_BLOCK)
+    nthreads = resolve_workers(workers)
+    rb, kb = exact_blocks(B, n, nthreads)
     starts = np.arange(0, n, rb, dtype=np.int64)
     tasks = np.stack(np.broadcast_arrays(np.arange(B, dtype=np.int64)[:, None],
                                          starts[None, :]), axis=-1).reshape(-1, 2)
     if causal:      # longest tasks first: dynamic scheduling then balances the tail
         tasks = tasks[np.argsort(-tasks[:, 1], kind="stable")]
-    nthreads = resolve_workers(workers)
     # enough chunks for dynamic balance, few enough that Python overhead stays small
     pairs_per_task = rb * (n if not causal else n / 2) * (E * E if general else E + Ev)
     per_chunk = max(1, int(4e6 // max(pairs_per_task, 1)))
     nchunks = max(min(len(tasks), 8 * nthreads), -(-len(tasks) // per_chunk))
     chunks = np.array_split(tasks, min(nchunks, len(tasks)))
-    fs = float(scale)
+    if general:
+        gscale = float(scale)
+        qnorm = knorm = np.zeros((1, 1))
+        headroom = -np.inf
+    else:           # fold the scale into q: the GEMM then gives the logits (one rounding)
+        q = q * q.dtype.type(scale)
+        gscale = 1.0
+        # bounds of the logits per row and key block, slightly enlarged for rounding
+        qnorm = np.sqrt(np.einsum("bne,bne->bn", q, q, dtype=np.float64)) * (1 + 1e-5)
+        kn = np.sqrt(np.einsum("bne,bne->bn", k, k, dtype=np.float64)) * (1 + 1e-5)
+        nkb = -(-n // kb)
+        knorm = np.full((B, nkb * kb), 0.0)
+        knorm[:, :n] = kn
+        knorm = np.ascontiguousarray(knorm.reshape(B, nkb, kb).max(axis=2))
+        # e^headroom · key_block · max|V| must stay far below the dtype's maximum
+        vmax = float(np.abs(v).max(initial=0.0))
+        cap = np.log(float(np.finfo(dt).max) / 16 / kb / max(vmax, 1e-300))
+        headroom = float(min(EXACT_HEADROOM[np.dtype(dt)], cap))
+        if headroom < 1.0:
+            headroom = -np.inf          # always compute the maximum
 
     def run(chunk):
         _exact_tasks(q, k, v, rel, ri, general, bs, bi, has_bias, shift, bool(causal),
-                     fs, rb, kb, np.ascontiguousarray(chunk), out, lse)
+                     gscale, rb, kb, qnorm, knorm, headroom, np.ascontiguousarray(chunk),
+                     out, lse)
 
     with blas_threads(1):
         run_tasks(run, chunks, nthreads)

@@ -188,7 +188,8 @@ def exact_error_bound(n, E, radius, radius1, vmax, precision="float64", general=
     * the logit's dot product, the rounding of rotated inputs to the compute
       dtype and the scale: ``|ΔL| <= γ_{E+3}(u)·R₁`` (Higham §3.1; general W:
       γ_{2E+3}); the bias addition, the store and the subtraction of m:
-      ``<= 3u(|x| + R)``;
+      ``<= 3u(|x| + R + H)``, H = ``exact.EXACT_HEADROOM`` (the running maximum
+      may trail the row's by up to H);
     * exp: ``EXP_ULPS·u`` relative (numbarope.exact);
     * hence each weight ``e^x`` is computed within ``e^x·(ρ₀)`` plus
       ``3u|x|e^x``; Σ_j |x_j|e^{x_j} <= 1.37·(ln n + 1)·Σ_j e^{x_j}, so the
@@ -201,7 +202,7 @@ def exact_error_bound(n, E, radius, radius1, vmax, precision="float64", general=
     A perturbation of the weights by at most ``ρ`` times their sum moves a
     ratio ``Σ w v / Σ w`` by at most ``2ρ/(1−ρ)·max|v|``.
     """
-    from .exact import EXP_FLUSH, EXP_ULPS
+    from .exact import EXACT_HEADROOM, EXP_FLUSH, EXP_ULPS
     if n == 0 or vmax == 0.0:
         return 0.0
     dt = np.dtype(precision)
@@ -211,7 +212,9 @@ def exact_error_bound(n, E, radius, radius1, vmax, precision="float64", general=
     nb = -(-n // kb)
     R = min(float(radius), 1e300)
     R1 = min(max(float(radius1), R), 1e300)
-    dlogit = _gamma((2 * E if general else E) + 3, u) * R1 + 3 * u * R
+    # the running maximum may trail the row's by up to EXACT_HEADROOM (blocks whose
+    # Cauchy–Schwarz bound is within it skip the maximum pass): 3u·headroom more
+    dlogit = _gamma((2 * E if general else E) + 3, u) * R1 + 3 * u * (R + EXACT_HEADROOM[dt])
     if not np.isfinite(dlogit) or dlogit > 1.0:
         return np.inf
     rho0 = np.expm1(2 * dlogit) + EXP_ULPS[dt] * u * np.exp(2 * dlogit)

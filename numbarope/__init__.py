@@ -16,6 +16,12 @@ import os as _os
 # before the OpenMP runtime is loaded (numba loads it at the first parallel call).
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# A read-only install (package dir and user cache dir not writable) would make
+# every @njit(cache=True) fail at import; give numba a writable cache first.
+from ._cache import configure_numba_cache as _configure_numba_cache  # noqa: E402
+
+_configure_numba_cache()
+
 from . import bias  # noqa: E402
 from .attention import plan, rope_attention  # noqa: E402
 from .datasets import Sample, load_sample  # noqa: E402

@@ -65,6 +65,9 @@ def warm_kernels():
                                      eps=EPS, is_causal=causal)
             numbarope.rope_attention(q, k, v, relative=rel, method=method, eps=EPS,
                                      is_causal=causal)
+        q32, k32, v32 = (a.astype(np.float32) for a in (q, k, v))
+        numbarope.rope_attention(q32, k32, v32, rotary=True, method="exact",
+                                 is_causal=causal)
 
 
 def _interleaved_best(slow, fast, rounds=5):
@@ -133,6 +136,67 @@ class TimeBounded:
         return _interleaved_best(self._exact, self._fast)
 
     track_speedup.unit = "x"
+
+
+class TimeExactPrecision:
+    """Exact path, float32 inputs computed in float32 (default) or float64, RoPE."""
+
+    params = ([4096], [16, 64], ["float32", "float64"], [False, True])
+    param_names = ["n", "E", "precision", "is_causal"]
+    timeout = 300.0
+
+    def setup(self, n, E, precision, is_causal):
+        warm_kernels()
+        rng = np.random.default_rng(n + E)
+        self.q, self.k, self.v = (rng.standard_normal((1, n, E)).astype(np.float32)
+                                  for _ in range(3))
+
+    def time_exact(self, n, E, precision, is_causal):
+        numbarope.rope_attention(self.q, self.k, self.v, rotary=True, method="exact",
+                                 precision=precision, is_causal=is_causal)
+
+
+class TimeSubnormalWeights:
+    """Exact path when all weights but one per row would be subnormal (e^-745..e^-708
+    relative to the row maximum): they are flushed to 0, so no slowdown."""
+
+    params = ([2048], ["ordinary", "subnormal"])
+    param_names = ["n", "logits"]
+    timeout = 300.0
+
+    @staticmethod
+    def inputs(n, logits):
+        rng = np.random.default_rng(1)
+        q = np.zeros((1, n, 2))
+        k = np.zeros((1, n, 2))
+        q[0, :, 0] = 1.0
+        if logits == "subnormal":
+            k[0, :, 0] = -rng.uniform(708, 745, n)
+            k[0, 0, 0] = 0.0
+        else:
+            k[0, :, 0] = rng.standard_normal(n)
+        return q, k, rng.standard_normal((1, n, 16))
+
+    def setup(self, n, logits):
+        warm_kernels()
+        self.q, self.k, self.v = self.inputs(n, logits)
+
+    def time_exact(self, n, logits):
+        numbarope.rope_attention(self.q, self.k, self.v, scale=1.0, method="exact")
+
+    def track_ratio_to_ordinary(self, n, logits):
+        """Time with these logits / time with ordinary logits (best of 5, interleaved)."""
+        other = self.inputs(n, "ordinary")
+
+        def this():
+            numbarope.rope_attention(self.q, self.k, self.v, scale=1.0, method="exact")
+
+        def ordinary():
+            numbarope.rope_attention(*other, scale=1.0, method="exact")
+
+        return _interleaved_best(this, ordinary)
+
+    track_ratio_to_ordinary.unit = "x"
 
 
 class TimeGeneral:

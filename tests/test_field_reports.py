@@ -259,3 +259,18 @@ def test_bad_workers_refused(bad, exc, pat):
     q = np.zeros((4, 2))
     with pytest.raises(exc, match=pat):
         rope_attention(q, q, q, workers=bad)
+
+
+def test_boolean_bias_through_the_cli(tmp_path):
+    from numbarope.cli import main
+    t = np.arange(-5, 6)
+    keep = (t >= 0) & (t <= 1)
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((6, 4)) * 0.5 for _ in range(3))
+    np.savez(tmp_path / "in.npz", query=q, key=k, value=v, bias=keep)
+    assert main(["run", str(tmp_path / "in.npz"), "-o", str(tmp_path / "out.npz"),
+                 "--method", "exact", "--no-rotary", "-q"]) in (0, None)
+    with np.load(tmp_path / "out.npz") as d:
+        out = d["out"]
+    ref = naive.attention(q, k, v, bias=lambda tt: 0.0 if keep[tt + 5] else -np.inf)
+    np.testing.assert_allclose(out, ref, atol=1e-14)

@@ -15,20 +15,27 @@ import os
 FASTMATH = frozenset({"reassoc", "contract", "nsz"})
 
 #: Rows of queries handled by one task of the exact streaming kernel.
-EXACT_ROW_BLOCK = 32
+EXACT_ROW_BLOCK = 256
 #: Keys whose logits are formed at once in the exact streaming kernel.
-EXACT_KEY_BLOCK = 256
+EXACT_KEY_BLOCK = 512
 
-#: Rows per chunk of the causal prefix-sum product of the fast path.
+#: Rows per chunk of the causal prefix path of the fast path: the intra-chunk
+#: polynomial is formed on chunk x chunk blocks, one key-side state (m x (Ev+1))
+#: is kept per chunk.
 CAUSAL_CHUNK = 256
-#: Most rows per chunk when forming feature matrices phi(Q), psi(K) (gemm path).
+#: Most rows per feature block of the fast path.
 FEATURE_CHUNK = 1024
-#: Bytes of one chunk of features: chunks hold ~this much so that they stay in
-#: cache between the feature kernel and the GEMM (measured best at 5-20 MB on
-#: the development machine for m = 969 .. 20349 features).
-FEATURE_BLOCK_BYTES = 8 * 2**20
-#: Rows handled by one task of the feature kernel (inner, vectorised loop).
-FEATURE_ROW_BLOCK = 128
+#: Bytes of one block of features (m x rows): blocks stay in a core's L2 cache
+#: between the feature recurrence and the GEMM that consumes them (measured best
+#: at 0.25-0.5 MB on the development machine, 1.25 MB L2 per core, m = 969).
+FEATURE_BLOCK_BYTES = 2**19
+#: Most tasks of a parallel section that keep a private m x (Ev+1) state. The
+#: partition into tasks depends on the sizes only, never on ``workers``, so
+#: results are the same for any number of threads.
+MAX_TASKS = 64
+#: Bytes of m x (Ev+1) states kept at once by the gemm and prefix paths (private
+#: task states, per-chunk key-side states of the causal path).
+STATE_BYTES = 256 * 2**20
 
 #: ``method="auto"`` takes the fast path only when its predicted time is below
 #: the exact path's divided by this factor: on near-ties the exact answer wins,

@@ -16,10 +16,11 @@ the E^k tensor power).
 from functools import lru_cache
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 from scipy.special import comb
 
 from . import _config
+from ._threads import resolve_workers, run_tasks
 
 _FM = set(_config.FASTMATH)
 
@@ -74,29 +75,105 @@ def monomial_table(E, g):
     return out
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
-def _features_kernel(xt, parent, var, ratio, w0, row_block, out):
-    # Feature-major: out[idx, r]. Each task owns a block of rows (columns of
-    # out), so the inner loops run over contiguous memory and vectorise; the
-    # weights ride along the recurrence: out[idx] = out[parent] · x[var] · ratio[idx],
-    # ratio = weight[idx] / weight[parent] (one pass, no second sweep).
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _features_block(xt, r0, r1, parent, var, ratio, w0, post, weight, out, o0):
+    # Feature-major: out[idx, o0 + r − r0] for rows r0 <= r < r1 of xt (E, rows). The
+    # inner loops run over contiguous 1-d views (they vectorise; 2-d indexing in the
+    # inner loop was 4x slower); the weights ride along the recurrence:
+    # out[idx] = out[parent] · x[var] · ratio[idx], ratio = weight[idx] / weight[parent]
+    # (one pass). ``post``: unit weights were used (a zero weight cuts the chain),
+    # scale each row by ``weight`` afterwards. Serial and nogil: callers run it on
+    # threads, each on its own columns of ``out``.
     m = parent.shape[0]
-    rows = xt.shape[1]
-    nb = (rows + row_block - 1) // row_block
-    for blk in prange(nb):
-        r0 = blk * row_block
-        r1 = min(r0 + row_block, rows)
-        for r in range(r0, r1):
-            out[0, r] = w0
-        for idx in range(1, m):
-            pa = parent[idx]
-            va = var[idx]
-            f = ratio[idx]
-            for r in range(r0, r1):
-                out[idx, r] = out[pa, r] * xt[va, r] * f
+    w = r1 - r0
+    dst = out[0, o0:o0 + w]
+    for r in range(w):
+        dst[r] = w0
+    for idx in range(1, m):
+        f = ratio[idx]
+        dst = out[idx, o0:o0 + w]
+        src = out[parent[idx], o0:o0 + w]
+        xv = xt[var[idx], r0:r1]
+        for r in range(w):
+            dst[r] = src[r] * xv[r] * f
+    if post:
+        for idx in range(m):
+            f = weight[idx]
+            dst = out[idx, o0:o0 + w]
+            for r in range(w):
+                dst[r] *= f
 
 
-def features(x, E, g, weight, out=None):
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _features_reduce(xt, r0, r1, parent, var, ratio, w0, post, weight, out, mode, s, d):
+    # _features_block into out (m, r1 − r0) fused with one reduction, while the values
+    # are in registers: mode 1: s[α] += Σ_r out[α, r] (key side: ψ(K)ᵀ1);
+    # mode 2: d[r] += Σ_α out[α, r]·s[α] (query side: φ(Q)s). Rows with ``post``
+    # (unit-weight recurrence, scaled afterwards) reduce in a second pass.
+    m = parent.shape[0]
+    w = r1 - r0
+    if post:
+        _features_block(xt, r0, r1, parent, var, ratio, w0, post, weight, out, 0)
+        for idx in range(m):
+            row = out[idx, :w]
+            if mode == 1:
+                acc = 0.0
+                for r in range(w):
+                    acc += row[r]
+                s[idx] += acc
+            else:
+                f = s[idx]
+                for r in range(w):
+                    d[r] += row[r] * f
+        return
+    dst = out[0, :w]
+    for r in range(w):
+        dst[r] = w0
+    if mode == 1:
+        s[0] += w0 * w
+    else:
+        f = w0 * s[0]
+        for r in range(w):
+            d[r] += f
+    for idx in range(1, m):
+        f = ratio[idx]
+        dst = out[idx, :w]
+        src = out[parent[idx], :w]
+        xv = xt[var[idx], r0:r1]
+        if mode == 1:
+            acc = 0.0
+            for r in range(w):
+                val = src[r] * xv[r] * f
+                dst[r] = val
+                acc += val
+            s[idx] += acc
+        else:
+            sa = s[idx]
+            for r in range(w):
+                val = src[r] * xv[r] * f
+                dst[r] = val
+                d[r] += val * sa
+
+
+def feature_recurrence(weight, parent):
+    """Arguments ``(ratio, w0, post)`` of :func:`_features_block` for these weights."""
+    weight = np.ascontiguousarray(weight, dtype=np.float64)
+    wpar = weight[parent]
+    if np.all(wpar[1:] != 0.0):
+        ratio = np.zeros_like(weight)
+        ratio[1:] = weight[1:] / wpar[1:]
+        return ratio, float(weight[0]), False
+    return np.ones_like(weight), 1.0, True
+
+
+def _row_tasks(rows, workers, least=256):
+    """Balanced ranges of rows (about 4 per worker, each >= ``least`` rows)."""
+    k = max(1, min(4 * workers, rows // max(1, least)))
+    bounds = np.linspace(0, rows, k + 1).astype(np.int64)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def features(x, E, g, weight, out=None, workers=None):
     """Weighted monomial features ``weight[α] · x^α`` of the rows of x, feature-major.
 
     Parameters
@@ -104,6 +181,9 @@ def features(x, E, g, weight, out=None):
     x : (rows, E) ndarray of float64
     weight : (m,) ndarray of float64, m = C(E+g, g)
     out : (m, rows) ndarray of float64, C-contiguous, optional
+    workers : int, optional
+        Threads (scipy.fft's meaning; None: :func:`numbarope.get_workers`).
+        The result does not depend on it.
 
     Returns
     -------
@@ -115,18 +195,16 @@ def features(x, E, g, weight, out=None):
     weight = np.ascontiguousarray(weight, dtype=np.float64)
     if out is None:
         out = np.empty((parent.shape[0], x.shape[0]))
-    if x.shape[0]:
+    rows = x.shape[0]
+    if rows:
         xt = np.ascontiguousarray(np.asarray(x, dtype=np.float64).T)
-        wpar = weight[parent]
-        if np.all(wpar[1:] != 0.0):
-            ratio = np.zeros_like(weight)
-            ratio[1:] = weight[1:] / wpar[1:]
-            _features_kernel(xt, parent, var, ratio, weight[0],
-                             _config.FEATURE_ROW_BLOCK, out)
-        else:   # a zero weight cuts the chain: unit weights, then scale
-            _features_kernel(xt, parent, var, np.ones_like(weight), 1.0,
-                             _config.FEATURE_ROW_BLOCK, out)
-            out *= weight[:, None]
+        ratio, w0, post = feature_recurrence(weight, parent)
+
+        def run(task):
+            _features_block(xt, task[0], task[1], parent, var, ratio, w0, post, weight,
+                            out, task[0])
+
+        run_tasks(run, _row_tasks(rows, resolve_workers(workers)), resolve_workers(workers))
     return out
 
 
@@ -168,15 +246,14 @@ def _sequences(E, g):
     return seqs
 
 
-@njit(parallel=True, cache=True)
-def _sympow_step(W, Pprev, par_local, var_local, mul, out):
+@njit(cache=True, nogil=True)
+def _sympow_step(W, Pprev, par_local, var_local, mul, t0, t1, out):
     # out[t, α, :] = coefficients (degree-k basis) of P_{parent(α)} · ℓ_{var(α)},
-    # ℓ_a(k) = Σ_e W[t, a, e] k_e.
-    T = W.shape[0]
+    # ℓ_a(k) = Σ_e W[t, a, e] k_e, for t0 <= t < t1 (each task owns its t range).
     E = W.shape[1]
     mk = par_local.shape[0]
     mprev = Pprev.shape[2]
-    for t in prange(T):
+    for t in range(t0, t1):
         for a in range(mk):
             for c in range(out.shape[2]):
                 out[t, a, c] = 0.0
@@ -189,19 +266,21 @@ def _sympow_step(W, Pprev, par_local, var_local, mul, out):
                         out[t, a, mul[bprev, e]] += cf * W[t, row, e]
 
 
-def symmetric_power(W, k):
+def symmetric_power(W, k, workers=None):
     """Symmetric power ``M_k(W_t)`` of a stack of matrices in the monomial basis.
 
     ``(qᵀ W k)^k = Σ_{|α|=|β|=k} q^α M_k(W)[α, β] k^β``, with
     ``M_k(W)[α, β] = (k!/α!) · [k^β] Π_r ℓ_{a_r}(k)``, ``ℓ_a(k) = Σ_e W[a, e] k_e``
     (Alman & Song 2025, §5: the tensor trick for general W_{i−j}, here grouped by
     monomials). Built by expanding products of linear forms along the monomial
-    tree, numba-parallel over the stack.
+    tree, in parallel over the stack (``workers`` threads).
 
     Parameters
     ----------
     W : (T, E, E) ndarray of float64
     k : int >= 0
+    workers : int, optional
+        Threads (scipy.fft's meaning); the result does not depend on it.
 
     Returns
     -------
@@ -213,13 +292,16 @@ def symmetric_power(W, k):
     if k == 0:
         return P
     start, parent, var, multi = monomial_table(E, k)
+    nw = resolve_workers(workers)
+    tasks = _row_tasks(T, nw, least=16)
     for d in range(1, k + 1):
         lo, hi = start[d], start[d + 1]
         par_local = np.ascontiguousarray(parent[lo:hi] - start[d - 1])
         var_local = np.ascontiguousarray(var[lo:hi])
         mul = _mul_table(E, d - 1)
         out = np.empty((T, hi - lo, hi - lo))
-        _sympow_step(W, P, par_local, var_local, mul, out)
+        run_tasks(lambda tk, P=P, out=out: _sympow_step(W, P, par_local, var_local, mul,
+                                                         tk[0], tk[1], out), tasks, nw)
         P = out
     P *= multi[start[k]:start[k + 1]][None, :, None]
     return P

@@ -38,12 +38,13 @@ COST_CONSTANTS = {
     "exact_pair32": 1.0e-9,  # the same in float32
     "exact_flop32": 8.0e-12,
     "exact_general_flop": 8.8e-11,   # one multiply-add of the general-W bilinear forms
-    "feature": 1.1e-9,       # one monomial feature value
-    "gemm_flop": 6.2e-11,    # one multiply-add inside BLAS GEMM
-    "fft_flop": 8.9e-10,     # one unit of N·log2(N) in scipy.fft (per column)
-    "cmul": 1.1e-10,         # one complex multiply-add per frequency (block products)
-    "sympow": 1.5e-9,        # one multiply-add building symmetric powers
-    "elementwise": 8.1e-10,  # one NumPy elementwise operation (prefix path, inside chunks)
+    # fast path: medians of 5 calibrate() runs, 2 threads (numbarope._threads), 2026-11-30
+    "feature": 8.3e-10,      # one monomial feature value (features(): full arrays, all threads)
+    "gemm_flop": 4.9e-11,    # one multiply-add of the gemm path's fused feature-block GEMMs
+    "fft_flop": 9.9e-10,     # one unit of N·log2(N) in scipy.fft (per column)
+    "cmul": 1.3e-10,         # one complex multiply-add per frequency (block products)
+    "sympow": 2.5e-9,        # one multiply-add building symmetric powers
+    "elementwise": 4.6e-10,  # one intra-chunk (pair, degree) step of the prefix path (numba)
 }
 
 
@@ -240,10 +241,12 @@ def predict_fast(algorithm, n, E, Ev, degree):
     m = n_features(E, degree)
     ev1 = Ev + 1
     if algorithm == "gemm":
+        # feature blocks (in L2) fused with their products, on all threads
         return c["feature"] * 2 * n * m + c["gemm_flop"] * 2 * n * m * ev1
     if algorithm == "prefix":
         ch = min(prefix_chunk(m), max(n, 1))
-        # inside each chunk: logits GEMM, Horner (2 ops per degree) + tril, GEMM with V
+        # the gemm path's work per chunk, plus inside each chunk: logits GEMM, Horner and
+        # mask (numba, per pair and degree), GEMM with V
         return (c["feature"] * 2 * n * m + c["gemm_flop"] * 2 * n * m * ev1
                 + c["gemm_flop"] * n * ch * (E + ev1)
                 + c["elementwise"] * n * ch * (2 * degree + 3))
@@ -500,6 +503,7 @@ def calibrate(update=True, seed=0):
 
     from ._monomials import feature_weights, features, symmetric_power
     from .exact import exact_attention
+    from .fast import fast_separable
 
     rng = np.random.default_rng(seed)
     c = {}
@@ -511,16 +515,25 @@ def calibrate(update=True, seed=0):
         ts[w] = _median_time(lambda: exact_attention(q, k, v, 0.1)) / (n * n)
     c["exact_flop"] = max((ts[64] - ts[4]) / (2 * 64 - 2 * 4), 1e-12)
     c["exact_pair"] = max(ts[4] - c["exact_flop"] * 8, 1e-12)
-    # features
-    E, g, rows = 16, 3, 4096
-    x = rng.standard_normal((rows, E))
-    wphi, _ = feature_weights(np.ones(g + 1), E, g)
-    out = np.empty((wphi.size, rows))
+    # separable fast path as run (threads, fused feature blocks + BLAS): features of both
+    # sides alone, then the whole gemm path (features + products) and the whole prefix
+    # path (+ intra-chunk logits, Horner and products) at E = Ev = 16, degree 3
+    E, g, rows, ev = 16, 3, 16384, 16
+    x = rng.standard_normal((rows, E)) * 0.25
+    vv = rng.standard_normal((rows, ev))
+    coef = 1.0 / np.array([1.0, 1.0, 2.0, 6.0])
+    wphi, _ = feature_weights(coef, E, g)
+    m = wphi.size
+    out = np.empty((m, rows))
     c["feature"] = _median_time(lambda: features(x, E, g, wphi, out)) / out.size
-    # GEMM
-    P = rng.standard_normal((1024, wphi.size))   # (rows, m) @ (m, Ev+1) as in the fast path
-    S = rng.standard_normal((wphi.size, 17))
-    c["gemm_flop"] = _median_time(lambda: P @ S) / P.size / 17
+    t_gemm = _median_time(lambda: fast_separable(x, x, vv, 1.0, coef))
+    c["gemm_flop"] = max((t_gemm - c["feature"] * 2 * rows * m) / (2 * rows * m * (ev + 1)),
+                         1e-13)
+    t_prefix = _median_time(lambda: fast_separable(x, x, vv, 1.0, coef, causal=True))
+    ch = min(prefix_chunk(m), rows)
+    intra = max(t_prefix - t_gemm - c["gemm_flop"] * rows * ch * (E + ev + 1), 0.0)
+    # elementwise: per (query, key) pair of a chunk and degree, Horner and mask (numba)
+    c["elementwise"] = max(intra / (rows * ch * (2 * g + 3)), 1e-13)
     # FFT per unit N·log2 N per column
     N, cols = 8192, 64
     u = rng.standard_normal((N, cols))
@@ -531,9 +544,6 @@ def calibrate(update=True, seed=0):
     A = rng.standard_normal((F, mk, mk)) + 1j
     B = rng.standard_normal((F, mk, ev1)) + 1j
     c["cmul"] = _median_time(lambda: np.matmul(A, B)) / (4 * F * mk * mk * ev1)
-    # NumPy elementwise work (polyval of the intra-chunk logits in the prefix path)
-    X = rng.standard_normal((512, 512))
-    c["elementwise"] = _median_time(lambda: np.polyval(np.ones(4), X)) / (X.size * 2 * 4)
     # symmetric powers
     W = rng.standard_normal((2047, 4, 4))
     t = _median_time(lambda: symmetric_power(W, 3))

@@ -154,3 +154,17 @@ def test_circulant_spectrum_block_sequences(n):
     y = np.fft.irfft(np.matmul(Ch, Uh), n=N, axis=0)[:n]
     ref = np.einsum("ijab,jbc->iac", naive.toeplitz_dense(c, n), u)
     np.testing.assert_allclose(y, ref, rtol=0, atol=1e-12)
+
+
+def test_features_and_symmetric_power_workers():
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((1000, 4))
+    w = rng.uniform(0.5, 2, n_features(4, 3))
+    one = features(x, 4, 3, w, workers=1)
+    np.testing.assert_array_equal(features(x, 4, 3, w, workers=2), one)
+    np.testing.assert_array_equal(features(x, 4, 3, w, workers=-1), one)
+    W = rng.standard_normal((301, 3, 3))
+    np.testing.assert_array_equal(symmetric_power(W, 3, workers=2),
+                                  symmetric_power(W, 3, workers=1))
+    with pytest.raises(ValueError, match="workers=0"):
+        features(x, 4, 3, w, workers=0)

@@ -10,7 +10,7 @@ from . import _config
 from .exact import exact_attention
 from .fast import fast_general, fast_separable
 from .planner import AttentionInfo, exact_error_bound, plan_head
-from .rotary import Rotary, apply_rotary
+from .rotary import Rotary, rotary_tables, rotate
 
 __all__ = ["rope_attention", "plan"]
 
@@ -225,8 +225,9 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
         _check_finite(bia, "bias", allow_neg_inf=True)
     s = 1.0 / np.sqrt(E) if scale is None else float(scale)
     if rotary is not None:           # rotate in float64 (no rounding back to float32)
-        q = apply_rotary(q.astype(np.float64), rotary)
-        k = apply_rotary(k.astype(np.float64), rotary)
+        cos, sin = rotary_tables(rotary, n, E)
+        q = rotate(q, rotary, cos, sin)
+        k = rotate(k, rotary, cos, sin)
 
     def flat(a):
         a = np.broadcast_to(a, batch_shape + a.shape[-2:]).reshape((B,) + a.shape[-2:])

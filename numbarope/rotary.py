@@ -20,6 +20,7 @@ Neurocomputing 568 (2024), §3.4 (eq. 34: the block rotation R_{Θ,m}).
 """
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -149,6 +150,64 @@ class Rotary:
         return first, second
 
 
+#: Largest cos/sin table pair (bytes) kept by the cache of default positions.
+_TABLE_CACHE_BYTES = 64 * 2**20
+
+
+def _tables(rotary, positions, head_dim):
+    """``cos, sin`` of the rotation angles, ``(n, dim/2)`` float64 (read-only)."""
+    ang = rotary.angles(positions, head_dim)
+    cos, sin = np.cos(ang), np.sin(ang)
+    cos.setflags(write=False)
+    sin.setflags(write=False)
+    return cos, sin
+
+
+@lru_cache(maxsize=2)
+def _cached_tables(rotary, n, head_dim):
+    return _tables(rotary, np.arange(n), head_dim)
+
+
+def rotary_tables(rotary, n, head_dim, positions=None):
+    """``cos, sin`` tables of positions 0..n−1 (or ``positions``), cached for the former.
+
+    The angles are formed in extended precision (:meth:`Rotary.angles`), which
+    costs more than the rotation itself: calls on sequences of the same length
+    share one table pair (two pairs are kept, each of at most 64 MiB).
+    """
+    if positions is None:
+        if n * rotary.rotary_dim(head_dim) * 8 <= _TABLE_CACHE_BYTES:
+            return _cached_tables(rotary, int(n), int(head_dim))
+        positions = np.arange(n)
+    return _tables(rotary, positions, head_dim)
+
+
+def _pair_slices(rotary, head_dim):
+    dim = rotary.rotary_dim(head_dim)
+    if rotary.layout == "half":
+        return slice(0, dim // 2), slice(dim // 2, dim)
+    return slice(0, dim, 2), slice(1, dim, 2)
+
+
+def rotate(x, rotary, cos, sin, dtype=np.float64):
+    """Rotated copy of a validated ``x`` (..., n, E) in ``dtype``, C-contiguous.
+
+    ``out_a = x_a cos θ − x_b sin θ``, ``out_b = x_b cos θ + x_a sin θ`` for the
+    feature pairs of ``rotary`` (basic slices: no gathers), computed in float64.
+    """
+    out = np.array(x, dtype=np.float64, order="C", copy=True)
+    a, b = _pair_slices(rotary, x.shape[-1])
+    xa = out[..., a].copy()
+    xb = out[..., b]
+    ya = xa * cos
+    ya -= xb * sin
+    xa *= sin
+    xa += xb * cos
+    out[..., a] = ya
+    out[..., b] = xa
+    return out if dtype == np.float64 else out.astype(dtype)
+
+
 def apply_rotary(x, rotary=None, positions=None):
     """Rotate features of ``x`` by their positions (RoPE).
 
@@ -202,15 +261,11 @@ def apply_rotary(x, rotary=None, positions=None):
             f"apply_rotary: positions has {positions.shape[0]} entries, x has n={n} rows")
     if not np.all(np.isfinite(positions)):
         raise ValueError("apply_rotary: positions contain NaN or inf")
-    first, second = rotary.pairs(E)
-    ang = rotary.angles(positions, E)
-    cos, sin = np.cos(ang), np.sin(ang)
-    xa = x[..., first].astype(np.float64)
-    xb = x[..., second].astype(np.float64)
-    out = np.array(x, copy=True)
-    out[..., first] = xa * cos - xb * sin
-    out[..., second] = xb * cos + xa * sin
-    return out
+    if np.array_equal(positions, np.arange(n)):
+        cos, sin = rotary_tables(rotary, n, E)
+    else:
+        cos, sin = rotary_tables(rotary, n, E, positions)
+    return rotate(x, rotary, cos, sin, dtype=x.dtype)
 
 
 def rotary_relative_matrices(n, rotary=None, head_dim=None):

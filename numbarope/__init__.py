@@ -7,14 +7,9 @@ attention matrix becomes a sum of rescaled Toeplitz matrices, and those are
 multiplied by GEMMs, prefix sums or the FFT. See ``rope_attention``.
 """
 
-import os as _os
-
-# numba's OpenMP workers spin-wait between parallel regions by default; the fast
-# path alternates numba kernels with BLAS calls, and on a few cores the spinning
-# threads starve the next call (measured 3-5x slower on 2 cores). Passive waiting
-# costs nothing for long kernels. A value the user has set is kept; this must run
-# before the OpenMP runtime is loaded (numba loads it at the first parallel call).
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# numbarope runs its parallel work on Python threads calling nogil numba kernels
+# (numbarope._threads): it starts no OpenMP runtime and changes no environment
+# variable, so it neither slows nor is slowed by torch's OpenMP in one process.
 
 # A read-only install (package dir and user cache dir not writable) would make
 # every @njit(cache=True) fail at import; give numba a writable cache first.
@@ -28,6 +23,7 @@ from .datasets import Sample, load_sample  # noqa: E402
 from .planner import AttentionInfo, HeadPlan, calibrate  # noqa: E402
 from .polynomial import ExpApproximation, exp_approximation  # noqa: E402
 from .rotary import Rotary, apply_rotary, rotary_relative_matrices  # noqa: E402
+from ._threads import get_workers, set_workers  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -35,6 +31,6 @@ __all__ = [
     "rope_attention", "plan", "calibrate", "AttentionInfo", "HeadPlan",
     "Rotary", "apply_rotary", "rotary_relative_matrices",
     "exp_approximation", "ExpApproximation",
-    "load_sample", "Sample", "bias",
+    "load_sample", "Sample", "bias", "get_workers", "set_workers",
     "__version__",
 ]

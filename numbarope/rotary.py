@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+from numba import njit
 
 __all__ = ["Rotary", "apply_rotary", "rotary_relative_matrices"]
 
@@ -189,22 +190,42 @@ def _pair_slices(rotary, head_dim):
     return slice(0, dim, 2), slice(1, dim, 2)
 
 
+@njit(cache=True, nogil=True)
+def _rotate_kernel(x, cos, sin, a0, b0, step, out):
+    # one pass: copy the row in float64, rotate its pairs (a0 + p·step, b0 + p·step)
+    B, n, E = x.shape
+    half = cos.shape[1]
+    for b in range(B):
+        for i in range(n):
+            for e in range(E):
+                out[b, i, e] = x[b, i, e]
+            for p in range(half):
+                ia = a0 + p * step
+                ib = b0 + p * step
+                xa = out[b, i, ia]
+                xb = out[b, i, ib]
+                c = cos[i, p]
+                s = sin[i, p]
+                out[b, i, ia] = xa * c - xb * s
+                out[b, i, ib] = xb * c + xa * s
+
+
 def rotate(x, rotary, cos, sin, dtype=np.float64):
     """Rotated copy of a validated ``x`` (..., n, E) in ``dtype``, C-contiguous.
 
     ``out_a = x_a cos θ − x_b sin θ``, ``out_b = x_b cos θ + x_a sin θ`` for the
-    feature pairs of ``rotary`` (basic slices: no gathers), computed in float64.
+    feature pairs of ``rotary``, computed in float64 in one pass (numba).
     """
-    out = np.array(x, dtype=np.float64, order="C", copy=True)
-    a, b = _pair_slices(rotary, x.shape[-1])
-    xa = out[..., a].copy()
-    xb = out[..., b]
-    ya = xa * cos
-    ya -= xb * sin
-    xa *= sin
-    xa += xb * cos
-    out[..., a] = ya
-    out[..., b] = xa
+    n, E = x.shape[-2:]
+    if x.size == 0:
+        return np.zeros(x.shape, dtype=dtype)
+    x3 = x.reshape((-1, n, E))
+    out = np.empty(x3.shape, dtype=np.float64)
+    if out.size:
+        a, b = _pair_slices(rotary, E)
+        _rotate_kernel(x3, np.ascontiguousarray(cos), np.ascontiguousarray(sin),
+                       a.start, b.start, a.step or 1, out)
+    out = out.reshape(x.shape)
     return out if dtype == np.float64 else out.astype(dtype)
 
 

@@ -31,13 +31,13 @@ __all__ = ["HeadPlan", "AttentionInfo", "COST_CONSTANTS", "calibrate", "exact_me
 
 #: Seconds per elementary operation of each kind (see module docstring).
 COST_CONSTANTS = {
-    # medians of 5 runs of calibrate() on the development machine (2 cores, x86_64,
-    # AVX-512, OpenBLAS), 2026-11-29
-    "exact_pair": 2.0e-9,    # one (i, j) pair of the exact kernel, float64: exp + passes
-    "exact_flop": 1.5e-11,   # one multiply-add of its GEMMs (Q K^T, P V), float64
-    "exact_pair32": 1.0e-9,  # the same in float32
-    "exact_flop32": 8.0e-12,
-    "exact_general_flop": 8.8e-11,   # one multiply-add of the general-W bilinear forms
+    # exact path: medians of 3 runs of calibrate() on the development machine
+    # (2 cores, x86_64, AVX-512, OpenBLAS 0.3.30 via scipy), 2 threads, 2026-11-30
+    "exact_pair": 2.6e-9,    # one (i, j) pair of the exact kernel, float64: exp + passes
+    "exact_flop": 3.1e-11,   # one multiply-add of its GEMMs (Q K^T, P V), float64
+    "exact_pair32": 1.3e-9,  # the same in float32
+    "exact_flop32": 1.4e-11,
+    "exact_general_flop": 1.2e-9,    # one multiply-add of the general-W bilinear forms
     # fast path: medians of 5 calibrate() runs, 2 threads (numbarope._threads), 2026-11-30
     "feature": 8.3e-10,      # one monomial feature value (features(): full arrays, all threads)
     "gemm_flop": 4.9e-11,    # one multiply-add of the gemm path's fused feature-block GEMMs
@@ -507,14 +507,23 @@ def calibrate(update=True, seed=0):
 
     rng = np.random.default_rng(seed)
     c = {}
-    # exact kernel: t = pairs·(pair + flop·(E + Ev)) at two widths
-    n = 2048
-    ts = {}
-    for w in (4, 64):
-        q, k, v = (rng.standard_normal((1, n, w)) for _ in range(3))
-        ts[w] = _median_time(lambda: exact_attention(q, k, v, 0.1)) / (n * n)
-    c["exact_flop"] = max((ts[64] - ts[4]) / (2 * 64 - 2 * 4), 1e-12)
-    c["exact_pair"] = max(ts[4] - c["exact_flop"] * 8, 1e-12)
+    # exact kernel: t = pairs·(pair + flop·(E + Ev)) at two widths, per precision
+    n = 4096
+    for dt, sfx in ((np.float64, ""), (np.float32, "32")):
+        ts = {}
+        for w in (8, 64):
+            q, k, v = (rng.standard_normal((1, n, w)).astype(dt) for _ in range(3))
+            ts[w] = _median_time(lambda: exact_attention(q, k, v, 0.1)) / (n * n)
+        c["exact_flop" + sfx] = max((ts[64] - ts[8]) / (2 * 64 - 2 * 8), 1e-13)
+        c["exact_pair" + sfx] = max(ts[8] - c["exact_flop" + sfx] * 16, 1e-12)
+    # general W: the per-pair bilinear forms (E² + E multiply-adds) on top
+    ng, Eg = 512, 4
+    q, k, v = (rng.standard_normal((1, ng, Eg)) for _ in range(3))
+    W = rng.standard_normal((1, 2 * ng - 1, Eg, Eg))
+    tg = _median_time(lambda: exact_attention(q, k, v, 0.1, relative=W,
+                                              ridx=np.zeros(1, np.int64))) / (ng * ng)
+    c["exact_general_flop"] = max((tg - c["exact_pair"] - c["exact_flop"] * 2 * Eg)
+                                  / (Eg * Eg + Eg), 1e-12)
     # separable fast path as run (threads, fused feature blocks + BLAS): features of both
     # sides alone, then the whole gemm path (features + products) and the whole prefix
     # path (+ intra-chunk logits, Horner and products) at E = Ev = 16, degree 3

@@ -37,7 +37,8 @@ thread.
 
 import numpy as np
 from numba import njit, types
-from numba.extending import overload
+from llvmlite import ir as llvmir
+from numba.extending import intrinsic, overload
 
 from . import _config
 from ._threads import blas_threads, resolve_workers, run_tasks
@@ -71,8 +72,24 @@ _LN2HI32 = 0.693359375              # 9 significant bits
 _LN2LO32 = -2.12194440e-4
 
 
+@intrinsic
+def _as_float64(typingctx, bits):
+    """Reinterpret the bits of an int64 as a float64 (an LLVM bitcast; vectorises)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvmir.DoubleType())
+    return types.float64(types.int64), codegen
+
+
+@intrinsic
+def _as_float32(typingctx, bits):
+    """Reinterpret the bits of an int32 as a float32."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvmir.FloatType())
+    return types.float32(types.int32), codegen
+
+
 @njit(cache=True, nogil=True, fastmath={"contract"})
-def _exp64(x, ibuf, n, m):
+def _exp64(x, n, m):
     # No reassociation here: the shifter trick t − SHIFT relies on the order.
     lo = -708.0
     for i in range(n):
@@ -87,15 +104,14 @@ def _exp64(x, ibuf, n, m):
                     2.48015873015873e-5 + r * (2.7557319223985893e-6 + r * (
                         2.755731922398589e-7 + r * (2.505210838544172e-8 + r * (
                             2.08767569878681e-9 + r * 1.6059043836821613e-10))))))))))))
-        x[i] = p if xi > lo else 0.0
-        ibuf[i] = (np.int64(kf) + 1023) << 52
-    return _scale_sum(x, ibuf[:n].view(np.float64), n)
+        scale = _as_float64((np.int64(kf) + 1023) << 52)      # 2^k, exact
+        x[i] = p * scale if xi > lo else 0.0
+    return _row_sum(x, n)
 
 
 @njit(cache=True, nogil=True, fastmath={"contract"})
-def _exp32(x, ibuf, n, m):
+def _exp32(x, n, m):
     lo = np.float32(-87.0)
-    ib = ibuf.view(np.int32)
     m32 = np.float32(m)
     for i in range(n):
         xi = x[i] - m32
@@ -107,42 +123,39 @@ def _exp32(x, ibuf, n, m):
             np.float32(1.6666667e-1) + r * (np.float32(4.1666668e-2) + r * (
                 np.float32(8.333334e-3) + r * (np.float32(1.3888889e-3) + r * (
                     np.float32(1.9841270e-4))))))))
-        x[i] = p if xi > lo else np.float32(0.0)
-        ib[i] = (np.int32(kf) + np.int32(127)) << np.int32(23)
-    return _scale_sum(x, ib[:n].view(np.float32), n)
+        scale = _as_float32((np.int32(kf) + np.int32(127)) << np.int32(23))
+        x[i] = p * scale if xi > lo else np.float32(0.0)
+    return _row_sum(x, n)
 
 
 @njit(cache=True, nogil=True, fastmath=_FM)
-def _scale_sum(x, f, n):
-    # x *= 2^k (exact), and the float64 sum (re-associated: vectorised; the sum
-    # of n positive terms keeps its γ_n bound in any order)
+def _row_sum(x, n):
+    # float64 sum, re-associated (vectorised): a sum of n positive terms keeps its
+    # γ_n bound in any order
     tot = 0.0
     for i in range(n):
-        y = x[i] * f[i]
-        x[i] = y
-        tot += np.float64(y)
+        tot += np.float64(x[i])
     return tot
 
 
-def _exp_block(x, ibuf, n, m):
-    """x[:n] = exp(x[:n] − m) in place, for x <= m (−inf → 0); returns Σ x[:n] in
-    float64. ibuf: (>= n,) int64 scratch. (Implemented for numba only.)"""
+def _exp_block(x, n, m):
+    """x[:n] = exp(x[:n] − m) in place, for x <= m + headroom (−inf → 0); returns
+    Σ x[:n] in float64. (Implemented for numba only.)"""
     raise NotImplementedError("numba-only")
 
 
 @overload(_exp_block)
-def _exp_block_impl(x, ibuf, n, m):
+def _exp_block_impl(x, n, m):
     if x.dtype == types.float64:
-        return lambda x, ibuf, n, m: _exp64(x, ibuf, n, m)
-    return lambda x, ibuf, n, m: _exp32(x, ibuf, n, m)
+        return lambda x, n, m: _exp64(x, n, m)
+    return lambda x, n, m: _exp32(x, n, m)
 
 
 @njit(cache=True, nogil=True, fastmath={"contract"})
 def exp_kernel(x):
     """exp of a 1-D array of values <= 0 with :func:`_exp_block` (for tests)."""
     out = x.copy()
-    ibuf = np.empty(x.size, np.int64)
-    _exp_block(out, ibuf, x.size, 0.0)
+    _exp_block(out, x.size, 0.0)
     return out
 
 
@@ -156,7 +169,6 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
     Ev = v.shape[2]
     dt = q.dtype
     Sbuf = np.empty(row_block * key_block, dt)
-    ibuf = np.empty(key_block, np.int64)
     acc = np.empty((row_block, Ev))
     PV = np.empty(row_block * Ev, dt)
     mx = np.empty(row_block)
@@ -235,7 +247,7 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
                     for c in range(Ev):
                         acc[r, c] *= corr
                     mx[r] = mnew
-                den[r] += _exp_block(row, ibuf, kb, mx[r])
+                den[r] += _exp_block(row, kb, mx[r])
             P = PV[:rb * Ev].reshape((rb, Ev))
             if Ev > 0:
                 np.dot(S, v[b, j0:j1], P)

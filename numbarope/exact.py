@@ -64,7 +64,7 @@ _FM = set(_config.FASTMATH)
 #: * float32: measured over every float32 in (−87, 0] with
 #:   ``NUMBAROPE_FULL_TESTS=1`` (tests/test_field_reports.py::
 #:   test_exp_kernel_float32_every_input_sampled; every 97th one by default):
-#:   below 2u; 4u is claimed.
+#:   1.33u at worst over all 1,118,699,520 inputs; 4u is claimed.
 EXP_ULPS = {np.dtype(np.float64): 64.0, np.dtype(np.float32): 4.0}
 #: Arguments below this give exactly 0 (weights that would be subnormal).
 EXP_FLUSH = {np.dtype(np.float64): -708.0, np.dtype(np.float32): -87.0}

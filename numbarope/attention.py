@@ -37,6 +37,7 @@ class _Problem:
     compute_dtype: np.dtype = np.dtype(np.float64)   # exact path's logits, exp, P·V
     computed_radius: np.ndarray | None = None        # proven radii (set by _radii)
     computed_radius1: np.ndarray | None = None
+    precision_given: bool = False
     _weights: dict = field(default_factory=dict, repr=False)
 
     def weights(self, b):
@@ -211,11 +212,14 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
     if rel is not None:
         need += 8 * rel.size
     if need > _config.memory_limit():
+        fix = ("split the batch into smaller calls" if B > 1 else
+               "one head of this length does not fit: shorten the sequence, or free "
+               "memory (or raise numbarope._config.MEMORY_FRACTION)")
         raise ValueError(
             f"this call needs about {need / 2**30:.2f} GiB of working memory (float64 "
-            f"copies of {B} heads of n={n}), more than the limit "
+            f"copies of {B} head(s) of n={n}), more than the limit "
             f"{_config.memory_limit() / 2**30:.2f} GiB (numbarope._config.MEMORY_FRACTION "
-            f"of the available RAM); split the batch into smaller calls")
+            f"of the available RAM); {fix}")
     _check_finite(q, "query")
     _check_finite(k, "key")
     _check_finite(v, "value")
@@ -250,7 +254,8 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
     compute = np.dtype(precision if precision is not None else
                        ("float32" if dtype == np.float32 else "float64"))
     return _Problem(q64, k64, v64, rel, ridx, bia, bidx, bool(is_causal), s,
-                    tuple(batch_shape), dtype, n, E, Ev, compute)
+                    tuple(batch_shape), dtype, n, E, Ev, compute,
+                    precision_given=precision is not None)
 
 
 def _toeplitz_weights(p, b):
@@ -326,8 +331,32 @@ def _radii(p, radius):
     return R, R1
 
 
+#: Logit bounds (s·Σ|q_e k_e|) above which a compute dtype could overflow in the
+#: logits, their GEMM's partial sums or exp's argument handling.
+_LOGIT_LIMIT = {np.dtype(np.float32): 1e36, np.dtype(np.float64): 1e306}
+
+
+def _check_logit_range(p):
+    """Upgrade float32 compute to float64 (or refuse) where the logits could overflow."""
+    R1 = float(np.max(p.computed_radius1, initial=0.0))
+    if p.n == 0 or not R1 > _LOGIT_LIMIT[p.compute_dtype]:
+        return
+    if p.compute_dtype == np.float32 and R1 <= _LOGIT_LIMIT[np.dtype(np.float64)]:
+        if p.precision_given:
+            raise ValueError(
+                f"precision='float32' cannot hold these logits: s·max‖q‖·max‖k‖ = {R1:.3g} "
+                f"overflows float32; use precision='float64' (or None) or smaller inputs")
+        p.compute_dtype = np.dtype(np.float64)
+        return
+    raise ValueError(
+        f"the logits of these inputs overflow float64 (s·max‖q‖·max‖k‖ = {R1:.3g}); "
+        f"softmax attention has no finite float64 evaluation here: scale query and key "
+        f"down (or pass a smaller scale)")
+
+
 def _plans(p, method, eps, degree, approx, radius):
     R, R1 = _radii(p, radius)
+    _check_logit_range(p)
     heads = []
     for b in range(p.q.shape[0]):
         T = p.weights(b)
@@ -374,11 +403,13 @@ def _exact_rows(p, b, rows):
     return out
 
 
-def _value_scale(v):
-    """A power of two f with max|f·v| <= 2**1000, so that sums of values cannot overflow
-    (values near the float64 maximum); 1.0 for all ordinary inputs. Exact to undo."""
+def _value_scale(v, dtype=np.float64):
+    """A power of two f with max|f·v| <= 2**1000 (float64) or 2**100 (float32), so that
+    sums of weighted values cannot overflow (values near the dtype's maximum); 1.0
+    for all ordinary inputs. Exact to undo."""
     vmax = float(np.abs(v).max(initial=0.0))
-    return 2.0 ** -(int(np.ceil(np.log2(vmax))) - 1000) if vmax > 2.0 ** 1000 else 1.0
+    top = 1000 if np.dtype(dtype) == np.float64 else 100
+    return 2.0 ** -(int(np.ceil(np.log2(vmax))) - top) if vmax > 2.0 ** top else 1.0
 
 
 def _run(p, heads, verify, workers=None):
@@ -393,10 +424,10 @@ def _run(p, heads, verify, workers=None):
             a = a if every else a[exact_ids]
             return np.ascontiguousarray(a, dtype=cd)
 
-        v = take(p.v)
-        f = _value_scale(v) if cd == np.float64 else 1.0   # float32 values cannot overflow
+        f = _value_scale(p.v if every else p.v[exact_ids], cd)
+        v = take(p.v * f if f != 1.0 else p.v)
         out[exact_ids] = exact_attention(
-            take(p.q), take(p.k), v * f if f != 1.0 else v, p.scale,
+            take(p.q), take(p.k), v, p.scale,
             relative=None if p.relative is None else np.ascontiguousarray(p.relative,
                                                                           dtype=cd),
             ridx=None if p.ridx is None else p.ridx[exact_ids],
@@ -577,6 +608,13 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
         raise TypeError(f"return_info must be True or False, got {return_info!r}")
     p = _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precision)
     heads = _plans(p, method, eps_f, degree, approx, radius)
+    for h in heads:
+        if h.method == "fast" and not np.isfinite(h.error_bound):
+            warnings.warn(
+                f"head {h.head}: degree={h.degree} certifies no accuracy at logit radius "
+                f"R={h.radius:.3g} (error_bound=inf): the output may lie far outside the "
+                f"range of value; use method='exact' or 'auto', or omit degree=",
+                RuntimeWarning, stacklevel=2)
     out = _run(p, heads, verify, nthreads)
     out = out.reshape(p.batch_shape + (p.n, p.Ev)).astype(p.dtype, copy=False)
     if return_info:

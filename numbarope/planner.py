@@ -117,7 +117,7 @@ class AttentionInfo:
         verified = any(h.observed_error is not None for h in self.heads)
         obs = f" {'observed':>9}" if verified else ""
         head = (f"{'head':>10} {'R':>8} {'method':>6} {'algorithm':>12} {'deg':>4} "
-                f"{'features':>9} {'bound':>9}{obs} {'t_exact':>9} {'t_fast':>9}  reason")
+                f"{'features':>9} {'bound':>9}{obs} {'time_exact':>10} {'time_fast':>9}  reason")
         lines = [head]
         for h in self.heads:
             deg = "-" if h.degree is None else str(h.degree)
@@ -128,7 +128,7 @@ class AttentionInfo:
                 ob = " " + ("-" if h.observed_error is None else f"{h.observed_error:9.2e}").rjust(9)
             lines.append(
                 f"{str(h.head):>10} {h.radius:8.3f} {h.method:>6} {h.algorithm:>12} "
-                f"{deg:>4} {feat:>9} {h.error_bound:9.2e}{ob} {h.time_exact:9.2e} {tf:>9}  "
+                f"{deg:>4} {feat:>9} {h.error_bound:9.2e}{ob} {h.time_exact:10.2e} {tf:>9}  "
                 f"{h.reason}")
         return "\n".join(lines)
 
@@ -292,12 +292,13 @@ def rounding_term(n, m, coef, radius, radius1, delta, fft_length_=None, row_mass
     g = len(coef) - 1
     kk = n + m + 2 * g + 2
     gamma = kk * u / (1 - kk * u)
-    P1 = float(np.sum(np.abs(coef) * min(radius1, 1e300) ** np.arange(len(coef))))
-    scale_ = np.exp(min(radius, 700.0)) / max(1e-300, 1 - delta)
-    rnd = gamma * P1 * scale_
-    if fft_length_ is not None:
-        rnd += (7.5 * u * np.log2(max(fft_length_, 2)) * n * P1 * scale_
-                / max(row_mass, 1e-300))
+    with np.errstate(over="ignore", invalid="ignore"):      # inf is the honest answer
+        P1 = float(np.sum(np.abs(coef) * min(radius1, 1e300) ** np.arange(len(coef))))
+        scale_ = np.exp(min(radius, 700.0)) / max(1e-300, 1 - delta)
+        rnd = gamma * P1 * scale_
+        if fft_length_ is not None:
+            rnd += (7.5 * u * np.log2(max(fft_length_, 2)) * n * P1 * scale_
+                    / max(row_mass, 1e-300))
     return rnd
 
 
@@ -329,8 +330,9 @@ def _polynomial(radius, target, degree, approx):
         if degree is not None:
             return exp_approximation(r, degree=degree, kind=approx), None
         return exp_approximation(r, eps=target, kind=approx), None
-    except ValueError:
-        why = (f"no {approx} polynomial of degree <= MAX_DEGREE={_config.MAX_DEGREE} "
+    except ValueError as exc:
+        why = (str(exc) if degree is not None else
+               f"no {approx} polynomial of degree <= MAX_DEGREE={_config.MAX_DEGREE} "
                f"certifies eps at R={radius:.3g}")
         _FAILED[key] = why
         return None, why

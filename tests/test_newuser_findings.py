@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import numbarope as nr
+from numbarope import rope_attention
 from numbarope.cli import main
 
 
@@ -163,3 +164,50 @@ def test_cli_usage_errors_are_one_line(argv):
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "error" in lines[0], res.stderr
     assert res.stdout == ""
+
+
+# ---- second new-user round (after the float32 exact path landed)
+
+def test_float32_values_near_the_maximum_stay_finite():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 32, 8)) for _ in range(3))
+    vb = (v / np.abs(v).max() * 3e38).astype(np.float32)
+    out, info = rope_attention((q * 0.3).astype(np.float32), (k * 0.3).astype(np.float32),
+                               vb, rotary=True, return_info=True)
+    ref = rope_attention(q * 0.3, k * 0.3, vb.astype(np.float64), rotary=True,
+                         method="exact", precision="float64")
+    assert np.isfinite(out).all()
+    assert np.abs(out.astype(np.float64) - ref).max() <= info.error_bound.max()
+
+
+def test_logits_beyond_float32_use_float64_or_are_refused():
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((1, 32, 8)) for _ in range(3))
+    q32, k32, v32 = ((q * 1e20).astype(np.float32), (k * 1e20).astype(np.float32),
+                     v.astype(np.float32))
+    out, info = rope_attention(q32, k32, v32, rotary=True, return_info=True)
+    assert list(info.precision) == ["float64"] and np.abs(out).max() > 0.1
+    ref = rope_attention(q32, k32, v32, rotary=True, precision="float64")
+    np.testing.assert_array_equal(out, ref)
+    with pytest.raises(ValueError, match=r"precision='float32' cannot hold these logits"):
+        rope_attention(q32, k32, v32, rotary=True, precision="float32")
+    with pytest.raises(ValueError, match=r"overflow float64"):
+        rope_attention(q * 1e150, k * 1e160, v, rotary=True)
+
+
+def test_explicit_degree_that_certifies_nothing_warns():
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((1, 256, 4)) * 3 for _ in range(3))
+    with pytest.warns(RuntimeWarning, match=r"degree=20 certifies no accuracy"):
+        rope_attention(q, k, v, rotary=True, method="fast", degree=20)
+
+
+def test_single_head_memory_refusal_gives_applicable_advice(monkeypatch):
+    from numbarope import _config
+    monkeypatch.setattr(_config, "memory_limit", lambda: 1000)
+    q = np.zeros((1, 64, 4))
+    with pytest.raises(ValueError, match=r"one head of this length does not fit"):
+        rope_attention(q, q, q)
+    q2 = np.zeros((3, 64, 4))
+    with pytest.raises(ValueError, match=r"split the batch"):
+        rope_attention(q2, q2, q2)

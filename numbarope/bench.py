@@ -566,7 +566,7 @@ def to_markdown(result):
         "(> 1: numbarope faster). numbarope gets unrotated q, k with `rotary=Rotary()` "
         "(its time includes RoPE); torch gets q, k rotated by `numbarope.apply_rotary`. "
         "max |Δ| vs torch: max abs difference of the two outputs on the benchmark inputs; "
-        "bound: numbarope's certified `info.error_bound` on max |out − exact| "
+        "bound: numbarope's certified `info.error_bound` on max |out − true value| "
         f"(values have max |v| ≈ {vmax:.2g}).",
     ]
     errs = [f"case {r['case']} {r['name']}: {r['error']}" for r in result["rows"] if r["error"]]

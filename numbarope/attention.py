@@ -10,6 +10,7 @@ from . import _config
 from .exact import exact_attention
 from .fast import fast_general, fast_separable
 from .planner import AttentionInfo, exact_error_bound, plan_head
+from ._interop import LOW_PRECISION_UNIT, output_like, to_numpy, unexpected_keywords
 from .rotary import Rotary, rotary_tables, rotate
 
 __all__ = ["rope_attention", "plan"]
@@ -38,6 +39,7 @@ class _Problem:
     computed_radius: np.ndarray | None = None        # proven radii (set by _radii)
     computed_radius1: np.ndarray | None = None
     precision_given: bool = False
+    out_unit: float = 0.0          # unit roundoff of the returned dtype (0: float64)
     _weights: dict = field(default_factory=dict, repr=False)
 
     def weights(self, b):
@@ -113,6 +115,11 @@ def _real(x, name, what):
 PRECISIONS = (None, "float32", "float64")
 
 
+def _validate_flag(x, name):
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {x!r}")
+
+
 def _validate_precision(precision):
     if precision is not None and (not isinstance(precision, str)
                                   or precision not in PRECISIONS[1:]):
@@ -155,13 +162,34 @@ def _validate_options(method, eps, degree, approx, scale, radius, is_causal=Fals
     return eps_f
 
 
-def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precision=None):
+def _group_heads(q, k, v):
+    """Grouped-query attention (torch SDPA's ``enable_gqa``): repeat each key/value head
+    for its Hq/Hkv query heads (query head h reads key/value head h // (Hq/Hkv))."""
+    for name, a in (("query", q), ("key", k), ("value", v)):
+        if a.ndim < 3:
+            raise ValueError(f"enable_gqa=True needs a head axis: {name} must have shape "
+                             f"(..., heads, n, features), got shape {a.shape}")
+    hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
+    if hk != hv:
+        raise ValueError(f"key has {hk} heads and value {hv} (axis -3); grouped-query "
+                         f"attention needs the same number of key and value heads")
+    if hk == 0 or hq % hk:
+        raise ValueError(f"enable_gqa=True: query has {hq} heads, key/value {hk} (axis "
+                         f"-3); the query heads must be a multiple of the key/value heads")
+    g = hq // hk
+    return np.repeat(k, g, axis=-3), np.repeat(v, g, axis=-3)
+
+
+def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precision=None,
+             enable_gqa=False):
     q = _as_float_array(query, "query")
     k = _as_float_array(key, "key")
     v = _as_float_array(value, "value")
     for name, a in (("query", q), ("key", k), ("value", v)):
         if a.ndim < 2:
             raise ValueError(f"{name} must have shape (..., n, features), got shape {a.shape}")
+    if enable_gqa:
+        k, v = _group_heads(q, k, v)
     n, E = q.shape[-2:]
     if k.shape[-2:] != (n, E):
         raise ValueError(f"key has shape {k.shape}; expected (..., {n}, {E}) to match "
@@ -203,10 +231,14 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
     try:
         batch_shape = np.broadcast_shapes(*shapes)
     except ValueError:
+        gqa = (not enable_gqa and q.ndim >= 3 and k.ndim >= 3 and k.shape[-3] > 0
+               and q.shape[-3] != k.shape[-3] and q.shape[-3] % k.shape[-3] == 0)
         raise ValueError(f"leading (batch, head) dims do not broadcast: query {q.shape}, "
                          f"key {k.shape}, value {v.shape}"
                          + (f", relative {rel.shape}" if rel is not None else "")
-                         + (f", bias {bia.shape}" if bia is not None else "")) from None
+                         + (f", bias {bia.shape}" if bia is not None else "")
+                         + ("; key/value have fewer heads than query: for grouped-query "
+                            "attention pass enable_gqa=True" if gqa else "")) from None
     B = int(np.prod(batch_shape, dtype=np.int64))
     need = 8 * B * n * (3 * E + 2 * Ev)          # float64 copies of q, k, v and out
     if rel is not None:
@@ -253,9 +285,10 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
             dtype=np.float64)
     compute = np.dtype(precision if precision is not None else
                        ("float32" if dtype == np.float32 else "float64"))
+    out_unit = 2.0 ** -24 if dtype == np.float32 else 0.0
     return _Problem(q64, k64, v64, rel, ridx, bia, bidx, bool(is_causal), s,
                     tuple(batch_shape), dtype, n, E, Ev, compute,
-                    precision_given=precision is not None)
+                    precision_given=precision is not None, out_unit=out_unit)
 
 
 def _toeplitz_weights(p, b):
@@ -362,7 +395,7 @@ def _plans(p, method, eps, degree, approx, radius):
         T = p.weights(b)
         vmax = float(np.abs(p.v[b]).max(initial=0.0))
         hidx = tuple(int(i) for i in np.unravel_index(b, p.batch_shape)) if p.batch_shape else ()
-        out_rounding = 2.0 ** -24 * vmax if p.dtype == np.float32 else 0.0
+        out_rounding = p.out_unit * vmax
         ebound = exact_error_bound(p.n, p.E, p.computed_radius[b], p.computed_radius1[b],
                                    vmax, p.compute_dtype, p.relative is not None,
                                    p.bias is not None) + out_rounding
@@ -481,7 +514,11 @@ _COMMON_DOC = """
     ----------
     query : (..., n, E) array_like of float32 or float64
         Queries; leading (batch, head) dims broadcast with those of key, value,
-        relative and bias.
+        relative and bias. torch CPU tensors are accepted (float16 and bfloat16
+        too: computed in float64, returned in their dtype, the final rounding in
+        ``info.error_bound``); given torch tensors, the result is a torch tensor
+        of the promoted input dtype (no autograd). Objects with ``__dlpack__``
+        or ``__array__`` are read as numpy arrays.
     key : (..., n, E) array_like of float32 or float64
     value : (..., n, Ev) array_like of float32 or float64
     rotary : Rotary or True, optional
@@ -520,6 +557,10 @@ _COMMON_DOC = """
         do not enter R (bias is exact in the algorithm). A radius below the true
         one voids the certificate of the fast path (the exact path's bound always
         uses the computed radius).
+    enable_gqa : bool, optional
+        Grouped-query / multi-query attention, as torch SDPA: query has Hq heads
+        on axis -3, key and value Hkv with Hq % Hkv == 0; query head h reads
+        key/value head ``h // (Hq/Hkv)``.
     precision : {None, "float32", "float64"}, optional
         Compute precision of the exact path (logits, exp, the value product;
         the softmax state is always float64). None (default): float32 when all
@@ -529,10 +570,52 @@ _COMMON_DOC = """
 """
 
 
+def _from_other_libraries(query, key, value, relative, bias):
+    """numpy arrays of the inputs, the torch dtypes of query/key/value (None: not torch)
+    and the unit roundoff of the result's dtype where it is float16/bfloat16."""
+    arrays, units, tdt = [], [], []
+    for name, x in (("query", query), ("key", key), ("value", value),
+                    ("relative", relative), ("bias", bias)):
+        a, unit, dt = to_numpy(x, name)
+        arrays.append(a)
+        units.append(unit)
+        tdt.append(dt)
+    qkv = tdt[:3]
+    out_unit = None
+    if any(d is not None for d in qkv):
+        import torch
+        dt = None
+        for d in qkv:
+            if d is not None:
+                t = getattr(torch, d)
+                dt = t if dt is None else torch.promote_types(dt, t)
+        name = str(dt).replace("torch.", "")
+        if name in LOW_PRECISION_UNIT and not any(d is None for d in qkv):
+            out_unit = LOW_PRECISION_UNIT[name]
+    return arrays, qkv, out_unit
+
+
+def _setup(query, key, value, rotary, relative, bias, is_causal, scale, precision,
+           enable_gqa):
+    (q, k, v, rel, b), qkv_torch, low_unit = _from_other_libraries(query, key, value,
+                                                                    relative, bias)
+    if low_unit is not None and precision is None:
+        precision = "float64"        # float16/bfloat16 inputs: computed in float64
+    p = _prepare(q, k, v, rotary, rel, b, is_causal, scale, precision, enable_gqa)
+    if low_unit is not None:
+        p.out_unit = low_unit
+        p.precision_given = False
+    return p, qkv_torch
+
+
+_KNOWN = ("rotary", "relative", "bias", "is_causal", "scale", "method", "eps", "degree",
+          "approx", "radius", "verify", "return_info", "precision", "workers", "enable_gqa")
+
+
 def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
                    is_causal=False, scale=None, method="auto", eps=1e-3, degree=None,
                    approx="chebyshev", radius=None, verify=0, return_info=False,
-                   precision=None, workers=None):
+                   precision=None, workers=None, enable_gqa=False, **unknown):
     """RoPE / relative-position softmax attention, exact or certified fast.
 
     ``A[i, j] = exp(s·q_iᵀ W_{i−j} k_j + b_{i−j})``, ``out = D⁻¹ A V`` with
@@ -596,8 +679,11 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
     >>> bool(np.abs(out - exact).max() <= info.error_bound.max())
     True
     """
+    if unknown:
+        raise unexpected_keywords("rope_attention", unknown, _KNOWN)
     eps_f = _validate_options(method, eps, degree, approx, scale, radius, is_causal)
     _validate_precision(precision)
+    _validate_flag(enable_gqa, "enable_gqa")
     from ._threads import resolve_workers
     nthreads = resolve_workers(workers)
     if isinstance(verify, bool) or not isinstance(verify, (int, np.integer)):
@@ -606,7 +692,8 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
         raise ValueError(f"verify must be >= 0 (rows checked per head), got {verify}")
     if not isinstance(return_info, (bool, np.bool_)):
         raise TypeError(f"return_info must be True or False, got {return_info!r}")
-    p = _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precision)
+    p, qkv_torch = _setup(query, key, value, rotary, relative, bias, is_causal, scale,
+                          precision, enable_gqa)
     heads = _plans(p, method, eps_f, degree, approx, radius)
     for h in heads:
         if h.method == "fast" and not np.isfinite(h.error_bound):
@@ -617,6 +704,7 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
                 RuntimeWarning, stacklevel=2)
     out = _run(p, heads, verify, nthreads)
     out = out.reshape(p.batch_shape + (p.n, p.Ev)).astype(p.dtype, copy=False)
+    out = output_like(out, qkv_torch)
     if return_info:
         return out, AttentionInfo(heads, p.batch_shape, eps_f)
     return out
@@ -624,7 +712,7 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
 
 def plan(query, key, value, *, rotary=None, relative=None, bias=None, is_causal=False,
          scale=None, method="auto", eps=1e-3, degree=None, approx="chebyshev",
-         radius=None, precision=None):
+         radius=None, precision=None, enable_gqa=False, **unknown):
     """Plan ``rope_attention`` without computing it: per head, what and why.
 
     Takes the arguments of :func:`rope_attention` (the arrays are validated the
@@ -650,9 +738,15 @@ def plan(query, key, value, *, rotary=None, relative=None, bias=None, is_causal=
     >>> info.method[0], info.algorithm[0]
     ('fast', 'gemm')
     """
+    if unknown:
+        raise unexpected_keywords("plan", unknown,
+                                  [k for k in _KNOWN if k not in ("verify", "return_info",
+                                                                  "workers")])
     eps_f = _validate_options(method, eps, degree, approx, scale, radius, is_causal)
     _validate_precision(precision)
-    p = _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precision)
+    _validate_flag(enable_gqa, "enable_gqa")
+    p, _ = _setup(query, key, value, rotary, relative, bias, is_causal, scale, precision,
+                  enable_gqa)
     return AttentionInfo(_plans(p, method, eps_f, degree, approx, radius), p.batch_shape,
                          eps_f)
 

@@ -1,0 +1,128 @@
+"""torch tensors in and out, grouped-query attention, arguments in torch's words.
+
+The torch tests are skipped where torch is not installed; numbarope itself never
+imports torch unless it is given a tensor."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import numbarope
+from numbarope import rope_attention
+
+import naive
+
+
+def _gqa_reference(q, k, v, causal):
+    hq, hk = q.shape[-3], k.shape[-3]
+    g = hq // hk
+    out = np.empty(q.shape[:-1] + (v.shape[-1],))
+    for idx in np.ndindex(q.shape[:-3]):
+        for h in range(hq):
+            out[idx + (h,)] = naive.attention(q[idx + (h,)], k[idx + (h // g,)],
+                                              v[idx + (h // g,)], causal=causal)
+    return out
+
+
+@pytest.mark.parametrize("hq, hk", [(4, 2), (6, 1), (3, 3)])
+@pytest.mark.parametrize("method", ["exact", "fast"])
+def test_gqa_matches_the_rule_of_torch(hq, hk, method):
+    rng = np.random.default_rng(hq * 10 + hk)
+    q = rng.standard_normal((2, hq, 19, 4)) * 0.3
+    k = rng.standard_normal((2, hk, 19, 4)) * 0.3
+    v = rng.standard_normal((2, hk, 19, 3))
+    out, info = rope_attention(q, k, v, enable_gqa=True, is_causal=True, method=method,
+                               return_info=True)
+    ref = _gqa_reference(q, k, v, causal=True)
+    assert out.shape == (2, hq, 19, 3)
+    assert np.abs(out - ref).max() <= info.error_bound.max() + 1e-15
+
+
+def test_gqa_errors_say_what_to_do():
+    q = np.zeros((4, 8, 2))
+    k = np.zeros((2, 8, 2))
+    with pytest.raises(ValueError, match="pass enable_gqa=True"):
+        rope_attention(q, k, k)
+    with pytest.raises(ValueError, match="multiple of the key/value heads"):
+        rope_attention(q, np.zeros((3, 8, 2)), np.zeros((3, 8, 2)), enable_gqa=True)
+    with pytest.raises(ValueError, match="needs a head axis"):
+        rope_attention(q[0], k[0], k[0], enable_gqa=True)
+    with pytest.raises(TypeError, match="enable_gqa must be True or False"):
+        rope_attention(q, k, k, enable_gqa="yes")
+
+
+def test_unknown_keywords_get_the_right_name():
+    q = np.zeros((8, 2))
+    with pytest.raises(TypeError, match=r"'attn_mask' \(use bias="):
+        rope_attention(q, q, q, attn_mask=None)
+    with pytest.raises(TypeError, match=r"'is_casual' \(did you mean is_causal=\?\)"):
+        rope_attention(q, q, q, is_casual=True)
+    with pytest.raises(TypeError, match=r"'rope_theta' \(use rotary=numbarope.Rotary\(base"):
+        numbarope.plan(q, q, q, rope_theta=1e4)
+
+
+def test_numbarope_does_not_import_torch():
+    code = ("import numpy as np, numbarope, sys; q = np.zeros((1, 8, 2)); "
+            "numbarope.rope_attention(q, q, q); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
+torch = pytest.importorskip("torch")
+sdpa = torch.nn.functional.scaled_dot_product_attention
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_in_torch_out_matches_sdpa(causal):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 37, 8, generator=g)
+    k = torch.randn(2, 2, 37, 8, generator=g)
+    v = torch.randn(2, 2, 37, 8, generator=g)
+    out, info = rope_attention(q, k, v, enable_gqa=True, is_causal=causal, return_info=True)
+    ref = sdpa(q.double(), k.double(), v.double(), enable_gqa=True, is_causal=causal)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    # out is float32 compute (bound info.error_bound); ref is torch in float64
+    assert (out.double() - ref).abs().max().item() <= info.error_bound.max()
+
+
+@pytest.mark.parametrize("dtype, unit", [("float16", 2.0 ** -11), ("bfloat16", 2.0 ** -8)])
+def test_low_precision_tensors(dtype, unit):
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(3, 50, 8, generator=g).to(dt) for _ in range(3))
+    out, info = rope_attention(q, k, v, rotary=True, return_info=True)
+    assert out.dtype == dt
+    assert set(info.precision.ravel()) == {"float64"}
+    ref = rope_attention(q.float().double().numpy(), k.float().double().numpy(),
+                         v.float().double().numpy(), rotary=True)
+    vmax = v.float().abs().amax(dim=(-2, -1)).numpy()
+    assert np.all(info.error_bound >= unit * vmax)          # the final rounding is counted
+    assert np.all(np.abs(out.float().double().numpy() - ref).max(axis=(-2, -1))
+                  <= info.error_bound)
+
+
+def test_tensor_errors_in_torch_words():
+    q = torch.zeros(8, 2)
+    with pytest.raises(TypeError, match=r"torch.int64.*pass query.float\(\)"):
+        rope_attention(q.long(), q, q)
+    qm = torch.zeros(8, 2, device="meta")
+    with pytest.raises(ValueError, match=r"device 'meta'.*pass query.cpu\(\)"):
+        rope_attention(qm, q, q)
+
+
+def test_tensor_with_grad_and_mixed_inputs():
+    q = torch.randn(16, 4, requires_grad=True)
+    k = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)
+    out = rope_attention(q, k, k)
+    assert isinstance(out, torch.Tensor) and not out.requires_grad
+    np.testing.assert_allclose(out.numpy(), rope_attention(q.detach().numpy(), k, k),
+                               rtol=0, atol=0)
+    keep = torch.rand(31) < 0.7
+    keep[15] = True
+    out = rope_attention(q.detach(), q.detach(), q.detach(), bias=keep)
+    ref = rope_attention(q.detach().numpy(), q.detach().numpy(), q.detach().numpy(),
+                         bias=keep.numpy())
+    np.testing.assert_array_equal(out.numpy(), ref)

@@ -9,7 +9,17 @@ Conventions follow HF transformers: ``inv_freq[i] = base ** (-2 i / dim)`` for
 * ``layout="interleaved"`` (GPT-J, RoFormer): feature ``2i`` pairs with ``2i+1``.
 
 With ``dim < head_dim`` only the leading ``dim`` features are rotated (partial
-rotary, as GPT-NeoX's ``rotary_pct``). Angles are always computed in float64,
+rotary, as GPT-NeoX's ``rotary_pct``).
+
+Context-extension variants (``Rotary(scaling=...)``) follow the formulas of HF
+transformers 5.24, ``transformers/modeling_rope_utils.py``
+(``ROPE_INIT_FUNCTIONS``): :class:`LinearScaling`, :class:`DynamicNTKScaling`,
+:class:`Llama3Scaling`, :class:`YarnScaling` and :class:`LongRopeScaling`;
+:meth:`Rotary.from_hf` builds a ``Rotary`` from a model's
+``config.rope_parameters``. YaRN and LongRoPE multiply cos and sin by an
+*attention factor* ``a`` (logits of the rotated features grow by ``a**2``);
+:func:`rotary_tables` and :func:`apply_rotary` include it, :meth:`Rotary.angles`
+does not. Angles are always computed in float64,
 whatever the input dtype: a float32 angle ``p * inv_freq`` loses about 1e-3 rad
 at position 32768.
 
@@ -17,17 +27,431 @@ References
 ----------
 J. Su et al., "RoFormer: Enhanced Transformer with Rotary Position Embedding",
 Neurocomputing 568 (2024), §3.4 (eq. 34: the block rotation R_{Θ,m}).
+S. Chen et al., "Extending Context Window of Large Language Models via Positional
+Interpolation", arXiv:2306.15595 (2023) (linear scaling; also kaiokendev 2023).
+bloc97, "NTK-Aware Scaled RoPE", r/LocalLLaMA (2023), and emozilla's dynamic
+variant, as ``rope_type="dynamic"`` in transformers.
+B. Peng, J. Quesnelle, H. Fan, E. Shippole, "YaRN: Efficient Context Window
+Extension of Large Language Models", arXiv:2309.00071 (2023), §3.2-3.4
+(eq. 17-20: the ramp γ and the attention factor 0.1 ln s + 1).
+Meta, Llama 3.1 rope scaling (``apply_scaling`` in meta-llama/llama-models
+``llama3/model.py``; A. Grattafiori et al., "The Llama 3 Herd of Models",
+arXiv:2407.21783, 2024).
+Y. Ding et al., "LongRoPE: Extending LLM Context Window Beyond 2 Million Tokens",
+arXiv:2402.13753 (2024).
 """
 
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from functools import lru_cache
 
 import numpy as np
 from numba import njit
 
-__all__ = ["Rotary", "apply_rotary", "rotary_relative_matrices"]
+__all__ = ["Rotary", "apply_rotary", "rotary_relative_matrices",
+           "LinearScaling", "DynamicNTKScaling", "Llama3Scaling", "YarnScaling",
+           "LongRopeScaling"]
 
 LAYOUTS = ("half", "interleaved")
+#: Accepted spellings of the layouts; each maps to its canonical name.
+LAYOUT_ALIASES = {"neox": "half", "rotate_half": "half",
+                  "gptj": "interleaved", "rotate_every_two": "interleaved"}
+
+
+# ------------------------------------------------------------------ scalings
+def _real(owner, name, value, *, lo=None, lo_open=True, allow_none=False):
+    """``float(value)``, finite and above ``lo``; ValueError naming ``owner.name`` otherwise."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (str, bytes, bool)) or value is None:
+        raise ValueError(f"{owner}: {name} must be a real number, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{owner}: {name} must be a real number, got {value!r}") from None
+    if not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)):
+        bound = "" if lo is None else f" and {'>' if lo_open else '>='} {lo:g}"
+        raise ValueError(f"{owner}: {name} must be finite{bound}, got {value!r}")
+    return v
+
+
+def _length(owner, name, value):
+    """A positive int (a context length in tokens)."""
+    if isinstance(value, (bool, float)) and not (isinstance(value, float) and value.is_integer()):
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer, float)) or value < 1:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _default_inv_freq(base, dim):
+    return base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+
+
+class _Scaling:
+    """Common interface: ``inv_freq(base, dim, seq_len)`` and ``attention_factor``."""
+
+    #: True when the frequencies depend on the sequence length of the call.
+    depends_on_seq_len = False
+
+    @property
+    def effective_attention_factor(self):
+        """Factor multiplying cos and sin (1.0: none)."""
+        return 1.0
+
+
+@dataclass(frozen=True)
+class LinearScaling(_Scaling):
+    """Linear position interpolation: ``inv_freq / factor`` (transformers ``"linear"``).
+
+    Parameters
+    ----------
+    factor : float
+        Positions are divided by ``factor`` (> 0).
+
+    References
+    ----------
+    Chen et al. 2023, arXiv:2306.15595, eq. (4).
+    """
+
+    factor: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "factor", _real("LinearScaling", "factor", self.factor, lo=0))
+
+    def inv_freq(self, base, dim, seq_len=None):
+        return _default_inv_freq(base, dim) / self.factor
+
+
+@dataclass(frozen=True)
+class DynamicNTKScaling(_Scaling):
+    """Dynamic NTK-aware scaling (transformers ``"dynamic"``).
+
+    For a call on ``seq_len`` positions (``max position + 1``) longer than
+    ``original_max_position_embeddings`` = L, the base grows to
+    ``base · (factor · seq_len / L − (factor − 1)) ** (dim / (dim − 2))``; up to
+    L the frequencies are the unscaled ones. Unlike transformers'
+    ``LlamaRotaryEmbedding`` no state is kept between calls: each call uses the
+    frequencies of its own length (transformers keeps the longest length seen
+    until a call shorter than L resets it).
+
+    Parameters
+    ----------
+    factor : float
+        Scaling factor (> 0).
+    original_max_position_embeddings : int
+        L, the length trained on (transformers uses ``config.max_position_embeddings``).
+
+    References
+    ----------
+    bloc97 (NTK-aware) and emozilla (dynamic), r/LocalLLaMA 2023; Peng et al.
+    2023 (YaRN), §3.3.
+    """
+
+    factor: float
+    original_max_position_embeddings: int
+
+    depends_on_seq_len = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "factor", _real("DynamicNTKScaling", "factor", self.factor, lo=0))
+        object.__setattr__(self, "original_max_position_embeddings",
+                           _length("DynamicNTKScaling", "original_max_position_embeddings",
+                                   self.original_max_position_embeddings))
+
+    def inv_freq(self, base, dim, seq_len=None):
+        L = self.original_max_position_embeddings
+        seq_len = L if seq_len is None else max(float(seq_len), L)
+        if dim > 2:       # with one pair the frequency is base**0 = 1 whatever the base
+            base = base * (self.factor * seq_len / L - (self.factor - 1)) ** (dim / (dim - 2))
+        return _default_inv_freq(base, dim)
+
+
+@dataclass(frozen=True)
+class Llama3Scaling(_Scaling):
+    """Llama 3.1 frequency-dependent scaling (transformers ``"llama3"``).
+
+    With wavelength ``λ = 2π / inv_freq``: ``λ < L / high_freq_factor`` are
+    kept, ``λ > L / low_freq_factor`` are divided by ``factor``, and in between
+    ``(1 − s) inv_freq / factor + s inv_freq`` with ``s = (L / λ −
+    low_freq_factor) / (high_freq_factor − low_freq_factor)``.
+
+    Parameters
+    ----------
+    factor : float
+        Scaling of the low frequencies (> 0; 8 in Llama 3.1).
+    low_freq_factor, high_freq_factor : float
+        Bounds of the smoothed band (1 and 4 in Llama 3.1); ``0 < low < high``.
+    original_max_position_embeddings : int
+        L, the pretraining length (8192 in Llama 3.1).
+
+    References
+    ----------
+    Meta, Llama 3.1 ``apply_scaling`` (meta-llama/llama-models); Grattafiori
+    et al. 2024, arXiv:2407.21783.
+    """
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            object.__setattr__(self, name, _real("Llama3Scaling", name, getattr(self, name), lo=0))
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                f"Llama3Scaling: high_freq_factor must be > low_freq_factor, got "
+                f"high_freq_factor={self.high_freq_factor} and low_freq_factor={self.low_freq_factor}")
+        object.__setattr__(self, "original_max_position_embeddings",
+                           _length("Llama3Scaling", "original_max_position_embeddings",
+                                   self.original_max_position_embeddings))
+
+    def inv_freq(self, base, dim, seq_len=None):
+        inv = _default_inv_freq(base, dim)
+        L = self.original_max_position_embeddings
+        wavelen = 2 * np.pi / inv
+        out = np.where(wavelen > L / self.low_freq_factor, inv / self.factor, inv)
+        smooth = (L / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        smoothed = (1 - smooth) * out / self.factor + smooth * out
+        medium = ~(wavelen < L / self.high_freq_factor) & ~(wavelen > L / self.low_freq_factor)
+        return np.where(medium, smoothed, out)
+
+
+def _yarn_mscale(scale, mscale=1.0):
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+@dataclass(frozen=True)
+class YarnScaling(_Scaling):
+    """YaRN: NTK-by-parts interpolation and attention temperature (transformers ``"yarn"``).
+
+    Pair ``i`` gets ``inv_freq · ((1 − γ_i) / factor + γ_i)`` with the ramp
+    ``γ_i = 1 − clip((i − low) / (high − low), 0, 1)``, where ``low``/``high``
+    are the pair indices that turn ``beta_fast``/``beta_slow`` times in
+    ``original_max_position_embeddings`` positions (floored/ceiled when
+    ``truncate``). cos and sin are multiplied by :attr:`attention_factor`.
+
+    Parameters
+    ----------
+    factor : float
+        Context extension factor s (> 0).
+    original_max_position_embeddings : int
+        Pretraining length L.
+    beta_fast, beta_slow : float, optional
+        Ramp bounds in rotations (32 and 1 as in the paper).
+    attention_factor : float or None, optional
+        Explicit factor on cos and sin; default ``0.1 ln s + 1`` (1 for s <= 1),
+        or ``mscale(s, mscale) / mscale(s, mscale_all_dim)`` when both are set
+        (DeepSeek-V2/V3).
+    mscale, mscale_all_dim : float or None, optional
+        See ``attention_factor``.
+    truncate : bool, optional
+        Round the ramp bounds to integers (default True, as transformers).
+
+    References
+    ----------
+    Peng et al. 2023, arXiv:2309.00071, §3.2 (eq. 17-18, ramp) and §3.4 (eq. 22,
+    ``sqrt(1/t) = 0.1 ln s + 1``).
+    """
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self):
+        o = "YarnScaling"
+        s = object.__setattr__
+        s(self, "factor", _real(o, "factor", self.factor, lo=0))
+        s(self, "original_max_position_embeddings",
+          _length(o, "original_max_position_embeddings", self.original_max_position_embeddings))
+        s(self, "beta_fast", _real(o, "beta_fast", self.beta_fast, lo=0))
+        s(self, "beta_slow", _real(o, "beta_slow", self.beta_slow, lo=0))
+        if self.beta_fast < self.beta_slow:
+            raise ValueError(f"YarnScaling: beta_fast must be >= beta_slow, got beta_fast="
+                             f"{self.beta_fast!r} and beta_slow={self.beta_slow!r}")
+        s(self, "attention_factor", _real(o, "attention_factor", self.attention_factor, lo=0,
+                                          allow_none=True))
+        s(self, "mscale", _real(o, "mscale", self.mscale, allow_none=True))
+        s(self, "mscale_all_dim", _real(o, "mscale_all_dim", self.mscale_all_dim, allow_none=True))
+        if not isinstance(self.truncate, (bool, np.bool_)):
+            raise ValueError(f"YarnScaling: truncate must be a bool, got {self.truncate!r}")
+        s(self, "truncate", bool(self.truncate))
+
+    @property
+    def effective_attention_factor(self):
+        """Factor on cos and sin: ``attention_factor``, else from ``factor`` (and mscales)."""
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.mscale and self.mscale_all_dim:
+            return _yarn_mscale(self.factor, self.mscale) / _yarn_mscale(self.factor, self.mscale_all_dim)
+        return _yarn_mscale(self.factor)
+
+    def inv_freq(self, base, dim, seq_len=None):
+        L = self.original_max_position_embeddings
+
+        def correction_dim(rotations):
+            return dim * math.log(L / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001     # as transformers: avoid 0/0
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+        extrapolation = 1.0 - ramp
+        inv = _default_inv_freq(base, dim)
+        return inv / self.factor * (1 - extrapolation) + inv * extrapolation
+
+
+@dataclass(frozen=True)
+class LongRopeScaling(_Scaling):
+    """LongRoPE per-frequency rescaling (transformers ``"longrope"``, Phi-3).
+
+    ``inv_freq[i] / ext[i]`` with ``ext = long_factor`` when the call's
+    ``seq_len`` (max position + 1) exceeds ``original_max_position_embeddings``,
+    ``short_factor`` otherwise. cos and sin are multiplied by
+    :attr:`attention_factor`, default ``sqrt(1 + ln factor / ln L)`` (1 when
+    ``factor <= 1``).
+
+    Parameters
+    ----------
+    short_factor, long_factor : sequence of float
+        One positive factor per rotated pair (``dim / 2`` each).
+    original_max_position_embeddings : int
+        L, the pretraining length.
+    factor : float, optional
+        Extension factor, used only for the default attention factor (transformers
+        uses ``max_position_embeddings / L`` when it is missing).
+    attention_factor : float or None, optional
+        Explicit factor on cos and sin.
+
+    References
+    ----------
+    Ding et al. 2024, arXiv:2402.13753.
+    """
+
+    short_factor: tuple
+    long_factor: tuple
+    original_max_position_embeddings: int
+    factor: float = 1.0
+    attention_factor: float | None = None
+
+    depends_on_seq_len = True
+
+    def __post_init__(self):
+        o = "LongRopeScaling"
+        s = object.__setattr__
+        for name in ("short_factor", "long_factor"):
+            val = getattr(self, name)
+            if isinstance(val, (str, bytes)) or not hasattr(val, "__len__") or len(val) == 0:
+                raise ValueError(f"{o}: {name} must be a non-empty sequence of numbers, got {val!r}")
+            s(self, name, tuple(_real(o, f"{name}[{i}]", v, lo=0) for i, v in enumerate(val)))
+        if len(self.short_factor) != len(self.long_factor):
+            raise ValueError(f"{o}: short_factor and long_factor must have the same length, got "
+                             f"{len(self.short_factor)} and {len(self.long_factor)}")
+        s(self, "original_max_position_embeddings",
+          _length(o, "original_max_position_embeddings", self.original_max_position_embeddings))
+        s(self, "factor", _real(o, "factor", self.factor, lo=0))
+        s(self, "attention_factor", _real(o, "attention_factor", self.attention_factor, lo=0,
+                                          allow_none=True))
+
+    @property
+    def effective_attention_factor(self):
+        """Factor on cos and sin: ``attention_factor``, else ``sqrt(1 + ln factor / ln L)``."""
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.factor <= 1.0:
+            return 1.0
+        return math.sqrt(1 + math.log(self.factor) / math.log(self.original_max_position_embeddings))
+
+    def inv_freq(self, base, dim, seq_len=None):
+        if len(self.short_factor) != dim // 2:
+            raise ValueError(
+                f"LongRopeScaling: short_factor and long_factor have {len(self.short_factor)} "
+                f"entries, the rotary dim {dim} needs {dim // 2}")
+        long = seq_len is not None and seq_len > self.original_max_position_embeddings
+        ext = np.array(self.long_factor if long else self.short_factor, dtype=np.float64)
+        return _default_inv_freq(base, dim) / ext
+
+
+_SCALINGS = (LinearScaling, DynamicNTKScaling, Llama3Scaling, YarnScaling, LongRopeScaling)
+
+#: transformers ``rope_parameters`` keys (5.24 ``RopeParameters``, plus the legacy "type").
+_HF_KEYS = frozenset({
+    "rope_theta", "rope_type", "type", "partial_rotary_factor", "factor",
+    "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
+    "short_factor", "long_factor", "low_freq_factor", "high_freq_factor", "mscale",
+    "mscale_all_dim", "truncate", "mrope_section"})
+_HF_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+
+
+def _scaling_from_hf(params, max_position_embeddings):
+    """The scaling object of a transformers ``rope_parameters`` dict (None for "default")."""
+    kind = params.get("rope_type", params.get("type", "default"))
+    where = "Rotary.from_hf"
+    if kind not in _HF_TYPES:
+        raise ValueError(f"{where}: rope_type={kind!r} is not supported; use one of {_HF_TYPES}")
+    if params.get("mrope_section") is not None:
+        raise ValueError(f"{where}: mrope_section (multimodal RoPE) is not supported")
+
+    def need(key):
+        if params.get(key) is None:
+            raise ValueError(f"{where}: rope_type={kind!r} needs rope_parameters[{key!r}]")
+        return params[key]
+
+    def original():
+        if params.get("original_max_position_embeddings") is not None:
+            return params["original_max_position_embeddings"]
+        if max_position_embeddings is None:
+            raise ValueError(f"{where}: rope_type={kind!r} needs rope_parameters"
+                             "['original_max_position_embeddings'] or max_position_embeddings")
+        return max_position_embeddings      # as transformers' standardize_rope_params
+
+    def implicit_factor(L):
+        if params.get("factor") is not None:
+            return params["factor"]
+        if max_position_embeddings is None:
+            raise ValueError(f"{where}: rope_type={kind!r} needs rope_parameters['factor'] or "
+                             "max_position_embeddings (factor = max_position_embeddings / "
+                             "original_max_position_embeddings)")
+        return _length(where, "max_position_embeddings", max_position_embeddings) / _length(
+            where, "original_max_position_embeddings", L)
+
+    if kind == "default":
+        return None
+    if kind == "linear":
+        return LinearScaling(need("factor"))
+    if kind == "dynamic":
+        # transformers 5.24 compares the length with config.max_position_embeddings
+        L = max_position_embeddings
+        if L is None:
+            L = params.get("original_max_position_embeddings")
+        if L is None:
+            raise ValueError(f"{where}: rope_type='dynamic' needs max_position_embeddings")
+        return DynamicNTKScaling(need("factor"), L)
+    if kind == "llama3":
+        return Llama3Scaling(need("factor"), need("low_freq_factor"), need("high_freq_factor"),
+                             original())
+    if kind == "yarn":
+        L = original()
+        # transformers reads beta_fast/beta_slow with `or`: 0 and None mean the default
+        return YarnScaling(implicit_factor(L), L, beta_fast=params.get("beta_fast") or 32.0,
+                           beta_slow=params.get("beta_slow") or 1.0,
+                           attention_factor=params.get("attention_factor"),
+                           mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
+                           truncate=params.get("truncate", True))
+    L = original()     # longrope
+    return LongRopeScaling(need("short_factor"), need("long_factor"), L,
+                           factor=implicit_factor(L),
+                           attention_factor=params.get("attention_factor"))
 
 
 @dataclass(frozen=True)
@@ -43,16 +467,34 @@ class Rotary:
         Frequency base (10000.0 in RoFormer and Llama 2; 500000.0 in Llama 3).
     layout : {"half", "interleaved"}, optional
         Feature pairing: ``"half"`` pairs ``i`` with ``i + dim/2`` (HF
-        ``rotate_half``), ``"interleaved"`` pairs ``2i`` with ``2i+1``.
-    scaling : float or None, optional
-        Linear position interpolation factor (positions are divided by it, as
-        HF ``rope_scaling={"type": "linear"}``). ``None`` means 1.
+        ``rotate_half``), ``"interleaved"`` pairs ``2i`` with ``2i+1``. Aliases:
+        ``"neox"`` and ``"rotate_half"`` for ``"half"``; ``"gptj"`` and
+        ``"rotate_every_two"`` for ``"interleaved"`` (stored as the canonical name).
+    scaling : float, LinearScaling, DynamicNTKScaling, Llama3Scaling, YarnScaling, LongRopeScaling or None, optional
+        Context-extension variant. A float ``s`` means ``LinearScaling(s)``
+        (positions divided by ``s``, as HF ``rope_type="linear"``). ``None``:
+        plain RoPE. To use a transformers ``config.rope_parameters`` dict, see
+        :meth:`from_hf`.
 
     Raises
     ------
     ValueError
         If ``layout`` is unknown, ``base`` is not finite and > 1, ``dim`` is
         not a positive even integer, or ``scaling`` is not finite and > 0.
+    TypeError
+        If ``base`` or ``dim`` is not a number, or ``scaling`` is not one of the
+        types above.
+
+    Notes
+    -----
+    The scaling formulas are those of HF transformers 5.24
+    (``modeling_rope_utils.ROPE_INIT_FUNCTIONS``), computed in float64.
+    Frequencies of :class:`DynamicNTKScaling` and :class:`LongRopeScaling`
+    depend on the sequence length of each call, ``max(positions) + 1`` (``n``
+    for the default positions), with no state kept between calls. YaRN and
+    LongRoPE multiply cos and sin by :attr:`attention_factor`, which
+    :func:`rotary_tables`, :func:`apply_rotary` and ``rope_attention`` apply to
+    the rotated features (the logits of those features grow by its square).
 
     Examples
     --------
@@ -61,17 +503,25 @@ class Rotary:
     >>> x = np.array([[1.0, 2.0, 3.0, 4.0]])
     >>> np.round(apply_rotary(x, Rotary(), positions=[1]), 4)
     array([[-1.9841,  1.9599,  2.4624,  4.0198]])
+    >>> rot = Rotary.from_hf({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+    ...                       "original_max_position_embeddings": 2048})
+    >>> round(rot.attention_factor, 6)
+    1.138629
     """
 
     dim: int | None = None
     base: float = 10000.0
     layout: str = "half"
-    scaling: float | None = None
+    scaling: float | _Scaling | None = None
 
     def __post_init__(self):
-        if self.layout not in LAYOUTS:
+        layout = LAYOUT_ALIASES.get(self.layout, self.layout) if isinstance(self.layout, str) \
+            else self.layout
+        if layout not in LAYOUTS:
             raise ValueError(
-                f"Rotary: layout={self.layout!r} is unknown; use one of {LAYOUTS}")
+                f"Rotary: layout={self.layout!r} is unknown; use one of {LAYOUTS} or the "
+                f"aliases {', '.join(f'{a!r} ({c})' for a, c in LAYOUT_ALIASES.items())}")
+        object.__setattr__(self, "layout", layout)
         if isinstance(self.base, (str, bytes, bool)):
             raise TypeError(f"Rotary: base must be a real number, got {self.base!r}")
         try:
@@ -88,18 +538,111 @@ class Rotary:
                 raise ValueError(
                     f"Rotary: dim must be a positive even integer, got {self.dim}")
             object.__setattr__(self, "dim", int(self.dim))
-        if isinstance(self.scaling, (str, bytes, bool)):
-            raise TypeError(f"Rotary: scaling must be a real number or None, got "
+        if isinstance(self.scaling, Mapping):
+            raise TypeError("Rotary: scaling does not take a dict; use Rotary.from_hf("
+                            "config.rope_parameters, ...) for transformers' rope_parameters")
+        if isinstance(self.scaling, (str, bytes, bool)) or not (
+                self.scaling is None or isinstance(self.scaling, _SCALINGS)
+                or isinstance(self.scaling, (int, float, np.integer, np.floating))):
+            raise TypeError(f"Rotary: scaling must be a real number, one of "
+                            f"{', '.join(c.__name__ for c in _SCALINGS)} or None, got "
                             f"{self.scaling!r}")
-        if self.scaling is not None:
+        if self.scaling is not None and not isinstance(self.scaling, _SCALINGS):
             try:
-                sc = float(self.scaling)
-            except (TypeError, ValueError):
-                raise TypeError(f"Rotary: scaling must be a real number or None, got "
-                                f"{self.scaling!r}") from None
-            if not np.isfinite(sc) or sc <= 0:
-                raise ValueError(f"Rotary: scaling must be finite and > 0, got {self.scaling!r}")
+                sc = LinearScaling(self.scaling)
+            except ValueError:
+                raise ValueError(f"Rotary: scaling must be finite and > 0, got "
+                                 f"{self.scaling!r}") from None
             object.__setattr__(self, "scaling", sc)
+
+    @classmethod
+    def from_hf(cls, rope_parameters, head_dim=None, max_position_embeddings=None,
+                partial_rotary_factor=None, layout="half"):
+        """``Rotary`` of a transformers model, from its ``config.rope_parameters``.
+
+        Parameters
+        ----------
+        rope_parameters : dict or transformers config
+            ``config.rope_parameters`` as in transformers 5.24 (keys
+            ``"rope_type"`` (or legacy ``"type"``), ``"rope_theta"``,
+            ``"factor"``, ``"original_max_position_embeddings"``,
+            ``"low_freq_factor"``, ``"high_freq_factor"``, ``"beta_fast"``,
+            ``"beta_slow"``, ``"attention_factor"``, ``"mscale"``,
+            ``"mscale_all_dim"``, ``"truncate"``, ``"short_factor"``,
+            ``"long_factor"``, ``"partial_rotary_factor"``), for rope types
+            ``{"default", "linear", "dynamic", "llama3", "yarn", "longrope"}``.
+            A config object is also accepted: its ``rope_parameters``,
+            ``head_dim`` (or ``hidden_size // num_attention_heads``),
+            ``max_position_embeddings`` and ``partial_rotary_factor`` are read
+            unless given here.
+        head_dim : int, optional
+            Features per head; needed with a partial rotary factor < 1.
+        max_position_embeddings : int, optional
+            ``config.max_position_embeddings``: the length threshold of
+            ``"dynamic"``, the default of ``original_max_position_embeddings``,
+            and (divided by the latter) the default ``factor`` of ``"yarn"`` and
+            ``"longrope"``, as transformers does.
+        partial_rotary_factor : float, optional
+            Fraction of ``head_dim`` rotated (overrides the dict's); the rotated
+            dim is ``int(head_dim * partial_rotary_factor)``.
+        layout : {"half", "interleaved"}, optional
+            Feature pairing (transformers' Llama family uses ``"half"``).
+
+        Returns
+        -------
+        Rotary
+
+        Raises
+        ------
+        ValueError
+            On an unknown key or rope type, a missing required key, or a bad
+            value (the message names it).
+        """
+        if not isinstance(rope_parameters, Mapping) and hasattr(rope_parameters, "rope_parameters"):
+            config = rope_parameters
+            rope_parameters = config.rope_parameters or {}
+            if head_dim is None:
+                head_dim = getattr(config, "head_dim", None) or (
+                    config.hidden_size // config.num_attention_heads)
+            if max_position_embeddings is None:
+                max_position_embeddings = getattr(config, "max_position_embeddings", None)
+            if partial_rotary_factor is None:
+                partial_rotary_factor = getattr(config, "partial_rotary_factor", None)
+        if not isinstance(rope_parameters, Mapping):
+            raise TypeError(f"Rotary.from_hf: rope_parameters must be a dict, got "
+                            f"{type(rope_parameters).__name__}")
+        unknown = sorted(set(rope_parameters) - _HF_KEYS)
+        if unknown:
+            raise ValueError(f"Rotary.from_hf: unknown rope_parameters keys {unknown}; "
+                             f"known: {sorted(_HF_KEYS)}")
+        base = rope_parameters.get("rope_theta")
+        base = 10000.0 if base is None else base    # transformers' default_theta
+        prf = partial_rotary_factor if partial_rotary_factor is not None else \
+            rope_parameters.get("partial_rotary_factor")
+        dim = None
+        if prf is not None:
+            prf = _real("Rotary.from_hf", "partial_rotary_factor", prf, lo=0)
+            if prf > 1:
+                raise ValueError(f"Rotary.from_hf: partial_rotary_factor must be in (0, 1], "
+                                 f"got {prf}")
+            if prf < 1:
+                if head_dim is None:
+                    raise ValueError("Rotary.from_hf: partial_rotary_factor < 1 needs head_dim")
+                dim = int(_length("Rotary.from_hf", "head_dim", head_dim) * prf)
+                if dim < 2 or dim % 2:
+                    raise ValueError(
+                        f"Rotary.from_hf: partial_rotary_factor={prf} of head_dim={head_dim} "
+                        f"rotates {dim} features; the rotated dim must be even and >= 2")
+        if max_position_embeddings is not None:
+            max_position_embeddings = _length("Rotary.from_hf", "max_position_embeddings",
+                                              max_position_embeddings)
+        return cls(dim=dim, base=base, layout=layout,
+                   scaling=_scaling_from_hf(rope_parameters, max_position_embeddings))
+
+    @property
+    def attention_factor(self):
+        """Factor on cos and sin (YaRN, LongRoPE; 1.0 otherwise)."""
+        return 1.0 if self.scaling is None else self.scaling.effective_attention_factor
 
     def rotary_dim(self, head_dim):
         """Number of rotated features for a given ``head_dim`` (validated)."""
@@ -116,16 +659,23 @@ class Rotary:
                 f"dim=None; {fix}")
         return dim
 
-    def inv_freq(self, head_dim):
-        """Inverse frequencies ``base ** (-2i/dim)``, shape ``(dim/2,)``, float64, rad/position."""
-        dim = self.rotary_dim(head_dim)
-        inv = self.base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
-        if self.scaling is not None:
-            inv = inv / self.scaling
-        return inv
+    def inv_freq(self, head_dim, seq_len=None):
+        """Inverse frequencies, shape ``(dim/2,)``, float64, in rad/position.
 
-    def angles(self, positions, head_dim):
+        ``base ** (-2i/dim)`` modified by ``scaling``. ``seq_len`` (max
+        position + 1 of the call) matters only to dynamic NTK and LongRoPE;
+        ``None`` gives their frequencies at the pretraining length.
+        """
+        dim = self.rotary_dim(head_dim)
+        if self.scaling is None:
+            return _default_inv_freq(self.base, dim)
+        return self.scaling.inv_freq(self.base, dim, seq_len)
+
+    def angles(self, positions, head_dim, seq_len=None):
         """Angles ``positions[:, None] * inv_freq[None, :]`` in radians, ``(n, dim/2)`` float64.
+
+        ``seq_len`` defaults to ``max(positions) + 1`` (see :meth:`inv_freq`).
+        The attention factor is not included.
 
         The product is formed in extended precision (``np.longdouble``) and
         reduced modulo 2π before rounding to float64, so that the angle of a
@@ -134,7 +684,9 @@ class Rotary:
         ~|p·θ|·2^-53, 1e-10 rad at p = 2**20).
         """
         pos = np.asarray(positions, dtype=np.longdouble).reshape(-1)
-        ang = pos[:, None] * self.inv_freq(head_dim).astype(np.longdouble)[None, :]
+        if seq_len is None and pos.size:
+            seq_len = float(pos.max()) + 1
+        ang = pos[:, None] * self.inv_freq(head_dim, seq_len).astype(np.longdouble)[None, :]
         two_pi = 2 * np.pi if np.finfo(np.longdouble).eps >= np.finfo(np.float64).eps \
             else np.longdouble("6.283185307179586476925286766559005768")
         return np.fmod(ang, two_pi).astype(np.float64)
@@ -155,10 +707,15 @@ class Rotary:
 _TABLE_CACHE_BYTES = 64 * 2**20
 
 
-def _tables(rotary, positions, head_dim):
-    """``cos, sin`` of the rotation angles, ``(n, dim/2)`` float64 (read-only)."""
-    ang = rotary.angles(positions, head_dim)
+def _tables(rotary, positions, head_dim, seq_len=None):
+    """``a·cos, a·sin`` of the rotation angles (a: attention factor), ``(n, dim/2)`` float64
+    (read-only)."""
+    ang = rotary.angles(positions, head_dim, seq_len)
     cos, sin = np.cos(ang), np.sin(ang)
+    a = rotary.attention_factor
+    if a != 1.0:
+        cos *= a
+        sin *= a
     cos.setflags(write=False)
     sin.setflags(write=False)
     return cos, sin
@@ -166,11 +723,16 @@ def _tables(rotary, positions, head_dim):
 
 @lru_cache(maxsize=2)
 def _cached_tables(rotary, n, head_dim):
-    return _tables(rotary, np.arange(n), head_dim)
+    return _tables(rotary, np.arange(n), head_dim, seq_len=n)
 
 
 def rotary_tables(rotary, n, head_dim, positions=None):
     """``cos, sin`` tables of positions 0..n−1 (or ``positions``), cached for the former.
+
+    Both are multiplied by ``rotary.attention_factor`` (YaRN, LongRoPE), so
+    that :func:`rotate` needs no other input. Frequencies that depend on the
+    sequence length use ``n`` for the default positions and
+    ``max(positions) + 1`` otherwise (as transformers' ``max(position_ids) + 1``).
 
     The angles are formed in extended precision (:meth:`Rotary.angles`), which
     costs more than the rotation itself: calls on sequences of the same length
@@ -247,7 +809,9 @@ def apply_rotary(x, rotary=None, positions=None):
     out : (..., n, E) ndarray
         Rotated copy of ``x`` (same dtype; ``x`` is not modified). For each
         pair ``(a, b)`` of features and angle ``θ = p · inv_freq``:
-        ``out_a = x_a cos θ − x_b sin θ``, ``out_b = x_b cos θ + x_a sin θ``.
+        ``out_a = m (x_a cos θ − x_b sin θ)``, ``out_b = m (x_b cos θ + x_a
+        sin θ)`` with ``m = rotary.attention_factor`` (1 but for YaRN and
+        LongRoPE; unrotated features are copied unscaled, as transformers).
 
     Raises
     ------
@@ -294,6 +858,8 @@ def rotary_relative_matrices(n, rotary=None, head_dim=None):
 
     RoPE gives ``(R_i q)ᵀ (R_j k) = qᵀ R_{j−i} k``, so the relative matrix of
     offset ``t = i − j`` is ``W_t = R_{−t}`` (identity on unrotated features).
+    With an attention factor ``m`` (YaRN, LongRoPE) the rotated block is
+    ``m² R_{−t}``. Length-dependent frequencies use the length ``n``.
 
     Parameters
     ----------
@@ -327,8 +893,9 @@ def rotary_relative_matrices(n, rotary=None, head_dim=None):
     n, E = int(n), int(head_dim)
     t = np.arange(-(n - 1), n, dtype=np.float64) if n else np.zeros(0)
     first, second = rotary.pairs(E)
-    ang = rotary.angles(-t, E)          # W_t = R_{-t}
-    cos, sin = np.cos(ang), np.sin(ang)
+    ang = rotary.angles(-t, E, seq_len=n)          # W_t = R_{-t}
+    m2 = rotary.attention_factor ** 2
+    cos, sin = m2 * np.cos(ang), m2 * np.sin(ang)
     W = np.zeros((t.shape[0], E, E))
     W[:, np.arange(E), np.arange(E)] = 1.0
     W[:, first, first] = cos

@@ -40,6 +40,8 @@ class _Problem:
     computed_radius1: np.ndarray | None = None
     precision_given: bool = False
     out_unit: float = 0.0          # unit roundoff of the returned dtype (0: float64)
+    S: int = -1                    # key rows (n when square)
+    offset: int = 0                # position of query 0 (keys at 0..S-1)
     _weights: dict = field(default_factory=dict, repr=False)
 
     def weights(self, b):
@@ -180,8 +182,29 @@ def _group_heads(q, k, v):
     return np.repeat(k, g, axis=-3), np.repeat(v, g, axis=-3)
 
 
+ALIGNMENTS = ("top_left", "bottom_right")
+
+
+def _query_offset(query_offset, causal_alignment, L, S):
+    """Position of query 0 relative to key 0 (see rope_attention)."""
+    if not isinstance(causal_alignment, str) or causal_alignment not in ALIGNMENTS:
+        raise ValueError(f"causal_alignment={causal_alignment!r} is unknown; use "
+                         f"'top_left' (torch SDPA's is_causal) or 'bottom_right' "
+                         f"(decoding with a key/value cache, HF, flash-attn)")
+    if query_offset is None:
+        return 0 if causal_alignment == "top_left" else S - L
+    if isinstance(query_offset, (bool, np.bool_)) or not isinstance(query_offset,
+                                                                     (int, np.integer)):
+        raise TypeError(f"query_offset must be an int (the position of query 0; keys "
+                        f"are at 0..S-1), got {query_offset!r}")
+    if causal_alignment != "top_left":
+        raise ValueError("give query_offset or causal_alignment='bottom_right', not both "
+                         "(bottom_right means query_offset = S - L)")
+    return int(query_offset)
+
+
 def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precision=None,
-             enable_gqa=False):
+             enable_gqa=False, query_offset=None, causal_alignment="top_left"):
     q = _as_float_array(query, "query")
     k = _as_float_array(key, "key")
     v = _as_float_array(value, "value")
@@ -190,13 +213,16 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
             raise ValueError(f"{name} must have shape (..., n, features), got shape {a.shape}")
     if enable_gqa:
         k, v = _group_heads(q, k, v)
-    n, E = q.shape[-2:]
-    if k.shape[-2:] != (n, E):
-        raise ValueError(f"key has shape {k.shape}; expected (..., {n}, {E}) to match "
-                         f"query {q.shape} (same n and head_dim E)")
-    if v.shape[-2] != n:
-        raise ValueError(f"value has shape {v.shape}; expected (..., {n}, Ev) with the "
-                         f"same n as query {q.shape}")
+    n, E = q.shape[-2:]          # n = L query rows
+    S = k.shape[-2]              # key rows
+    if k.shape[-1] != E:
+        raise ValueError(f"key has shape {k.shape}; expected (..., S, {E}) to match "
+                         f"query {q.shape} (same head_dim E)")
+    if v.shape[-2] != S:
+        raise ValueError(f"value has shape {v.shape}; expected (..., {S}, Ev) with the "
+                         f"same number of rows S as key {k.shape}")
+    off = _query_offset(query_offset, causal_alignment, n, S)
+    nt = n + S - 1 if n and S else 0         # offsets that occur: t = i + off - j
     if E < 1:
         raise ValueError(f"query has head_dim E=0 (shape {q.shape}); E must be >= 1")
     Ev = v.shape[-1]
@@ -218,15 +244,17 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
     rel = bia = None
     if relative is not None:
         rel = _as_float_array(relative, "relative")
-        if rel.ndim < 3 or rel.shape[-3:] != (max(2 * n - 1, 0), E, E):
-            raise ValueError(f"relative has shape {rel.shape}; expected (..., 2n-1, E, E) = "
-                             f"(..., {2 * n - 1}, {E}, {E}) with relative[t + n - 1] = W_t")
+        if rel.ndim < 3 or rel.shape[-3:] != (nt, E, E):
+            raise ValueError(f"relative has shape {rel.shape}; expected (..., L+S-1, E, E) = "
+                             f"(..., {nt}, {E}, {E}) with relative[t - query_offset + S - 1]"
+                             f" = W_t (for L = S, query_offset = 0: relative[t + n - 1])")
         shapes.append(rel.shape[:-3])
     if bias is not None:
         bia = _as_float_array(bias, "bias")
-        if bia.ndim < 1 or bia.shape[-1] != max(2 * n - 1, 0):
-            raise ValueError(f"bias has shape {bia.shape}; expected (..., 2n-1) = "
-                             f"(..., {2 * n - 1}) with bias[t + n - 1] = b_t")
+        if bia.ndim < 1 or bia.shape[-1] != nt:
+            raise ValueError(f"bias has shape {bia.shape}; expected (..., L+S-1) = "
+                             f"(..., {nt}) with bias[t - query_offset + S - 1] = b_t (for "
+                             f"L = S, query_offset = 0: bias[t + n - 1])")
         shapes.append(bia.shape[:-1])
     try:
         batch_shape = np.broadcast_shapes(*shapes)
@@ -240,7 +268,7 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
                          + ("; key/value have fewer heads than query: for grouped-query "
                             "attention pass enable_gqa=True" if gqa else "")) from None
     B = int(np.prod(batch_shape, dtype=np.int64))
-    need = 8 * B * n * (3 * E + 2 * Ev)          # float64 copies of q, k, v and out
+    need = 8 * B * (n * (E + Ev) + S * (2 * E + Ev))   # float64 copies of q, k, v, out
     if rel is not None:
         need += 8 * rel.size
     if need > _config.memory_limit():
@@ -261,9 +289,16 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
         _check_finite(bia, "bias", allow_neg_inf=True)
     s = 1.0 / np.sqrt(E) if scale is None else float(scale)
     if rotary is not None:           # rotate in float64 (no rounding back to float32)
-        cos, sin = rotary_tables(rotary, n, E)
-        q = rotate(q, rotary, cos, sin)
+        cos, sin = rotary_tables(rotary, S, E)
         k = rotate(k, rotary, cos, sin)
+        if off != 0 or n != S:       # queries at positions off .. off + L - 1
+            if off >= 0 and off + n <= S:
+                cq, sq = cos[off:off + n], sin[off:off + n]
+            else:
+                cq, sq = rotary_tables(rotary, n, E, positions=np.arange(off, off + n))
+            q = rotate(q, rotary, cq, sq)
+        else:
+            q = rotate(q, rotary, cos, sin)
 
     def flat(a):
         a = np.broadcast_to(a, batch_shape + a.shape[-2:]).reshape((B,) + a.shape[-2:])
@@ -288,7 +323,8 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
     out_unit = 2.0 ** -24 if dtype == np.float32 else 0.0
     return _Problem(q64, k64, v64, rel, ridx, bia, bidx, bool(is_causal), s,
                     tuple(batch_shape), dtype, n, E, Ev, compute,
-                    precision_given=precision is not None, out_unit=out_unit)
+                    precision_given=precision is not None, out_unit=out_unit,
+                    S=S, offset=off)
 
 
 def _toeplitz_weights(p, b):
@@ -391,21 +427,25 @@ def _plans(p, method, eps, degree, approx, radius):
     R, R1 = _radii(p, radius)
     _check_logit_range(p)
     heads = []
+    rect = p.S != p.n or p.offset != 0
+    why_rect = (f"rectangular attention (L={p.n} queries at offset {p.offset}, S={p.S} "
+                f"keys): the fast path is implemented for L = S, query_offset = 0 only"
+                if rect else None)
     for b in range(p.q.shape[0]):
-        T = p.weights(b)
+        T = None if rect else p.weights(b)
         vmax = float(np.abs(p.v[b]).max(initial=0.0))
         hidx = tuple(int(i) for i in np.unravel_index(b, p.batch_shape)) if p.batch_shape else ()
         out_rounding = p.out_unit * vmax
-        ebound = exact_error_bound(p.n, p.E, p.computed_radius[b], p.computed_radius1[b],
+        ebound = exact_error_bound(p.S, p.E, p.computed_radius[b], p.computed_radius1[b],
                                    vmax, p.compute_dtype, p.relative is not None,
                                    p.bias is not None) + out_rounding
         heads.append(plan_head(
             hidx, n=p.n, E=p.E, Ev=p.Ev, radius=R[b], radius1=R1[b],
             general=p.relative is not None, has_bias=p.bias is not None, causal=p.causal,
             method=method, eps=eps, degree=degree, approx=approx, vmax=vmax,
-            row_mass=_row_mass(p, b, T), out_rounding=out_rounding,
+            row_mass=1.0 if rect else _row_mass(p, b, T), out_rounding=out_rounding,
             exact_bound=ebound, radius_given=radius is not None,
-            compute_dtype=p.compute_dtype.name))
+            compute_dtype=p.compute_dtype.name, fast_unavailable=why_rect))
     return heads
 
 
@@ -465,7 +505,7 @@ def _run(p, heads, verify, workers=None):
                                                                           dtype=cd),
             ridx=None if p.ridx is None else p.ridx[exact_ids],
             bias=p.bias, bidx=None if p.bidx is None else p.bidx[exact_ids],
-            causal=p.causal, workers=workers)
+            causal=p.causal, workers=workers, offset=p.offset)
         if f != 1.0:
             out[exact_ids] /= f
     rng = np.random.default_rng(0)
@@ -512,23 +552,26 @@ def _run(p, heads, verify, workers=None):
 _COMMON_DOC = """
     Parameters
     ----------
-    query : (..., n, E) array_like of float32 or float64
-        Queries; leading (batch, head) dims broadcast with those of key, value,
+    query : (..., L, E) array_like of float32 or float64
+        Queries (L = n for self-attention); leading (batch, head) dims broadcast with those of key, value,
         relative and bias. torch CPU tensors are accepted (float16 and bfloat16
         too: computed in float64, returned in their dtype, the final rounding in
         ``info.error_bound``); given torch tensors, the result is a torch tensor
         of the promoted input dtype (no autograd). Objects with ``__dlpack__``
         or ``__array__`` are read as numpy arrays.
-    key : (..., n, E) array_like of float32 or float64
-    value : (..., n, Ev) array_like of float32 or float64
+    key : (..., S, E) array_like of float32 or float64
+        Keys (S = n for self-attention), at positions 0 .. S−1.
+    value : (..., S, Ev) array_like of float32 or float64
     rotary : Rotary or True, optional
         Rotary embedding applied to query and key at positions 0..n−1
         (``True`` means ``Rotary()``). Exclusive with ``relative``.
-    relative : (..., 2n−1, E, E) array_like of float, optional
+    relative : (..., L+S−1, E, E) array_like of float, optional
         General relative-position matrices, ``relative[t + n − 1] = W_t`` for
-        offset ``t = i − j`` (Alman & Song 2025, §1).
-    bias : (..., 2n−1) array_like of float or bool, optional
-        Relative bias ``bias[t + n − 1] = b_t`` added to the logits; ``-inf``
+        offset ``t = i − j`` (Alman & Song 2025, §1); rectangular:
+        ``relative[t − query_offset + S − 1] = W_t``, ``t = i + query_offset − j``.
+    bias : (..., L+S−1) array_like of float or bool, optional
+        Relative bias ``bias[t + n − 1] = b_t`` added to the logits (rectangular:
+        ``bias[t − query_offset + S − 1]``); ``-inf``
         masks (see :mod:`numbarope.bias` for causal, window, ALiBi builders).
         A boolean array is a mask with torch SDPA's meaning: True = the pair
         takes part (bias 0), False = masked (−inf). Any finite magnitude is
@@ -536,7 +579,18 @@ _COMMON_DOC = """
         is shifted by its largest visible value (``finfo.min`` used as a mask
         behaves like −inf).
     is_causal : bool, optional
-        Mask keys after the query (j > i), as torch SDPA.
+        Mask keys after the query's position (j > i + query_offset); with the
+        default alignment this is torch SDPA's ``is_causal`` (top-left).
+    query_offset : int, optional
+        Position of query 0 (keys are at 0 .. S−1); query i is at
+        ``i + query_offset`` for the causal mask and the rotary angle. Default 0,
+        or S − L with ``causal_alignment="bottom_right"``. Rectangular problems
+        (L ≠ S or an offset) run on the exact path.
+    causal_alignment : {"top_left", "bottom_right"}, optional
+        ``"top_left"`` (default, torch SDPA): query i at position i;
+        ``"bottom_right"`` (decoding with a key/value cache, HF, flash-attn): the
+        last query at the last key's position. L = 1, S = 4, causal: top-left
+        attends key 0 only, bottom-right all four.
     scale : float, optional
         Logit scale s > 0; default ``1/sqrt(E)`` (torch SDPA). The paper uses 1/E.
     method : {"auto", "exact", "fast"}, optional
@@ -596,12 +650,13 @@ def _from_other_libraries(query, key, value, relative, bias):
 
 
 def _setup(query, key, value, rotary, relative, bias, is_causal, scale, precision,
-           enable_gqa):
+           enable_gqa, query_offset=None, causal_alignment="top_left"):
     (q, k, v, rel, b), qkv_torch, low_unit = _from_other_libraries(query, key, value,
                                                                     relative, bias)
     if low_unit is not None and precision is None:
         precision = "float64"        # float16/bfloat16 inputs: computed in float64
-    p = _prepare(q, k, v, rotary, rel, b, is_causal, scale, precision, enable_gqa)
+    p = _prepare(q, k, v, rotary, rel, b, is_causal, scale, precision, enable_gqa,
+                 query_offset, causal_alignment)
     if low_unit is not None:
         p.out_unit = low_unit
         p.precision_given = False
@@ -609,13 +664,15 @@ def _setup(query, key, value, rotary, relative, bias, is_causal, scale, precisio
 
 
 _KNOWN = ("rotary", "relative", "bias", "is_causal", "scale", "method", "eps", "degree",
-          "approx", "radius", "verify", "return_info", "precision", "workers", "enable_gqa")
+          "approx", "radius", "verify", "return_info", "precision", "workers", "enable_gqa",
+          "query_offset", "causal_alignment")
 
 
 def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
                    is_causal=False, scale=None, method="auto", eps=1e-3, degree=None,
                    approx="chebyshev", radius=None, verify=0, return_info=False,
-                   precision=None, workers=None, enable_gqa=False, **unknown):
+                   precision=None, workers=None, enable_gqa=False, query_offset=None,
+                   causal_alignment="top_left", **unknown):
     """RoPE / relative-position softmax attention, exact or certified fast.
 
     ``A[i, j] = exp(s·q_iᵀ W_{i−j} k_j + b_{i−j})``, ``out = D⁻¹ A V`` with
@@ -693,7 +750,7 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
     if not isinstance(return_info, (bool, np.bool_)):
         raise TypeError(f"return_info must be True or False, got {return_info!r}")
     p, qkv_torch = _setup(query, key, value, rotary, relative, bias, is_causal, scale,
-                          precision, enable_gqa)
+                          precision, enable_gqa, query_offset, causal_alignment)
     heads = _plans(p, method, eps_f, degree, approx, radius)
     for h in heads:
         if h.method == "fast" and not np.isfinite(h.error_bound):
@@ -712,7 +769,8 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
 
 def plan(query, key, value, *, rotary=None, relative=None, bias=None, is_causal=False,
          scale=None, method="auto", eps=1e-3, degree=None, approx="chebyshev",
-         radius=None, precision=None, enable_gqa=False, **unknown):
+         radius=None, precision=None, enable_gqa=False, query_offset=None,
+         causal_alignment="top_left", **unknown):
     """Plan ``rope_attention`` without computing it: per head, what and why.
 
     Takes the arguments of :func:`rope_attention` (the arrays are validated the
@@ -746,7 +804,7 @@ def plan(query, key, value, *, rotary=None, relative=None, bias=None, is_causal=
     _validate_precision(precision)
     _validate_flag(enable_gqa, "enable_gqa")
     p, _ = _setup(query, key, value, rotary, relative, bias, is_causal, scale, precision,
-                  enable_gqa)
+                  enable_gqa, query_offset, causal_alignment)
     return AttentionInfo(_plans(p, method, eps_f, degree, approx, radius), p.batch_shape,
                          eps_f)
 

@@ -172,10 +172,11 @@ def exp_kernel(x):
 @njit(cache=True, nogil=True, fastmath=_FM)
 def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshift,
                  causal, gscale, row_block, key_block, qnorm, knorm, headroom,
-                 tasks, out, lse):
+                 offset, tasks, out, lse):
     # q arrives multiplied by the scale s, except with general W (then gscale = s;
     # with no general W and a bias, gscale = 1)
-    B, n, E = q.shape
+    B, n, E = q.shape            # n query rows; query i sits at position i + offset
+    nk = k.shape[1]              # keys at positions 0 .. nk-1; t = i + offset - j
     Ev = v.shape[2]
     dt = q.dtype
     Sbuf = np.empty(row_block * key_block, dt)
@@ -192,7 +193,7 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
         acc[:rb] = 0.0
         mx[:rb] = -np.inf
         den[:rb] = 0.0
-        jend = i1 if causal else n
+        jend = min(max(i1 + offset, 0), nk) if causal else nk
         for j0 in range(0, jend, key_block):
             j1 = min(j0 + key_block, jend)
             kb = j1 - j0
@@ -201,7 +202,7 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
                 for r in range(rb):
                     i = i0 + r
                     for j in range(j0, j1):
-                        W = relative[ridx[b], i - j + n - 1]
+                        W = relative[ridx[b], i - j + nk - 1]
                         for c in range(E):
                             wq[c] = 0.0
                         for a in range(E):
@@ -219,7 +220,7 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
             for r in range(rb):
                 i = i0 + r
                 row = S[r]
-                jl = min(j1, i + 1) if causal else j1
+                jl = max(min(j1, i + offset + 1), j0) if causal else j1
                 # Cauchy–Schwarz: logits of this block <= ‖q_i‖·max‖k_j‖ (+ shifted
                 # bias <= 0). Within `headroom` of the running maximum no new maximum
                 # is needed: weights e^{x−m} <= e^headroom cannot overflow.
@@ -228,7 +229,7 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
                 if has_bias:
                     bb = bias[bidx[b]]
                     sh = rowshift[bidx[b], i]
-                    off = i + n - 1 - j0
+                    off = i + nk - 1 - j0
                     for jj in range(jl - j0):
                         x = row[jj] * gscale + (bb[off - jj] - sh)
                         row[jj] = x
@@ -281,42 +282,70 @@ _DUMMY_BIAS = np.zeros((1, 1))
 _ZERO_IDX = np.zeros(1, dtype=np.int64)
 
 
-def bias_row_shift(bias, n, causal):
+@njit(cache=True, nogil=True)
+def _window_max(b, lo, hi):
+    # max of b[lo_i .. hi_i] (inclusive; -inf when empty) for nondecreasing lo, hi:
+    # a monotone deque, O(len(b) + len(lo))
+    out = np.full(lo.size, -np.inf)
+    dq = np.empty(b.size, np.int64)
+    head = 0
+    tail = 0
+    nxt = 0
+    for i in range(lo.size):
+        while nxt <= hi[i] and nxt < b.size:
+            while tail > head and b[dq[tail - 1]] <= b[nxt]:
+                tail -= 1
+            dq[tail] = nxt
+            tail += 1
+            nxt += 1
+        while tail > head and dq[head] < lo[i]:
+            head += 1
+        if tail > head and lo[i] <= hi[i]:
+            out[i] = b[dq[head]]
+    return out
+
+
+def bias_row_shift(bias, n, causal, n_keys=None, offset=0):
     """Largest visible bias of every query row: ``max_{t visible to i} b_t``.
 
     Softmax is invariant to a constant per row, so the exact kernel adds
     ``b_t − shift_i`` (<= 0 on the visible offsets): biases of any finite
     magnitude (``finfo.min`` as a mask, a constant ``-1e30``) then cost no
-    accuracy. Row i sees ``t = i − j`` for j in [0, n): ``t`` in [i−n+1, i]
-    (with ``causal``, [0, i]); rows that see no finite bias get 0.
+    accuracy. Query i (at position i + offset) sees key j at offset
+    ``t = i + offset − j``, stored at ``bias[i − j + S − 1]``, for j in [0, S)
+    (with ``causal``, j <= i + offset); rows that see no finite bias get 0.
 
     Parameters
     ----------
-    bias : (Bb, 2n−1) ndarray of float64
+    bias : (Bb, n + S − 1) ndarray of float64
     n : int
+        Query rows L.
     causal : bool
+    n_keys : int, optional
+        Key rows S (default n).
+    offset : int, optional
+        Position of query 0.
 
     Returns
     -------
     (Bb, n) ndarray of float64
     """
+    S = n if n_keys is None else int(n_keys)
     Bb = bias.shape[0]
     shift = np.zeros((Bb, n))
-    if n == 0:
+    if n == 0 or S == 0:
         return shift
-    pos = np.maximum.accumulate(bias[:, n - 1:], axis=1)          # max over t in [0, i]
-    if causal:
-        m = pos
-    else:
-        neg = bias[:, :n]                                         # t = i−n+1 .. 0 at index i
-        sufmax = np.maximum.accumulate(neg[:, ::-1], axis=1)[:, ::-1]
-        m = np.maximum(pos, sufmax)
-    ok = np.isfinite(m)
-    shift[ok] = m[ok]
+    i = np.arange(n, dtype=np.int64)
+    hi = i + S - 1
+    lo = np.maximum(i, S - 1 - offset) if causal else i.copy()
+    for r in range(Bb):
+        m = _window_max(np.ascontiguousarray(bias[r]), lo, hi)
+        ok = np.isfinite(m)
+        shift[r, ok] = m[ok]
     return shift
 
 
-def exact_blocks(B, n, nthreads):
+def exact_blocks(B, n, nthreads, n_keys=None):
     """Row and key block sizes of the exact kernel for B heads of length n.
 
     ``_config.EXACT_ROW_BLOCK`` rows per task (large blocks keep the GEMMs
@@ -327,30 +356,34 @@ def exact_blocks(B, n, nthreads):
     rb = int(_config.EXACT_ROW_BLOCK)
     while rb > 32 and B * -(-n // rb) < 4 * nthreads:
         rb //= 2
-    kb = int(min(_config.EXACT_KEY_BLOCK, max(n, 1)))
+    kb = int(min(_config.EXACT_KEY_BLOCK, max(n if n_keys is None else n_keys, 1)))
     return rb, kb
 
 
 def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
-                    bidx=None, causal=False, workers=None, return_lse=False):
+                    bidx=None, causal=False, workers=None, return_lse=False, offset=0):
     """Exact softmax attention of flattened heads (internal entry point).
 
     Parameters
     ----------
-    q, k : (B, n, E) ndarray of float32 or float64, C-contiguous
+    q : (B, n, E) ndarray of float32 or float64, C-contiguous
+    k : (B, S, E) ndarray, same dtype, C-contiguous
         Queries and keys, already rotated if a rotary embedding applies. Their
         dtype (the same for q, k, v) is the compute precision of the logits,
         exp and the value product; the softmax state is float64.
-    v : (B, n, Ev) ndarray, same dtype, C-contiguous
+    v : (B, S, Ev) ndarray, same dtype, C-contiguous
     scale : float
         Logit scale s > 0.
-    relative : (Br, 2n−1, E, E) ndarray of the same dtype, optional
+    relative : (Br, n+S−1, E, E) ndarray of the same dtype, optional
         General relative matrices; head ``b`` uses ``relative[ridx[b]]``.
-    bias : (Bb, 2n−1) ndarray of float64, optional
+    bias : (Bb, n+S−1) ndarray of float64, optional
         Relative bias (−inf masks); head ``b`` uses ``bias[bidx[b]]``. Shifted
         per row by :func:`bias_row_shift` (exact for softmax).
     causal : bool
-        Mask keys j > i.
+        Mask keys after the query's position: j > i + offset.
+    offset : int
+        Position of query 0 (keys at 0..S-1): offset t = i + offset − j is stored
+        at index ``i − j + S − 1`` of ``relative`` and ``bias``.
     workers : int, optional
         Threads (scipy.fft's meaning; default all cores).
     return_lse : bool
@@ -370,22 +403,27 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
     lse = np.empty((B, n))
     if B == 0 or n == 0:
         return (out, lse) if return_lse else out
+    if k.shape[1] == 0:              # no keys: every row is fully masked
+        out[...] = 0
+        lse[...] = -np.inf
+        return (out, lse) if return_lse else out
     general = relative is not None
     has_bias = bias is not None
     rel = relative if general else _DUMMY_REL.astype(dt)
     ri = np.ascontiguousarray(ridx, dtype=np.int64) if general else np.zeros(B, np.int64)
     bs = np.ascontiguousarray(bias, dtype=np.float64) if has_bias else _DUMMY_BIAS
     bi = np.ascontiguousarray(bidx, dtype=np.int64) if has_bias else np.zeros(B, np.int64)
-    shift = bias_row_shift(bs, n, causal) if has_bias else _DUMMY_BIAS
+    S = k.shape[1]
+    shift = bias_row_shift(bs, n, causal, S, offset) if has_bias else _DUMMY_BIAS
     nthreads = resolve_workers(workers)
-    rb, kb = exact_blocks(B, n, nthreads)
+    rb, kb = exact_blocks(B, n, nthreads, S)
     starts = np.arange(0, n, rb, dtype=np.int64)
     tasks = np.stack(np.broadcast_arrays(np.arange(B, dtype=np.int64)[:, None],
                                          starts[None, :]), axis=-1).reshape(-1, 2)
     if causal:      # longest tasks first: dynamic scheduling then balances the tail
         tasks = tasks[np.argsort(-tasks[:, 1], kind="stable")]
     # enough chunks for dynamic balance, few enough that Python overhead stays small
-    pairs_per_task = rb * (n if not causal else n / 2) * (E * E if general else E + Ev)
+    pairs_per_task = rb * (S if not causal else S / 2) * (E * E if general else E + Ev)
     per_chunk = max(1, int(4e6 // max(pairs_per_task, 1)))
     nchunks = max(min(len(tasks), 8 * nthreads), -(-len(tasks) // per_chunk))
     chunks = np.array_split(tasks, min(nchunks, len(tasks)))
@@ -399,9 +437,9 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
         # bounds of the logits per row and key block, slightly enlarged for rounding
         qnorm = np.sqrt(np.einsum("bne,bne->bn", q, q, dtype=np.float64)) * (1 + 1e-5)
         kn = np.sqrt(np.einsum("bne,bne->bn", k, k, dtype=np.float64)) * (1 + 1e-5)
-        nkb = -(-n // kb)
+        nkb = -(-S // kb)
         knorm = np.full((B, nkb * kb), 0.0)
-        knorm[:, :n] = kn
+        knorm[:, :S] = kn
         knorm = np.ascontiguousarray(knorm.reshape(B, nkb, kb).max(axis=2))
         # e^headroom · key_block · max|V| must stay far below the dtype's maximum
         vmax = float(np.abs(v).max(initial=0.0))
@@ -412,7 +450,8 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
 
     def run(chunk):
         _exact_tasks(q, k, v, rel, ri, general, bs, bi, has_bias, shift, bool(causal),
-                     gscale, rb, kb, qnorm, knorm, headroom, np.ascontiguousarray(chunk),
+                     gscale, rb, kb, qnorm, knorm, headroom, int(offset),
+                     np.ascontiguousarray(chunk),
                      out, lse)
 
     with blas_threads(1):

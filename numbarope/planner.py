@@ -365,7 +365,8 @@ def _screen(n, E, Ev, radius, target, approx, algorithm, t_exact):
 
 def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, method,
               eps, degree, approx, vmax, row_mass=1.0, out_rounding=0.0,
-              exact_bound=None, radius_given=False, compute_dtype="float64"):
+              exact_bound=None, radius_given=False, compute_dtype="float64",
+              fast_unavailable=None):
     """Choose the method of one head; returns a :class:`HeadPlan`.
 
     Raises
@@ -391,6 +392,11 @@ def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, met
         return exact_only("empty sequence (n = 0)" if n == 0 else "no value columns")
     if method == "exact":
         return exact_only("method='exact' requested")
+    if fast_unavailable is not None:
+        if method == "fast":
+            raise ValueError(f"method='fast' cannot serve head {head}: {fast_unavailable}; "
+                             f"use method='exact' or 'auto'")
+        return exact_only(fast_unavailable)
     algorithm = "toeplitz-fft" if general else separable_algorithm(has_bias, causal)
     target = 0.9 * eps / (2.0 + eps)
     if method == "auto" and degree is None:

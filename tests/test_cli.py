@@ -95,7 +95,7 @@ BAD = [
     ("rotary base", ["plan", "{good.npz}", "--rotary-base", "1"], r"base"),
     ("nan", ["run", "{nan.npz}", "-o", "{out}"], r"query contains NaN"),
     ("int", ["run", "{int.npz}", "-o", "{out}"], r"query.*int64"),
-    ("shape", ["run", "{shape.npz}", "-o", "{out}"], r"key has shape \(2, 5, 4\)"),
+    ("shape", ["run", "{shape.npz}", "-o", "{out}"], r"value has shape \(2, 8, 4\); expected \(\.\.\., 5, Ev\)"),
     ("fast refused", ["run", "{good.npz}", "-o", "{out}", "--method", "fast", "--eps", "1e-300"],
      r"method='fast' cannot serve"),
     ("npy", ["run", "{array.npy}", "-o", "{out}"], r"npz"),

@@ -1,0 +1,113 @@
+"""Rectangular attention: L queries at positions query_offset .. query_offset+L-1
+against S keys at 0 .. S-1 (decoding with a key/value cache), exact path."""
+
+import numpy as np
+import pytest
+
+import numbarope
+from numbarope import rope_attention
+
+import naive
+
+
+def _reference(q, k, v, off, causal, bias=None, W=None, rotary=None):
+    """Dense loops: query i at position i + off, key j at j, offset t = i + off - j."""
+    L, E = q.shape
+    S = k.shape[0]
+    s = 1 / np.sqrt(E)
+    out = np.zeros((L, v.shape[1]))
+    for i in range(L):
+        qi = q[i] if rotary is None else naive.rotation_matrix(i + off, E) @ q[i]
+        logits = np.full(S, -np.inf)
+        for j in range(S):
+            if causal and j > i + off:
+                continue
+            kj = k[j] if rotary is None else naive.rotation_matrix(j, E) @ k[j]
+            Wt = np.eye(E) if W is None else W[i - j + S - 1]
+            logits[j] = s * qi @ Wt @ kj + (0.0 if bias is None else bias[i - j + S - 1])
+        if np.all(logits == -np.inf):
+            continue
+        w = np.exp(logits - logits.max())
+        out[i] = w @ v / w.sum()
+    return out
+
+
+def test_known_values_top_left_and_bottom_right():
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 4))
+    k = rng.standard_normal((4, 4))
+    v = rng.standard_normal((4, 3))
+    top = rope_attention(q, k, v, is_causal=True)                       # torch SDPA
+    np.testing.assert_allclose(top[0], v[0], atol=1e-15)
+    bottom = rope_attention(q, k, v, is_causal=True, causal_alignment="bottom_right")
+    np.testing.assert_allclose(bottom, _reference(q, k, v, 3, True), atol=1e-14)
+    np.testing.assert_allclose(bottom, rope_attention(q, k, v), atol=1e-14)   # sees all 4
+
+
+@pytest.mark.parametrize("L, S, off", [(1, 7, 6), (3, 11, 8), (5, 5, 2), (6, 3, -2),
+                                       (4, 9, 0), (2, 6, -5)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kind", ["plain", "rotary", "bias", "relative"])
+def test_against_reference(L, S, off, causal, kind):
+    rng = np.random.default_rng(L * 100 + S)
+    E = 4
+    q, k = rng.standard_normal((L, E)) * 0.5, rng.standard_normal((S, E)) * 0.5
+    v = rng.standard_normal((S, 2))
+    kw, rkw = {}, {}
+    if kind == "rotary":
+        kw["rotary"] = numbarope.Rotary()
+        rkw["rotary"] = True
+    elif kind == "bias":
+        b = rng.standard_normal(L + S - 1)
+        b[rng.random(L + S - 1) < 0.2] = -np.inf
+        kw["bias"] = rkw["bias"] = b
+    elif kind == "relative":
+        W = rng.standard_normal((L + S - 1, E, E)) / 2
+        kw["relative"] = rkw["W"] = W
+    out, info = rope_attention(q, k, v, query_offset=off, is_causal=causal,
+                               return_info=True, **kw)
+    ref = _reference(q, k, v, off, causal, **rkw)
+    assert np.abs(out - ref).max() <= float(info.error_bound) + 1e-15
+    assert info.method[()] == "exact"
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_decoding_rows_equal_the_full_causal_attention(dtype):
+    """The last L rows of causal self-attention over S tokens are the bottom-right
+    rectangular call with those L queries (a key/value cache)."""
+    rng = np.random.default_rng(3)
+    S, L, E = 300, 5, 8
+    q, k, v = (rng.standard_normal((2, S, E)).astype(dtype) for _ in range(3))
+    full = rope_attention(q, k, v, rotary=True, is_causal=True, method="exact")
+    dec, info = rope_attention(q[:, S - L:], k, v, rotary=True, is_causal=True,
+                               causal_alignment="bottom_right", return_info=True)
+    bound = info.error_bound.max() * 2
+    assert np.abs(dec.astype(np.float64) - full[:, S - L:]).max() <= bound
+
+
+def test_fast_is_refused_and_auto_says_why():
+    q = np.zeros((2, 4))
+    k = np.zeros((6, 4))
+    with pytest.raises(ValueError, match="rectangular attention.*exact"):
+        rope_attention(q, k, k, method="fast")
+    info = numbarope.plan(q, k, k)
+    assert info.method[()] == "exact" and "rectangular" in info.reason[()]
+
+
+def test_rectangular_argument_errors():
+    q, k = np.zeros((2, 4)), np.zeros((6, 4))
+    with pytest.raises(ValueError, match=r"bias has shape \(11,\); expected \(\.\.\., L\+S-1\)"):
+        rope_attention(q, k, k, bias=np.zeros(11))
+    with pytest.raises(ValueError, match="causal_alignment='diagonal' is unknown"):
+        rope_attention(q, k, k, causal_alignment="diagonal")
+    with pytest.raises(ValueError, match="not both"):
+        rope_attention(q, k, k, query_offset=1, causal_alignment="bottom_right")
+    with pytest.raises(TypeError, match="query_offset must be an int"):
+        rope_attention(q, k, k, query_offset=1.5)
+    with pytest.raises(ValueError, match=r"value has shape \(5, 4\); expected \(\.\.\., 6, Ev\)"):
+        rope_attention(q, k, np.zeros((5, 4)))
+
+
+def test_no_keys_gives_zero_rows():
+    out = rope_attention(np.ones((3, 4)), np.zeros((0, 4)), np.zeros((0, 2)))
+    assert out.shape == (3, 2) and np.all(out == 0)

@@ -42,6 +42,8 @@ class _Problem:
     out_unit: float = 0.0          # unit roundoff of the returned dtype (0: float64)
     S: int = -1                    # key rows (n when square)
     offset: int = 0                # position of query 0 (keys at 0..S-1)
+    kmask: np.ndarray | None = None     # (Bk, S) 0 / -inf: key padding
+    kidx: np.ndarray | None = None
     _weights: dict = field(default_factory=dict, repr=False)
 
     def weights(self, b):
@@ -203,8 +205,47 @@ def _query_offset(query_offset, causal_alignment, L, S):
     return int(query_offset)
 
 
+def _as_key_mask(x, S):
+    if x is None:
+        return None
+    m = np.asarray(x)
+    if m.dtype != np.bool_:
+        raise TypeError(f"key_padding_mask must be a boolean array (True = a real token "
+                        f"that takes part), got dtype {m.dtype}; an additive float mask "
+                        f"over offsets goes in bias=")
+    if m.ndim < 1 or m.shape[-1] != S:
+        raise ValueError(f"key_padding_mask has shape {m.shape}; expected (..., {S}): one "
+                         f"entry per key (True = real token)")
+    return m
+
+
+def _as_positions(x, S, off, n, rotary):
+    if x is None:
+        return None
+    if rotary is None:
+        raise ValueError("positions set the rotary angles: pass rotary= too (with "
+                         "relative= or no rotary, positions have no effect)")
+    pos = np.asarray(x)
+    if pos.dtype.kind not in "iuf":
+        raise TypeError(f"positions must be integer or real (token positions), got "
+                        f"dtype {pos.dtype}")
+    if pos.ndim < 1 or pos.shape[-1] != S:
+        raise ValueError(f"positions has shape {pos.shape}; expected (..., {S}): the "
+                         f"position of every key (queries take those of keys "
+                         f"query_offset .. query_offset + L - 1)")
+    if not (0 <= off and off + n <= S):
+        raise ValueError(f"positions gives key positions; the queries must be among the "
+                         f"keys (0 <= query_offset and query_offset + L <= S), got "
+                         f"query_offset={off}, L={n}, S={S}")
+    pos = pos.astype(np.float64)
+    if not np.isfinite(pos).all():
+        raise ValueError("positions contains NaN or inf")
+    return pos
+
+
 def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precision=None,
-             enable_gqa=False, query_offset=None, causal_alignment="top_left"):
+             enable_gqa=False, query_offset=None, causal_alignment="top_left",
+             key_padding_mask=None, positions=None):
     q = _as_float_array(query, "query")
     k = _as_float_array(key, "key")
     v = _as_float_array(value, "value")
@@ -241,6 +282,11 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
     if rotary is not None:
         rotary.rotary_dim(E)      # validates dim against E
     shapes = [q.shape[:-2], k.shape[:-2], v.shape[:-2]]
+    kpm = _as_key_mask(key_padding_mask, S)
+    pos = _as_positions(positions, S, off, n, rotary)
+    for a in (kpm, pos):
+        if a is not None:
+            shapes.append(a.shape[:-1])
     rel = bia = None
     if relative is not None:
         rel = _as_float_array(relative, "relative")
@@ -265,6 +311,8 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
                          f"key {k.shape}, value {v.shape}"
                          + (f", relative {rel.shape}" if rel is not None else "")
                          + (f", bias {bia.shape}" if bia is not None else "")
+                         + (f", key_padding_mask {kpm.shape}" if kpm is not None else "")
+                         + (f", positions {pos.shape}" if pos is not None else "")
                          + ("; key/value have fewer heads than query: for grouped-query "
                             "attention pass enable_gqa=True" if gqa else "")) from None
     B = int(np.prod(batch_shape, dtype=np.int64))
@@ -288,7 +336,7 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
     if bia is not None:
         _check_finite(bia, "bias", allow_neg_inf=True)
     s = 1.0 / np.sqrt(E) if scale is None else float(scale)
-    if rotary is not None:           # rotate in float64 (no rounding back to float32)
+    if rotary is not None and pos is None:     # rotate in float64 (no rounding to float32)
         cos, sin = rotary_tables(rotary, S, E)
         k = rotate(k, rotary, cos, sin)
         if off != 0 or n != S:       # queries at positions off .. off + L - 1
@@ -305,6 +353,21 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
         return np.ascontiguousarray(a, dtype=np.float64)
 
     q64, k64, v64 = flat(q), flat(k), flat(v)
+    if pos is not None:              # per-row positions: rotate head by head
+        lead = pos.shape[:-1]
+        pidx = _index_map(lead, batch_shape)
+        pos2 = pos.reshape((-1, S))
+        q64, k64 = q64.copy(), k64.copy()      # may be read-only broadcast views
+        for r in np.unique(pidx):
+            heads = np.flatnonzero(pidx == r)
+            cos, sin = rotary_tables(rotary, S, E, positions=pos2[r])
+            k64[heads] = rotate(k64[heads], rotary, cos, sin)
+            q64[heads] = rotate(q64[heads], rotary, cos[off:off + n], sin[off:off + n])
+    kmask = kidx = None
+    if kpm is not None and not kpm.all():      # an all-True mask changes nothing
+        lead = kpm.shape[:-1]
+        kidx = _index_map(lead, batch_shape)
+        kmask = np.where(kpm.reshape((-1, S)), 0.0, -np.inf)
     ridx = bidx = None
     if rel is not None:
         lead = rel.shape[:-3]
@@ -324,7 +387,7 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
     return _Problem(q64, k64, v64, rel, ridx, bia, bidx, bool(is_causal), s,
                     tuple(batch_shape), dtype, n, E, Ev, compute,
                     precision_given=precision is not None, out_unit=out_unit,
-                    S=S, offset=off)
+                    S=S, offset=off, kmask=kmask, kidx=kidx)
 
 
 def _toeplitz_weights(p, b):
@@ -432,6 +495,9 @@ def _plans(p, method, eps, degree, approx, radius):
                 f"keys): the fast path is implemented for L = S, query_offset = 0 only"
                 if rect else None)
     for b in range(p.q.shape[0]):
+        padded = p.kmask is not None and bool(np.isinf(p.kmask[p.kidx[b]]).any())
+        why = why_rect or ("key_padding_mask masks keys of this head: the fast path "
+                           "does not take key padding yet" if padded else None)
         T = None if rect else p.weights(b)
         vmax = float(np.abs(p.v[b]).max(initial=0.0))
         hidx = tuple(int(i) for i in np.unravel_index(b, p.batch_shape)) if p.batch_shape else ()
@@ -445,7 +511,7 @@ def _plans(p, method, eps, degree, approx, radius):
             method=method, eps=eps, degree=degree, approx=approx, vmax=vmax,
             row_mass=1.0 if rect else _row_mass(p, b, T), out_rounding=out_rounding,
             exact_bound=ebound, radius_given=radius is not None,
-            compute_dtype=p.compute_dtype.name, fast_unavailable=why_rect))
+            compute_dtype=p.compute_dtype.name, fast_unavailable=why))
     return heads
 
 
@@ -505,7 +571,8 @@ def _run(p, heads, verify, workers=None):
                                                                           dtype=cd),
             ridx=None if p.ridx is None else p.ridx[exact_ids],
             bias=p.bias, bidx=None if p.bidx is None else p.bidx[exact_ids],
-            causal=p.causal, workers=workers, offset=p.offset)
+            causal=p.causal, workers=workers, offset=p.offset,
+            key_mask=p.kmask, kidx=None if p.kidx is None else p.kidx[exact_ids])
         if f != 1.0:
             out[exact_ids] /= f
     rng = np.random.default_rng(0)
@@ -581,6 +648,16 @@ _COMMON_DOC = """
     is_causal : bool, optional
         Mask keys after the query's position (j > i + query_offset); with the
         default alignment this is torch SDPA's ``is_causal`` (top-left).
+    key_padding_mask : (..., S) array_like of bool, optional
+        True = a real key that takes part, False = padding (torch's
+        ``key_padding_mask`` inverted to "take part", as SDPA's boolean masks;
+        HF's ``attention_mask`` of a padded batch). Rows that see no real key
+        return 0. Heads with padding run on the exact path.
+    positions : (..., S) array_like of int or float, optional
+        Positions of the keys for the rotary angles (default 0 .. S−1; e.g. HF
+        ``position_ids`` of a left-padded batch); query i takes the position of
+        key ``i + query_offset``. Only with ``rotary``. The causal mask and a
+        relative bias stay index based.
     query_offset : int, optional
         Position of query 0 (keys are at 0 .. S−1); query i is at
         ``i + query_offset`` for the causal mask and the rotary angle. Default 0,
@@ -650,13 +727,16 @@ def _from_other_libraries(query, key, value, relative, bias):
 
 
 def _setup(query, key, value, rotary, relative, bias, is_causal, scale, precision,
-           enable_gqa, query_offset=None, causal_alignment="top_left"):
+           enable_gqa, query_offset=None, causal_alignment="top_left",
+           key_padding_mask=None, positions=None):
     (q, k, v, rel, b), qkv_torch, low_unit = _from_other_libraries(query, key, value,
                                                                     relative, bias)
+    key_padding_mask = to_numpy(key_padding_mask, "key_padding_mask")[0]
+    positions = to_numpy(positions, "positions")[0]
     if low_unit is not None and precision is None:
         precision = "float64"        # float16/bfloat16 inputs: computed in float64
     p = _prepare(q, k, v, rotary, rel, b, is_causal, scale, precision, enable_gqa,
-                 query_offset, causal_alignment)
+                 query_offset, causal_alignment, key_padding_mask, positions)
     if low_unit is not None:
         p.out_unit = low_unit
         p.precision_given = False
@@ -665,14 +745,15 @@ def _setup(query, key, value, rotary, relative, bias, is_causal, scale, precisio
 
 _KNOWN = ("rotary", "relative", "bias", "is_causal", "scale", "method", "eps", "degree",
           "approx", "radius", "verify", "return_info", "precision", "workers", "enable_gqa",
-          "query_offset", "causal_alignment")
+          "query_offset", "causal_alignment", "key_padding_mask", "positions")
 
 
 def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
                    is_causal=False, scale=None, method="auto", eps=1e-3, degree=None,
                    approx="chebyshev", radius=None, verify=0, return_info=False,
                    precision=None, workers=None, enable_gqa=False, query_offset=None,
-                   causal_alignment="top_left", **unknown):
+                   causal_alignment="top_left", key_padding_mask=None, positions=None,
+                   **unknown):
     """RoPE / relative-position softmax attention, exact or certified fast.
 
     ``A[i, j] = exp(s·q_iᵀ W_{i−j} k_j + b_{i−j})``, ``out = D⁻¹ A V`` with
@@ -750,7 +831,8 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
     if not isinstance(return_info, (bool, np.bool_)):
         raise TypeError(f"return_info must be True or False, got {return_info!r}")
     p, qkv_torch = _setup(query, key, value, rotary, relative, bias, is_causal, scale,
-                          precision, enable_gqa, query_offset, causal_alignment)
+                          precision, enable_gqa, query_offset, causal_alignment,
+                          key_padding_mask, positions)
     heads = _plans(p, method, eps_f, degree, approx, radius)
     for h in heads:
         if h.method == "fast" and not np.isfinite(h.error_bound):
@@ -770,7 +852,7 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
 def plan(query, key, value, *, rotary=None, relative=None, bias=None, is_causal=False,
          scale=None, method="auto", eps=1e-3, degree=None, approx="chebyshev",
          radius=None, precision=None, enable_gqa=False, query_offset=None,
-         causal_alignment="top_left", **unknown):
+         causal_alignment="top_left", key_padding_mask=None, positions=None, **unknown):
     """Plan ``rope_attention`` without computing it: per head, what and why.
 
     Takes the arguments of :func:`rope_attention` (the arrays are validated the
@@ -804,7 +886,7 @@ def plan(query, key, value, *, rotary=None, relative=None, bias=None, is_causal=
     _validate_precision(precision)
     _validate_flag(enable_gqa, "enable_gqa")
     p, _ = _setup(query, key, value, rotary, relative, bias, is_causal, scale, precision,
-                  enable_gqa, query_offset, causal_alignment)
+                  enable_gqa, query_offset, causal_alignment, key_padding_mask, positions)
     return AttentionInfo(_plans(p, method, eps_f, degree, approx, radius), p.batch_shape,
                          eps_f)
 

@@ -172,7 +172,7 @@ def exp_kernel(x):
 @njit(cache=True, nogil=True, fastmath=_FM)
 def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshift,
                  causal, gscale, row_block, key_block, qnorm, knorm, headroom,
-                 offset, tasks, out, lse):
+                 offset, kmask, kidx, has_kmask, tasks, out, lse):
     # q arrives multiplied by the scale s, except with general W (then gscale = s;
     # with no general W and a bias, gscale = 1)
     B, n, E = q.shape            # n query rows; query i sits at position i + offset
@@ -226,6 +226,10 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
                 # is needed: weights e^{x−m} <= e^headroom cannot overflow.
                 skip_max = (not general) and qnorm[b, i] * kbound <= mx[r] + headroom
                 bm = -np.inf
+                if has_kmask:               # key padding: 0 / -inf per key
+                    km = kmask[kidx[b]]
+                    for jj in range(jl - j0):
+                        row[jj] += km[j0 + jj]
                 if has_bias:
                     bb = bias[bidx[b]]
                     sh = rowshift[bidx[b], i]
@@ -361,7 +365,8 @@ def exact_blocks(B, n, nthreads, n_keys=None):
 
 
 def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
-                    bidx=None, causal=False, workers=None, return_lse=False, offset=0):
+                    bidx=None, causal=False, workers=None, return_lse=False, offset=0,
+                    key_mask=None, kidx=None):
     """Exact softmax attention of flattened heads (internal entry point).
 
     Parameters
@@ -384,6 +389,8 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
     offset : int
         Position of query 0 (keys at 0..S-1): offset t = i + offset − j is stored
         at index ``i − j + S − 1`` of ``relative`` and ``bias``.
+    key_mask : (Bk, S) ndarray of float64, optional
+        0 for real keys, −inf for padding; head ``b`` uses ``key_mask[kidx[b]]``.
     workers : int, optional
         Threads (scipy.fft's meaning; default all cores).
     return_lse : bool
@@ -414,6 +421,9 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
     bs = np.ascontiguousarray(bias, dtype=np.float64) if has_bias else _DUMMY_BIAS
     bi = np.ascontiguousarray(bidx, dtype=np.int64) if has_bias else np.zeros(B, np.int64)
     S = k.shape[1]
+    has_kmask = key_mask is not None
+    km = np.ascontiguousarray(key_mask, dtype=np.float64) if has_kmask else _DUMMY_BIAS
+    ki = np.ascontiguousarray(kidx, dtype=np.int64) if has_kmask else np.zeros(B, np.int64)
     shift = bias_row_shift(bs, n, causal, S, offset) if has_bias else _DUMMY_BIAS
     nthreads = resolve_workers(workers)
     rb, kb = exact_blocks(B, n, nthreads, S)
@@ -450,8 +460,8 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
 
     def run(chunk):
         _exact_tasks(q, k, v, rel, ri, general, bs, bi, has_bias, shift, bool(causal),
-                     gscale, rb, kb, qnorm, knorm, headroom, int(offset),
-                     np.ascontiguousarray(chunk),
+                     gscale, rb, kb, qnorm, knorm, headroom, int(offset), km, ki,
+                     has_kmask, np.ascontiguousarray(chunk),
                      out, lse)
 
     with blas_threads(1):

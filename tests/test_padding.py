@@ -1,0 +1,103 @@
+"""Key padding masks and per-row rotary positions: a left-padded batch gives, on
+its real tokens, the outputs of the unpadded sequences."""
+
+import numpy as np
+import pytest
+
+import numbarope
+from numbarope import rope_attention
+
+
+def _masked_reference(q, k, v, keep, causal, off=0):
+    L, E = q.shape
+    S = k.shape[0]
+    logits = q @ k.T / np.sqrt(E)
+    ok = keep[None, :] & ((np.arange(S)[None, :] <= np.arange(L)[:, None] + off)
+                          if causal else True)
+    logits = np.where(ok, logits, -np.inf)
+    out = np.zeros((L, v.shape[1]))
+    for i in range(L):
+        if np.isinf(logits[i]).all():
+            continue
+        w = np.exp(logits[i] - logits[i].max())
+        out[i] = w @ v / w.sum()
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_key_padding_against_reference(causal, dtype):
+    rng = np.random.default_rng(1)
+    B, n, E = 3, 23, 4
+    q, k, v = (rng.standard_normal((B, n, E)).astype(dtype) * 0.6 for _ in range(3))
+    keep = rng.random((B, n)) < 0.7
+    keep[2] = False                                   # a fully padded row: zeros
+    out, info = rope_attention(q, k, v, key_padding_mask=keep, is_causal=causal,
+                               return_info=True)
+    for b in range(B):
+        ref = _masked_reference(q[b].astype(np.float64), k[b].astype(np.float64),
+                                v[b].astype(np.float64), keep[b], causal)
+        assert np.abs(out[b] - ref).max() <= info.error_bound[b]
+    assert np.all(out[2] == 0)
+    assert all("key_padding_mask" in r for r in info.reason)
+
+
+def test_all_true_mask_keeps_the_fast_path():
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((1, 64, 4)) * 0.2 for _ in range(3))
+    out, info = rope_attention(q, k, v, rotary=True, method="fast",
+                               key_padding_mask=np.ones((1, 64), bool), return_info=True)
+    assert info.method[0] == "fast"
+    with pytest.raises(ValueError, match="key_padding_mask masks keys"):
+        keep = np.ones((1, 64), bool)
+        keep[0, 0] = False
+        rope_attention(q, k, v, rotary=True, method="fast", key_padding_mask=keep)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_left_padded_batch_equals_unpadded_sequences(causal):
+    rng = np.random.default_rng(3)
+    E, S = 8, 30
+    lengths = [30, 21, 9]
+    q, k, v = (rng.standard_normal((3, 2, S, E)) for _ in range(3))     # (batch, heads)
+    keep = np.zeros((3, 1, S), bool)
+    pos = np.zeros((3, 1, S))
+    for b, m in enumerate(lengths):
+        keep[b, 0, S - m:] = True
+        pos[b, 0, S - m:] = np.arange(m)               # HF position_ids of left padding
+    out = rope_attention(q, k, v, rotary=True, is_causal=causal, key_padding_mask=keep,
+                         positions=pos, causal_alignment="top_left")
+    for b, m in enumerate(lengths):
+        ref = rope_attention(q[b, :, S - m:], k[b, :, S - m:], v[b, :, S - m:],
+                             rotary=True, is_causal=causal)
+        np.testing.assert_allclose(out[b, :, S - m:], ref, atol=1e-13)
+        if causal:
+            assert np.all(out[b, :, :S - m] == 0)     # padded queries see only padding
+
+
+def test_positions_with_a_key_cache():
+    """Decoding: 2 queries at the end of a left-padded cache of 12 keys."""
+    rng = np.random.default_rng(4)
+    E, S, L, pad = 4, 12, 2, 5
+    q, k, v = rng.standard_normal((L, E)), rng.standard_normal((S, E)), rng.standard_normal((S, 3))
+    keep = np.r_[np.zeros(pad, bool), np.ones(S - pad, bool)]
+    pos = np.r_[np.zeros(pad), np.arange(S - pad)]
+    out = rope_attention(q, k, v, rotary=True, is_causal=True, key_padding_mask=keep,
+                         positions=pos, causal_alignment="bottom_right")
+    qf = np.concatenate([np.zeros((S - pad - L, E)), q])
+    full = rope_attention(qf, k[pad:], v[pad:], rotary=True, is_causal=True)
+    np.testing.assert_allclose(out, full[-L:], atol=1e-13)
+
+
+def test_padding_and_positions_errors():
+    q = np.zeros((4, 2))
+    with pytest.raises(TypeError, match="key_padding_mask must be a boolean"):
+        rope_attention(q, q, q, key_padding_mask=np.ones(4))
+    with pytest.raises(ValueError, match=r"key_padding_mask has shape \(3,\); expected \(\.\.\., 4\)"):
+        rope_attention(q, q, q, key_padding_mask=np.ones(3, bool))
+    with pytest.raises(ValueError, match="positions set the rotary angles"):
+        rope_attention(q, q, q, positions=np.arange(4))
+    with pytest.raises(ValueError, match="positions contains NaN"):
+        rope_attention(q, q, q, rotary=True, positions=np.r_[0, 1, np.nan, 3])
+    with pytest.raises(ValueError, match="queries must be among the keys"):
+        rope_attention(q, q, q, rotary=True, positions=np.arange(4), query_offset=2)

@@ -44,6 +44,7 @@ class _Problem:
     offset: int = 0                # position of query 0 (keys at 0..S-1)
     kmask: np.ndarray | None = None     # (Bk, S) 0 / -inf: key padding
     kidx: np.ndarray | None = None
+    kvidx: np.ndarray | None = None     # key/value head of each query head (GQA)
     _weights: dict = field(default_factory=dict, repr=False)
 
     def weights(self, b):
@@ -167,8 +168,8 @@ def _validate_options(method, eps, degree, approx, scale, radius, is_causal=Fals
 
 
 def _group_heads(q, k, v):
-    """Grouped-query attention (torch SDPA's ``enable_gqa``): repeat each key/value head
-    for its Hq/Hkv query heads (query head h reads key/value head h // (Hq/Hkv))."""
+    """Grouped-query attention (torch SDPA's ``enable_gqa``): the group size Hq/Hkv
+    (query head h reads key/value head h // (Hq/Hkv); nothing is copied)."""
     for name, a in (("query", q), ("key", k), ("value", v)):
         if a.ndim < 3:
             raise ValueError(f"enable_gqa=True needs a head axis: {name} must have shape "
@@ -180,8 +181,7 @@ def _group_heads(q, k, v):
     if hk == 0 or hq % hk:
         raise ValueError(f"enable_gqa=True: query has {hq} heads, key/value {hk} (axis "
                          f"-3); the query heads must be a multiple of the key/value heads")
-    g = hq // hk
-    return np.repeat(k, g, axis=-3), np.repeat(v, g, axis=-3)
+    return hq // hk
 
 
 ALIGNMENTS = ("top_left", "bottom_right")
@@ -252,8 +252,7 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
     for name, a in (("query", q), ("key", k), ("value", v)):
         if a.ndim < 2:
             raise ValueError(f"{name} must have shape (..., n, features), got shape {a.shape}")
-    if enable_gqa:
-        k, v = _group_heads(q, k, v)
+    group = _group_heads(q, k, v) if enable_gqa else 1
     n, E = q.shape[-2:]          # n = L query rows
     S = k.shape[-2]              # key rows
     if k.shape[-1] != E:
@@ -281,7 +280,10 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
                         f"{type(rotary).__name__}")
     if rotary is not None:
         rotary.rotary_dim(E)      # validates dim against E
-    shapes = [q.shape[:-2], k.shape[:-2], v.shape[:-2]]
+    if group > 1:                # key/value broadcast as if they had Hq heads
+        shapes = [q.shape[:-2], k.shape[:-3] + (q.shape[-3],), v.shape[:-3] + (q.shape[-3],)]
+    else:
+        shapes = [q.shape[:-2], k.shape[:-2], v.shape[:-2]]
     kpm = _as_key_mask(key_padding_mask, S)
     pos = _as_positions(positions, S, off, n, rotary)
     for a in (kpm, pos):
@@ -305,7 +307,7 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
     try:
         batch_shape = np.broadcast_shapes(*shapes)
     except ValueError:
-        gqa = (not enable_gqa and q.ndim >= 3 and k.ndim >= 3 and k.shape[-3] > 0
+        gqa = (group == 1 and q.ndim >= 3 and k.ndim >= 3 and k.shape[-3] > 0
                and q.shape[-3] != k.shape[-3] and q.shape[-3] % k.shape[-3] == 0)
         raise ValueError(f"leading (batch, head) dims do not broadcast: query {q.shape}, "
                          f"key {k.shape}, value {v.shape}"
@@ -348,21 +350,45 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
         else:
             q = rotate(q, rotary, cos, sin)
 
-    def flat(a):
-        a = np.broadcast_to(a, batch_shape + a.shape[-2:]).reshape((B,) + a.shape[-2:])
-        return np.ascontiguousarray(a, dtype=np.float64)
+    # storage: float64 where a rotation was computed (the fast path needs its float64
+    # values) or an input is float64; float32 otherwise (no copies on the float32 path)
+    store = np.float64 if (rotary is not None or dtype == np.float64) else np.float32
 
-    q64, k64, v64 = flat(q), flat(k), flat(v)
+    def flat(a, shape=batch_shape):
+        count = int(np.prod(shape, dtype=np.int64))
+        a = np.broadcast_to(a, shape + a.shape[-2:]).reshape((count,) + a.shape[-2:])
+        return np.ascontiguousarray(a, dtype=store)
+
+    q64 = flat(q)
+    if group > 1:                # one copy per key/value head; kvidx maps query heads
+        kv_shape = batch_shape[:-1] + (k.shape[-3],)
+        k64, v64 = flat(k, kv_shape), flat(v, kv_shape)
+        ids = np.arange(int(np.prod(kv_shape, dtype=np.int64))).reshape(kv_shape)
+        kvidx = np.ascontiguousarray(
+            np.take(ids, np.arange(batch_shape[-1]) // group, axis=-1).reshape(-1))
+    else:
+        k64, v64 = flat(k), flat(v)
+        kvidx = np.arange(B, dtype=np.int64)
     if pos is not None:              # per-row positions: rotate head by head
         lead = pos.shape[:-1]
         pidx = _index_map(lead, batch_shape)
         pos2 = pos.reshape((-1, S))
+        kv_pos = np.full(k64.shape[0], -1, np.int64)
+        for b in range(B):
+            if kv_pos[kvidx[b]] >= 0 and not np.array_equal(pos2[kv_pos[kvidx[b]]],
+                                                             pos2[pidx[b]]):
+                raise ValueError("positions differ between query heads that share a "
+                                 "key/value head (enable_gqa): give positions per batch "
+                                 "row, shape (batch, 1, S)")
+            kv_pos[kvidx[b]] = pidx[b]
         q64, k64 = q64.copy(), k64.copy()      # may be read-only broadcast views
         for r in np.unique(pidx):
-            heads = np.flatnonzero(pidx == r)
             cos, sin = rotary_tables(rotary, S, E, positions=pos2[r])
-            k64[heads] = rotate(k64[heads], rotary, cos, sin)
+            heads = np.flatnonzero(pidx == r)
             q64[heads] = rotate(q64[heads], rotary, cos[off:off + n], sin[off:off + n])
+            kvs = np.flatnonzero(kv_pos == r)
+            if kvs.size:
+                k64[kvs] = rotate(k64[kvs], rotary, cos, sin)
     kmask = kidx = None
     if kpm is not None and not kpm.all():      # an all-True mask changes nothing
         lead = kpm.shape[:-1]
@@ -387,7 +413,7 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
     return _Problem(q64, k64, v64, rel, ridx, bia, bidx, bool(is_causal), s,
                     tuple(batch_shape), dtype, n, E, Ev, compute,
                     precision_given=precision is not None, out_unit=out_unit,
-                    S=S, offset=off, kmask=kmask, kidx=kidx)
+                    S=S, offset=off, kmask=kmask, kidx=kidx, kvidx=kvidx)
 
 
 def _toeplitz_weights(p, b):
@@ -439,8 +465,11 @@ def _row_mass(p, b, T):
 
 def _radii(p, radius):
     """Logit radius R (and R₁ for the rounding term) of every flattened head."""
-    qn = np.sqrt(np.einsum("bne,bne->bn", p.q, p.q)).max(axis=1, initial=0.0)
-    kn = np.sqrt(np.einsum("bne,bne->bn", p.k, p.k)).max(axis=1, initial=0.0)
+    qn = np.sqrt(np.einsum("bne,bne->bn", p.q, p.q, dtype=np.float64)).max(axis=1,
+                                                                             initial=0.0)
+    kn = np.sqrt(np.einsum("bne,bne->bn", p.k, p.k, dtype=np.float64)).max(axis=1,
+                                                                             initial=0.0)
+    kn = kn[p.kvidx]
     if p.relative is not None:
         wn = np.linalg.norm(p.relative, ord=2, axis=(-2, -1)).max(axis=1, initial=0.0)[p.ridx]
         wf = np.sqrt((p.relative ** 2).sum(axis=(2, 3))).max(axis=1, initial=0.0)[p.ridx]
@@ -494,12 +523,13 @@ def _plans(p, method, eps, degree, approx, radius):
     why_rect = (f"rectangular attention (L={p.n} queries at offset {p.offset}, S={p.S} "
                 f"keys): the fast path is implemented for L = S, query_offset = 0 only"
                 if rect else None)
+    vmaxes = np.abs(p.v).max(axis=(1, 2), initial=0.0).astype(np.float64)
     for b in range(p.q.shape[0]):
         padded = p.kmask is not None and bool(np.isinf(p.kmask[p.kidx[b]]).any())
         why = why_rect or ("key_padding_mask masks keys of this head: the fast path "
                            "does not take key padding yet" if padded else None)
         T = None if rect else p.weights(b)
-        vmax = float(np.abs(p.v[b]).max(initial=0.0))
+        vmax = float(vmaxes[p.kvidx[b]])
         hidx = tuple(int(i) for i in np.unravel_index(b, p.batch_shape)) if p.batch_shape else ()
         out_rounding = p.out_unit * vmax
         ebound = exact_error_bound(p.S, p.E, p.computed_radius[b], p.computed_radius1[b],
@@ -523,9 +553,9 @@ def _exact_rows(p, b, rows):
     for r, i in enumerate(rows):
         if p.relative is not None:
             W = p.relative[p.ridx[b], i - j + n - 1]            # (n, E, E)
-            logit = np.einsum("e,jef,jf->j", p.q[b, i], W, p.k[b])
+            logit = np.einsum("e,jef,jf->j", p.q[b, i], W, p.k[p.kvidx[b]])
         else:
-            logit = p.k[b] @ p.q[b, i]
+            logit = p.k[p.kvidx[b]].astype(np.float64) @ p.q[b, i].astype(np.float64)
         logit = logit * p.scale
         if p.bias is not None:      # shifted by the row's largest visible bias (exact)
             bt = p.bias[p.bidx[b], i - j + n - 1]
@@ -538,7 +568,7 @@ def _exact_rows(p, b, rows):
         if mx == -np.inf:
             continue
         w = np.exp(logit - mx)
-        out[r] = (w / w.sum()) @ p.v[b]          # convex combination: cannot overflow
+        out[r] = (w / w.sum()) @ p.v[p.kvidx[b]]  # convex combination: cannot overflow
     return out
 
 
@@ -563,10 +593,11 @@ def _run(p, heads, verify, workers=None):
             a = a if every else a[exact_ids]
             return np.ascontiguousarray(a, dtype=cd)
 
-        f = _value_scale(p.v if every else p.v[exact_ids], cd)
-        v = take(p.v * f if f != 1.0 else p.v)
+        f = _value_scale(p.v, cd)
+        v = np.ascontiguousarray(p.v * f if f != 1.0 else p.v, dtype=cd)
         out[exact_ids] = exact_attention(
-            take(p.q), take(p.k), v, p.scale,
+            take(p.q), np.ascontiguousarray(p.k, dtype=cd), v, p.scale,
+            kvidx=p.kvidx[exact_ids],
             relative=None if p.relative is None else np.ascontiguousarray(p.relative,
                                                                           dtype=cd),
             ridx=None if p.ridx is None else p.ridx[exact_ids],
@@ -581,15 +612,18 @@ def _run(p, heads, verify, workers=None):
             continue
         coef = h.coef
         T = p.weights(b)
-        f = _value_scale(p.v[b])
-        vb = p.v[b] * f if f != 1.0 else p.v[b]
+        qb = p.q[b].astype(np.float64)
+        kb = p.k[p.kvidx[b]].astype(np.float64)
+        vb = p.v[p.kvidx[b]].astype(np.float64)
+        f = _value_scale(vb)
+        vb = vb * f if f != 1.0 else vb
         if p.relative is not None:
             if T is None:
                 T = np.ones(2 * p.n - 1)
-            out[b], _ = fast_general(p.q[b], p.k[b], vb, p.scale, coef,
+            out[b], _ = fast_general(qb, kb, vb, p.scale, coef,
                                      p.relative[p.ridx[b]], T, workers=workers)
         else:
-            out[b], _ = fast_separable(p.q[b], p.k[b], vb, p.scale, coef, T, p.causal,
+            out[b], _ = fast_separable(qb, kb, vb, p.scale, coef, T, p.causal,
                                        workers=workers)
         if f != 1.0:
             out[b] /= f

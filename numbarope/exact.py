@@ -172,7 +172,7 @@ def exp_kernel(x):
 @njit(cache=True, nogil=True, fastmath=_FM)
 def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshift,
                  causal, gscale, row_block, key_block, qnorm, knorm, headroom,
-                 offset, kmask, kidx, has_kmask, tasks, out, lse):
+                 offset, kmask, kidx, has_kmask, kvidx, tasks, out, lse):
     # q arrives multiplied by the scale s, except with general W (then gscale = s;
     # with no general W and a bias, gscale = 1)
     B, n, E = q.shape            # n query rows; query i sits at position i + offset
@@ -187,6 +187,7 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
     wq = np.empty(E)
     for ti in range(tasks.shape[0]):
         b = tasks[ti, 0]
+        hk = kvidx[b]            # key/value head of query head b (GQA)
         i0 = tasks[ti, 1]
         i1 = min(i0 + row_block, n)
         rb = i1 - i0
@@ -211,12 +212,12 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
                                 wq[c] += qa * W[a, c]
                         s = 0.0
                         for c in range(E):
-                            s += wq[c] * k[b, j, c]
+                            s += wq[c] * k[hk, j, c]
                         S[r, j - j0] = s
             else:
-                np.dot(q[b, i0:i1], k[b, j0:j1].T, S)
+                np.dot(q[b, i0:i1], k[hk, j0:j1].T, S)
             # scale (general W), bias (float64), causal mask, row maxima
-            kbound = knorm[b, j0 // key_block]
+            kbound = knorm[hk, j0 // key_block]
             for r in range(rb):
                 i = i0 + r
                 row = S[r]
@@ -265,7 +266,7 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
                 den[r] += _exp_block(row, kb, mx[r])
             P = PV[:rb * Ev].reshape((rb, Ev))
             if Ev > 0:
-                np.dot(S, v[b, j0:j1], P)
+                np.dot(S, v[hk, j0:j1], P)
             for r in range(rb):
                 for c in range(Ev):
                     acc[r, c] += P[r, c]
@@ -366,17 +367,18 @@ def exact_blocks(B, n, nthreads, n_keys=None):
 
 def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
                     bidx=None, causal=False, workers=None, return_lse=False, offset=0,
-                    key_mask=None, kidx=None):
+                    key_mask=None, kidx=None, kvidx=None):
     """Exact softmax attention of flattened heads (internal entry point).
 
     Parameters
     ----------
     q : (B, n, E) ndarray of float32 or float64, C-contiguous
-    k : (B, S, E) ndarray, same dtype, C-contiguous
+    k : (Bk, S, E) ndarray, same dtype, C-contiguous
+        Head ``b`` uses ``k[kvidx[b]]`` (default ``kvidx[b] = b``; GQA shares heads).
         Queries and keys, already rotated if a rotary embedding applies. Their
         dtype (the same for q, k, v) is the compute precision of the logits,
         exp and the value product; the softmax state is float64.
-    v : (B, S, Ev) ndarray, same dtype, C-contiguous
+    v : (Bk, S, Ev) ndarray, same dtype, C-contiguous
     scale : float
         Logit scale s > 0.
     relative : (Br, n+S−1, E, E) ndarray of the same dtype, optional
@@ -421,6 +423,8 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
     bs = np.ascontiguousarray(bias, dtype=np.float64) if has_bias else _DUMMY_BIAS
     bi = np.ascontiguousarray(bidx, dtype=np.int64) if has_bias else np.zeros(B, np.int64)
     S = k.shape[1]
+    kvi = (np.arange(B, dtype=np.int64) if kvidx is None
+           else np.ascontiguousarray(kvidx, dtype=np.int64))
     has_kmask = key_mask is not None
     km = np.ascontiguousarray(key_mask, dtype=np.float64) if has_kmask else _DUMMY_BIAS
     ki = np.ascontiguousarray(kidx, dtype=np.int64) if has_kmask else np.zeros(B, np.int64)
@@ -448,9 +452,9 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
         qnorm = np.sqrt(np.einsum("bne,bne->bn", q, q, dtype=np.float64)) * (1 + 1e-5)
         kn = np.sqrt(np.einsum("bne,bne->bn", k, k, dtype=np.float64)) * (1 + 1e-5)
         nkb = -(-S // kb)
-        knorm = np.full((B, nkb * kb), 0.0)
+        knorm = np.full((k.shape[0], nkb * kb), 0.0)
         knorm[:, :S] = kn
-        knorm = np.ascontiguousarray(knorm.reshape(B, nkb, kb).max(axis=2))
+        knorm = np.ascontiguousarray(knorm.reshape(k.shape[0], nkb, kb).max(axis=2))
         # e^headroom · key_block · max|V| must stay far below the dtype's maximum
         vmax = float(np.abs(v).max(initial=0.0))
         cap = np.log(float(np.finfo(dt).max) / 16 / kb / max(vmax, 1e-300))
@@ -461,7 +465,7 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
     def run(chunk):
         _exact_tasks(q, k, v, rel, ri, general, bs, bi, has_bias, shift, bool(causal),
                      gscale, rb, kb, qnorm, knorm, headroom, int(offset), km, ki,
-                     has_kmask, np.ascontiguousarray(chunk),
+                     has_kmask, kvi, np.ascontiguousarray(chunk),
                      out, lse)
 
     with blas_threads(1):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _config
-from .exact import exact_attention
+from .exact import exact_attention, row_norms
 from .fast import fast_general, fast_separable
 from .planner import AttentionInfo, exact_error_bound, plan_head
 from ._interop import LOW_PRECISION_UNIT, output_like, to_numpy, unexpected_keywords
@@ -465,11 +465,8 @@ def _row_mass(p, b, T):
 
 def _radii(p, radius):
     """Logit radius R (and R₁ for the rounding term) of every flattened head."""
-    qn = np.sqrt(np.einsum("bne,bne->bn", p.q, p.q, dtype=np.float64)).max(axis=1,
-                                                                             initial=0.0)
-    kn = np.sqrt(np.einsum("bne,bne->bn", p.k, p.k, dtype=np.float64)).max(axis=1,
-                                                                             initial=0.0)
-    kn = kn[p.kvidx]
+    qn = row_norms(p.q).max(axis=1, initial=0.0)
+    kn = row_norms(p.k).max(axis=1, initial=0.0)[p.kvidx]
     if p.relative is not None:
         wn = np.linalg.norm(p.relative, ord=2, axis=(-2, -1)).max(axis=1, initial=0.0)[p.ridx]
         wf = np.sqrt((p.relative ** 2).sum(axis=(2, 3))).max(axis=1, initial=0.0)[p.ridx]

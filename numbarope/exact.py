@@ -47,7 +47,7 @@ from numba.extending import intrinsic, overload
 from . import _config
 from ._threads import blas_threads, resolve_workers, run_tasks
 
-__all__ = ["exact_attention", "EXP_ULPS", "EXP_FLUSH"]
+__all__ = ["exact_attention", "row_norms", "EXP_ULPS", "EXP_FLUSH"]
 
 _FM = set(_config.FASTMATH)
 
@@ -310,6 +310,19 @@ def _window_max(b, lo, hi):
     return out
 
 
+def row_norms(x):
+    """Upper bounds of the row norms ‖x[b, i]‖₂ of a (B, n, E) array, as float64.
+
+    The squares are summed in x's dtype (no float64 copy of x), then enlarged by
+    ``1 + 2(E+1)u`` (u its unit roundoff), which covers the rounding of a sum of E
+    squares (Higham 2002, §3.1): the result is never below the true norm.
+    """
+    E = x.shape[-1]
+    u = np.finfo(x.dtype).eps / 2
+    sq = np.einsum("bne,bne->bn", x, x).astype(np.float64)
+    return np.sqrt(sq * (1 + 2 * (E + 1) * u))
+
+
 def bias_row_shift(bias, n, causal, n_keys=None, offset=0):
     """Largest visible bias of every query row: ``max_{t visible to i} b_t``.
 
@@ -449,8 +462,8 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
         q = q * q.dtype.type(scale)
         gscale = 1.0
         # bounds of the logits per row and key block, slightly enlarged for rounding
-        qnorm = np.sqrt(np.einsum("bne,bne->bn", q, q, dtype=np.float64)) * (1 + 1e-5)
-        kn = np.sqrt(np.einsum("bne,bne->bn", k, k, dtype=np.float64)) * (1 + 1e-5)
+        qnorm = row_norms(q) * (1 + 1e-5)       # margin for the GEMM's own rounding
+        kn = row_norms(k) * (1 + 1e-5)
         nkb = -(-S // kb)
         knorm = np.full((k.shape[0], nkb * kb), 0.0)
         knorm[:, :S] = kn

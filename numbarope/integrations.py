@@ -1,0 +1,305 @@
+"""numbarope as an attention backend of Hugging Face transformers.
+
+``import numbarope.integrations`` registers the name ``"numbarope"`` with
+transformers' ``AttentionInterface`` (the attention function) and
+``AttentionMaskInterface`` (the mask transformers builds for it), so that ::
+
+    import numbarope.integrations
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="numbarope")
+
+runs every attention layer of the model through :func:`numbarope.rope_attention`.
+Importing this module imports torch and transformers; ``import numbarope``
+alone imports neither.
+
+What the backend receives and does
+----------------------------------
+transformers hands over query ``(B, Hq, L, D)`` and key, value ``(B, Hkv, S, D)``
+already rotated (so ``rotary=None``), ``scaling`` (``scale=``) and the mask it
+built with ``sdpa_mask`` (the mask function registered here): ``None`` where
+torch SDPA's ``is_causal`` would do (no padding, and L = S, L = 1 or an empty
+cache), else a boolean ``(B, 1, L, S)`` mask (True = the pair takes part).
+
+The mask is read, never trusted blindly: per batch row it must equal a key
+padding vector AND either nothing or a causal mask with one offset for the
+whole batch (query i sees keys j <= i + offset; offset = S - L is decoding with
+a key/value cache, transformers' bottom-right alignment). That structure is
+passed as ``is_causal``, ``causal_alignment="bottom_right"`` (or
+``query_offset=``) and ``key_padding_mask=``; unpadded square causal problems
+stay eligible for the fast path. Any other structure (a sliding window, chunks,
+packed sequences, a bidirectional block, an arbitrary mask or a float bias)
+raises ``NotImplementedError`` naming it: nothing is computed wrongly. The
+analysis costs O(B·L·S) boolean operations once per mask (transformers passes
+the same mask object to every layer; the result is kept for it).
+
+Grouped-query attention goes to ``enable_gqa=True``. Rows whose every key is
+masked (the queries of left padding) return 0, as torch SDPA >= 2.5; eager
+attention returns other values there, which no real token reads.
+
+Not supported (``NotImplementedError``): dropout > 0, ``softcap``, attention
+sinks (``s_aux``), a ``position_bias`` (T5-style); a backward pass (the result
+carries an autograd node whose backward raises, so a training step fails
+loudly instead of silently dropping the attention's gradient).
+"""
+
+import warnings
+import weakref
+
+import numpy as np
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .attention import rope_attention
+
+__all__ = ["register", "attention_forward", "mask_structure", "NAME"]
+
+#: The name passed as ``attn_implementation=``.
+NAME = "numbarope"
+
+_DEFAULTS = {"method": "auto", "eps": 1e-3, "precision": None, "workers": None}
+_options = dict(_DEFAULTS)
+
+
+def register(*, method="auto", eps=1e-3, precision=None, workers=None):
+    """Register ``"numbarope"`` with transformers (idempotent) and set its options.
+
+    Called on ``import numbarope.integrations`` with the defaults; call it again
+    to change the options of every later forward (each call sets all of them).
+
+    Parameters
+    ----------
+    method : {"auto", "exact", "fast"}, optional
+        As :func:`numbarope.rope_attention` (default ``"auto"``: per head the
+        cheaper of exact and the certified fast path that meets ``eps``).
+    eps : float in (0, 1), optional
+        Tolerated error of the fast path relative to ``max|value|`` of the head.
+    precision : {None, "float32", "float64"}, optional
+        Compute precision of the exact path (None: float32 for float32 models).
+    workers : int, optional
+        Threads of numbarope (scipy.fft's meaning; None: all cores or
+        :func:`numbarope.set_workers`).
+
+    Returns
+    -------
+    str
+        ``"numbarope"``, the name to pass as ``attn_implementation=``.
+
+    Examples
+    --------
+    >>> import numbarope.integrations
+    >>> numbarope.integrations.register(method="exact")
+    'numbarope'
+    >>> from transformers import AttentionInterface
+    >>> "numbarope" in AttentionInterface()
+    True
+    >>> _ = numbarope.integrations.register()      # back to the defaults
+    """
+    _options.update(method=method, eps=eps, precision=precision, workers=workers)
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME
+
+
+# ---------------------------------------------------------------------------
+# Reading the mask
+
+_last = {"ref": None, "version": None, "result": None}
+
+
+def mask_structure(mask):
+    """Causal offset and key padding of a transformers attention mask, or raise.
+
+    Parameters
+    ----------
+    mask : (B, 1 or H, L, S) torch.Tensor of bool or float
+        True (or 0.0) = the pair takes part; False (or -inf / ``finfo.min``) =
+        masked, as transformers' ``sdpa_mask`` and ``eager_mask`` build them.
+
+    Returns
+    -------
+    offset : int or None
+        None: no causal mask. Else query i sees keys j <= i + offset (S - L is
+        transformers' bottom-right alignment).
+    key_padding_mask : (B, 1 or H, S) ndarray of bool or None
+        True = a real key; None when no key is padded.
+
+    Raises
+    ------
+    NotImplementedError
+        The mask is not key padding AND (nothing or one causal offset): the
+        message names what it found (sliding window, chunks, packed sequences,
+        a float bias, an arbitrary mask).
+    """
+    # inference tensors keep no version counter (and are rarely edited in place)
+    version = None if mask.is_inference() else mask._version
+    ref = _last["ref"]
+    if ref is not None and ref() is mask and _last["version"] == version:
+        return _last["result"]
+    result = _analyse(mask)
+    _last.update(ref=weakref.ref(mask), version=version, result=result)
+    return result
+
+
+def _analyse(mask):
+    if mask.ndim != 4:
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; expected a 4-D "
+                         f"(batch, 1 or heads, L, S) mask")
+    m = mask.detach()
+    if m.dtype != torch.bool:
+        if not m.is_floating_point():
+            raise NotImplementedError(f"attention_mask of dtype {m.dtype}: numbarope reads "
+                                      f"boolean or additive float masks")
+        take = m == 0
+        masked = m <= torch.finfo(m.dtype).min / 2     # finfo.min and -inf
+        if not bool((take | masked).all()):
+            raise NotImplementedError(
+                "attention_mask is an additive float bias (values other than 0 and "
+                "-inf/finfo.min): numbarope's transformers backend reads masks only; "
+                "a relative (Toeplitz) bias goes to numbarope.rope_attention(bias=)")
+        m = take
+    L, S = m.shape[-2:]
+    pad = m.any(dim=-2)                                     # (B, h, S)
+    if bool(torch.equal(m, pad[..., None, :].expand_as(m))):
+        return None, _padding_or_none(pad)
+    # causal with one offset: the last visible key of row i is i + offset
+    # wherever key i + offset is real (every real query's own key)
+    rows = m.any(dim=-1)                                     # (B, h, L)
+    j = torch.arange(S)
+    last = torch.where(m, j, -1).amax(dim=-1)                # (B, h, L)
+    i = torch.arange(L)
+    offset = int((last - i)[rows].max()) if bool(rows.any()) else 0
+    causal = j[None, :] <= i[:, None] + offset              # (L, S)
+    if bool(torch.equal(m, pad[..., None, :] & causal)):
+        return offset, _padding_or_none(pad)
+    raise NotImplementedError(_describe(m, pad, offset))
+
+
+def _padding_or_none(pad):
+    return None if bool(pad.all()) else pad.numpy().copy()
+
+
+def _describe(m, pad, offset):
+    """A sentence naming the structure of a mask numbarope's backend does not take."""
+    L, S = m.shape[-2:]
+    offset = min(offset, S - L)        # transformers aligns queries bottom-right
+    i = torch.arange(L)[:, None]
+    j = torch.arange(S)[None, :]
+    causal = j <= i + offset
+    if bool((m & ~causal).any()):
+        kind = ("an arbitrary mask: keys after the query's position take part (a "
+                "bidirectional block, prefix-LM or custom mask)")
+    else:
+        first = torch.where(m, j, S).amin(dim=-1)                   # (B, h, L)
+        rows = m.any(dim=-1)
+        width = int((i[:, 0] + offset - first + 1)[rows].max()) if bool(rows.any()) else S
+        window = causal & (j > i + offset - width)
+        if bool(torch.equal(m, pad[..., None, :] & window)):
+            kind = f"a causal mask with a sliding window of {width} keys"
+        else:
+            kind = ("a causal mask that also hides earlier keys (chunked attention, "
+                    "packed sequences or custom)")
+    return (f"attention_mask of shape {tuple(m.shape)} is {kind}; numbarope's "
+            f"transformers backend computes key padding combined with a causal mask "
+            f"(any offset) or no mask only. Use attn_implementation='sdpa' or 'eager' "
+            f"for this model, or call numbarope.rope_attention with bias= (a Toeplitz "
+            f"window, numbarope.bias) for a sliding window.")
+
+
+# ---------------------------------------------------------------------------
+# The attention function transformers calls
+
+
+class _NoBackward(torch.autograd.Function):
+    """Forward through numbarope; a backward pass raises instead of losing the gradient."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, kwargs):
+        return rope_attention(query.detach(), key.detach(), value.detach(), **kwargs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError(
+            "numbarope's attention has no backward pass: train with "
+            "attn_implementation='sdpa' or 'eager', or run inference under "
+            "torch.inference_mode()")
+
+
+def attention_forward(module, query, key, value, attention_mask, scaling=None,
+                      dropout=0.0, is_causal=None, **kwargs):
+    """The ``"numbarope"`` attention of transformers' ``AttentionInterface``.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The attention layer (its ``is_causal`` is used when no mask is given).
+    query : (B, Hq, L, D) torch.Tensor
+        Rotated queries.
+    key, value : (B, Hkv, S, D), (B, Hkv, S, Dv) torch.Tensor
+        Rotated keys and values; Hq % Hkv == 0 (grouped-query attention).
+    attention_mask : (B, 1, L, S) torch.Tensor of bool or None
+        As built by transformers for this backend (``sdpa_mask``).
+    scaling : float, optional
+        Logit scale (default ``1/sqrt(D)``).
+    dropout : float
+        Must be 0.
+    is_causal : bool, optional
+        Used only without a mask (as transformers' SDPA backend).
+
+    Returns
+    -------
+    attn_output : (B, L, Hq, Dv) torch.Tensor
+        Contiguous, the dtype of the inputs.
+    attn_weights : None
+
+    Raises
+    ------
+    NotImplementedError
+        dropout > 0, ``softcap``, ``s_aux``, ``position_bias``, or a mask other
+        than key padding with an optional causal part (see :func:`mask_structure`).
+    """
+    if dropout:
+        raise NotImplementedError(f"dropout={dropout}: numbarope's attention is for "
+                                  f"inference (dropout 0); call model.eval()")
+    for name in ("softcap", "s_aux", "position_bias"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"{name} is not supported by numbarope's "
+                                      f"transformers backend; use 'eager' or 'sdpa'")
+    if kwargs.get("output_attentions", False):
+        warnings.warn("numbarope does not return attention weights "
+                      "(output_attentions=True): attn_weights is None", stacklevel=2)
+    if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
+        raise ValueError(f"expected query (B, Hq, L, D), key (B, Hkv, S, D), value "
+                         f"(B, Hkv, S, Dv); got {tuple(query.shape)}, {tuple(key.shape)}, "
+                         f"{tuple(value.shape)}")
+    L, S = query.shape[2], key.shape[2]
+    args = dict(scale=scaling, enable_gqa=query.shape[1] != key.shape[1], **_options)
+    if attention_mask is None:
+        # transformers skips the mask exactly where torch SDPA's is_causal is right
+        # (top-left alignment); mirror its sdpa backend
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if L > 1 and causal:
+            args["is_causal"] = True
+            if S > L:       # an empty static cache: the keys after the prompt are unused
+                key, value = key[:, :, :L], value[:, :, :L]
+    else:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise NotImplementedError(f"attention_mask of type {type(attention_mask).__name__}"
+                                      f": numbarope reads 4-D tensor masks (sdpa_mask)")
+        if attention_mask.shape[-2:] != (L, S):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; "
+                             f"expected (B, 1, {L}, {S}) for query {tuple(query.shape)} "
+                             f"and key {tuple(key.shape)}")
+        offset, kpm = mask_structure(attention_mask)
+        if offset is not None:
+            args["is_causal"] = True
+            if offset == S - L:
+                args["causal_alignment"] = "bottom_right"
+            elif offset:
+                args["query_offset"] = offset
+        if kpm is not None:
+            args["key_padding_mask"] = kpm
+    out = _NoBackward.apply(query, key, value, args)
+    return out.transpose(1, 2).contiguous(), None
+
+
+register()

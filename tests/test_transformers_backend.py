@@ -1,0 +1,293 @@
+"""numbarope as transformers' attention backend (``attn_implementation="numbarope"``).
+
+A small random Llama (hidden 64, 4 query / 2 key-value heads of dim 16, 2 layers,
+rope_theta 50000, vocabulary 100; no download) against transformers' own "sdpa"
+and "eager" backends: one attention layer, the whole model's logits, cached
+decoding and generate(), on a batch of 2 x 37 tokens whose second row is
+left-padded. Unsupported masks must raise, never compute something else.
+
+Tolerances. The references are torch's: "sdpa" (torch's math kernel on the CPU,
+the inputs' dtype throughout) and "eager" (transformers' matmul + softmax, the
+softmax always in float32). In float64, numbarope's exact path and sdpa agree to
+rounding, ~1e-16 relative per layer; amplified through 2 layers and the head
+(logits ~7) that stays below 1e-12. Eager's float32 softmax limits its agreement
+to ~1e-6 even in float64 (we allow 1e-5), and eager in float64 turns a left-padded
+row into NaN (transformers adds finfo(float64).min, which is -inf in the float32
+softmax), so padded float64 batches are compared with sdpa only. In float32 both
+sides round at ~6e-8 relative; through the model 1e-5 absolute on logits ~7.
+
+Weights are initialised with std 0.2 (transformers' default 0.02 makes attention
+contribute almost nothing to the logits, and a wrong mask would go unseen):
+here a missing padding mask changes the logits by ~7.
+"""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import numbarope.integrations as ni  # noqa: E402  (registers "numbarope")
+from transformers import (AttentionInterface, DynamicCache, LlamaConfig,  # noqa: E402
+                          LlamaForCausalLM)
+from transformers.masking_utils import (AttentionMaskInterface,  # noqa: E402
+                                        create_causal_mask)
+
+N_TOKENS, N_PAD = 37, 5
+TIGHT = 1e-12      # float64, numbarope exact vs sdpa (see the module docstring)
+EAGER = 1e-5       # against eager's float32 softmax, and any float32 model
+
+
+@pytest.fixture(autouse=True)
+def _exact_backend():
+    """The comparisons to 1e-12 need the exact path: reset options after each test."""
+    ni.register(method="exact")
+    yield
+    ni.register()
+
+
+def _config(**kw):
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
+                       vocab_size=100, max_position_embeddings=256,
+                       rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+                       initializer_range=0.2, pad_token_id=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def model64():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(_config()).double().eval()
+
+
+@pytest.fixture(scope="module")
+def model32():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(_config()).float().eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 100, (2, N_TOKENS), generator=g)
+    mask = torch.ones(2, N_TOKENS, dtype=torch.long)
+    mask[1, :N_PAD] = 0                        # row 1 left-padded
+    ids[1, :N_PAD] = 0
+    return ids, mask
+
+
+def _logits(model, impl, ids, **kw):
+    model.set_attn_implementation(impl)
+    with torch.inference_mode():
+        return model(input_ids=ids, **kw).logits
+
+
+def _maxdiff(a, b, where=None):
+    d = (a - b).abs()
+    return float((d[where] if where is not None else d).max())
+
+
+# -- registration -------------------------------------------------------------
+
+def test_registered_with_both_interfaces_and_idempotent():
+    assert "numbarope" in AttentionInterface()
+    assert "numbarope" in AttentionMaskInterface()
+    assert ni.register() == ni.register() == "numbarope"
+    assert AttentionInterface()["numbarope"] is ni.attention_forward
+
+
+def test_one_line_use_with_from_pretrained(model32, tmp_path, batch):
+    model32.save_pretrained(tmp_path)
+    m = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="numbarope")
+    assert m.config._attn_implementation == "numbarope"
+    ids, mask = batch
+    with torch.inference_mode():
+        out = m(input_ids=ids, attention_mask=mask).logits
+    ref = _logits(model32, "sdpa", ids, attention_mask=mask)
+    assert _maxdiff(out, ref, mask.bool()) < EAGER
+
+
+# -- (a) one attention layer --------------------------------------------------
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_one_attention_layer(model64, batch, padded):
+    ids, mask = batch
+    pad = mask if padded else None
+    real = mask.bool() if padded else torch.ones_like(mask, dtype=torch.bool)
+    layer = model64.model.layers[0].self_attn
+    with torch.inference_mode():
+        h = model64.model.embed_tokens(ids)
+        pos = torch.arange(N_TOKENS)[None].expand(2, -1)
+        cos_sin = model64.model.rotary_emb(h, pos)
+        outs = {}
+        for impl in ("numbarope", "sdpa", "eager"):
+            model64.set_attn_implementation(impl)
+            m4 = create_causal_mask(config=model64.config, inputs_embeds=h,
+                                    attention_mask=pad, cache=None, position_ids=pos)
+            outs[impl] = layer(hidden_states=h, position_embeddings=cos_sin,
+                               attention_mask=m4)[0]
+    assert _maxdiff(outs["numbarope"], outs["sdpa"], real) < TIGHT
+    if not padded:                       # eager: NaN rows with float64 padding
+        assert _maxdiff(outs["numbarope"], outs["eager"], real) < EAGER
+
+
+# -- (b) the whole model ------------------------------------------------------
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_model_logits_float64(model64, batch, padded):
+    ids, mask = batch
+    kw = {"attention_mask": mask} if padded else {}
+    real = mask.bool() if padded else torch.ones_like(mask, dtype=torch.bool)
+    ours = _logits(model64, "numbarope", ids, **kw)
+    assert _maxdiff(ours, _logits(model64, "sdpa", ids, **kw), real) < TIGHT
+    if not padded:
+        assert _maxdiff(ours, _logits(model64, "eager", ids), real) < EAGER
+    if padded:                           # the mask matters: ignoring it is far off
+        assert _maxdiff(ours, _logits(model64, "sdpa", ids), real) > 1e-2
+
+
+def test_model_logits_float32_left_padded(model32, batch):
+    ids, mask = batch
+    real = mask.bool()
+    ours = _logits(model32, "numbarope", ids, attention_mask=mask)
+    assert ours.dtype == torch.float32
+    for ref in ("sdpa", "eager"):
+        assert _maxdiff(ours, _logits(model32, ref, ids, attention_mask=mask), real) < EAGER
+
+
+# -- (c) decoding with a key/value cache --------------------------------------
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("step", [1, 7])
+def test_cached_decoding_is_bottom_right(model64, batch, padded, step):
+    """Prefill 37 - step tokens, then `step` queries against all 37 cached keys:
+    the last query at the last key (bottom-right); equal to the full forward."""
+    ids, mask = batch
+    cut = N_TOKENS - step
+    real = mask.bool() if padded else torch.ones_like(mask, dtype=torch.bool)
+    model64.set_attn_implementation("numbarope")
+    with torch.inference_mode():
+        cache = DynamicCache(config=model64.config)
+        # positions as generate() gives them: counted from the first real token
+        pos = (mask.cumsum(-1) - 1).clamp(min=0) if padded else torch.arange(N_TOKENS)[None]
+        kw = {"attention_mask": mask[:, :cut]} if padded else {}
+        model64(input_ids=ids[:, :cut], cache=cache, position_ids=pos[:, :cut], **kw)
+        kw = {"attention_mask": mask} if padded else {}
+        ours = model64(input_ids=ids[:, cut:], cache=cache, position_ids=pos[:, cut:],
+                       **kw).logits
+    full = _logits(model64, "sdpa", ids, position_ids=pos, **kw)
+    assert _maxdiff(ours, full[:, cut:], real[:, cut:]) < TIGHT
+
+
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_generate_left_padded(model64, batch, cache):
+    """A static cache has S = its size (40) > the keys in use: prefill reads as
+    causal at offset 0 (37 x 40, not bottom-right), decoding as 1 x 40 without a
+    causal part; the unused slots read as key padding."""
+    ids, mask = batch
+
+    def generate(impl):
+        model64.set_attn_implementation(impl)
+        with torch.inference_mode():
+            return model64.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4,
+                                    do_sample=False, output_logits=True,
+                                    return_dict_in_generate=True,
+                                    cache_implementation=cache)
+
+    ours, ref = generate("numbarope"), generate("sdpa")
+    assert torch.equal(ours.sequences, ref.sequences)
+    assert max(_maxdiff(a, b) for a, b in zip(ours.logits, ref.logits)) < TIGHT
+
+
+# -- what reaches rope_attention ----------------------------------------------
+
+class _Layer(torch.nn.Module):
+    is_causal = True
+
+
+def _spy(monkeypatch):
+    seen = {}
+
+    def fake(q, k, v, **kw):
+        seen.update(kw, L=q.shape[-2], S=k.shape[-2])
+        return torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)
+
+    monkeypatch.setattr(ni, "rope_attention", fake)
+    return seen
+
+
+def _qkv(L, S, hq=4, hk=2):
+    g = torch.Generator().manual_seed(2)
+    return (torch.randn(2, hq, L, 16, generator=g, dtype=torch.float64),
+            torch.randn(2, hk, S, 16, generator=g, dtype=torch.float64),
+            torch.randn(2, hk, S, 16, generator=g, dtype=torch.float64))
+
+
+def test_square_causal_without_padding_keeps_the_fast_path_open(monkeypatch):
+    seen = _spy(monkeypatch)
+    ni.register()                                 # method "auto"
+    out, w = ni.attention_forward(_Layer(), *_qkv(37, 37), None, scaling=0.25)
+    assert out.shape == (2, 37, 4, 16) and w is None
+    assert seen["is_causal"] and seen["enable_gqa"] and seen["method"] == "auto"
+    assert "key_padding_mask" not in seen and "causal_alignment" not in seen
+    assert "query_offset" not in seen and seen["scale"] == 0.25
+
+
+def test_mask_structure_causal_offsets_and_padding():
+    L, S = 3, 9
+    i, j = torch.arange(L)[:, None], torch.arange(S)[None]
+    pad = torch.ones(2, S, dtype=torch.bool)
+    pad[1, :4] = False
+    for off in (S - L, 2, 0):
+        m = ((j <= i + off) & pad[:, None, None, :])
+        got, kpm = ni.mask_structure(m)
+        assert got == off              # keys no query reaches may read as padding
+        np.testing.assert_array_equal(torch.from_numpy(kpm)[:, :, None, :]
+                                      & (j <= i + off), m)
+    got, kpm = ni.mask_structure(pad[:, None, None, :].expand(2, 1, L, S).clone())
+    assert got is None and kpm is not None          # padding, no causal part
+    got, kpm = ni.mask_structure(torch.ones(2, 1, L, S, dtype=torch.bool))
+    assert got is None and kpm is None
+    additive = torch.where(j <= i + S - L, 0.0, torch.finfo(torch.float32).min)
+    assert ni.mask_structure(additive.expand(2, 1, L, S).clone()) == (S - L, None)
+
+
+# -- what it refuses ----------------------------------------------------------
+
+def _sliding(L, S, window):
+    i, j = torch.arange(L)[:, None], torch.arange(S)[None]
+    off = S - L
+    return ((j <= i + off) & (j > i + off - window)).expand(2, 1, L, S).clone()
+
+
+@pytest.mark.parametrize("mask, match", [
+    (_sliding(37, 37, 8), "sliding window"),
+    (torch.rand(2, 1, 37, 37, generator=torch.Generator().manual_seed(3)) < 0.7,
+     "keys after the query"),
+    (torch.ones(2, 1, 37, 37).tril() - torch.ones(2, 1, 37, 37).triu(1) * 3.0,
+     "additive float bias"),
+])
+def test_unsupported_mask_structure_raises(mask, match):
+    with pytest.raises(NotImplementedError, match=match):
+        ni.attention_forward(_Layer(), *_qkv(37, 37), mask)
+
+
+def test_sliding_window_model_raises():
+    cfg = transformers.MistralConfig(hidden_size=64, intermediate_size=128,
+                                     num_attention_heads=4, num_key_value_heads=2,
+                                     head_dim=16, num_hidden_layers=1, vocab_size=100,
+                                     sliding_window=8)
+    torch.manual_seed(0)
+    m = transformers.MistralForCausalLM(cfg).eval()
+    m.set_attn_implementation("numbarope")
+    with torch.inference_mode(), pytest.raises(NotImplementedError, match="sliding window"):
+        m(input_ids=torch.randint(0, 100, (1, 20)))
+
+
+def test_dropout_and_backward_refused(model32):
+    with pytest.raises(NotImplementedError, match="dropout"):
+        ni.attention_forward(_Layer(), *_qkv(5, 5), None, dropout=0.1)
+    q, k, v = (t.requires_grad_() for t in _qkv(5, 5))
+    out, _ = ni.attention_forward(_Layer(), q, k, v, None)
+    with pytest.raises(NotImplementedError, match="no backward"):
+        out.sum().backward()

@@ -435,7 +435,10 @@ def test_no_numba_parallel_left():
     for path in sorted(pkg.glob("*.py")):
         src = path.read_text()
         assert not re.search(r"jit\([^)]*parallel\s*=\s*True|\bprange\b", src), path.name
-        mod = importlib.import_module(f"numbarope.{path.stem}")
+        try:
+            mod = importlib.import_module(f"numbarope.{path.stem}")
+        except ImportError:          # optional dependency (torch, transformers) missing
+            continue
         for name, obj in vars(mod).items():
             if isinstance(obj, CPUDispatcher):
                 assert not obj.targetoptions.get("parallel"), f"{path.stem}.{name}"

@@ -8,7 +8,8 @@ is already imported). Everything numbarope computes stays numpy inside.
   computed in float64, and the result is returned in the input dtype with its
   rounding (``2⁻¹¹`` or ``2⁻⁸`` times max|V|) added to ``info.error_bound``;
   tensors on another device are refused (numbarope computes on the CPU).
-  Gradients are not tracked: the result is a plain tensor.
+  There is no backward pass: given tensors that require grad (grad mode on), the
+  result carries an autograd node whose backward raises.
 * Other objects with ``__dlpack__`` go through ``np.from_dlpack``; anything
   else through ``np.asarray`` (``__array__``).
 """
@@ -17,7 +18,7 @@ import difflib
 
 import numpy as np
 
-__all__ = ["to_numpy", "is_torch", "output_like", "unexpected_keywords"]
+__all__ = ["to_numpy", "is_torch", "output_like", "requires_grad", "unexpected_keywords"]
 
 #: Unit roundoff of low-precision dtypes that numbarope accepts from torch.
 LOW_PRECISION_UNIT = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
@@ -32,7 +33,7 @@ def _torch_dtype_name(t):
     return str(t.dtype).replace("torch.", "")
 
 
-def to_numpy(x, name):
+def to_numpy(x, name, allow_int=False):
     """``(array, low_unit, torch_dtype)``: a numpy view/copy of x, the unit roundoff of a
     low-precision input (0.0 otherwise) and the torch dtype name (None for non-torch).
 
@@ -58,7 +59,8 @@ def to_numpy(x, name):
         if dt in LOW_PRECISION_UNIT:
             import torch
             return t.to(torch.float32).numpy(), LOW_PRECISION_UNIT[dt], dt
-        if dt in ("float32", "float64", "bool"):
+        if dt in ("float32", "float64", "bool") or (
+                allow_int and dt in ("int8", "int16", "int32", "int64", "uint8")):
             return t.numpy(), 0.0, dt
         advice = f"{name}.float()" if not dt.startswith("complex") else f"{name}.real.float()"
         raise TypeError(f"{name} is a torch tensor of dtype torch.{dt}; numbarope computes "
@@ -73,8 +75,46 @@ def to_numpy(x, name):
     return x, 0.0, None
 
 
-def output_like(out, torch_dtypes):
-    """Return ``out`` as a torch tensor of the promoted input dtype if any input was one."""
+_NO_BACKWARD = None
+
+
+def _no_backward():
+    """A torch autograd Function whose backward raises (built once, on first use)."""
+    global _NO_BACKWARD
+    if _NO_BACKWARD is None:
+        import torch
+
+        class NoBackward(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, out, *inputs):
+                return out.clone()
+
+            @staticmethod
+            def backward(ctx, *grads):
+                raise NotImplementedError(
+                    "numbarope computes attention without a backward pass (inference "
+                    "only): use torch.nn.functional.scaled_dot_product_attention to "
+                    "train, or call numbarope under torch.no_grad()/inference_mode()")
+
+        _NO_BACKWARD = NoBackward
+    return _NO_BACKWARD
+
+
+def requires_grad(*xs):
+    """True when a torch input requires grad and grad mode is on."""
+    if not any(is_torch(x) and x.requires_grad for x in xs):
+        return False
+    import torch
+    return torch.is_grad_enabled()
+
+
+def output_like(out, torch_dtypes, grad_inputs=()):
+    """Return ``out`` as a torch tensor of the promoted input dtype if any input was one.
+
+    When ``grad_inputs`` (torch tensors that require grad, grad mode on) are given, the
+    result carries an autograd node whose backward raises: a training step fails
+    loudly instead of receiving zero gradients through attention.
+    """
     names = [d for d in torch_dtypes if d is not None]
     if not names:
         return out
@@ -84,7 +124,10 @@ def output_like(out, torch_dtypes):
         dt = torch.promote_types(dt, getattr(torch, d))
     if dt == torch.bool:                     # only a boolean bias was a tensor
         dt = torch.from_numpy(np.empty(0, out.dtype)).dtype
-    return torch.from_numpy(np.ascontiguousarray(out)).to(dt)
+    res = torch.from_numpy(np.ascontiguousarray(out)).to(dt)
+    if grad_inputs:
+        res = _no_backward().apply(res, *grad_inputs)
+    return res
 
 
 #: Names users bring from torch SDPA, flash-attn and transformers, and what to pass.

@@ -130,9 +130,10 @@ def run_tasks(fn, chunks, workers):
     results = [None] * len(chunks)
     it = iter(range(len(chunks)))
     lock = threading.Lock()
+    cancel = threading.Event()
 
     def worker():
-        while True:
+        while not cancel.is_set():
             with lock:
                 i = next(it, None)
             if i is None:
@@ -140,8 +141,22 @@ def run_tasks(fn, chunks, workers):
             results[i] = fn(chunks[i])
 
     futs = [pool.submit(worker) for _ in range(min(workers, len(chunks)))]
-    for f in futs:
-        f.result()
+    try:
+        for f in futs:
+            f.result()
+    except BaseException:
+        # KeyboardInterrupt (or a worker's error): start no further chunk, and wait for
+        # the running ones, so that no kernel keeps a core busy after we return and
+        # the pool is free for the next call (a numba kernel cannot be interrupted)
+        cancel.set()
+        while True:
+            try:
+                for f in futs:
+                    f.exception()
+                break
+            except KeyboardInterrupt:      # a second Ctrl-C while the chunks finish
+                continue
+        raise
     return results
 
 

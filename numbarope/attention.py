@@ -10,7 +10,8 @@ from . import _config
 from .exact import exact_attention, row_norms
 from .fast import fast_general, fast_separable
 from .planner import AttentionInfo, exact_error_bound, plan_head
-from ._interop import LOW_PRECISION_UNIT, output_like, to_numpy, unexpected_keywords
+from ._interop import (LOW_PRECISION_UNIT, is_torch, output_like, requires_grad, to_numpy,
+                       unexpected_keywords)
 from .rotary import Rotary, rotary_tables, rotate
 
 __all__ = ["rope_attention", "plan"]
@@ -209,10 +210,15 @@ def _as_key_mask(x, S):
     if x is None:
         return None
     m = np.asarray(x)
+    if m.dtype.kind in "iu":       # HF attention_mask: 1 = real token, 0 = padding
+        if not np.isin(m, (0, 1)).all():
+            raise ValueError("key_padding_mask holds integers other than 0 and 1; pass "
+                             "a boolean mask (True = a real token that takes part)")
+        m = m.astype(bool)
     if m.dtype != np.bool_:
         raise TypeError(f"key_padding_mask must be a boolean array (True = a real token "
-                        f"that takes part), got dtype {m.dtype}; an additive float mask "
-                        f"over offsets goes in bias=")
+                        f"that takes part; 0/1 integers are read the same way), got dtype "
+                        f"{m.dtype}; an additive float mask over offsets goes in bias=")
     if m.ndim < 1 or m.shape[-1] != S:
         raise ValueError(f"key_padding_mask has shape {m.shape}; expected (..., {S}): one "
                          f"entry per key (True = real token)")
@@ -286,9 +292,6 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
         shapes = [q.shape[:-2], k.shape[:-2], v.shape[:-2]]
     kpm = _as_key_mask(key_padding_mask, S)
     pos = _as_positions(positions, S, off, n, rotary)
-    for a in (kpm, pos):
-        if a is not None:
-            shapes.append(a.shape[:-1])
     rel = bia = None
     if relative is not None:
         rel = _as_float_array(relative, "relative")
@@ -313,10 +316,25 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
                          f"key {k.shape}, value {v.shape}"
                          + (f", relative {rel.shape}" if rel is not None else "")
                          + (f", bias {bia.shape}" if bia is not None else "")
-                         + (f", key_padding_mask {kpm.shape}" if kpm is not None else "")
-                         + (f", positions {pos.shape}" if pos is not None else "")
                          + ("; key/value have fewer heads than query: for grouped-query "
                             "attention pass enable_gqa=True" if gqa else "")) from None
+    for name, a in (("key_padding_mask", kpm), ("positions", pos)):
+        # a per-key array must not add (batch, head) dims that q, k, v do not have
+        ok = a is None
+        if not ok:
+            try:
+                ok = np.broadcast_shapes(tuple(batch_shape), a.shape[:-1]) == tuple(batch_shape)
+            except ValueError:
+                ok = False
+        if not ok:
+            want = (tuple(batch_shape[:-1]) + (1,)) if batch_shape else ()
+            raise ValueError(
+                f"{name} has shape {a.shape}, whose leading dims {a.shape[:-1]} do not "
+                f"broadcast to the (batch, head) dims {tuple(batch_shape)} of query, key "
+                f"and value; give it shape (..., S), e.g. {want + (S,)} for one row per "
+                f"batch entry shared by the heads"
+                + (" (from an SDPA mask (B, 1, 1, S): mask[:, :, 0, :])"
+                   if name == "key_padding_mask" else ""))
     B = int(np.prod(batch_shape, dtype=np.int64))
     need = 8 * B * (n * (E + Ev) + S * (2 * E + Ev))   # float64 copies of q, k, v, out
     if rel is not None:
@@ -382,8 +400,11 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
                                  "row, shape (batch, 1, S)")
             kv_pos[kvidx[b]] = pidx[b]
         q64, k64 = q64.copy(), k64.copy()      # may be read-only broadcast views
+        # sequence-length dependent RoPE (dynamic NTK, LongRoPE) uses the largest
+        # position of the whole call, as transformers does for a batch
+        seq_len = float(pos2.max()) + 1 if pos2.size else None
         for r in np.unique(pidx):
-            cos, sin = rotary_tables(rotary, S, E, positions=pos2[r])
+            cos, sin = rotary_tables(rotary, S, E, positions=pos2[r], seq_len=seq_len)
             heads = np.flatnonzero(pidx == r)
             q64[heads] = rotate(q64[heads], rotary, cos[off:off + n], sin[off:off + n])
             kvs = np.flatnonzero(kv_pos == r)
@@ -688,7 +709,9 @@ _COMMON_DOC = """
         Positions of the keys for the rotary angles (default 0 .. S−1; e.g. HF
         ``position_ids`` of a left-padded batch); query i takes the position of
         key ``i + query_offset``. Only with ``rotary``. The causal mask and a
-        relative bias stay index based.
+        relative bias stay index based. RoPE scalings that depend on the
+        sequence length (dynamic NTK, LongRoPE) use the largest position of the
+        whole call plus one, as transformers does for a batch.
     query_offset : int, optional
         Position of query 0 (keys are at 0 .. S−1); query i is at
         ``i + query_offset`` for the causal mask and the rotary angle. Default 0,
@@ -762,8 +785,8 @@ def _setup(query, key, value, rotary, relative, bias, is_causal, scale, precisio
            key_padding_mask=None, positions=None):
     (q, k, v, rel, b), qkv_torch, low_unit = _from_other_libraries(query, key, value,
                                                                     relative, bias)
-    key_padding_mask = to_numpy(key_padding_mask, "key_padding_mask")[0]
-    positions = to_numpy(positions, "positions")[0]
+    key_padding_mask = to_numpy(key_padding_mask, "key_padding_mask", allow_int=True)[0]
+    positions = to_numpy(positions, "positions", allow_int=True)[0]
     if low_unit is not None and precision is None:
         precision = "float64"        # float16/bfloat16 inputs: computed in float64
     p = _prepare(q, k, v, rotary, rel, b, is_causal, scale, precision, enable_gqa,
@@ -805,17 +828,20 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
 
     Returns
     -------
-    out : (..., n, Ev) ndarray
-        Same dtype as the inputs (float32 if all are float32, else float64);
-        computed in float64 internally.
+    out : (..., L, Ev) ndarray, or torch.Tensor for torch inputs
+        The promoted dtype of query, key and value: float32 if all are float32,
+        else float64 (numpy); for torch tensors the promoted torch dtype
+        (float16/bfloat16 included). Compute precision: see ``precision``.
     info : AttentionInfo
         Only with ``return_info=True``.
 
     Raises
     ------
     TypeError
-        Non-float inputs (integer, complex, object, float16: cast to float32;
-        bool except in ``bias``), options of the wrong type (``workers`` not an int).
+        Non-float inputs (integer, complex, object, numpy float16: cast to
+        float32 — torch float16/bfloat16 tensors are accepted; bool except in
+        ``bias``), options of the wrong type (``workers`` not an int); unknown
+        keyword arguments (with the name to use, e.g. ``attn_mask`` → ``bias``).
     ValueError
         Shapes that disagree (the message gives the shapes seen and expected),
         NaN/inf inputs (bias: NaN/+inf), unknown method/approx/precision, eps
@@ -874,7 +900,10 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
                 RuntimeWarning, stacklevel=2)
     out = _run(p, heads, verify, nthreads)
     out = out.reshape(p.batch_shape + (p.n, p.Ev)).astype(p.dtype, copy=False)
-    out = output_like(out, qkv_torch)
+    grads = [x for x in (query, key, value, relative, bias)
+             if is_torch(x) and x.requires_grad] if requires_grad(query, key, value,
+                                                                  relative, bias) else []
+    out = output_like(out, qkv_torch, grads)
     if return_info:
         return out, AttentionInfo(heads, p.batch_shape, eps_f)
     return out

@@ -84,6 +84,12 @@ def register(*, method="auto", eps=1e-3, precision=None, workers=None):
     str
         ``"numbarope"``, the name to pass as ``attn_implementation=``.
 
+    Raises
+    ------
+    ValueError, TypeError
+        An option :func:`numbarope.rope_attention` would refuse (checked here,
+        not at the model's next forward).
+
     Examples
     --------
     >>> import numbarope.integrations
@@ -94,6 +100,12 @@ def register(*, method="auto", eps=1e-3, precision=None, workers=None):
     True
     >>> _ = numbarope.integrations.register()      # back to the defaults
     """
+    from ._threads import resolve_workers
+    from .attention import _validate_options, _validate_precision
+    _validate_options(method, eps, None, "chebyshev", None, None)
+    _validate_precision(precision)
+    if workers is not None:
+        resolve_workers(workers)
     _options.update(method=method, eps=eps, precision=precision, workers=workers)
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)

@@ -726,13 +726,14 @@ def _cached_tables(rotary, n, head_dim):
     return _tables(rotary, np.arange(n), head_dim, seq_len=n)
 
 
-def rotary_tables(rotary, n, head_dim, positions=None):
+def rotary_tables(rotary, n, head_dim, positions=None, seq_len=None):
     """``cos, sin`` tables of positions 0..n−1 (or ``positions``), cached for the former.
 
     Both are multiplied by ``rotary.attention_factor`` (YaRN, LongRoPE), so
     that :func:`rotate` needs no other input. Frequencies that depend on the
     sequence length use ``n`` for the default positions and
-    ``max(positions) + 1`` otherwise (as transformers' ``max(position_ids) + 1``).
+    ``max(positions) + 1`` otherwise (as transformers' ``max(position_ids) + 1``),
+    or ``seq_len`` when given (a batch of rows shares transformers' batch maximum).
 
     The angles are formed in extended precision (:meth:`Rotary.angles`), which
     costs more than the rotation itself: calls on sequences of the same length
@@ -742,7 +743,7 @@ def rotary_tables(rotary, n, head_dim, positions=None):
         if n * rotary.rotary_dim(head_dim) * 8 <= _TABLE_CACHE_BYTES:
             return _cached_tables(rotary, int(n), int(head_dim))
         positions = np.arange(n)
-    return _tables(rotary, positions, head_dim)
+    return _tables(rotary, positions, head_dim, seq_len)
 
 
 def _pair_slices(rotary, head_dim):

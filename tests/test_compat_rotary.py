@@ -26,6 +26,7 @@ from transformers.models.gpt_neox import modeling_gpt_neox  # noqa: E402
 from transformers.models.gptj import modeling_gptj  # noqa: E402
 from transformers.models.llama import modeling_llama  # noqa: E402
 
+import numbarope  # noqa: E402
 from numbarope import Rotary, apply_rotary  # noqa: E402
 from numbarope.rotary import rotary_tables  # noqa: E402
 
@@ -203,3 +204,30 @@ def test_dynamic_is_stateless_where_transformers_is_not():
     np.testing.assert_allclose(ours, fresh[0][0, :, :HEAD_DIM // 2].double().numpy(),
                                rtol=0, atol=_e2e_tol(n))
     assert np.abs(ours - stale).max() > 1e-3
+
+
+def test_dynamic_ntk_with_positions_uses_the_batch_maximum_as_transformers():
+    """A left-padded batch: every row's frequencies follow max(position_ids) + 1 of the
+    whole batch, as transformers' dynamic RoPE does (tolerance: its float32 cos/sin)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import (LlamaRotaryEmbedding,
+                                                          apply_rotary_pos_emb)
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=16,
+                      rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                       "rope_theta": 10000.0})
+    rot = numbarope.Rotary.from_hf(cfg)
+    S, E = 24, 16
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, S, E, generator=g, dtype=torch.float64) for _ in range(3))
+    pos = torch.stack([torch.arange(S),
+                       torch.cat([torch.zeros(5, dtype=torch.long), torch.arange(S - 5)])])
+    cos, sin = LlamaRotaryEmbedding(cfg)(v, pos)
+    qr, kr = apply_rotary_pos_emb(q, k, cos.double(), sin.double())
+    keep = torch.ones(2, 1, S, dtype=torch.bool)
+    keep[1, :, :5] = False
+    ref = numbarope.rope_attention(qr, kr, v, is_causal=True, key_padding_mask=keep)
+    out = numbarope.rope_attention(q, k, v, rotary=rot, positions=pos[:, None, :],
+                                   is_causal=True, key_padding_mask=keep)
+    assert (out[0] - ref[0]).abs().max().item() < 1e-6
+    assert (out[1, :, 5:] - ref[1, :, 5:]).abs().max().item() < 1e-6

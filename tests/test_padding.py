@@ -93,6 +93,11 @@ def test_padding_and_positions_errors():
     q = np.zeros((4, 2))
     with pytest.raises(TypeError, match="key_padding_mask must be a boolean"):
         rope_attention(q, q, q, key_padding_mask=np.ones(4))
+    with pytest.raises(ValueError, match="integers other than 0 and 1"):
+        rope_attention(q, q, q, key_padding_mask=np.array([1, 2, 1, 1]))
+    q3 = np.zeros((2, 3, 4, 2))
+    with pytest.raises(ValueError, match=r"do not broadcast to the \(batch, head\) dims"):
+        rope_attention(q3, q3, q3, key_padding_mask=np.ones((2, 1, 1, 4), bool))
     with pytest.raises(ValueError, match=r"key_padding_mask has shape \(3,\); expected \(\.\.\., 4\)"):
         rope_attention(q, q, q, key_padding_mask=np.ones(3, bool))
     with pytest.raises(ValueError, match="positions set the rotary angles"):

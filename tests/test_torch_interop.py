@@ -125,9 +125,13 @@ def test_tensor_with_grad_and_mixed_inputs():
     q = torch.randn(16, 4, requires_grad=True)
     k = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)
     out = rope_attention(q, k, k)
-    assert isinstance(out, torch.Tensor) and not out.requires_grad
-    np.testing.assert_allclose(out.numpy(), rope_attention(q.detach().numpy(), k, k),
-                               rtol=0, atol=0)
+    assert isinstance(out, torch.Tensor) and out.requires_grad      # a raising backward
+    with pytest.raises(NotImplementedError, match="without a backward pass"):
+        out.sum().backward()
+    np.testing.assert_allclose(out.detach().numpy(),
+                               rope_attention(q.detach().numpy(), k, k), rtol=0, atol=0)
+    with torch.no_grad():
+        assert not rope_attention(q, k, k).requires_grad
     keep = torch.rand(31) < 0.7
     keep[15] = True
     out = rope_attention(q.detach(), q.detach(), q.detach(), bias=keep)
@@ -147,3 +151,21 @@ def test_rectangular_causal_is_top_left_as_sdpa(L, S):
     ref = sdpa(q[None], k[None], v[None], is_causal=True)[0]
     # torch >= 2.5 returns 0 for fully masked rows (L > S has none top-left)
     assert (out - ref).abs().max().item() <= info.error_bound.max() + 1e-15
+
+
+@needs_torch
+def test_sdpa_shaped_padding_mask_is_refused_with_the_fix():
+    q = torch.randn(2, 4, 16, 8)
+    pad = torch.ones(2, 1, 16, dtype=torch.bool)
+    pad[1, :, :3] = False
+    with pytest.raises(ValueError, match=r"mask\[:, :, 0, :\]"):
+        rope_attention(q, q, q, key_padding_mask=pad[:, :, None, :], is_causal=True)
+    ref = rope_attention(q, q, q, key_padding_mask=pad, is_causal=True)
+    # HF's int64 attention_mask (1 = real token) means the same
+    out = rope_attention(q, q, q, key_padding_mask=pad.long(), is_causal=True)
+    assert torch.equal(out, ref)
+    pos = torch.arange(16).expand(2, 16)
+    with pytest.raises(ValueError, match=r"positions has shape \(2, 16\).*\(2, 1, 16\)"):
+        rope_attention(q, q, q, rotary=True, positions=pos)
+    out = rope_attention(q, q, q, rotary=True, positions=pos[:, None, :])   # int64 tensor
+    assert out.shape == q.shape

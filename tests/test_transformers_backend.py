@@ -291,3 +291,12 @@ def test_dropout_and_backward_refused(model32):
     out, _ = ni.attention_forward(_Layer(), q, k, v, None)
     with pytest.raises(NotImplementedError, match="no backward"):
         out.sum().backward()
+
+
+def test_register_checks_its_options():
+    for kw, exc in ((dict(method="bogus"), ValueError), (dict(eps=5), ValueError),
+                    (dict(workers="x"), TypeError), (dict(workers=0), ValueError),
+                    (dict(precision="float16"), ValueError)):
+        with pytest.raises(exc):
+            ni.register(**kw)
+    ni.register()

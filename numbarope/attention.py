@@ -5,6 +5,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+from numba import njit
 
 from . import _config
 from .exact import exact_attention, row_norms
@@ -46,7 +47,16 @@ class _Problem:
     kmask: np.ndarray | None = None     # (Bk, S) 0 / -inf: key padding
     kidx: np.ndarray | None = None
     kvidx: np.ndarray | None = None     # key/value head of each query head (GQA)
+    qnorms: np.ndarray | None = None    # row norm bounds (set by _radii)
+    knorms: np.ndarray | None = None
+    _vmax: np.ndarray | None = field(default=None, repr=False)
     _weights: dict = field(default_factory=dict, repr=False)
+
+    def value_maxima(self):
+        """max|v| of every key/value head (float64), computed once."""
+        if self._vmax is None:
+            self._vmax = np.abs(self.v).max(axis=(1, 2), initial=0.0).astype(np.float64)
+        return self._vmax
 
     def weights(self, b):
         """Toeplitz weights T of head b (:func:`_toeplitz_weights`), computed once."""
@@ -93,7 +103,19 @@ def _as_float_array(x, name):
     return arr
 
 
+@njit(cache=True, nogil=True)
+def _all_finite(x):
+    # one pass, no temporary (np.isfinite(x).all() allocates a boolean array)
+    for i in range(x.size):
+        if not np.isfinite(x[i]):
+            return False
+    return True
+
+
 def _check_finite(arr, name, allow_neg_inf=False):
+    if not allow_neg_inf and arr.flags.c_contiguous and arr.size:
+        if _all_finite(arr.reshape(-1)):
+            return
     if allow_neg_inf:
         bad = np.isnan(arr) | (arr == np.inf)
         if bad.any():
@@ -486,8 +508,9 @@ def _row_mass(p, b, T):
 
 def _radii(p, radius):
     """Logit radius R (and R₁ for the rounding term) of every flattened head."""
-    qn = row_norms(p.q).max(axis=1, initial=0.0)
-    kn = row_norms(p.k).max(axis=1, initial=0.0)[p.kvidx]
+    p.qnorms, p.knorms = row_norms(p.q), row_norms(p.k)    # reused by the exact kernel
+    qn = p.qnorms.max(axis=1, initial=0.0)
+    kn = p.knorms.max(axis=1, initial=0.0)[p.kvidx]
     if p.relative is not None:
         wn = np.linalg.norm(p.relative, ord=2, axis=(-2, -1)).max(axis=1, initial=0.0)[p.ridx]
         wf = np.sqrt((p.relative ** 2).sum(axis=(2, 3))).max(axis=1, initial=0.0)[p.ridx]
@@ -541,7 +564,7 @@ def _plans(p, method, eps, degree, approx, radius):
     why_rect = (f"rectangular attention (L={p.n} queries at offset {p.offset}, S={p.S} "
                 f"keys): the fast path is implemented for L = S, query_offset = 0 only"
                 if rect else None)
-    vmaxes = np.abs(p.v).max(axis=(1, 2), initial=0.0).astype(np.float64)
+    vmaxes = p.value_maxima()
     for b in range(p.q.shape[0]):
         padded = p.kmask is not None and bool(np.isinf(p.kmask[p.kidx[b]]).any())
         why = why_rect or ("key_padding_mask masks keys of this head: the fast path "
@@ -590,13 +613,31 @@ def _exact_rows(p, b, rows):
     return out
 
 
-def _value_scale(v, dtype=np.float64):
+def _value_scale(v, dtype=np.float64, vmax=None):
     """A power of two f with max|f·v| <= 2**1000 (float64) or 2**100 (float32), so that
     sums of weighted values cannot overflow (values near the dtype's maximum); 1.0
     for all ordinary inputs. Exact to undo."""
-    vmax = float(np.abs(v).max(initial=0.0))
+    vmax = float(np.abs(v).max(initial=0.0)) if vmax is None else float(vmax)
     top = 1000 if np.dtype(dtype) == np.float64 else 100
     return 2.0 ** -(int(np.ceil(np.log2(vmax))) - top) if vmax > 2.0 ** top else 1.0
+
+
+def _decode_group(p):
+    """Group size g > 1 when grouped-query decoding can stack each key/value head's g
+    query heads into one task, else 0: one query per head that sees every key (not
+    causal, or causal with the query at or after the last key), no bias or relative
+    matrices, query heads in key/value order, and one key mask per group."""
+    B, Bk = p.q.shape[0], p.k.shape[0]
+    if p.n != 1 or Bk >= B or B % Bk or p.bias is not None or p.relative is not None:
+        return 0
+    if p.causal and p.offset < p.S - 1:
+        return 0
+    g = B // Bk
+    if not np.array_equal(p.kvidx, np.arange(B) // g):
+        return 0
+    if p.kidx is not None and not np.all(p.kidx.reshape(Bk, g) == p.kidx[::g, None]):
+        return 0
+    return g
 
 
 def _run(p, heads, verify, workers=None):
@@ -611,8 +652,24 @@ def _run(p, heads, verify, workers=None):
             a = a if every else a[exact_ids]
             return np.ascontiguousarray(a, dtype=cd)
 
-        f = _value_scale(p.v, cd)
+        f = _value_scale(p.v, cd, p.value_maxima().max(initial=0.0))
         v = np.ascontiguousarray(p.v * f if f != 1.0 else p.v, dtype=cd)
+        group = _decode_group(p) if every else 0
+        if group:
+            # one query per head, every key visible: the query heads of a key/value head
+            # are rows of one task, so its keys and values are read once, not g times
+            Bk = p.k.shape[0]
+            qg = take(p.q).reshape(Bk, group, p.E)
+            og = exact_attention(
+                qg, np.ascontiguousarray(p.k, dtype=cd), v, p.scale, causal=False,
+                workers=workers, key_mask=p.kmask,
+                norms=(p.qnorms.reshape(Bk, group), p.knorms),
+                kidx=None if p.kidx is None else np.ascontiguousarray(p.kidx[::group]))
+            out[:] = og.reshape(B, 1, p.Ev)
+            if f != 1.0:
+                out /= f
+            exact_ids = exact_ids[:0]
+    if exact_ids.size:
         out[exact_ids] = exact_attention(
             take(p.q), np.ascontiguousarray(p.k, dtype=cd), v, p.scale,
             kvidx=p.kvidx[exact_ids],
@@ -621,7 +678,9 @@ def _run(p, heads, verify, workers=None):
             ridx=None if p.ridx is None else p.ridx[exact_ids],
             bias=p.bias, bidx=None if p.bidx is None else p.bidx[exact_ids],
             causal=p.causal, workers=workers, offset=p.offset,
-            key_mask=p.kmask, kidx=None if p.kidx is None else p.kidx[exact_ids])
+            key_mask=p.kmask, kidx=None if p.kidx is None else p.kidx[exact_ids],
+            norms=None if p.qnorms is None else (p.qnorms if every else p.qnorms[exact_ids],
+                                                 p.knorms))
         if f != 1.0:
             out[exact_ids] /= f
     rng = np.random.default_rng(0)

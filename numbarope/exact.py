@@ -380,7 +380,7 @@ def exact_blocks(B, n, nthreads, n_keys=None):
 
 def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
                     bidx=None, causal=False, workers=None, return_lse=False, offset=0,
-                    key_mask=None, kidx=None, kvidx=None):
+                    key_mask=None, kidx=None, kvidx=None, norms=None):
     """Exact softmax attention of flattened heads (internal entry point).
 
     Parameters
@@ -404,6 +404,9 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
     offset : int
         Position of query 0 (keys at 0..S-1): offset t = i + offset − j is stored
         at index ``i − j + S − 1`` of ``relative`` and ``bias``.
+    norms : (ndarray (B, n), ndarray (Bk, S)), optional
+        Upper bounds of the row norms of (unscaled) q and of k, if the caller
+        has them (:func:`row_norms`); computed otherwise.
     key_mask : (Bk, S) ndarray of float64, optional
         0 for real keys, −inf for padding; head ``b`` uses ``key_mask[kidx[b]]``.
     workers : int, optional
@@ -462,8 +465,12 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
         q = q * q.dtype.type(scale)
         gscale = 1.0
         # bounds of the logits per row and key block, slightly enlarged for rounding
-        qnorm = row_norms(q) * (1 + 1e-5)       # margin for the GEMM's own rounding
-        kn = row_norms(k) * (1 + 1e-5)
+        if norms is None:
+            qn0, kn0 = row_norms(q), row_norms(k)
+        else:                  # bounds of ‖q‖, ‖k‖ from the caller (unscaled q)
+            qn0, kn0 = norms[0] * float(scale), norms[1]
+        qnorm = np.ascontiguousarray(qn0 * (1 + 1e-5))     # margin for the GEMM's rounding
+        kn = kn0 * (1 + 1e-5)
         nkb = -(-S // kb)
         knorm = np.full((k.shape[0], nkb * kb), 0.0)
         knorm[:, :S] = kn

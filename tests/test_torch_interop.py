@@ -169,3 +169,22 @@ def test_sdpa_shaped_padding_mask_is_refused_with_the_fix():
         rope_attention(q, q, q, rotary=True, positions=pos)
     out = rope_attention(q, q, q, rotary=True, positions=pos[:, None, :])   # int64 tensor
     assert out.shape == q.shape
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_gqa_decoding_stacks_query_heads_exactly(masked):
+    """One query per head against a key cache (bottom-right): the query heads of a
+    key/value head are computed as rows of one task; same values as separate heads."""
+    rng = np.random.default_rng(7)
+    S = 700
+    q = rng.standard_normal((2, 6, 1, 8))
+    k, v = rng.standard_normal((2, 3, S, 8)), rng.standard_normal((2, 3, S, 5))
+    keep = np.ones((2, 1, S), bool)
+    if masked:
+        keep[1, :, :40] = False
+    out, info = rope_attention(q, k, v, is_causal=True, causal_alignment="bottom_right",
+                               enable_gqa=True, key_padding_mask=keep, return_info=True)
+    ref = rope_attention(q, np.repeat(k, 2, axis=1), np.repeat(v, 2, axis=1),
+                         is_causal=True, causal_alignment="bottom_right",
+                         key_padding_mask=keep)
+    assert np.abs(out - ref).max() <= 2 * info.error_bound.max()

@@ -284,7 +284,6 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
 
 _DUMMY_REL = np.zeros((1, 1, 1, 1))
 _DUMMY_BIAS = np.zeros((1, 1))
-_ZERO_IDX = np.zeros(1, dtype=np.int64)
 
 
 @njit(cache=True, nogil=True)

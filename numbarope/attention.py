@@ -9,7 +9,7 @@ from numba import njit
 
 from . import _config
 from .exact import exact_attention, row_norms
-from .fast import fast_general, fast_separable
+from .fast import fast_general, fast_separable, visible_keys
 from .planner import AttentionInfo, exact_error_bound, plan_head
 from ._interop import (LOW_PRECISION_UNIT, is_torch, output_like, requires_grad, to_numpy,
                        unexpected_keywords)
@@ -459,47 +459,85 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
                     S=S, offset=off, kmask=kmask, kidx=kidx, kvidx=kvidx)
 
 
+def _causal_cut(L, S, off):
+    """Entries ``e = i − j + S − 1`` of a generating sequence with j > i + off (masked
+    by is_causal) are ``e < S − 1 − off``; returns that count, clipped to 0 .. L+S−1."""
+    return int(min(max(S - 1 - off, 0), L + S - 1))
+
+
 def _toeplitz_weights(p, b):
-    """T[t + n − 1] = exp(b_t − max b) with the causal zeros; None when T ≡ 1."""
-    n = p.n
-    if n == 0 or (p.bias is None and not (p.causal and p.relative is not None)):
+    """T[i − j + S − 1] = exp(b_t − max b) with the causal zeros; None when T ≡ 1."""
+    L, S = p.n, p.S
+    if L == 0 or S == 0 or (p.bias is None and not (p.causal and p.relative is not None)):
         return None
-    T = np.ones(2 * n - 1)
+    cut = _causal_cut(L, S, p.offset) if p.causal else 0
+    T = np.ones(L + S - 1)
     if p.bias is not None:
         bt = p.bias[p.bidx[b]]
-        if p.causal:
+        if cut:
             bt = bt.copy()
-            bt[:n - 1] = -np.inf
+            bt[:cut] = -np.inf
         finite = np.isfinite(bt)
         T = np.exp(bt - bt[finite].max()) if finite.any() else np.zeros_like(bt)
-    elif p.causal:
-        T[:n - 1] = 0.0
+    else:
+        T[:cut] = 0.0
     return T
 
 
-def _row_masses(T, n):
-    """``Σ_j T(i − j)`` for every row i (T normalised so that max T = 1)."""
-    cs = np.concatenate([[0.0], np.cumsum(T)])
-    i = np.arange(n)
-    return cs[i + n] - cs[i]          # T[i .. i+n−1] holds t = i−(n−1) .. i
+def _key_weights(p, b):
+    """(S,) float64 1/0 weights of head b's real/padded keys, or None (no padding)."""
+    if p.kmask is None:
+        return None
+    w = np.isfinite(p.kmask[p.kidx[b]]).astype(np.float64)
+    return None if w.all() else w
+
+
+def _row_masses(T, L, S=None, w=None):
+    """``Σ_j T(i − j)·w_j`` for every row i (T normalised so that max T = 1).
+
+    Without key weights ``w`` the sums are exact prefix-sum differences. With them
+    they are one FFT convolution, returned as a lower bound: the convolution minus
+    its rounding allowance ``8u·log2(N)·‖T‖₂‖w‖₂`` (Higham 2002, §24.1), clipped at 0.
+    """
+    S = L if S is None else S
+    if w is None:
+        cs = np.concatenate([[0.0], np.cumsum(T)])
+        i = np.arange(L)
+        return cs[i + S] - cs[i]          # T[i .. i+S−1] holds the row's S offsets
+    from scipy.signal import fftconvolve
+    full = fftconvolve(T, w)[S - 1:S - 1 + L]
+    N = L + 2 * S - 2
+    err = 8 * 2.0 ** -53 * np.log2(max(N, 2)) * np.linalg.norm(T) * np.linalg.norm(w)
+    return np.maximum(full - err, 0.0)
+
+
+def _sees_keys(p, b):
+    """(L,) bool: rows of head b that see at least one key (mask, bias −inf, causal)."""
+    L, S = p.n, p.S
+    vis = np.ones(L + S - 1)
+    if p.bias is not None:
+        vis = np.isfinite(p.bias[p.bidx[b]]).astype(np.float64)
+    if p.causal:
+        vis[:_causal_cut(L, S, p.offset)] = 0.0
+    w = _key_weights(p, b)
+    if w is None:
+        return _row_masses(vis, L, S) > 0
+    from scipy.signal import fftconvolve
+    return np.rint(fftconvolve(vis, w)[S - 1:S - 1 + L]) > 0     # counts of 0/1 pairs
 
 
 def _row_mass(p, b, T):
     """Smallest row mass of head b over rows that see at least one key.
 
     Returns 0 when a row that sees a key (finite logit) has mass 0 because
-    ``exp(b_t − max b)`` underflowed: the fast path cannot represent it, so its
-    bound becomes infinite and the planner refuses it.
+    ``exp(b_t − max b)`` underflowed (or, with key padding, its mass is below the
+    rounding of the convolution that measures it): the fast path cannot represent
+    it, so its bound becomes infinite and the planner refuses it.
     """
     if T is None:
         return 1.0
-    mass = _row_masses(T, p.n)
-    visible = np.ones(2 * p.n - 1)
-    if p.bias is not None:
-        visible = np.isfinite(p.bias[p.bidx[b]]).astype(np.float64)
-    if p.causal:
-        visible[:p.n - 1] = 0.0
-    seen = _row_masses(visible, p.n) > 0
+    mass = _row_masses(T, p.n, p.S, _key_weights(p, b))
+    seen = _sees_keys(p, b)
     if np.any(seen & (mass <= 0)):
         return 0.0
     pos = mass[seen]
@@ -559,53 +597,113 @@ def _check_logit_range(p):
 def _plans(p, method, eps, degree, approx, radius):
     R, R1 = _radii(p, radius)
     _check_logit_range(p)
-    heads = []
-    rect = p.S != p.n or p.offset != 0
-    why_rect = (f"rectangular attention (L={p.n} queries at offset {p.offset}, S={p.S} "
-                f"keys): the fast path is implemented for L = S, query_offset = 0 only"
-                if rect else None)
     vmaxes = p.value_maxima()
+    args = []
     for b in range(p.q.shape[0]):
-        padded = p.kmask is not None and bool(np.isinf(p.kmask[p.kidx[b]]).any())
-        why = why_rect or ("key_padding_mask masks keys of this head: the fast path "
-                           "does not take key padding yet" if padded else None)
-        T = None if rect else p.weights(b)
+        T = p.weights(b)
         vmax = float(vmaxes[p.kvidx[b]])
-        hidx = tuple(int(i) for i in np.unravel_index(b, p.batch_shape)) if p.batch_shape else ()
         out_rounding = p.out_unit * vmax
-        ebound = exact_error_bound(p.S, p.E, p.computed_radius[b], p.computed_radius1[b],
-                                   vmax, p.compute_dtype, p.relative is not None,
-                                   p.bias is not None) + out_rounding
-        heads.append(plan_head(
-            hidx, n=p.n, E=p.E, Ev=p.Ev, radius=R[b], radius1=R1[b],
-            general=p.relative is not None, has_bias=p.bias is not None, causal=p.causal,
+        args.append(dict(
+            head=tuple(int(i) for i in np.unravel_index(b, p.batch_shape))
+            if p.batch_shape else (),
+            n=p.n, S=p.S, offset=p.offset, E=p.E, Ev=p.Ev, radius=R[b], radius1=R1[b],
+            general=p.relative is not None, has_bias=p.bias is not None,
+            causal=p.causal and (p.bias is not None or p.relative is not None
+                                 or _causal_cuts(p, b)),
             method=method, eps=eps, degree=degree, approx=approx, vmax=vmax,
-            row_mass=1.0 if rect else _row_mass(p, b, T), out_rounding=out_rounding,
-            exact_bound=ebound, radius_given=radius is not None,
-            compute_dtype=p.compute_dtype.name, fast_unavailable=why))
+            row_mass=_row_mass(p, b, T), out_rounding=out_rounding,
+            exact_bound=exact_error_bound(p.S, p.E, p.computed_radius[b],
+                                          p.computed_radius1[b], vmax, p.compute_dtype,
+                                          p.relative is not None, p.bias is not None)
+            + out_rounding,
+            radius_given=radius is not None, compute_dtype=p.compute_dtype.name))
+    heads = [plan_head(**a) for a in args]
+    for members in _fast_groups(p, heads, method):
+        if not _share_key_side(heads, args, members):
+            # heads of equal degree still share (one polynomial: their largest radius)
+            by_degree = {}
+            for b in members:
+                if heads[b].method == "fast":
+                    by_degree.setdefault(heads[b].degree, []).append(b)
+            for sub in by_degree.values():
+                if len(sub) > 1:
+                    _share_key_side(heads, args, sub)
     return heads
 
 
+def _causal_cuts(p, b):
+    """Whether is_causal hides a real key from some query of head b (else, e.g. when
+    decoding at the end of a cache, the head is non-causal attention: "gemm")."""
+    w = _key_weights(p, b)
+    return visible_keys(p.n, p.S, p.offset, True, None if w is None else w > 0) is not None
+
+
+def _share_groups(p):
+    """Query heads that may share one fast key side: same key/value head, key mask
+    and bias (so the same keys, values and Toeplitz weights), separable logits."""
+    if p.relative is not None or p.n == 0:
+        return []
+    groups = {}
+    for b in range(p.q.shape[0]):
+        key = (int(p.kvidx[b]), -1 if p.kidx is None else int(p.kidx[b]),
+               -1 if p.bidx is None else int(p.bidx[b]))
+        groups.setdefault(key, []).append(b)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _fast_groups(p, heads, method):
+    if method == "exact":
+        return []
+    return [g for g in _share_groups(p) if any(heads[b].method == "fast" for b in g)]
+
+
+def _share_key_side(heads, args, members):
+    """Re-plan a group of query heads on one key/value head with one polynomial (that of
+    the group's largest radius, valid for all since the radii are upper bounds) and the
+    key side computed once; kept when every head is then fast and the group's predicted
+    time drops."""
+    Rg = max(float(args[b]["radius"]) for b in members)
+    trial = []
+    try:
+        for b in members:
+            a = dict(args[b], radius=Rg, radius1=max(float(args[b]["radius1"]), Rg),
+                     heads=len(members))
+            trial.append(plan_head(**a))
+    except ValueError:       # method="fast" with a bound a smaller head cannot meet
+        return False
+    if any(h.method != "fast" for h in trial):
+        return False
+    before = sum(h.time_fast if h.method == "fast" else h.time_exact
+                 for h in (heads[b] for b in members))
+    if sum(h.time_fast for h in trial) >= before:
+        return False
+    for b, h in zip(members, trial):
+        heads[b] = h
+    return True
+
+
 def _exact_rows(p, b, rows):
-    """Exact output of rows ``rows`` of head b (dense NumPy; O(len(rows)·n·E²))."""
-    n = p.n
-    j = np.arange(n)
+    """Exact output of rows ``rows`` of head b (dense NumPy; O(len(rows)·S·E²))."""
+    S = p.S
+    j = np.arange(S)
+    kb = p.k[p.kvidx[b]].astype(np.float64)
     out = np.zeros((len(rows), p.Ev))
+    real = np.ones(S, bool) if p.kmask is None else np.isfinite(p.kmask[p.kidx[b]])
     for r, i in enumerate(rows):
+        e = i - j + S - 1                                      # index of t = i + off − j
         if p.relative is not None:
-            W = p.relative[p.ridx[b], i - j + n - 1]            # (n, E, E)
-            logit = np.einsum("e,jef,jf->j", p.q[b, i], W, p.k[p.kvidx[b]])
+            W = p.relative[p.ridx[b], e]                        # (S, E, E)
+            logit = np.einsum("e,jef,jf->j", p.q[b, i], W, kb)
         else:
-            logit = p.k[p.kvidx[b]].astype(np.float64) @ p.q[b, i].astype(np.float64)
+            logit = kb @ p.q[b, i].astype(np.float64)
         logit = logit * p.scale
+        vis = real & (j <= i + p.offset) if p.causal else real
         if p.bias is not None:      # shifted by the row's largest visible bias (exact)
-            bt = p.bias[p.bidx[b], i - j + n - 1]
-            vis = bt[j <= i] if p.causal else bt
-            fin = vis[np.isfinite(vis)]
+            bt = p.bias[p.bidx[b], e]
+            fin = bt[vis & np.isfinite(bt)]
             logit = logit + (bt - (fin.max() if fin.size else 0.0))
-        if p.causal:
-            logit = np.where(j <= i, logit, -np.inf)
-        mx = logit.max()
+        logit = np.where(vis, logit, -np.inf)
+        mx = logit.max(initial=-np.inf)
         if mx == -np.inf:
             continue
         w = np.exp(logit - mx)
@@ -638,6 +736,25 @@ def _decode_group(p):
     if p.kidx is not None and not np.all(p.kidx.reshape(Bk, g) == p.kidx[::g, None]):
         return 0
     return g
+
+
+def _fast_batches(p, heads):
+    """Fast heads in batches that share one key side: a batch is one head, or query heads
+    of one key/value head planned with one polynomial (see _share_key_side)."""
+    if p.n == 0:
+        return []
+    done, batches = set(), []
+    for g in _share_groups(p):
+        fast = [b for b in g if heads[b].method == "fast"]
+        while fast:
+            c = heads[fast[0]].coef
+            same = [b for b in fast if np.array_equal(heads[b].coef, c)]
+            if len(same) > 1:
+                batches.append(same)
+                done.update(same)
+            fast = [b for b in fast if b not in same]
+    batches += [[b] for b, h in enumerate(heads) if h.method == "fast" and b not in done]
+    return batches
 
 
 def _run(p, heads, verify, workers=None):
@@ -684,29 +801,35 @@ def _run(p, heads, verify, workers=None):
         if f != 1.0:
             out[exact_ids] /= f
     rng = np.random.default_rng(0)
+    for members in _fast_batches(p, heads):
+        b0 = members[0]
+        coef = heads[b0].coef
+        T = p.weights(b0)
+        w = _key_weights(p, b0)
+        kb = p.k[p.kvidx[b0]].astype(np.float64)
+        vb = p.v[p.kvidx[b0]].astype(np.float64)
+        f = _value_scale(vb)
+        vb = vb * f if f != 1.0 else vb
+        mask = None if w is None else w > 0
+        if p.relative is not None:
+            res, _ = fast_general(p.q[b0].astype(np.float64), kb, vb, p.scale, coef,
+                                  p.relative[p.ridx[b0]],
+                                  np.ones(p.n + p.S - 1) if T is None else T,
+                                  workers=workers, key_mask=mask)
+            res = res[None]
+        else:
+            res, _ = fast_separable(p.q[members].astype(np.float64), kb, vb, p.scale, coef,
+                                    T, p.causal, workers=workers, offset=p.offset,
+                                    key_mask=mask)
+        if f != 1.0:
+            res /= f
+        if T is not None:
+            # rows that see no key: exactly 0 (the FFT leaves rounding noise there)
+            res[:, ~_sees_keys(p, b0)] = 0.0
+        out[members] = res
     for b, h in enumerate(heads):
         if h.method != "fast" or p.n == 0:
             continue
-        coef = h.coef
-        T = p.weights(b)
-        qb = p.q[b].astype(np.float64)
-        kb = p.k[p.kvidx[b]].astype(np.float64)
-        vb = p.v[p.kvidx[b]].astype(np.float64)
-        f = _value_scale(vb)
-        vb = vb * f if f != 1.0 else vb
-        if p.relative is not None:
-            if T is None:
-                T = np.ones(2 * p.n - 1)
-            out[b], _ = fast_general(qb, kb, vb, p.scale, coef,
-                                     p.relative[p.ridx[b]], T, workers=workers)
-        else:
-            out[b], _ = fast_separable(qb, kb, vb, p.scale, coef, T, p.causal,
-                                       workers=workers)
-        if f != 1.0:
-            out[b] /= f
-        if T is not None:
-            # rows that see no key: exactly 0 (the FFT leaves rounding noise there)
-            out[b, _row_masses(T, p.n) <= 0] = 0.0
         if verify and p.n:
             rows = np.sort(rng.choice(p.n, size=min(int(verify), p.n), replace=False))
             h.observed_error = float(np.abs(out[b, rows] - _exact_rows(p, b, rows))
@@ -763,7 +886,8 @@ _COMMON_DOC = """
         True = a real key that takes part, False = padding (torch's
         ``key_padding_mask`` inverted to "take part", as SDPA's boolean masks;
         HF's ``attention_mask`` of a padded batch). Rows that see no real key
-        return 0. Heads with padding run on the exact path.
+        return 0. On the fast path the padded keys take no part (removed, or zero
+        rows of the FFT's right-hand side): the Toeplitz structure is kept.
     positions : (..., S) array_like of int or float, optional
         Positions of the keys for the rotary angles (default 0 .. S−1; e.g. HF
         ``position_ids`` of a left-padded batch); query i takes the position of
@@ -775,7 +899,8 @@ _COMMON_DOC = """
         Position of query 0 (keys are at 0 .. S−1); query i is at
         ``i + query_offset`` for the causal mask and the rotary angle. Default 0,
         or S − L with ``causal_alignment="bottom_right"``. Rectangular problems
-        (L ≠ S or an offset) run on the exact path.
+        (L ≠ S or an offset) run on every path (the fast path's Toeplitz
+        products are L × S).
     causal_alignment : {"top_left", "bottom_right"}, optional
         ``"top_left"`` (default, torch SDPA): query i at position i;
         ``"bottom_right"`` (decoding with a key/value cache, HF, flash-attn): the

@@ -136,11 +136,21 @@ class AttentionInfo:
         return self.table()
 
 
-def predict_exact(n, E, Ev, general, causal, precision="float64"):
-    """Predicted seconds of the exact streaming kernel for one head (all threads)."""
+def _pairs(n, S, causal, offset):
+    """(query, key) pairs the exact kernel visits: n·S, or the causal ones."""
+    if not causal:
+        return float(n) * S
+    if S == n and offset == 0:
+        return n * (n + 1) / 2
+    return float(np.clip(np.arange(n) + offset + 1, 0, S).sum())
+
+
+def predict_exact(n, E, Ev, general, causal, precision="float64", S=None, offset=0):
+    """Predicted seconds of the exact streaming kernel for one head (all threads);
+    n query rows against S key rows (default n), query 0 at position ``offset``."""
     c = COST_CONSTANTS
     sfx = "32" if precision == "float32" else ""
-    pairs = n * (n + 1) / 2 if causal else float(n) * n
+    pairs = _pairs(n, n if S is None else S, causal, offset)
     t = pairs * (c["exact_pair" + sfx] + c["exact_flop" + sfx] * (E + Ev))
     if general:
         t += pairs * c["exact_general_flop"] * (E * E + E)
@@ -235,33 +245,40 @@ def exact_memory(n, E, Ev):
     return 8 * (n * (2 * E + 2 * Ev) + 2 * blocks)
 
 
-def predict_fast(algorithm, n, E, Ev, degree):
-    """Predicted seconds of the fast path for one head (same units as predict_exact)."""
+def predict_fast(algorithm, n, E, Ev, degree, S=None, heads=1):
+    """Predicted seconds of the fast path for one head (same units as predict_exact).
+
+    n query rows against S key rows (default n). With ``heads`` > 1 query heads
+    sharing one key/value head (computed together: the key side once), the time of
+    the group divided by ``heads``.
+    """
     c = COST_CONSTANTS
+    S = n if S is None else S
     m = n_features(E, degree)
     ev1 = Ev + 1
+    rows = heads * n + S                   # feature rows: every query head, keys once
     if algorithm == "gemm":
         # feature blocks (in L2) fused with their products, on all threads
-        return c["feature"] * 2 * n * m + c["gemm_flop"] * 2 * n * m * ev1
+        return (c["feature"] * rows * m + c["gemm_flop"] * rows * m * ev1) / heads
     if algorithm == "prefix":
-        ch = min(prefix_chunk(m), max(n, 1))
+        ch = min(prefix_chunk(m), max(S, 1))
         # the gemm path's work per chunk, plus inside each chunk: logits GEMM, Horner and
         # mask (numba, per pair and degree), GEMM with V
-        return (c["feature"] * 2 * n * m + c["gemm_flop"] * 2 * n * m * ev1
-                + c["gemm_flop"] * n * ch * (E + ev1)
-                + c["elementwise"] * n * ch * (2 * degree + 3))
-    N = fft_length(n)
+        return (c["feature"] * rows * m + c["gemm_flop"] * rows * m * ev1
+                + c["gemm_flop"] * heads * n * ch * (E + ev1)
+                + c["elementwise"] * heads * n * ch * (2 * degree + 3)) / heads
+    N = fft_length(n, S)
     nlog = N * np.log2(max(N, 2))
     if algorithm == "fft":
-        return (c["feature"] * 2 * n * m + c["fft_flop"] * 2 * m * ev1 * nlog
-                + c["exact_flop"] * n * m * ev1)
-    # toeplitz-fft
-    t = c["feature"] * 2 * n * m
+        return (c["feature"] * rows * m + c["fft_flop"] * 2 * m * ev1 * nlog
+                + c["exact_flop"] * heads * n * m * ev1) / heads
+    # toeplitz-fft (one query head per key/value head)
+    t = c["feature"] * (n + S) * m
     F = N // 2 + 1
     for k in range(degree + 1):
         mk = n_features(E, k) - (n_features(E, k - 1) if k else 0)
         mprev = n_features(E, k - 1) - (n_features(E, k - 2) if k > 1 else 0) if k else 1
-        t += c["sympow"] * (2 * n) * mk * mprev * E
+        t += c["sympow"] * (n + S) * mk * mprev * E
         t += c["fft_flop"] * (mk * mk + 2 * mk * ev1) * nlog
         t += c["cmul"] * 4 * F * mk * mk * ev1 + c["exact_flop"] * n * mk * ev1
     return t
@@ -338,7 +355,7 @@ def _polynomial(radius, target, degree, approx):
         return None, why
 
 
-def _screen(n, E, Ev, radius, target, approx, algorithm, t_exact):
+def _screen(n, E, Ev, radius, target, approx, algorithm, t_exact, S=None, heads=1):
     """Reason (one line) to pick exact without certifying (auto only), or None.
 
     Decided from a cheap lower estimate of the degree.
@@ -356,7 +373,7 @@ def _screen(n, E, Ev, radius, target, approx, algorithm, t_exact):
     if feats > _config.MAX_FEATURES:
         return (f"fast infeasible: degree >= {g} needs >= {feats:.3g} features > "
                 f"MAX_FEATURES={_config.MAX_FEATURES:.3g}")
-    t_fast = predict_fast(algorithm, n, E, Ev, g)
+    t_fast = predict_fast(algorithm, n, E, Ev, g, S, heads)
     if t_fast >= t_exact:
         return (f"exact {t_fast / t_exact:.1f}x cheaper than fast even at degree >= {g} "
                 f"({feats:.3g} features)")
@@ -366,8 +383,12 @@ def _screen(n, E, Ev, radius, target, approx, algorithm, t_exact):
 def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, method,
               eps, degree, approx, vmax, row_mass=1.0, out_rounding=0.0,
               exact_bound=None, radius_given=False, compute_dtype="float64",
-              fast_unavailable=None):
+              fast_unavailable=None, S=None, offset=0, heads=1):
     """Choose the method of one head; returns a :class:`HeadPlan`.
+
+    n query rows against S key rows (default n), query 0 at position ``offset``;
+    ``heads`` query heads computed together on this head's key/value head (the fast
+    path's key side shared: its predicted time is the group's divided by ``heads``).
 
     Raises
     ------
@@ -375,12 +396,13 @@ def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, met
         With ``method="fast"``, when no degree <= ``_config.MAX_DEGREE`` meets
         ``eps`` at this radius, or the fast path's memory exceeds the limit.
     """
-    t_exact = predict_exact(n, E, Ev, general, causal, compute_dtype)
+    S = n if S is None else S
+    t_exact = predict_exact(n, E, Ev, general, causal, compute_dtype, S, offset)
     if exact_bound is None:
-        exact_bound = exact_error_bound(n, E, radius, radius1, vmax, compute_dtype,
+        exact_bound = exact_error_bound(S, E, radius, radius1, vmax, compute_dtype,
                                         general, has_bias) + out_rounding
     common = dict(head=head, radius=float(radius), time_exact=t_exact,
-                  memory_exact=exact_memory(n, E, Ev), radius_given=bool(radius_given),
+                  memory_exact=exact_memory(max(n, S), E, Ev), radius_given=bool(radius_given),
                   precision=compute_dtype)
 
     def exact_only(reason):        # exact, with no polynomial planned
@@ -388,8 +410,11 @@ def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, met
                         error_bound=exact_bound, degree=None, features=None, delta=None,
                         time_fast=None, memory_fast=None, reason=reason)
 
-    if n == 0 or Ev == 0:
-        return exact_only("empty sequence (n = 0)" if n == 0 else "no value columns")
+    if n == 0 or S == 0 or Ev == 0:
+        return exact_only("empty sequence (n = 0)" if n == 0 else
+                          "no keys (S = 0)" if S == 0 else "no value columns")
+    if t_exact == 0.0:
+        return exact_only("no query sees a key (causal, query_offset < -L + 1)")
     if method == "exact":
         return exact_only("method='exact' requested")
     if fast_unavailable is not None:
@@ -400,7 +425,7 @@ def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, met
     algorithm = "toeplitz-fft" if general else separable_algorithm(has_bias, causal)
     target = 0.9 * eps / (2.0 + eps)
     if method == "auto" and degree is None:
-        screened = _screen(n, E, Ev, radius, target, approx, algorithm, t_exact)
+        screened = _screen(n, E, Ev, radius, target, approx, algorithm, t_exact, S, heads)
         if screened is not None:
             return exact_only(screened)
     # ---- polynomial
@@ -409,14 +434,14 @@ def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, met
         g = approx_obj.degree
         m = n_features(E, g)
         feats = general_features(E, g) if general else m
-        mem = fast_memory(algorithm, n, E, Ev, g)
+        mem = fast_memory(algorithm, n, E, Ev, g, S, heads)
         delta = approx_obj.error_bound
         uses_fft = algorithm in ("fft", "toeplitz-fft")
-        rnd = rounding_term(n, m, approx_obj.coef, radius, radius1, delta,
-                            fft_length(n) if uses_fft else None, row_mass)
+        rnd = rounding_term(S, m, approx_obj.coef, radius, radius1, delta,
+                            fft_length(n, S) if uses_fft else None, row_mass)
         dtot = delta + rnd
         bound = 2 * dtot / (1 - dtot) * vmax if dtot < 1 else np.inf
-        t_fast = predict_fast(algorithm, n, E, Ev, g)
+        t_fast = predict_fast(algorithm, n, E, Ev, g, S, heads)
         limit = _config.memory_limit()
         if g > _config.MAX_DEGREE:
             why_not = f"degree {g} > MAX_DEGREE={_config.MAX_DEGREE}"
@@ -455,16 +480,18 @@ def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, met
                 f"{why_not}. Use method='exact' or 'auto', a larger eps, or smaller "
                 f"logits (scale, or a tighter radius=).")
         return HeadPlan(**common, method="fast", algorithm=algorithm, error_bound=bound,
-                        **fast_fields, reason="method='fast' requested")
+                        **fast_fields, reason="method='fast' requested" + (
+                            f" (key side shared by {heads} query heads)" if heads > 1 else ""))
     # auto
     if why_not is not None:
         return HeadPlan(**common, **exact_plan, **fast_fields,
                         reason=f"fast infeasible: {why_not}")
     if fast_fields["time_fast"] * _config.AUTO_MARGIN < t_exact:
+        shared = f", key side shared by {heads} query heads" if heads > 1 else ""
         return HeadPlan(**common, method="fast", algorithm=algorithm, error_bound=bound,
                         **fast_fields,
                         reason=f"fast {t_exact / fast_fields['time_fast']:.1f}x cheaper "
-                               f"(degree {fast_fields['degree']}, bound {bound:.1e})")
+                               f"(degree {fast_fields['degree']}, bound {bound:.1e}{shared})")
     return HeadPlan(**common, **exact_plan, **fast_fields,
                     reason=f"exact {fast_fields['time_fast'] / t_exact:.1f}x cheaper than "
                            f"fast (degree {fast_fields['degree']}, "

@@ -16,29 +16,37 @@ import scipy.fft as sfft
 __all__ = ["fft_length", "circulant_spectrum", "toeplitz_matmul"]
 
 
-def fft_length(n):
-    """Circulant length used for an order-n Toeplitz product: ``next_fast_len(2n−1)``."""
-    return sfft.next_fast_len(max(2 * n - 1, 1), real=True)
+def fft_length(n, S=None):
+    """Circulant length of an n × S Toeplitz product (S = n if None):
+    ``next_fast_len(n + S − 1)``."""
+    S = n if S is None else S
+    return sfft.next_fast_len(max(n + S - 1, 1), real=True)
 
 
-def circulant_spectrum(c, n, N, workers=None):
+def circulant_spectrum(c, n, N, workers=None, S=None):
     """rfft of the circulant embedding of a generating sequence.
 
     Parameters
     ----------
-    c : (2n−1, ...) ndarray of float64
-        ``c[t + n − 1] = c(t)``; trailing axes are carried along.
+    c : (n+S−1, ...) ndarray of float64
+        ``c[d + S − 1] = c(d)`` for ``d = i − j``, ``−(S−1) <= d <= n−1``
+        (square, S = n: ``c[t + n − 1] = c(t)``); trailing axes are carried along.
     n, N : int
-        Toeplitz order and circulant length (N >= 2n − 1).
+        Rows of the Toeplitz matrix and circulant length (N >= n + S − 1).
+    S : int, optional
+        Columns (default n).
 
     Returns
     -------
     (N//2 + 1, ...) ndarray of complex128
+        The product ``y = T u`` (u of S rows) is the first n rows of
+        ``irfft(spectrum · rfft(u, N))``.
     """
+    S = n if S is None else S
     circ = np.zeros((N,) + c.shape[1:], dtype=np.float64)
-    circ[:n] = c[n - 1:]
-    if n > 1:
-        circ[N - (n - 1):] = c[:n - 1]
+    circ[:n] = c[S - 1:]
+    if S > 1:
+        circ[N - (S - 1):] = c[:S - 1]
     return sfft.rfft(circ, axis=0, workers=workers)
 
 

@@ -39,19 +39,35 @@ def test_key_padding_against_reference(causal, dtype):
                                 v[b].astype(np.float64), keep[b], causal)
         assert np.abs(out[b] - ref).max() <= info.error_bound[b]
     assert np.all(out[2] == 0)
-    assert all("key_padding_mask" in r for r in info.reason)
+    fast, finfo = rope_attention(q, k, v, key_padding_mask=keep, is_causal=causal,
+                                 method="fast", return_info=True)
+    assert finfo.method.tolist() == ["fast"] * B
+    for b in range(B):
+        ref = _masked_reference(q[b].astype(np.float64), k[b].astype(np.float64),
+                                v[b].astype(np.float64), keep[b], causal)
+        assert np.abs(fast[b] - ref).max() <= finfo.error_bound[b]
+    assert np.all(fast[2] == 0)
 
 
-def test_all_true_mask_keeps_the_fast_path():
+def test_all_true_mask_changes_nothing_and_padding_keeps_the_fast_path():
     rng = np.random.default_rng(2)
     q, k, v = (rng.standard_normal((1, 64, 4)) * 0.2 for _ in range(3))
     out, info = rope_attention(q, k, v, rotary=True, method="fast",
                                key_padding_mask=np.ones((1, 64), bool), return_info=True)
     assert info.method[0] == "fast"
-    with pytest.raises(ValueError, match="key_padding_mask masks keys"):
-        keep = np.ones((1, 64), bool)
-        keep[0, 0] = False
-        rope_attention(q, k, v, rotary=True, method="fast", key_padding_mask=keep)
+    np.testing.assert_array_equal(out, rope_attention(q, k, v, rotary=True, method="fast"))
+    keep = np.ones((1, 64), bool)
+    keep[0, :5] = False
+    padded, pinfo = rope_attention(q, k, v, rotary=True, method="fast", key_padding_mask=keep,
+                                   return_info=True)
+    assert pinfo.method[0] == "fast"
+    # the padded keys take no part: same as attending to the real keys only, at
+    # their own positions (rotated first, then sliced)
+    from numbarope.rotary import rotary_tables, rotate
+    cos, sin = rotary_tables(numbarope.Rotary(), 64, 4)
+    qr, kr = rotate(q[0], numbarope.Rotary(), cos, sin), rotate(k[0], numbarope.Rotary(), cos, sin)
+    ref = rope_attention(qr, kr[5:], v[0, 5:], method="exact")
+    assert np.abs(padded[0] - ref).max() <= pinfo.error_bound[0]
 
 
 @pytest.mark.parametrize("causal", [False, True])

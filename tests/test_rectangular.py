@@ -69,6 +69,12 @@ def test_against_reference(L, S, off, causal, kind):
     ref = _reference(q, k, v, off, causal, **rkw)
     assert np.abs(out - ref).max() <= float(info.error_bound) + 1e-15
     assert info.method[()] == "exact"
+    # the fast path: an L x S Toeplitz product (gemm, prefix, fft or toeplitz-fft)
+    fast, finfo = rope_attention(q, k, v, query_offset=off, is_causal=causal, method="fast",
+                                 eps=1e-6, return_info=True, **kw)
+    sees = not causal or off + L - 1 >= 0
+    assert finfo.method[()] == ("fast" if sees else "exact")    # nothing to approximate
+    assert np.abs(fast - ref).max() <= float(finfo.error_bound)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -85,13 +91,32 @@ def test_decoding_rows_equal_the_full_causal_attention(dtype):
     assert np.abs(dec.astype(np.float64) - full[:, S - L:]).max() <= bound
 
 
-def test_fast_is_refused_and_auto_says_why():
-    q = np.zeros((2, 4))
-    k = np.zeros((6, 4))
-    with pytest.raises(ValueError, match="rectangular attention.*exact"):
-        rope_attention(q, k, k, method="fast")
-    info = numbarope.plan(q, k, k)
-    assert info.method[()] == "exact" and "rectangular" in info.reason[()]
+@pytest.mark.parametrize("L, S, off", [(1, 700, 699), (40, 1000, 960), (300, 200, 0),
+                                       (500, 500, 100)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_rectangular_larger_than_a_chunk(L, S, off, causal):
+    # several prefix chunks, rows that see every key served apart (L > S), and a
+    # decoding block at the end of a long cache
+    rng = np.random.default_rng(L + S)
+    E = 4
+    q, k = rng.standard_normal((L, E)) * 0.5, rng.standard_normal((S, E)) * 0.5
+    v = rng.standard_normal((S, 3))
+    fast, info = rope_attention(q, k, v, rotary=True, query_offset=off, is_causal=causal,
+                                method="fast", eps=1e-5, return_info=True, verify=L)
+    exact = rope_attention(q, k, v, rotary=True, query_offset=off, is_causal=causal,
+                           method="exact")
+    assert info.algorithm[()] == ("prefix" if causal and off < S - 1 else "gemm")
+    assert 0 < np.abs(fast - exact).max() <= info.error_bound[()]
+
+
+def test_no_visible_key_is_exact_zero_on_every_method():
+    q = np.ones((2, 4))
+    k = np.ones((6, 4))
+    for method in ("auto", "exact", "fast"):
+        out, info = rope_attention(q, k, k, query_offset=-5, is_causal=True, method=method,
+                                   return_info=True)
+        assert np.all(out == 0)
+    assert "no query sees a key" in info.reason[()]
 
 
 def test_rectangular_argument_errors():

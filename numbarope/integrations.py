@@ -24,8 +24,8 @@ padding vector AND either nothing or a causal mask with one offset for the
 whole batch (query i sees keys j <= i + offset; offset = S - L is decoding with
 a key/value cache, transformers' bottom-right alignment). That structure is
 passed as ``is_causal``, ``causal_alignment="bottom_right"`` (or
-``query_offset=``) and ``key_padding_mask=``; unpadded square causal problems
-stay eligible for the fast path. Any other structure (a sliding window, chunks,
+``query_offset=``) and ``key_padding_mask=``; all of these stay eligible for
+the fast path (``method="auto"`` takes it where it is certified and cheaper). Any other structure (a sliding window, chunks,
 packed sequences, a bidirectional block, an arbitrary mask or a float bias)
 raises ``NotImplementedError`` naming it: nothing is computed wrongly. The
 analysis costs O(B·L·S) boolean operations once per mask (transformers passes

@@ -2,15 +2,17 @@
 
 import numbers
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from numba import njit
 
 from . import _config
 from .exact import exact_attention, row_norms
-from .fast import fast_general, fast_separable, visible_keys
-from .planner import AttentionInfo, exact_error_bound, plan_head
+from . import algorithms
+from .algorithms import HeadSpec
+from .fast import visible_keys
+from .planner import AttentionInfo, _pairs, exact_error_bound, plan_head
 from ._interop import (LOW_PRECISION_UNIT, is_torch, output_like, requires_grad, to_numpy,
                        unexpected_keywords)
 from .rotary import Rotary, rotary_tables, rotate
@@ -62,7 +64,12 @@ class _Problem:
         """Toeplitz weights T of head b (:func:`_toeplitz_weights`), computed once."""
         if b not in self._weights:
             self._weights[b] = _toeplitz_weights(self, b)
-        return self._weights[b]
+        return self._weights[b][0]
+
+    def weight_shift(self, b):
+        """The max b_t that T of head b was normalised by (0 without a bias)."""
+        self.weights(b)
+        return self._weights[b][1]
 
 
 def _as_float_array(x, name):
@@ -466,22 +473,25 @@ def _causal_cut(L, S, off):
 
 
 def _toeplitz_weights(p, b):
-    """T[i − j + S − 1] = exp(b_t − max b) with the causal zeros; None when T ≡ 1."""
+    """``(T, max b)``: T[i − j + S − 1] = exp(b_t − max b) with the causal zeros (None
+    when T ≡ 1) and the shift max b (0 then)."""
     L, S = p.n, p.S
     if L == 0 or S == 0 or (p.bias is None and not (p.causal and p.relative is not None)):
-        return None
+        return None, 0.0
     cut = _causal_cut(L, S, p.offset) if p.causal else 0
     T = np.ones(L + S - 1)
+    shift = 0.0
     if p.bias is not None:
         bt = p.bias[p.bidx[b]]
         if cut:
             bt = bt.copy()
             bt[:cut] = -np.inf
         finite = np.isfinite(bt)
-        T = np.exp(bt - bt[finite].max()) if finite.any() else np.zeros_like(bt)
+        shift = float(bt[finite].max()) if finite.any() else 0.0
+        T = np.exp(bt - shift) if finite.any() else np.zeros_like(bt)
     else:
         T[:cut] = 0.0
-    return T
+    return T, shift
 
 
 def _key_weights(p, b):
@@ -594,32 +604,50 @@ def _check_logit_range(p):
         f"down (or pass a smaller scale)")
 
 
-def _plans(p, method, eps, degree, approx, radius):
+def _structure(p, b):
+    """Relative structure of head b for the planner: "none", "causal" (the causal mask
+    hides a real key from some query) or "dense" (any bias)."""
+    if p.bias is not None:
+        return "dense"
+    if p.causal and (p.relative is not None or _causal_cuts(p, b)):
+        return "causal"
+    return "none"
+
+
+def _head_specs(p, radius):
+    """One :class:`~numbarope.algorithms.HeadSpec` per flattened head: everything the
+    planner needs, built here and nowhere else."""
     R, R1 = _radii(p, radius)
     _check_logit_range(p)
     vmaxes = p.value_maxima()
-    args = []
+    pairs = _pairs(p.n, p.S, p.causal, p.offset)
+    specs = []
     for b in range(p.q.shape[0]):
-        T = p.weights(b)
         vmax = float(vmaxes[p.kvidx[b]])
         out_rounding = p.out_unit * vmax
-        args.append(dict(
+        structure = _structure(p, b)
+        specs.append(HeadSpec(
             head=tuple(int(i) for i in np.unravel_index(b, p.batch_shape))
             if p.batch_shape else (),
-            n=p.n, S=p.S, offset=p.offset, E=p.E, Ev=p.Ev, radius=R[b], radius1=R1[b],
-            general=p.relative is not None, has_bias=p.bias is not None,
-            causal=p.causal and (p.bias is not None or p.relative is not None
-                                 or _causal_cuts(p, b)),
-            method=method, eps=eps, degree=degree, approx=approx, vmax=vmax,
-            row_mass=_row_mass(p, b, T), out_rounding=out_rounding,
+            n=p.n, S=p.S, offset=p.offset, E=p.E, Ev=p.Ev, radius=float(R[b]),
+            radius1=float(R1[b]), vmax=vmax, general=p.relative is not None,
+            structure=structure, causal=p.causal,
+            row_mass=_row_mass(p, b, p.weights(b)), out_rounding=out_rounding,
             exact_bound=exact_error_bound(p.S, p.E, p.computed_radius[b],
                                           p.computed_radius1[b], vmax, p.compute_dtype,
                                           p.relative is not None, p.bias is not None)
             + out_rounding,
-            radius_given=radius is not None, compute_dtype=p.compute_dtype.name))
-    heads = [plan_head(**a) for a in args]
+            radius_given=radius is not None, compute_dtype=p.compute_dtype.name,
+            pairs=pairs))
+    return specs
+
+
+def _plans(p, method, eps, degree, approx, radius):
+    specs = _head_specs(p, radius)
+    opts = dict(method=method, eps=eps, degree=degree, approx=approx)
+    heads = [plan_head(h, **opts) for h in specs]
     for members in _fast_groups(p, heads, method):
-        if not _share_key_side(heads, args, members):
+        if not _share_key_side(heads, specs, members, opts):
             # heads of equal degree still share (one polynomial: their largest radius)
             by_degree = {}
             for b in members:
@@ -627,7 +655,7 @@ def _plans(p, method, eps, degree, approx, radius):
                     by_degree.setdefault(heads[b].degree, []).append(b)
             for sub in by_degree.values():
                 if len(sub) > 1:
-                    _share_key_side(heads, args, sub)
+                    _share_key_side(heads, specs, sub, opts)
     return heads
 
 
@@ -657,21 +685,21 @@ def _fast_groups(p, heads, method):
     return [g for g in _share_groups(p) if any(heads[b].method == "fast" for b in g)]
 
 
-def _share_key_side(heads, args, members):
+def _share_key_side(heads, specs, members, opts):
     """Re-plan a group of query heads on one key/value head with one polynomial (that of
     the group's largest radius, valid for all since the radii are upper bounds) and the
-    key side computed once; kept when every head is then fast and the group's predicted
-    time drops."""
-    Rg = max(float(args[b]["radius"]) for b in members)
+    key side computed once; kept when every head is then fast, on one algorithm, and
+    the group's predicted time drops."""
+    Rg = max(specs[b].radius for b in members)
     trial = []
     try:
         for b in members:
-            a = dict(args[b], radius=Rg, radius1=max(float(args[b]["radius1"]), Rg),
-                     heads=len(members))
-            trial.append(plan_head(**a))
+            trial.append(plan_head(replace(specs[b], radius=Rg,
+                                           radius1=max(specs[b].radius1, Rg),
+                                           heads=len(members)), **opts))
     except ValueError:       # method="fast" with a bound a smaller head cannot meet
         return False
-    if any(h.method != "fast" for h in trial):
+    if any(h.method != "fast" for h in trial) or len({h.algorithm for h in trial}) > 1:
         return False
     before = sum(h.time_fast if h.method == "fast" else h.time_exact
                  for h in (heads[b] for b in members))
@@ -747,8 +775,9 @@ def _fast_batches(p, heads):
     for g in _share_groups(p):
         fast = [b for b in g if heads[b].method == "fast"]
         while fast:
-            c = heads[fast[0]].coef
-            same = [b for b in fast if np.array_equal(heads[b].coef, c)]
+            c, a = heads[fast[0]].coef, heads[fast[0]].algorithm
+            same = [b for b in fast if np.array_equal(heads[b].coef, c)
+                    and heads[b].algorithm == a]
             if len(same) > 1:
                 batches.append(same)
                 done.update(same)
@@ -758,8 +787,10 @@ def _fast_batches(p, heads):
 
 
 def _run(p, heads, verify, workers=None):
+    """Outputs (B, n, Ev) and row log-sum-exps (B, n) of every head, by its plan."""
     B = p.q.shape[0]
     out = np.empty((B, p.n, p.Ev))
+    lse = np.full((B, p.n), -np.inf)
     exact_ids = np.array([b for b, h in enumerate(heads) if h.method == "exact"], np.int64)
     if exact_ids.size:
         cd = p.compute_dtype
@@ -777,17 +808,19 @@ def _run(p, heads, verify, workers=None):
             # are rows of one task, so its keys and values are read once, not g times
             Bk = p.k.shape[0]
             qg = take(p.q).reshape(Bk, group, p.E)
-            og = exact_attention(
+            og, lg = exact_attention(
                 qg, np.ascontiguousarray(p.k, dtype=cd), v, p.scale, causal=False,
                 workers=workers, key_mask=p.kmask,
                 norms=(p.qnorms.reshape(Bk, group), p.knorms),
-                kidx=None if p.kidx is None else np.ascontiguousarray(p.kidx[::group]))
+                kidx=None if p.kidx is None else np.ascontiguousarray(p.kidx[::group]),
+                return_lse=True)
             out[:] = og.reshape(B, 1, p.Ev)
+            lse[:] = lg.reshape(B, 1)
             if f != 1.0:
                 out /= f
             exact_ids = exact_ids[:0]
     if exact_ids.size:
-        out[exact_ids] = exact_attention(
+        out[exact_ids], lse[exact_ids] = exact_attention(
             take(p.q), np.ascontiguousarray(p.k, dtype=cd), v, p.scale,
             kvidx=p.kvidx[exact_ids],
             relative=None if p.relative is None else np.ascontiguousarray(p.relative,
@@ -797,7 +830,7 @@ def _run(p, heads, verify, workers=None):
             causal=p.causal, workers=workers, offset=p.offset,
             key_mask=p.kmask, kidx=None if p.kidx is None else p.kidx[exact_ids],
             norms=None if p.qnorms is None else (p.qnorms if every else p.qnorms[exact_ids],
-                                                 p.knorms))
+                                                 p.knorms), return_lse=True)
         if f != 1.0:
             out[exact_ids] /= f
     rng = np.random.default_rng(0)
@@ -811,21 +844,27 @@ def _run(p, heads, verify, workers=None):
         f = _value_scale(vb)
         vb = vb * f if f != 1.0 else vb
         mask = None if w is None else w > 0
+        alg = algorithms.get(heads[b0].algorithm)
         if p.relative is not None:
-            res, _ = fast_general(p.q[b0].astype(np.float64), kb, vb, p.scale, coef,
-                                  p.relative[p.ridx[b0]],
-                                  np.ones(p.n + p.S - 1) if T is None else T,
-                                  workers=workers, key_mask=mask)
-            res = res[None]
+            res, den = alg.run(p.q[b0].astype(np.float64), kb, vb, p.scale, coef, T=T,
+                               causal=p.causal, offset=p.offset, key_mask=mask,
+                               relative=p.relative[p.ridx[b0]], workers=workers)
+            res, den = res[None], den[None]
         else:
-            res, _ = fast_separable(p.q[members].astype(np.float64), kb, vb, p.scale, coef,
-                                    T, p.causal, workers=workers, offset=p.offset,
-                                    key_mask=mask)
+            res, den = alg.run(p.q[members].astype(np.float64), kb, vb, p.scale, coef,
+                               T=T, causal=p.causal, offset=p.offset, key_mask=mask,
+                               workers=workers)
+        # den ≈ Σ_j exp(logit_ij + b_t − max b): the log-sum-exp up to that shift
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lse[members] = np.where(den > 0, np.log(np.where(den > 0, den, 1.0))
+                                    + p.weight_shift(b0), -np.inf)
         if f != 1.0:
             res /= f
         if T is not None:
             # rows that see no key: exactly 0 (the FFT leaves rounding noise there)
-            res[:, ~_sees_keys(p, b0)] = 0.0
+            blind = ~_sees_keys(p, b0)
+            res[:, blind] = 0.0
+            lse[np.ix_(members, np.flatnonzero(blind))] = -np.inf
         out[members] = res
     for b, h in enumerate(heads):
         if h.method != "fast" or p.n == 0:
@@ -847,7 +886,7 @@ def _run(p, heads, verify, workers=None):
                     f"head {h.head}: verify found an error {h.observed_error:.3e} above the "
                     f"certified bound {h.error_bound:.3e}; {why}", RuntimeWarning,
                     stacklevel=3)
-    return out
+    return out, lse
 
 
 _COMMON_DOC = """
@@ -983,7 +1022,7 @@ def _setup(query, key, value, rotary, relative, bias, is_causal, scale, precisio
 
 _KNOWN = ("rotary", "relative", "bias", "is_causal", "scale", "method", "eps", "degree",
           "approx", "radius", "verify", "return_info", "precision", "workers", "enable_gqa",
-          "query_offset", "causal_alignment", "key_padding_mask", "positions")
+          "query_offset", "causal_alignment", "key_padding_mask", "positions", "return_lse")
 
 
 def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
@@ -991,7 +1030,7 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
                    approx="chebyshev", radius=None, verify=0, return_info=False,
                    precision=None, workers=None, enable_gqa=False, query_offset=None,
                    causal_alignment="top_left", key_padding_mask=None, positions=None,
-                   **unknown):
+                   return_lse=False, **unknown):
     """RoPE / relative-position softmax attention, exact or certified fast.
 
     ``A[i, j] = exp(s·q_iᵀ W_{i−j} k_j + b_{i−j})``, ``out = D⁻¹ A V`` with
@@ -1005,6 +1044,8 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
     return_info : bool, optional
         Also return an :class:`AttentionInfo` (per head: method, algorithm,
         degree, features, logit radius, certified error bound, predicted times).
+    return_lse : bool, optional
+        Also return the row log-sum-exp (see Returns), to merge partial results.
     workers : int, optional
         Threads used by the kernels, BLAS and scipy.fft, with scipy.fft's
         meaning: None (default) all cores or what :func:`numbarope.set_workers`
@@ -1016,8 +1057,15 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
         The promoted dtype of query, key and value: float32 if all are float32,
         else float64 (numpy); for torch tensors the promoted torch dtype
         (float16/bfloat16 included). Compute precision: see ``precision``.
+    lse : (..., L) ndarray of float64, or a float64 torch.Tensor for torch inputs
+        Only with ``return_lse=True``: per row, the log-sum-exp of the weights,
+        ``log Σ_j exp(s·q_iᵀW_t k_j + b_t)`` (−inf for rows that see no key); on the
+        fast path ``log Σ_j p(s·q_iᵀW_t k_j)·exp(b_t)``, within ``−log(1 − δ − ρ)``
+        of it (δ, ρ: the certified relative error of the weights). With it, partial
+        results over disjoint key blocks merge exactly: ``out = Σ_b e^{lse_b − lse}
+        out_b``, ``lse = log Σ_b e^{lse_b}``.
     info : AttentionInfo
-        Only with ``return_info=True``.
+        Only with ``return_info=True`` (after ``lse`` when both are asked).
 
     Raises
     ------
@@ -1071,6 +1119,8 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
         raise ValueError(f"verify must be >= 0 (rows checked per head), got {verify}")
     if not isinstance(return_info, (bool, np.bool_)):
         raise TypeError(f"return_info must be True or False, got {return_info!r}")
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise TypeError(f"return_lse must be True or False, got {return_lse!r}")
     p, qkv_torch = _setup(query, key, value, rotary, relative, bias, is_causal, scale,
                           precision, enable_gqa, query_offset, causal_alignment,
                           key_padding_mask, positions)
@@ -1082,15 +1132,19 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
                 f"R={h.radius:.3g} (error_bound=inf): the output may lie far outside the "
                 f"range of value; use method='exact' or 'auto', or omit degree=",
                 RuntimeWarning, stacklevel=2)
-    out = _run(p, heads, verify, nthreads)
+    out, lse = _run(p, heads, verify, nthreads)
     out = out.reshape(p.batch_shape + (p.n, p.Ev)).astype(p.dtype, copy=False)
     grads = [x for x in (query, key, value, relative, bias)
              if is_torch(x) and x.requires_grad] if requires_grad(query, key, value,
                                                                   relative, bias) else []
     out = output_like(out, qkv_torch, grads)
+    res = (out,)
+    if return_lse:
+        res += (output_like(lse.reshape(p.batch_shape + (p.n,)), ("float64",) if any(
+            d is not None for d in qkv_torch) else ()),)
     if return_info:
-        return out, AttentionInfo(heads, p.batch_shape, eps_f)
-    return out
+        res += (AttentionInfo(heads, p.batch_shape, eps_f),)
+    return res[0] if len(res) == 1 else res
 
 
 def plan(query, key, value, *, rotary=None, relative=None, bias=None, is_causal=False,
@@ -1125,7 +1179,7 @@ def plan(query, key, value, *, rotary=None, relative=None, bias=None, is_causal=
     if unknown:
         raise unexpected_keywords("plan", unknown,
                                   [k for k in _KNOWN if k not in ("verify", "return_info",
-                                                                  "workers")])
+                                                                  "workers", "return_lse")])
     eps_f = _validate_options(method, eps, degree, approx, scale, radius, is_causal)
     _validate_precision(precision)
     _validate_flag(enable_gqa, "enable_gqa")

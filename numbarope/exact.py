@@ -489,4 +489,7 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
 
     with blas_threads(1):
         run_tasks(run, chunks, nthreads)
+    if return_lse and has_bias:              # undo the per-row bias shift
+        with np.errstate(invalid="ignore"):
+            lse += np.where(np.isfinite(shift[bi]), shift[bi], 0.0)
     return (out, lse) if return_lse else out

@@ -35,19 +35,11 @@ from ._monomials import (_features_reduce, feature_recurrence, feature_weights, 
 from ._threads import blas_threads, resolve_workers, run_tasks
 from .toeplitz import circulant_spectrum, fft_length
 
-__all__ = ["SEPARABLE_ALGORITHMS", "fast_memory", "gemm_chunk", "prefix_chunk", "fast_separable",
-           "fast_general", "separable_algorithm", "visible_keys"]
+__all__ = ["fast_memory", "gemm_chunk", "prefix_chunk", "fast_separable", "fast_general",
+           "visible_keys"]
 
-SEPARABLE_ALGORITHMS = ("gemm", "prefix", "fft")
 _U = 2.0 ** -53
 _FM = set(_config.FASTMATH)
-
-
-def separable_algorithm(has_bias, causal):
-    """Toeplitz structure of the separable path: "gemm", "prefix" or "fft"."""
-    if has_bias:
-        return "fft"
-    return "prefix" if causal else "gemm"
 
 
 def _block_columns(rows, per_column_bytes, total):

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from . import _config
+from . import _config, algorithms
 from ._monomials import n_features
-from .fast import fast_memory, prefix_chunk, separable_algorithm
+from .algorithms import HeadSpec, Reason, general_features, rounding_term  # noqa: F401
+from .fast import prefix_chunk
 from .polynomial import exp_approximation
-from .toeplitz import fft_length
 
 __all__ = ["HeadPlan", "AttentionInfo", "COST_CONSTANTS", "calibrate", "exact_memory",
            "exact_error_bound", "predict_exact", "predict_fast", "plan_head"]
@@ -69,6 +69,8 @@ class HeadPlan:
     rounding: float = 0.0                  # floating-point part included in error_bound
     bound_kind: str = "exact"
     coef: np.ndarray | None = field(default=None, repr=False)   # p's monomial coefficients
+    code: str = ""                         # machine-readable reason (algorithms.REASONS)
+    shared_heads: int = 1                  # query heads sharing this head's fast key side
     radius_given: bool = False             # radius came from the caller (radius=)
     precision: str = "float64"             # compute precision of the exact path
 
@@ -148,13 +150,10 @@ def _pairs(n, S, causal, offset):
 def predict_exact(n, E, Ev, general, causal, precision="float64", S=None, offset=0):
     """Predicted seconds of the exact streaming kernel for one head (all threads);
     n query rows against S key rows (default n), query 0 at position ``offset``."""
-    c = COST_CONSTANTS
-    sfx = "32" if precision == "float32" else ""
-    pairs = _pairs(n, n if S is None else S, causal, offset)
-    t = pairs * (c["exact_pair" + sfx] + c["exact_flop" + sfx] * (E + Ev))
-    if general:
-        t += pairs * c["exact_general_flop"] * (E * E + E)
-    return t
+    S = n if S is None else S
+    return algorithms.get("streaming").predict(HeadSpec(
+        (), n, S, E, Ev, 0.0, 0.0, 0.0, general=general, compute_dtype=precision,
+        pairs=_pairs(n, S, causal, offset)))
 
 
 def _gamma(k, u):
@@ -240,83 +239,16 @@ def exact_error_bound(n, E, radius, radius1, vmax, precision="float64", general=
 def exact_memory(n, E, Ev):
     """Working memory (bytes) of the exact path for one head: float64 copies of q, k, v,
     the output, and per-thread row/key-block buffers."""
-    from . import _config as cfg
-    blocks = cfg.EXACT_ROW_BLOCK * (cfg.EXACT_KEY_BLOCK + 2 * Ev + 2) + 2 * cfg.EXACT_KEY_BLOCK + E
-    return 8 * (n * (2 * E + 2 * Ev) + 2 * blocks)
+    return algorithms.get("streaming").memory(HeadSpec((), n, n, E, Ev, 0.0, 0.0, 0.0))
 
 
 def predict_fast(algorithm, n, E, Ev, degree, S=None, heads=1):
-    """Predicted seconds of the fast path for one head (same units as predict_exact).
-
-    n query rows against S key rows (default n). With ``heads`` > 1 query heads
-    sharing one key/value head (computed together: the key side once), the time of
-    the group divided by ``heads``.
-    """
-    c = COST_CONSTANTS
+    """Predicted seconds of fast algorithm ``algorithm`` for one head (same units as
+    predict_exact): n query rows against S key rows (default n); with ``heads`` query
+    heads sharing one key/value head, the group's time divided by ``heads``."""
     S = n if S is None else S
-    m = n_features(E, degree)
-    ev1 = Ev + 1
-    rows = heads * n + S                   # feature rows: every query head, keys once
-    if algorithm == "gemm":
-        # feature blocks (in L2) fused with their products, on all threads
-        return (c["feature"] * rows * m + c["gemm_flop"] * rows * m * ev1) / heads
-    if algorithm == "prefix":
-        ch = min(prefix_chunk(m), max(S, 1))
-        # the gemm path's work per chunk, plus inside each chunk: logits GEMM, Horner and
-        # mask (numba, per pair and degree), GEMM with V
-        return (c["feature"] * rows * m + c["gemm_flop"] * rows * m * ev1
-                + c["gemm_flop"] * heads * n * ch * (E + ev1)
-                + c["elementwise"] * heads * n * ch * (2 * degree + 3)) / heads
-    N = fft_length(n, S)
-    nlog = N * np.log2(max(N, 2))
-    if algorithm == "fft":
-        return (c["feature"] * rows * m + c["fft_flop"] * 2 * m * ev1 * nlog
-                + c["exact_flop"] * heads * n * m * ev1) / heads
-    # toeplitz-fft (one query head per key/value head)
-    t = c["feature"] * (n + S) * m
-    F = N // 2 + 1
-    for k in range(degree + 1):
-        mk = n_features(E, k) - (n_features(E, k - 1) if k else 0)
-        mprev = n_features(E, k - 1) - (n_features(E, k - 2) if k > 1 else 0) if k else 1
-        t += c["sympow"] * (n + S) * mk * mprev * E
-        t += c["fft_flop"] * (mk * mk + 2 * mk * ev1) * nlog
-        t += c["cmul"] * 4 * F * mk * mk * ev1 + c["exact_flop"] * n * mk * ev1
-    return t
-
-
-def general_features(E, degree):
-    """Σ_k m_k² with m_k = C(E+k−1, k): Toeplitz sequences of the general path."""
-    return int(sum((n_features(E, k) - (n_features(E, k - 1) if k else 0)) ** 2
-                   for k in range(degree + 1)))
-
-
-def rounding_term(n, m, coef, radius, radius1, delta, fft_length_=None, row_mass=None):
-    """Floating-point allowance added to δ (relative error of the weights).
-
-    * Dot products of features and sums over keys: by the standard bound
-      (Higham 2002, §3.1) each computed weight sum is within ``γ_{n+m+2g+2}``
-      times ``Σ|φ_α ψ_α|`` of the exact, and ``Σ_α |φ_α(q) ψ_α(k)| <=
-      P₁ = Σ_k |a_k| R₁^k`` with ``R₁ = s·max‖q‖₁·max‖k‖₁`` (×max|W| for
-      general W). Dividing by the smallest weight ``(1−δ)e^{−R}`` makes it
-      relative. This part is a proof.
-    * FFT convolutions (``fft_length_`` given) add an absolute error of about
-      ``5u·log2(N)·‖c‖₂‖u‖₂ <= 7.5u·log2(N)·n·P₁`` per entry, relative to the
-      smallest row mass ``min_i Σ_j T(i−j)`` (``row_mass``) times ``(1−δ)e^{−R}``.
-      This part is an estimate (the constant of the FFT error bound depends on
-      the FFT implementation; Higham 2002, §24.1).
-    """
-    u = 2.0 ** -53
-    g = len(coef) - 1
-    kk = n + m + 2 * g + 2
-    gamma = kk * u / (1 - kk * u)
-    with np.errstate(over="ignore", invalid="ignore"):      # inf is the honest answer
-        P1 = float(np.sum(np.abs(coef) * min(radius1, 1e300) ** np.arange(len(coef))))
-        scale_ = np.exp(min(radius, 700.0)) / max(1e-300, 1 - delta)
-        rnd = gamma * P1 * scale_
-        if fft_length_ is not None:
-            rnd += (7.5 * u * np.log2(max(fft_length_, 2)) * n * P1 * scale_
-                    / max(row_mass, 1e-300))
-    return rnd
+    return algorithms.get(algorithm).predict(
+        HeadSpec((), n, S, E, Ev, 0.0, 0.0, 0.0, heads=heads), degree)
 
 
 #: Relative spacing of the grid the logit radius is rounded up to before a
@@ -355,147 +287,161 @@ def _polynomial(radius, target, degree, approx):
         return None, why
 
 
-def _screen(n, E, Ev, radius, target, approx, algorithm, t_exact, S=None, heads=1):
-    """Reason (one line) to pick exact without certifying (auto only), or None.
-
-    Decided from a cheap lower estimate of the degree.
+def _screen(h, target, approx, candidates, t_exact):
+    """A :class:`Reason` to pick exact without certifying (auto only), or None.
 
     ``_start_degree`` is a lower bound of the degree the certification would find
     (rigorous for Taylor, verified over the tested range for Chebyshev), so if
-    even that degree is beyond the limits or slower than exact, auto picks exact
-    without spending 10–50 ms on a certification.
+    even that degree is beyond the limits or every candidate is slower than exact
+    there, auto picks exact without spending 10–50 ms on a certification.
     """
     from .polynomial import _start_degree
-    g = _start_degree(_grid_radius(radius), target, approx)
+    g = _start_degree(_grid_radius(h.radius), target, approx)
     if g > _config.MAX_DEGREE:
-        return f"fast infeasible: degree >= {g} needed > MAX_DEGREE={_config.MAX_DEGREE}"
-    feats = general_features(E, g) if algorithm == "toeplitz-fft" else n_features(E, g)
+        return Reason("degree-limit", f"fast infeasible: degree >= {g} needed at R="
+                                      f"{h.radius:.3g} > MAX_DEGREE={_config.MAX_DEGREE}")
+    feats = min(a.features(h.E, g) for a in candidates)
     if feats > _config.MAX_FEATURES:
-        return (f"fast infeasible: degree >= {g} needs >= {feats:.3g} features > "
-                f"MAX_FEATURES={_config.MAX_FEATURES:.3g}")
-    t_fast = predict_fast(algorithm, n, E, Ev, g, S, heads)
+        return Reason("feature-limit", f"fast infeasible: degree >= {g} needs >= "
+                                       f"{feats:.3g} features > MAX_FEATURES="
+                                       f"{_config.MAX_FEATURES:.3g}")
+    t_fast = min(a.predict(h, g) for a in candidates)
     if t_fast >= t_exact:
-        return (f"exact {t_fast / t_exact:.1f}x cheaper than fast even at degree >= {g} "
-                f"({feats:.3g} features)")
+        return Reason("exact-cheaper", f"exact {t_fast / t_exact:.1f}x cheaper than fast "
+                                       f"even at degree >= {g} ({feats:.3g} features)")
     return None
 
 
-def plan_head(head, *, n, E, Ev, radius, radius1, general, has_bias, causal, method,
-              eps, degree, approx, vmax, row_mass=1.0, out_rounding=0.0,
-              exact_bound=None, radius_given=False, compute_dtype="float64",
-              fast_unavailable=None, S=None, offset=0, heads=1):
-    """Choose the method of one head; returns a :class:`HeadPlan`.
+def _evaluate(alg, h, approx_obj, eps, degree, method):
+    """Bound, time, memory of one fast algorithm at this polynomial, and why it fails
+    (a Reason) or None."""
+    g = approx_obj.degree
+    feats = alg.features(h.E, g)
+    mem = alg.memory(h, g)
+    delta = approx_obj.error_bound
+    rnd = alg.rounding(h, approx_obj.coef, delta)
+    dtot = delta + rnd
+    bound = (2 * dtot / (1 - dtot) * h.vmax if dtot < 1 else np.inf) + h.out_rounding
+    limit = _config.memory_limit()
+    why = None
+    if g > _config.MAX_DEGREE:
+        why = Reason("degree-limit", f"degree {g} > MAX_DEGREE={_config.MAX_DEGREE}")
+    elif feats > _config.MAX_FEATURES:
+        why = Reason("feature-limit", f"degree {g} needs {feats:.3g} features > "
+                                      f"MAX_FEATURES={_config.MAX_FEATURES:.3g}")
+    elif mem > limit:
+        why = Reason("memory-limit", f"needs {mem / 2**30:.2f} GiB > limit "
+                                     f"{limit / 2**30:.2f} GiB")
+    elif h.vmax > 0 and bound > eps * h.vmax * (1 + 1e-12) and not (
+            degree is not None and method == "fast"):    # an explicit degree is honoured
+        if h.out_rounding > eps * h.vmax:
+            why = Reason("output-rounding", f"float32 output rounding alone (2^-24·max|V| = "
+                                            f"{h.out_rounding:.2e}) exceeds eps·max|V| = "
+                                            f"{eps * h.vmax:.2e}: pass float64 inputs")
+        else:
+            why = Reason("misses-eps", f"degree {g} certifies {bound:.2e} > eps·max|V| = "
+                                       f"{eps * h.vmax:.2e}")
+    kind = ("certified (polynomial) + estimated FFT rounding"
+            if alg.bound_kind == "estimated" else "certified")
+    fields_ = dict(algorithm=alg.name, degree=g, features=feats, delta=delta,
+                   time_fast=alg.predict(h, g), memory_fast=mem, rounding=rnd,
+                   bound_kind=kind, coef=approx_obj.coef, error_bound=bound)
+    return fields_, why
 
-    n query rows against S key rows (default n), query 0 at position ``offset``;
-    ``heads`` query heads computed together on this head's key/value head (the fast
-    path's key side shared: its predicted time is the group's divided by ``heads``).
+
+def plan_head(h, *, method, eps, degree, approx):
+    """Choose the method and algorithm of one head; returns a :class:`HeadPlan`.
+
+    Parameters
+    ----------
+    h : numbarope.algorithms.HeadSpec
+        The head (sizes, structure, radius, value range, row mass, dtype).
+    method, eps, degree, approx
+        As :func:`numbarope.rope_attention`.
+
+    Every registered fast algorithm that can serve the head (by structure) is
+    evaluated at the certified polynomial; the cheapest by predicted time that
+    meets ``eps`` and the limits of ``_config`` is the fast candidate. ``"auto"``
+    takes it when it is predicted ``AUTO_MARGIN`` times cheaper than exact.
 
     Raises
     ------
     ValueError
-        With ``method="fast"``, when no degree <= ``_config.MAX_DEGREE`` meets
-        ``eps`` at this radius, or the fast path's memory exceeds the limit.
+        With ``method="fast"``, when no algorithm can serve the head, no degree
+        <= ``_config.MAX_DEGREE`` meets ``eps`` at this radius, or the memory
+        needed exceeds the limit.
     """
-    S = n if S is None else S
-    t_exact = predict_exact(n, E, Ev, general, causal, compute_dtype, S, offset)
-    if exact_bound is None:
-        exact_bound = exact_error_bound(S, E, radius, radius1, vmax, compute_dtype,
-                                        general, has_bias) + out_rounding
-    common = dict(head=head, radius=float(radius), time_exact=t_exact,
-                  memory_exact=exact_memory(max(n, S), E, Ev), radius_given=bool(radius_given),
-                  precision=compute_dtype)
+    ex = algorithms.get("streaming")
+    t_exact = ex.predict(h)
+    common = dict(head=h.head, radius=float(h.radius), time_exact=t_exact,
+                  memory_exact=ex.memory(h), radius_given=bool(h.radius_given),
+                  precision=h.compute_dtype)
 
-    def exact_only(reason):        # exact, with no polynomial planned
-        return HeadPlan(**common, method="exact", algorithm="streaming",
-                        error_bound=exact_bound, degree=None, features=None, delta=None,
-                        time_fast=None, memory_fast=None, reason=reason)
+    def exact_only(reason, **fast_fields):
+        return HeadPlan(**{**dict(degree=None, features=None, delta=None, time_fast=None,
+                                  memory_fast=None), **fast_fields, **common,
+                           "method": "exact", "algorithm": "streaming",
+                           "error_bound": h.exact_bound, "reason": reason.text,
+                           "code": reason.code})
 
-    if n == 0 or S == 0 or Ev == 0:
-        return exact_only("empty sequence (n = 0)" if n == 0 else
-                          "no keys (S = 0)" if S == 0 else "no value columns")
+    if h.n == 0 or h.S == 0 or h.Ev == 0:
+        return exact_only(Reason("empty", "empty sequence (n = 0)" if h.n == 0 else
+                                 "no keys (S = 0)" if h.S == 0 else "no value columns"))
     if t_exact == 0.0:
-        return exact_only("no query sees a key (causal, query_offset < -L + 1)")
+        return exact_only(Reason("no-visible-key", "no query sees a key (causal, "
+                                                   "query_offset < -L + 1)"))
     if method == "exact":
-        return exact_only("method='exact' requested")
-    if fast_unavailable is not None:
+        return exact_only(Reason("exact-requested", "method='exact' requested"))
+    candidates, refused = [], []
+    for alg in algorithms.fast_algorithms():
+        why = alg.unavailable(h)
+        (refused if why else candidates).append((alg, why))
+    candidates = [a for a, _ in candidates]
+    if not candidates:
+        why = [w for _, ws in refused for w in ws if w.code != "structure"] or refused[0][1]
         if method == "fast":
-            raise ValueError(f"method='fast' cannot serve head {head}: {fast_unavailable}; "
+            raise ValueError(f"method='fast' cannot serve head {h.head}: {why[0].text}; "
                              f"use method='exact' or 'auto'")
-        return exact_only(fast_unavailable)
-    algorithm = "toeplitz-fft" if general else separable_algorithm(has_bias, causal)
+        return exact_only(Reason(why[0].code, f"fast infeasible: {why[0].text}"))
     target = 0.9 * eps / (2.0 + eps)
     if method == "auto" and degree is None:
-        screened = _screen(n, E, Ev, radius, target, approx, algorithm, t_exact, S, heads)
+        screened = _screen(h, target, approx, candidates, t_exact)
         if screened is not None:
             return exact_only(screened)
-    # ---- polynomial
-    approx_obj, why_not = _polynomial(radius, target, degree, approx)
-    if approx_obj is not None:
-        g = approx_obj.degree
-        m = n_features(E, g)
-        feats = general_features(E, g) if general else m
-        mem = fast_memory(algorithm, n, E, Ev, g, S, heads)
-        delta = approx_obj.error_bound
-        uses_fft = algorithm in ("fft", "toeplitz-fft")
-        rnd = rounding_term(S, m, approx_obj.coef, radius, radius1, delta,
-                            fft_length(n, S) if uses_fft else None, row_mass)
-        dtot = delta + rnd
-        bound = 2 * dtot / (1 - dtot) * vmax if dtot < 1 else np.inf
-        t_fast = predict_fast(algorithm, n, E, Ev, g, S, heads)
-        limit = _config.memory_limit()
-        if g > _config.MAX_DEGREE:
-            why_not = f"degree {g} > MAX_DEGREE={_config.MAX_DEGREE}"
-        elif feats > _config.MAX_FEATURES:
-            why_not = (f"degree {g} needs {feats:.3g} features > "
-                       f"MAX_FEATURES={_config.MAX_FEATURES:.3g}")
-        elif mem > limit:
-            why_not = f"needs {mem / 2**30:.2f} GiB > limit {limit / 2**30:.2f} GiB"
-        # float32 output: the float64 result is rounded once more (<= 2^-24 max|V|)
-        bound += out_rounding
-        misses_eps = vmax > 0 and bound > eps * vmax * (1 + 1e-12)
-        if why_not is None and misses_eps:
-            if out_rounding > eps * vmax:
-                why_not = (f"float32 output rounding alone (2^-24·max|V| = {out_rounding:.2e}) "
-                           f"exceeds eps·max|V| = {eps * vmax:.2e}: pass float64 inputs")
-            else:
-                why_not = (f"degree {g} certifies {bound:.2e} > eps·max|V| = "
-                           f"{eps * vmax:.2e}")
-            if degree is not None and method == "fast":
-                why_not = None      # an explicit degree is honoured; the bound says what it gives
-        kind = ("certified (polynomial) + estimated FFT rounding"
-                if algorithm in ("fft", "toeplitz-fft") else "certified")
-        fast_fields = dict(degree=g, features=feats, delta=delta, time_fast=t_fast,
-                           memory_fast=mem, rounding=rnd, bound_kind=kind,
-                           coef=approx_obj.coef)
+    # ---- polynomial, then every candidate at it
+    approx_obj, why_text = _polynomial(h.radius, target, degree, approx)
+    if approx_obj is None:
+        why, fast_fields = Reason("degree-limit", why_text), {}
     else:
-        bound = np.inf
-        fast_fields = dict(degree=None, features=None, delta=None, time_fast=None,
-                           memory_fast=None)
-    # exact: floating-point rounding only (exact_error_bound + final float32 rounding)
-    exact_plan = dict(method="exact", algorithm="streaming", error_bound=exact_bound)
+        results = [_evaluate(a, h, approx_obj, eps, degree, method) for a in candidates]
+        ok = [r for r in results if r[1] is None]
+        fast_fields, why = min(ok or results, key=lambda r: r[0]["time_fast"])
+    shared = f"key side shared by {h.heads} query heads" if h.heads > 1 else ""
     if method == "fast":
-        if why_not is not None:
+        if why is not None:
             raise ValueError(
-                f"method='fast' cannot serve head {head}: R={radius:.4g}, eps={eps:g}: "
-                f"{why_not}. Use method='exact' or 'auto', a larger eps, or smaller "
+                f"method='fast' cannot serve head {h.head}: R={h.radius:.4g}, eps={eps:g}: "
+                f"{why.text}. Use method='exact' or 'auto', a larger eps, or smaller "
                 f"logits (scale, or a tighter radius=).")
-        return HeadPlan(**common, method="fast", algorithm=algorithm, error_bound=bound,
-                        **fast_fields, reason="method='fast' requested" + (
-                            f" (key side shared by {heads} query heads)" if heads > 1 else ""))
+        return HeadPlan(**common, method="fast", **fast_fields,
+                        reason="method='fast' requested" + (f" ({shared})" if shared else ""),
+                        code="fast-requested", shared_heads=h.heads)
     # auto
-    if why_not is not None:
-        return HeadPlan(**common, **exact_plan, **fast_fields,
-                        reason=f"fast infeasible: {why_not}")
-    if fast_fields["time_fast"] * _config.AUTO_MARGIN < t_exact:
-        shared = f", key side shared by {heads} query heads" if heads > 1 else ""
-        return HeadPlan(**common, method="fast", algorithm=algorithm, error_bound=bound,
-                        **fast_fields,
-                        reason=f"fast {t_exact / fast_fields['time_fast']:.1f}x cheaper "
-                               f"(degree {fast_fields['degree']}, bound {bound:.1e}{shared})")
-    return HeadPlan(**common, **exact_plan, **fast_fields,
-                    reason=f"exact {fast_fields['time_fast'] / t_exact:.1f}x cheaper than "
-                           f"fast (degree {fast_fields['degree']}, "
-                           f"{fast_fields['features']} features)")
+    exact_fields = {k: v for k, v in fast_fields.items()
+                    if k not in ("algorithm", "error_bound", "bound_kind", "rounding")}
+    if why is not None:
+        return exact_only(Reason(why.code, f"fast infeasible: {why.text}"), **exact_fields)
+    t_fast = fast_fields["time_fast"]
+    if t_fast * _config.AUTO_MARGIN < t_exact:
+        return HeadPlan(**common, method="fast", **fast_fields, code="fast-cheaper",
+                        shared_heads=h.heads,
+                        reason=f"fast {t_exact / t_fast:.1f}x cheaper (degree "
+                               f"{fast_fields['degree']}, bound {fast_fields['error_bound']:.1e}"
+                               + (f", {shared})" if shared else ")"))
+    return exact_only(Reason("exact-cheaper", f"exact {t_fast / t_exact:.1f}x cheaper than "
+                                              f"fast (degree {fast_fields['degree']}, "
+                                              f"{fast_fields['features']} features)"),
+                      **exact_fields)
 
 
 def _median_time(fn, repeat=3):

@@ -22,7 +22,7 @@ def test_auto_with_degree_never_misses_eps():
     q, k, v = _qkv()
     out, info = nr.rope_attention(q, k, v, rotary=True, degree=0, return_info=True)
     assert (info.method == "exact").all()
-    assert "certifies" in info.heads[0].reason
+    assert info.heads[0].code == "misses-eps" and "certifies" in info.heads[0].reason
     ex = nr.rope_attention(q, k, v, rotary=True, method="exact")
     assert np.abs(out - ex).max() <= 1e-3 * np.abs(v).max()
 

@@ -74,7 +74,8 @@ def main(argv=None):
                            lambda: nr.rope_attention(q, k, v, method="auto", **kw)]
                     # fast runs predicted 8x slower than exact are not timed (auto never
                     # takes them and they would dominate the run: up to 30 s each)
-                    feasible = (h.time_fast is not None and "infeasible" not in h.reason
+                    feasible = (h.time_fast is not None
+                                and h.code in ("fast-cheaper", "exact-cheaper")
                                 and h.time_fast < 8 * h.time_exact)
                     if feasible:
                         fns.append(lambda: nr.rope_attention(q, k, v, method="fast",

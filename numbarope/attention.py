@@ -49,6 +49,7 @@ class _Problem:
     kmask: np.ndarray | None = None     # (Bk, S) 0 / -inf: key padding
     kidx: np.ndarray | None = None
     kvidx: np.ndarray | None = None     # key/value head of each query head (GQA)
+    structure: object = None            # the numbarope.bias structure bias came from
     qnorms: np.ndarray | None = None    # row norm bounds (set by _radii)
     knorms: np.ndarray | None = None
     _vmax: np.ndarray | None = field(default=None, repr=False)
@@ -605,13 +606,24 @@ def _check_logit_range(p):
 
 
 def _structure(p, b):
-    """Relative structure of head b for the planner: "none", "causal" (the causal mask
-    hides a real key from some query) or "dense" (any bias)."""
+    """Relative structure of head b for the planner: ``(kind, parameters)``, kind
+    "none", "causal" (the causal mask hides a real key from some query), "decay"
+    (``rate``, from a Decay/ALiBi bias), "window" (``window=(left, right)``) or
+    "dense" (any other bias)."""
+    from .bias import Decay, Window
+    st = p.structure
+    if p.bias is not None and st is not None and p.relative is None:
+        if isinstance(st, Decay) and "decay" in st.algorithms:
+            rate = np.asarray(st.rate, dtype=np.float64)
+            r = float(rate.reshape(-1)[p.bidx[b]]) if rate.ndim else float(rate)
+            return "decay", dict(rate=r)
+        if isinstance(st, Window) and "window" in st.algorithms:
+            return "window", dict(window=(st.left, st.right))
     if p.bias is not None:
-        return "dense"
+        return "dense", {}
     if p.causal and (p.relative is not None or _causal_cuts(p, b)):
-        return "causal"
-    return "none"
+        return "causal", {}
+    return "none", {}
 
 
 def _head_specs(p, radius):
@@ -625,7 +637,7 @@ def _head_specs(p, radius):
     for b in range(p.q.shape[0]):
         vmax = float(vmaxes[p.kvidx[b]])
         out_rounding = p.out_unit * vmax
-        structure = _structure(p, b)
+        structure, params = _structure(p, b)
         specs.append(HeadSpec(
             head=tuple(int(i) for i in np.unravel_index(b, p.batch_shape))
             if p.batch_shape else (),
@@ -638,7 +650,7 @@ def _head_specs(p, radius):
                                           p.relative is not None, p.bias is not None)
             + out_rounding,
             radius_given=radius is not None, compute_dtype=p.compute_dtype.name,
-            pairs=pairs))
+            pairs=pairs, **params))
     return specs
 
 
@@ -853,7 +865,7 @@ def _run(p, heads, verify, workers=None):
         else:
             res, den = alg.run(p.q[members].astype(np.float64), kb, vb, p.scale, coef,
                                T=T, causal=p.causal, offset=p.offset, key_mask=mask,
-                               workers=workers)
+                               workers=workers, **_structure(p, b0)[1])
         # den ≈ Σ_j exp(logit_ij + b_t − max b): the log-sum-exp up to that shift
         with np.errstate(divide="ignore", invalid="ignore"):
             lse[members] = np.where(den > 0, np.log(np.where(den > 0, den, 1.0))
@@ -1003,9 +1015,36 @@ def _from_other_libraries(query, key, value, relative, bias):
     return arrays, qkv, out_unit
 
 
+def _typed_bias(bias, query, key, is_causal, query_offset, causal_alignment):
+    """A :class:`numbarope.bias.RelativeBias` given as ``bias``: ``(array or None,
+    is_causal, structure)``, the array in the storage of ``bias`` over the offsets that
+    occur, the causal mask taken into ``is_causal`` (the exact path then skips the
+    masked blocks), and the structure kept for the planner (decay, window)."""
+    from .bias import Causal, NoBias
+    _validate_flag(is_causal, "is_causal")
+    st = bias + Causal() if is_causal else bias
+    if isinstance(st, NoBias):
+        return None, False, None
+    if isinstance(st, Causal):
+        return None, True, None
+    shape_q, shape_k = getattr(query, "shape", None), getattr(key, "shape", None)
+    if shape_q is None or shape_k is None or len(shape_q) < 2 or len(shape_k) < 2:
+        raise ValueError("a typed bias needs query and key arrays of shape (..., L, E), "
+                         "(..., S, E) to know the offsets")
+    L, S = int(shape_q[-2]), int(shape_k[-2])
+    off = _query_offset(query_offset, causal_alignment, L, S)
+    vals = st.values(L, S, off)
+    return vals, bool(st.causal), st
+
+
 def _setup(query, key, value, rotary, relative, bias, is_causal, scale, precision,
            enable_gqa, query_offset=None, causal_alignment="top_left",
            key_padding_mask=None, positions=None):
+    from .bias import RelativeBias
+    structure = None
+    if isinstance(bias, RelativeBias):
+        bias, is_causal, structure = _typed_bias(bias, query, key, is_causal, query_offset,
+                                                 causal_alignment)
     (q, k, v, rel, b), qkv_torch, low_unit = _from_other_libraries(query, key, value,
                                                                     relative, bias)
     key_padding_mask = to_numpy(key_padding_mask, "key_padding_mask", allow_int=True)[0]
@@ -1014,6 +1053,7 @@ def _setup(query, key, value, rotary, relative, bias, is_causal, scale, precisio
         precision = "float64"        # float16/bfloat16 inputs: computed in float64
     p = _prepare(q, k, v, rotary, rel, b, is_causal, scale, precision, enable_gqa,
                  query_offset, causal_alignment, key_padding_mask, positions)
+    p.structure = structure
     if low_unit is not None:
         p.out_unit = low_unit
         p.precision_given = False

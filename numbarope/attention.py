@@ -605,6 +605,14 @@ def _check_logit_range(p):
         f"down (or pass a smaller scale)")
 
 
+def _window(p):
+    """(left, right) of a Window bias (the exact path skips key blocks outside), or None."""
+    from .bias import Window
+    if p.bias is not None and isinstance(p.structure, Window):
+        return (p.structure.left, p.structure.right)
+    return None
+
+
 def _structure(p, b):
     """Relative structure of head b for the planner: ``(kind, parameters)``, kind
     "none", "causal" (the causal mask hides a real key from some query), "decay"
@@ -633,6 +641,12 @@ def _head_specs(p, radius):
     _check_logit_range(p)
     vmaxes = p.value_maxima()
     pairs = _pairs(p.n, p.S, p.causal, p.offset)
+    win = _window(p)
+    if win is not None:      # the exact kernel visits whole blocks around the band
+        span = sum(w for w in win if w is not None) + _config.EXACT_ROW_BLOCK \
+            + _config.EXACT_KEY_BLOCK
+        if None not in win:
+            pairs = min(pairs, float(p.n) * min(p.S, span))
     specs = []
     for b in range(p.q.shape[0]):
         vmax = float(vmaxes[p.kvidx[b]])
@@ -842,7 +856,8 @@ def _run(p, heads, verify, workers=None):
             causal=p.causal, workers=workers, offset=p.offset,
             key_mask=p.kmask, kidx=None if p.kidx is None else p.kidx[exact_ids],
             norms=None if p.qnorms is None else (p.qnorms if every else p.qnorms[exact_ids],
-                                                 p.knorms), return_lse=True)
+                                                 p.knorms), return_lse=True,
+            window=_window(p))
         if f != 1.0:
             out[exact_ids] /= f
     rng = np.random.default_rng(0)

@@ -172,7 +172,7 @@ def exp_kernel(x):
 @njit(cache=True, nogil=True, fastmath=_FM)
 def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshift,
                  causal, gscale, row_block, key_block, qnorm, knorm, headroom,
-                 offset, kmask, kidx, has_kmask, kvidx, tasks, out, lse):
+                 offset, kmask, kidx, has_kmask, kvidx, left, right, tasks, out, lse):
     # q arrives multiplied by the scale s, except with general W (then gscale = s;
     # with no general W and a bias, gscale = 1)
     B, n, E = q.shape            # n query rows; query i sits at position i + offset
@@ -195,7 +195,13 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
         mx[:rb] = -np.inf
         den[:rb] = 0.0
         jend = min(max(i1 + offset, 0), nk) if causal else nk
-        for j0 in range(0, jend, key_block):
+        if right >= 0:          # a window: keys j <= i + offset + right only
+            jend = min(jend, max(i1 + offset + right, 0))
+        jbeg = 0
+        if left >= 0:           # and j >= i + offset - left (whole key blocks skipped)
+            jbeg = max(i0 + offset - left, 0)
+            jbeg = min(jbeg - jbeg % key_block, jend)
+        for j0 in range(jbeg, jend, key_block):
             j1 = min(j0 + key_block, jend)
             kb = j1 - j0
             S = Sbuf[:rb * kb].reshape((rb, kb))
@@ -379,7 +385,7 @@ def exact_blocks(B, n, nthreads, n_keys=None):
 
 def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
                     bidx=None, causal=False, workers=None, return_lse=False, offset=0,
-                    key_mask=None, kidx=None, kvidx=None, norms=None):
+                    key_mask=None, kidx=None, kvidx=None, norms=None, window=None):
     """Exact softmax attention of flattened heads (internal entry point).
 
     Parameters
@@ -408,6 +414,11 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
         has them (:func:`row_norms`); computed otherwise.
     key_mask : (Bk, S) ndarray of float64, optional
         0 for real keys, −inf for padding; head ``b`` uses ``key_mask[kidx[b]]``.
+    window : (left, right), optional
+        A promise that the bias masks (−inf) every offset ``t = i + offset − j``
+        outside ``−right <= t <= left`` (None: unbounded side): key blocks wholly
+        outside are skipped, O(n·(left + right)) work instead of O(n·S). The bias
+        still applies inside.
     workers : int, optional
         Threads (scipy.fft's meaning; default all cores).
     return_lse : bool
@@ -444,6 +455,12 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
     km = np.ascontiguousarray(key_mask, dtype=np.float64) if has_kmask else _DUMMY_BIAS
     ki = np.ascontiguousarray(kidx, dtype=np.int64) if has_kmask else np.zeros(B, np.int64)
     shift = bias_row_shift(bs, n, causal, S, offset) if has_bias else _DUMMY_BIAS
+    wl = wr = -1
+    if window is not None:
+        if not has_bias:
+            raise ValueError("window= describes the −inf entries of a bias: pass the bias")
+        wl = -1 if window[0] is None else int(window[0])
+        wr = -1 if window[1] is None else int(window[1])
     nthreads = resolve_workers(workers)
     rb, kb = exact_blocks(B, n, nthreads, S)
     starts = np.arange(0, n, rb, dtype=np.int64)
@@ -484,7 +501,7 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
     def run(chunk):
         _exact_tasks(q, k, v, rel, ri, general, bs, bi, has_bias, shift, bool(causal),
                      gscale, rb, kb, qnorm, knorm, headroom, int(offset), km, ki,
-                     has_kmask, kvi, np.ascontiguousarray(chunk),
+                     has_kmask, kvi, wl, wr, np.ascontiguousarray(chunk),
                      out, lse)
 
     with blas_threads(1):

@@ -151,6 +151,14 @@ class Algorithm:
             key_mask=None, relative=None, rate=None, window=None, workers=None):
         raise NotImplementedError
 
+    def example(self, rng):
+        """A small square problem this algorithm serves and the planner gives it, for
+        the test suite (tests/test_registry_suite.py runs every registered algorithm on
+        its example against the dense reference): ``(q, k, v, kwargs)`` with kwargs of
+        :func:`numbarope.rope_attention` (``rotary``, ``is_causal``, ``bias`` as an array
+        or a :mod:`numbarope.bias` structure, ``relative``)."""
+        raise NotImplementedError
+
     def __repr__(self):
         return f"<algorithm {self.name!r}>"
 
@@ -195,6 +203,11 @@ def _separable_only(h):
     return []
 
 
+def _example_qkv(rng, n=96, E=4, s=0.4):
+    return (rng.standard_normal((n, E)) * s, rng.standard_normal((n, E)) * s,
+            rng.standard_normal((n, 3)))
+
+
 class Gemm(Algorithm):
     """Every query sees every key, no bias: two GEMMs through a key-side state
     ``Σ_j ψ(k_j)[v_j, 1]ᵀ`` (Alman & Song 2025, §4, the polynomial method)."""
@@ -221,6 +234,9 @@ class Gemm(Algorithm):
             workers=None, **_):
         return fast_separable(q, k, v, scale, coef, None, False, workers, offset=offset,
                               key_mask=key_mask)
+
+    def example(self, rng):
+        return (*_example_qkv(rng), dict(rotary=True))
 
 
 class Prefix(Gemm):
@@ -252,6 +268,9 @@ class Prefix(Gemm):
             workers=None, **_):
         return fast_separable(q, k, v, scale, coef, None, True, workers, offset=offset,
                               key_mask=key_mask)
+
+    def example(self, rng):
+        return (*_example_qkv(rng), dict(rotary=True, is_causal=True))
 
 
 class FFT(Algorithm):
@@ -290,6 +309,10 @@ class FFT(Algorithm):
             T = _ones_toeplitz(q.shape[-2], k.shape[0], offset, causal)
         return fast_separable(q, k, v, scale, coef, T, False, workers, offset=offset,
                               key_mask=key_mask)
+
+    def example(self, rng):
+        q, k, v = _example_qkv(rng)
+        return q, k, v, dict(rotary=True, bias=rng.standard_normal(2 * len(q) - 1))
 
 
 def _ones_toeplitz(L, S, offset, causal):
@@ -346,6 +369,12 @@ class ToeplitzFFT(Algorithm):
         if T is None:
             T = np.ones(q.shape[-2] + k.shape[0] - 1)
         return fast_general(q, k, v, scale, coef, relative, T, workers, key_mask=key_mask)
+
+    def example(self, rng):
+        q, k, v = _example_qkv(rng, n=40, E=2)
+        W = rng.standard_normal((2 * 40 - 1, 2, 2))
+        W /= np.linalg.norm(W, ord=2, axis=(1, 2)).max()
+        return q, k, v, dict(relative=W, is_causal=True)
 
 
 def general_features(E, degree):

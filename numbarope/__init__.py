@@ -7,6 +7,11 @@ attention matrix becomes a sum of rescaled Toeplitz matrices, and those are
 multiplied by GEMMs, prefix sums or the FFT. See ``rope_attention``.
 """
 
+# The one place of the version: pyproject.toml reads it (tool.setuptools.dynamic), so
+# `pip install .`, an editable install and `numbarope --version` all agree. Keep it a
+# plain string literal: setuptools reads it without importing the package.
+__version__ = "0.1.0"
+
 # numbarope runs its parallel work on Python threads calling nogil numba kernels
 # (numbarope._threads): it starts no OpenMP runtime and changes no environment
 # variable, so it neither slows nor is slowed by torch's OpenMP in one process.
@@ -25,8 +30,6 @@ from .planner import AttentionInfo, HeadPlan, calibrate  # noqa: E402
 from .polynomial import ExpApproximation, exp_approximation  # noqa: E402
 from .rotary import Rotary, apply_rotary, rotary_relative_matrices  # noqa: E402
 from ._threads import get_workers, set_workers  # noqa: E402
-
-__version__ = "0.1.0"
 
 __all__ = [
     "rope_attention", "plan", "calibrate", "AttentionInfo", "HeadPlan",

@@ -987,7 +987,7 @@ _COMMON_DOC = """
     approx : {"chebyshev", "taylor"}, optional
         Approximant of exp (default Chebyshev, far better at equal degree).
     radius : float or array_like of float, optional
-        A caller-known bound R >= max |s·q_iᵀW_t k_j| per head (broadcast to the
+        A caller-known bound ``R >= max |s·q_iᵀW_t k_j|`` per head (broadcast to the
         batch dims); default: ``s·max‖q‖·max_t‖W_t‖₂·max‖k‖``. Positions and bias
         do not enter R (bias is exact in the algorithm). A radius below the true
         one voids the certificate of the fast path (the exact path's bound always
@@ -1214,6 +1214,7 @@ def plan(query, key, value, *, rotary=None, relative=None, bias=None, is_causal=
     fast-path memory (bytes), the choice and the reason in one line.
     ``print(plan(...))`` shows it as a table.
     {common}
+
     Returns
     -------
     AttentionInfo
@@ -1228,8 +1229,8 @@ def plan(query, key, value, *, rotary=None, relative=None, bias=None, is_causal=
     >>> import numpy as np, numbarope
     >>> q = k = v = np.full((1, 4096, 4), 0.25)
     >>> info = numbarope.plan(q, k, v, rotary=True, scale=1.0)
-    >>> info.method[0], info.algorithm[0]
-    ('fast', 'gemm')
+    >>> info.method.tolist(), info.algorithm.tolist()
+    (['fast'], ['gemm'])
     """
     if unknown:
         raise unexpected_keywords("plan", unknown,
@@ -1245,5 +1246,5 @@ def plan(query, key, value, *, rotary=None, relative=None, bias=None, is_causal=
 
 
 for _f in (rope_attention, plan):
-    _f.__doc__ = _f.__doc__.replace("    {common}\n", _COMMON_DOC.lstrip("\n"))
+    _f.__doc__ = _f.__doc__.replace("    {common}\n", _COMMON_DOC)
 del _f

@@ -475,7 +475,7 @@ def _run_case(num, case, n, nr, rot, get_worker, tmpdir, repeat, with_exact_long
         if info is not None:
             row["method"] = _per_head(info.method)
             row["algorithm"] = _per_head(info.algorithm)
-            row["degree"] = _per_head(info.degree)
+            row["degree"] = info.to_dict()["degree"]
             row["radius"] = _per_head(info.radius)
             row["bound"] = float(np.max(np.asarray(info.error_bound, dtype=float)))
         else:

@@ -732,9 +732,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser():
+    from numbarope import __version__
     p = _Parser(
         prog="numbarope",
         description="Exact and certified fast RoPE attention on CPUs (Alman & Song 2025).")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                   help="print the version of numbarope and exit")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     d = sub.add_parser(
         "demo", help="can real heads use the fast path? (real model heads + a long "
@@ -767,24 +770,41 @@ def _parser():
     d.add_argument("-q", "--quiet", action="store_true",
                    help="print only the summary lines")
     for name, fn in (("run", run), ("plan", plan_cmd)):
-        r = sub.add_parser(name, help="attention of query/key/value in a .npz" if name == "run"
-                           else "per-head plan (method, degree, cost) of a .npz")
+        r = sub.add_parser(
+            name, help="attention of query/key/value in a .npz" if name == "run"
+            else "per-head plan (method, degree, cost) of a .npz",
+            description="Compute rope_attention on the arrays of a .npz (np.savez(path, "
+                        "query=..., key=..., value=...)), write the output and per-head info "
+                        "to another .npz and print the per-head table." if name == "run"
+                        else "Print what rope_attention would do per head (method, "
+                             "algorithm, degree, features, certified bound, predicted "
+                             "times) and why, without computing the attention.")
         r.set_defaults(fn=fn)
         r.add_argument("input", help=".npz with query, key, value (optional relative, bias)")
         if name == "run":
-            r.add_argument("-o", "--output", required=True, help="output .npz")
+            r.add_argument("-o", "--output", required=True,
+                           help="output .npz: 'out' and per-head 'info_*' arrays")
             r.add_argument("--verify", type=int, default=0,
-                           help="rows per fast head checked exactly")
-            r.add_argument("-q", "--quiet", action="store_true")
-        r.add_argument("--method", default="auto", choices=("auto", "exact", "fast"))
-        r.add_argument("--eps", type=float, default=1e-3)
-        r.add_argument("--degree", type=int, default=None)
-        r.add_argument("--causal", action="store_true")
-        r.add_argument("--scale", type=float, default=None, help="default 1/sqrt(E)")
+                           help="rows per fast head checked exactly (default 0)")
+            r.add_argument("-q", "--quiet", action="store_true",
+                           help="print nothing (errors still go to stderr)")
+        r.add_argument("--method", default="auto", choices=("auto", "exact", "fast"),
+                       help="auto (default): per head the cheaper of exact and fast that "
+                            "meets --eps; fast: certified fast path or an error")
+        r.add_argument("--eps", type=float, default=1e-3,
+                       help="tolerated error max|out - exact| / max|V| (default 1e-3)")
+        r.add_argument("--degree", type=int, default=None,
+                       help="force this polynomial degree on the fast path (default: the "
+                            "smallest that certifies --eps)")
+        r.add_argument("--causal", action="store_true",
+                       help="causal mask: query i attends to keys j <= i")
+        r.add_argument("--scale", type=float, default=None,
+                       help="softmax scale s of the logits s·q·k (default 1/sqrt(E))")
         r.add_argument("--no-rotary", action="store_true",
                        help="plain attention (rotary is applied by default unless the "
                             "file holds 'relative')")
-        r.add_argument("--rotary-base", type=float, default=None, help="default 10000")
+        r.add_argument("--rotary-base", type=float, default=None,
+                       help="RoPE base theta (default 10000)")
         r.add_argument("--rotary-dim", type=int, default=None,
                        help="rotate only the leading dims (partial rotary)")
         r.add_argument("--layout", default=None, choices=("half", "interleaved"),

@@ -18,7 +18,7 @@ def _reference(q, k, v, kw):
     n = len(q)
     bias = kw.get("bias")
     if isinstance(bias, RelativeBias):
-        bias = bias.values(n)
+        bias = bias.values(n).reshape(-1)           # one head
     b = None if bias is None else (lambda t: bias[t + n - 1])
     W = kw.get("relative")
     causal = kw.get("is_causal", False) or (isinstance(kw.get("bias"), RelativeBias)
@@ -39,12 +39,13 @@ def test_every_algorithm_on_its_example(name, dtype):
     out, lse, info = numbarope.rope_attention(q, k, v, method="fast", eps=1e-4,
                                              return_lse=True, return_info=True,
                                              verify=len(q), **kw)
-    assert info.algorithm[()] == name, (info.algorithm, info.reason)
-    assert info.bound_kind[()].startswith("certified")
+    (h,) = info.heads                 # one head (a per-head bias may add a unit dim)
+    assert h.algorithm == name, (h.algorithm, h.reason)
+    assert h.bound_kind.startswith("certified")
     ref = _reference(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), kw)
-    err = np.abs(out.astype(np.float64) - ref).max()
-    assert 0 < err <= info.error_bound[()], (err, info.error_bound)
-    assert info.observed_error[()] <= info.error_bound[()]
+    err = np.abs(out.astype(np.float64).reshape(ref.shape) - ref).max()
+    assert 0 < err <= h.error_bound, (err, h.error_bound)
+    assert h.observed_error <= h.error_bound
     exact_out, exact_lse = numbarope.rope_attention(q, k, v, method="exact", return_lse=True,
                                                     **kw)
     fin = np.isfinite(exact_lse)

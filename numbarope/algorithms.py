@@ -107,8 +107,8 @@ class HeadSpec:
     ``offset``; ``E`` head_dim, ``Ev`` value columns; ``heads`` query heads computed
     together on this head's key/value head (grouped-query sharing).
     Structure: ``general`` (relative matrices W_t), ``structure`` one of
-    ``"none"``, ``"causal"`` (the causal mask cuts keys), ``"decay"`` (T(t) =
-    γ^{|t|}, ``rate``, ``causal``), ``"window"`` (``window = (left, right)``),
+    ``"none"``, ``"causal"`` (the causal mask cuts keys), ``"decay"`` (``T(t) =
+    γ^|t|``, ``rate``, ``causal``), ``"window"`` (``window = (left, right)``),
     ``"dense"`` (any relative bias).
     Radius: ``radius`` R (for the polynomial), ``radius1`` R₁ (for the rounding
     term), ``radius_given``. Values: ``vmax`` = max|v|. ``row_mass``: smallest
@@ -341,6 +341,79 @@ def _ones_toeplitz(L, S, offset, causal):
     return T
 
 
+def _nearest_visible(L, S, offset, causal, key_mask):
+    """(L,) int64: index of each row's nearest visible real key (−1: none)."""
+    real = np.arange(S) if key_mask is None else np.flatnonzero(key_mask)
+    pos = np.arange(L) + int(offset)
+    if real.size == 0:
+        return np.full(L, -1)
+    a = np.searchsorted(real, pos, side="right") - 1          # last real key <= pos
+    before = np.where(a >= 0, real[np.maximum(a, 0)], -1)
+    if causal:
+        return before
+    after = real[np.minimum(a + 1, real.size - 1)]
+    after = np.where(after >= pos, after, -1)                 # first real key > pos
+    use_after = (before < 0) | ((after >= 0) & (after - pos < pos - before))
+    return np.where(use_after, after, before)
+
+
+class Decay(Algorithm):
+    """Exponential decay T(t) = γ^{|t|} (ALiBi, ``numbarope.bias.Decay``), causal or
+    two-sided: chunked decayed prefix scans of the key-side states, no FFT
+    (``numbarope._recurrence.fast_decay``; rounding proven in
+    :func:`numbarope._recurrence.recurrence_rounding`)."""
+
+    name = "decay"
+
+    def unavailable(self, h):
+        why = _separable_only(h)
+        if h.structure != "decay":
+            why.append(Reason("structure", f"a {h.structure} structure, not an "
+                                           f"exponential decay"))
+        return why
+
+    def _chunk(self, h, degree):
+        from ._recurrence import decay_chunk
+        return decay_chunk(n_features(h.E, degree), h.E, h.Ev, degree)
+
+    def predict(self, h, degree):
+        c = _c()
+        m = n_features(h.E, degree)
+        ev1 = h.Ev + 1
+        ch = min(self._chunk(h, degree), max(h.S, 1))
+        sides = 1 if h.causal else 2
+        rows = h.heads * h.n + h.S
+        return (c["feature"] * rows * m + c["gemm_flop"] * sides * rows * m * ev1
+                + c["gemm_flop"] * h.heads * h.n * ch * (h.E + ev1)
+                + c["elementwise"] * h.heads * h.n * ch * (2 * degree + 4)) / h.heads
+
+    def memory(self, h, degree):
+        return 2 * fast_memory("prefix", h.n, h.E, h.Ev, degree, h.S, h.heads)
+
+    def rounding(self, h, coef, delta):
+        from ._recurrence import recurrence_rounding
+        g = len(coef) - 1
+        return recurrence_rounding("decay", h.S, n_features(h.E, g), coef, h.radius,
+                                   h.radius1, delta, self._chunk(h, g), h.rate)
+
+    def run(self, q, k, v, scale, coef, *, T=None, causal=False, offset=0, key_mask=None,
+            rate=None, workers=None, **_):
+        from ._recurrence import fast_decay
+        out, den = fast_decay(q, k, v, scale, coef, rate, causal, workers, offset=offset,
+                              key_mask=key_mask)
+        if T is not None:       # den in T's normalisation (fast_decay: per row, by the
+            L, S = q.shape[-2], k.shape[0]          # weight of its nearest visible key)
+            j = _nearest_visible(L, S, offset, causal, key_mask)
+            w = np.where(j >= 0, T[np.arange(L) - j + S - 1], 0.0)
+            den = den * w
+        return out, den
+
+    def example(self, rng):
+        from .bias import ALiBi
+        q, k, v = _example_qkv(rng, n=300)
+        return q, k, v, dict(rotary=True, bias=ALiBi([0.05]))
+
+
 class ToeplitzFFT(Algorithm):
     """General relative matrices W_t: block-Toeplitz products per degree, per
     frequency (Alman & Song 2025, §5; Σ_k m_k² sequences)."""
@@ -461,5 +534,5 @@ def fast_algorithms():
     return [a for a in _REGISTRY.values() if a.fast]
 
 
-for _a in (Streaming(), Gemm(), Prefix(), FFT(), ToeplitzFFT()):
+for _a in (Streaming(), Gemm(), Prefix(), Decay(), FFT(), ToeplitzFFT()):
     register(_a)

@@ -414,6 +414,62 @@ class Decay(Algorithm):
         return q, k, v, dict(rotary=True, bias=ALiBi([0.05]))
 
 
+class Window(Algorithm):
+    """A band of offsets −right <= t <= left (sliding windows, ``numbarope.bias.Window``):
+    sums of chunk states over a tree, masked polynomials at the band's ends, no
+    differences of prefix sums (``numbarope._recurrence.fast_window``)."""
+
+    name = "window"
+
+    def unavailable(self, h):
+        why = _separable_only(h)
+        if h.structure != "window":
+            why.append(Reason("structure", f"a {h.structure} structure, not a window"))
+        return why
+
+    def _chunk(self, h, degree):
+        from ._recurrence import window_chunk
+        return window_chunk(n_features(h.E, degree), h.E, h.Ev, degree, h.S)
+
+    def predict(self, h, degree):
+        c = _c()
+        m = n_features(h.E, degree)
+        ev1 = h.Ev + 1
+        ch = min(self._chunk(h, degree), max(h.S, 1))
+        nch = max(1, -(-h.S // ch))
+        rows = h.heads * h.n + h.S
+        return (c["feature"] * rows * m + c["gemm_flop"] * rows * m * ev1
+                + c["gemm_flop"] * h.heads * h.n * 2 * ch * (h.E + ev1)
+                + c["elementwise"] * h.heads * h.n * 2 * ch * (2 * degree + 3)
+                + c["gemm_flop"] * (h.heads * h.n / ch + nch) * 2 * np.log2(nch + 1)
+                * m * ev1) / h.heads
+
+    def memory(self, h, degree):
+        return fast_memory("prefix", h.n, h.E, h.Ev, degree, h.S, h.heads) \
+            + _config.STATE_BYTES
+
+    def rounding(self, h, coef, delta):
+        from ._recurrence import recurrence_rounding
+        g = len(coef) - 1
+        return recurrence_rounding("window", h.S, n_features(h.E, g), coef, h.radius,
+                                   h.radius1, delta, self._chunk(h, g))
+
+    def run(self, q, k, v, scale, coef, *, T=None, causal=False, offset=0, key_mask=None,
+            window=None, workers=None, **_):
+        from ._recurrence import fast_window
+        left, right = window
+        L, S = q.shape[-2], k.shape[0]
+        big = L + S                       # an unbounded side: every offset that occurs
+        return fast_window(q, k, v, scale, coef, big if left is None else left,
+                           big if right is None else right, workers, offset=offset,
+                           key_mask=key_mask)
+
+    def example(self, rng):
+        from .bias import Window as WindowBias
+        q, k, v = _example_qkv(rng, n=300)
+        return q, k, v, dict(rotary=True, bias=WindowBias(40, 0))
+
+
 class ToeplitzFFT(Algorithm):
     """General relative matrices W_t: block-Toeplitz products per degree, per
     frequency (Alman & Song 2025, §5; Σ_k m_k² sequences)."""
@@ -534,5 +590,5 @@ def fast_algorithms():
     return [a for a in _REGISTRY.values() if a.fast]
 
 
-for _a in (Streaming(), Gemm(), Prefix(), Decay(), FFT(), ToeplitzFFT()):
+for _a in (Streaming(), Gemm(), Prefix(), Decay(), Window(), FFT(), ToeplitzFFT()):
     register(_a)

@@ -614,7 +614,7 @@ class Window(RelativeBias):
     HF/Mistral ``sliding_window=W`` counts the query itself: it is
     ``Window(W − 1, 0)`` (:meth:`from_hf`). ``Window(None, 0)`` is the causal
     mask, ``Window(None, None)`` no bias. Causal iff ``right == 0``.
-    Served by ``"window"`` (prefix differences) or ``"fft"``; also by
+    Served by ``"window"`` (sums of chunk states over a tree; no prefix differences) or ``"fft"``; also by
     ``"prefix"`` for ``Window(None, 0)`` and ``"gemm"`` for ``Window(None, None)``.
 
     Examples

@@ -925,7 +925,9 @@ _COMMON_DOC = """
         too: computed in float64, returned in their dtype, the final rounding in
         ``info.error_bound``); given torch tensors, the result is a torch tensor
         of the promoted input dtype (no autograd). Objects with ``__dlpack__``
-        or ``__array__`` are read as numpy arrays.
+        or ``__array__`` are read as numpy arrays. Dask arrays (chunked along the
+        leading dims) give a lazy dask array, each chunk computed by this function
+        on a worker (``pip install "numbarope[dask]"``; README, "Dask").
     key : (..., S, E) array_like of float32 or float64
         Keys (S = n for self-attention), at positions 0 .. S−1.
     value : (..., S, Ev) array_like of float32 or float64
@@ -1161,6 +1163,17 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
     >>> bool(np.abs(out - exact).max() <= info.error_bound.max())
     True
     """
+    from ._dask import is_dask
+    if is_dask(query, key, value, bias, relative, key_padding_mask, positions):
+        from ._dask import rope_attention_dask      # lazy: one task per chunk of heads
+        return rope_attention_dask(
+            query, key, value, rotary=rotary, relative=relative, bias=bias,
+            is_causal=is_causal, scale=scale, method=method, eps=eps, degree=degree,
+            approx=approx, radius=radius, verify=verify, return_info=return_info,
+            precision=precision, workers=workers, enable_gqa=enable_gqa,
+            query_offset=query_offset, causal_alignment=causal_alignment,
+            key_padding_mask=key_padding_mask, positions=positions,
+            return_lse=return_lse, **unknown)
     if unknown:
         raise unexpected_keywords("rope_attention", unknown, _KNOWN)
     eps_f = _validate_options(method, eps, degree, approx, scale, radius, is_causal)

@@ -1,6 +1,9 @@
 """``rope_attention`` and ``plan``: validation, batching, per-head dispatch."""
 
+from __future__ import annotations
+
 import numbers
+from typing import Any, Literal
 import warnings
 from dataclasses import dataclass, field, replace
 
@@ -1082,12 +1085,19 @@ _KNOWN = ("rotary", "relative", "bias", "is_causal", "scale", "method", "eps", "
           "query_offset", "causal_alignment", "key_padding_mask", "positions", "return_lse")
 
 
-def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
-                   is_causal=False, scale=None, method="auto", eps=1e-3, degree=None,
-                   approx="chebyshev", radius=None, verify=0, return_info=False,
-                   precision=None, workers=None, enable_gqa=False, query_offset=None,
-                   causal_alignment="top_left", key_padding_mask=None, positions=None,
-                   return_lse=False, **unknown):
+def rope_attention(query: Any, key: Any, value: Any, *, rotary: Rotary | bool | None = None,
+                   relative: Any = None, bias: Any = None, is_causal: bool = False,
+                   scale: float | None = None,
+                   method: Literal["auto", "exact", "fast"] = "auto", eps: float = 1e-3,
+                   degree: int | None = None,
+                   approx: Literal["chebyshev", "taylor"] = "chebyshev",
+                   radius: Any = None, verify: int = 0, return_info: bool = False,
+                   precision: Literal["float32", "float64"] | None = None,
+                   workers: int | None = None, enable_gqa: bool = False,
+                   query_offset: int | None = None,
+                   causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
+                   key_padding_mask: Any = None, positions: Any = None,
+                   return_lse: bool = False, **unknown: Any) -> Any:
     """RoPE / relative-position softmax attention, exact or certified fast.
 
     ``A[i, j] = exp(s·q_iᵀ W_{i−j} k_j + b_{i−j})``, ``out = D⁻¹ A V`` with
@@ -1215,10 +1225,16 @@ def rope_attention(query, key, value, *, rotary=None, relative=None, bias=None,
     return res[0] if len(res) == 1 else res
 
 
-def plan(query, key, value, *, rotary=None, relative=None, bias=None, is_causal=False,
-         scale=None, method="auto", eps=1e-3, degree=None, approx="chebyshev",
-         radius=None, precision=None, enable_gqa=False, query_offset=None,
-         causal_alignment="top_left", key_padding_mask=None, positions=None, **unknown):
+def plan(query: Any, key: Any, value: Any, *, rotary: Rotary | bool | None = None,
+         relative: Any = None, bias: Any = None, is_causal: bool = False,
+         scale: float | None = None, method: Literal["auto", "exact", "fast"] = "auto",
+         eps: float = 1e-3, degree: int | None = None,
+         approx: Literal["chebyshev", "taylor"] = "chebyshev", radius: Any = None,
+         precision: Literal["float32", "float64"] | None = None, enable_gqa: bool = False,
+         query_offset: int | None = None,
+         causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
+         key_padding_mask: Any = None, positions: Any = None,
+         **unknown: Any) -> AttentionInfo:
     """Plan ``rope_attention`` without computing it: per head, what and why.
 
     Takes the arguments of :func:`rope_attention` (the arrays are validated the

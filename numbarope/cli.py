@@ -398,7 +398,13 @@ def _crossover(rows):
     return cross
 
 
-def _part_b(nr, nmax, eps, repeat, say):
+def _progress(iterable, desc, show):
+    """tqdm bar on stderr for long loops: only on a terminal and without -q."""
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, leave=False, disable=not (show and sys.stderr.isatty()))
+
+
+def _part_b(nr, nmax, eps, repeat, say, show_progress=True):
     Eb, R = 16, 0.5
     rot = nr.Rotary()
     q, k, v = _bounded_inputs(nmax, Eb, R)
@@ -419,7 +425,7 @@ def _part_b(nr, nmax, eps, repeat, say):
     for causal in (True, False):
         mask = "causal" if causal else "none"
         rows = []
-        for n in sizes:
+        for n in _progress(sizes, f"(b) {mask}", show_progress):
             a = (q[:n], k[:n], v[:n])
             kw = dict(rotary=rot, is_causal=causal)
             te = tf = ta = np.inf
@@ -609,7 +615,7 @@ def demo(args):
         f"{Hq} heads")
     say(f"    {_limit_text(lim, figures=True)}")
     records = _part_a(nr, sample, layers, eps, args.repeat, lim, say, args.per_head)
-    bres = _part_b(nr, args.n, eps, args.repeat, say)
+    bres = _part_b(nr, args.n, eps, args.repeat, say, not args.quiet)
     if args.plot is not None:
         _plot(args.plot, sample, records, lim, bres, eps, args.repeat)
         say()

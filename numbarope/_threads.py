@@ -81,11 +81,12 @@ def get_workers():
     return resolve_workers(None)
 
 
-@contextlib.contextmanager
 def set_workers(workers):
     """Context manager setting the default ``workers`` in the calling thread.
 
-    Like ``scipy.fft.set_workers``: thread-local, restored on exit.
+    Like ``scipy.fft.set_workers``: thread-local, restored on exit; use it in a
+    ``with`` statement (a bare call changes nothing). ``workers`` is checked when
+    it is called (TypeError/ValueError as ``workers=`` of rope_attention).
 
     Examples
     --------
@@ -94,7 +95,11 @@ def set_workers(workers):
     ...     numbarope.get_workers()
     1
     """
-    n = resolve_workers(workers)
+    return _set_workers(resolve_workers(workers))
+
+
+@contextlib.contextmanager
+def _set_workers(n):
     old = getattr(_local, "workers", None)
     _local.workers = n
     try:

@@ -568,10 +568,11 @@ def _radii(p, radius):
         wf = np.sqrt((p.relative ** 2).sum(axis=(2, 3))).max(axis=1, initial=0.0)[p.ridx]
     else:
         wn = wf = np.ones(qn.shape)
-    R = p.scale * qn * wn * kn
-    # Σ_α |φ_α(q)ψ_α(k)| = Σ_k |a_k| (s Σ_e |q_e k_e|)^k <= Σ_k |a_k| R^k (Cauchy–Schwarz);
-    # general W: (Σ_ab |q_a W_ab k_b|)^k <= (‖q‖ ‖W‖_F ‖k‖)^k.
-    R1 = p.scale * qn * wf * kn
+    with np.errstate(over="ignore"):     # inf: _check_logit_range refuses, naming it
+        R = p.scale * qn * wn * kn
+        # Σ_α |φ_α(q)ψ_α(k)| = Σ_k |a_k| (s Σ_e |q_e k_e|)^k <= Σ_k |a_k| R^k
+        # (Cauchy–Schwarz); general W: (Σ_ab |q_a W_ab k_b|)^k <= (‖q‖ ‖W‖_F ‖k‖)^k.
+        R1 = p.scale * qn * wf * kn
     p.computed_radius, p.computed_radius1 = R, R1
     if radius is not None:
         r = np.asarray(radius, dtype=np.float64)
@@ -967,7 +968,8 @@ _COMMON_DOC = """
         sequence length (dynamic NTK, LongRoPE) use the largest position of the
         whole call plus one, as transformers does for a batch.
     query_offset : int, optional
-        Position of query 0 (keys are at 0 .. S−1); query i is at
+        Position of query 0 (keys are at 0 .. S−1; negative: queries before the
+        first key, which see no key when causal); query i is at
         ``i + query_offset`` for the causal mask and the rotary angle. Default 0,
         or S − L with ``causal_alignment="bottom_right"``. Rectangular problems
         (L ≠ S or an offset) run on every path (the fast path's Toeplitz
@@ -1033,6 +1035,21 @@ def _from_other_libraries(query, key, value, relative, bias):
         if name in LOW_PRECISION_UNIT and not any(d is None for d in qkv):
             out_unit = LOW_PRECISION_UNIT[name]
     return arrays, qkv, out_unit
+
+
+#: Predicted seconds of a call above which rope_attention warns before starting.
+LONG_CALL_SECONDS = 3600.0
+
+
+def _warn_long(heads):
+    """Warn before a call the cost model predicts to take over LONG_CALL_SECONDS."""
+    total = sum(h.time_fast if h.method == "fast" else h.time_exact for h in heads)
+    if total > LONG_CALL_SECONDS:
+        h = max(heads, key=lambda h: h.time_exact if h.method == "exact" else h.time_fast)
+        warnings.warn(
+            f"this call is predicted to take {total / 3600:.3g} hours on this machine "
+            f"({len(heads)} heads; head {h.head}: {h.method}, {h.reason}); interrupt with "
+            f"Ctrl-C, or check numbarope.plan(...) first", RuntimeWarning, stacklevel=3)
 
 
 def _typed_bias(bias, query, key, is_causal, query_offset, causal_alignment):
@@ -1203,6 +1220,7 @@ def rope_attention(query: Any, key: Any, value: Any, *, rotary: Rotary | bool | 
                           precision, enable_gqa, query_offset, causal_alignment,
                           key_padding_mask, positions)
     heads = _plans(p, method, eps_f, degree, approx, radius)
+    _warn_long(heads)
     for h in heads:
         if h.method == "fast" and not np.isfinite(h.error_bound):
             warnings.warn(

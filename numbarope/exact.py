@@ -324,8 +324,17 @@ def row_norms(x):
     """
     E = x.shape[-1]
     u = np.finfo(x.dtype).eps / 2
-    sq = np.einsum("bne,bne->bn", x, x).astype(np.float64)
-    return np.sqrt(sq * (1 + 2 * (E + 1) * u))
+    with np.errstate(over="ignore"):
+        sq = np.einsum("bne,bne->bn", x, x).astype(np.float64)
+    out = np.sqrt(sq * (1 + 2 * (E + 1) * u))
+    bad = ~np.isfinite(out)
+    if bad.any():           # the squares overflowed x's dtype: rows scaled by max|x|, float64
+        rows = x[bad].astype(np.float64)
+        m = np.abs(rows).max(axis=1)
+        m = np.where(m > 0, m, 1.0)
+        r = rows / m[:, None]
+        out[bad] = m * np.sqrt(np.einsum("ke,ke->k", r, r) * (1 + 2 * (E + 2) * 2.0 ** -53))
+    return out
 
 
 def bias_row_shift(bias, n, causal, n_keys=None, offset=0):

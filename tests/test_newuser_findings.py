@@ -211,3 +211,30 @@ def test_single_head_memory_refusal_gives_applicable_advice(monkeypatch):
     q2 = np.zeros((3, 64, 4))
     with pytest.raises(ValueError, match=r"split the batch"):
         rope_attention(q2, q2, q2)
+
+
+def test_squares_overflowing_the_input_dtype_are_not_an_overflow():
+    # ‖q‖² overflows float32 although the logits (~1e20) are finite in float32
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.standard_normal((2, 64, 8)) for _ in range(3))
+    qq = (q * 1e19).astype(np.float32)
+    out = nr.rope_attention(qq, k.astype(np.float32), v.astype(np.float32))
+    ref = nr.rope_attention(qq.astype(np.float64), k, v)
+    assert np.isfinite(out).all() and np.abs(out - ref).max() < 1e-4
+    big = nr.rope_attention(q * 1e160, k, v, method="exact")     # logits ~1e160: finite
+    assert np.isfinite(big).all()
+
+
+def test_set_workers_checks_its_argument_when_called():
+    with pytest.raises((TypeError, ValueError)):
+        nr.set_workers(0)
+    with pytest.raises(TypeError):
+        nr.set_workers("x")
+
+
+def test_a_call_predicted_to_take_hours_warns_before_starting(monkeypatch):
+    import numbarope.attention as at
+    monkeypatch.setattr(at, "LONG_CALL_SECONDS", 1e-9)
+    q, k, v = _qkv()
+    with pytest.warns(RuntimeWarning, match="predicted to take"):
+        nr.rope_attention(q, k, v)

@@ -30,11 +30,13 @@ from .planner import AttentionInfo, HeadPlan, calibrate  # noqa: E402
 from .polynomial import ExpApproximation, exp_approximation  # noqa: E402
 from .rotary import Rotary, apply_rotary, rotary_relative_matrices  # noqa: E402
 from ._threads import get_workers, set_workers  # noqa: E402
+from ._dask import long_sequence_attention  # noqa: E402  (imports dask only when called)
 
 __all__ = [
     "rope_attention", "plan", "calibrate", "AttentionInfo", "HeadPlan",
     "Rotary", "apply_rotary", "rotary_relative_matrices",
     "exp_approximation", "ExpApproximation",
     "load_sample", "Sample", "bias", "get_workers", "set_workers", "FastPathError",
+    "long_sequence_attention",
     "__version__",
 ]

@@ -339,21 +339,27 @@ def merge_partials(a, b):
     return oa * wa + ob * wb, lse
 
 
+def _rotated(x, a, n_total, rotary):
+    """Block ``x`` (..., b, E) rotated at global positions a .. a+b−1, float64, with the
+    tables of the in-memory call (bitwise the same rotated values); a float64 copy
+    without rotary."""
+    from .rotary import rotary_tables, rotate
+    x = np.asarray(x)
+    if rotary is None:
+        return np.ascontiguousarray(x, dtype=np.float64)
+    c, s = rotary_tables(rotary, n_total, x.shape[-1],
+                         positions=np.arange(a, a + x.shape[-2]), seq_len=n_total)
+    return rotate(x, rotary, c, s)
+
+
 def _pair(qb, kb, vb, qa, ka, n_total, rotary, kw):
     """Attention of query rows qa.. against key rows ka.. (global positions)."""
     import numbarope
-    from .rotary import rotary_tables, rotate
     qb, kb, vb = np.asarray(qb), np.asarray(kb), np.asarray(vb)
-    kw = dict(kw)
     if rotary is not None:     # rotate at the global positions, as the in-memory call
-        E = qb.shape[-1]
-        cq, sq = rotary_tables(rotary, n_total, E, positions=np.arange(qa, qa + qb.shape[-2]),
-                               seq_len=n_total)
-        ck, sk = rotary_tables(rotary, n_total, E, positions=np.arange(ka, ka + kb.shape[-2]),
-                               seq_len=n_total)
-        qb, kb = rotate(qb, rotary, cq, sq), rotate(kb, rotary, ck, sk)
+        qb, kb = _rotated(qb, qa, n_total, rotary), _rotated(kb, ka, n_total, rotary)
     out, lse, info = numbarope.rope_attention(qb, kb, vb, query_offset=int(qa - ka),
-                                              return_lse=True, return_info=True, **kw)
+                                              return_lse=True, return_info=True, **dict(kw))
     return out.astype(np.float64, copy=False), lse, np.asarray(info.error_bound, float)
 
 
@@ -374,15 +380,35 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
                             workers=None, **unknown):
     """Attention of ONE long sequence over a Dask cluster, by query and key blocks.
 
-    Every (query block, key block) pair is one task computing
-    ``rope_attention(q_i, k_j, v_j, query_offset=start_i − start_j,
-    return_lse=True)`` with the ordinary kernels; the partial results of query
-    block i are merged by their log-sum-exp, ``out = Σ_j e^{lse_j − lse} out_j``,
-    ``lse = log Σ_j e^{lse_j}`` (:func:`merge_partials`), in one merge task per
-    query block. With ``is_causal`` the key blocks after a query block are not
-    computed at all (about half the pairs). With ``rotary`` each block is
-    rotated at its global positions with the same tables as the in-memory call,
-    so the pairs see bitwise the same rotated values.
+    **Exact** (``method="exact"``, or ``"auto"`` when some head needs it): every
+    (query block, key block) pair is one task computing ``rope_attention(q_i,
+    k_j, v_j, query_offset=start_i − start_j, return_lse=True)`` with the
+    ordinary kernels; the partial results of query block i are merged by their
+    log-sum-exp, ``out = Σ_j e^{lse_j − lse} out_j``, ``lse = log Σ_j e^{lse_j}``
+    (:func:`merge_partials`), in one merge task per query block. With
+    ``is_causal`` the key blocks after a query block are not computed at all
+    (about half the pairs). Work O(L·S), as in memory.
+
+    **Fast** (``method="fast"``, or ``"auto"`` when every head is fast): the
+    polynomial method's separable form (Alman & Song 2025, §4). One task per key
+    block forms its key-side state ``(Σ_j ψ(k_j) v_jᵀ, Σ_j ψ(k_j))``, m·(Ev+1)
+    floats per head (m = C(E+g, g)); the states are added in a binary tree
+    (log₂ B levels for B key blocks); each query block receives, causal, the sum
+    of the O(log B) tree nodes covering the blocks before it and computes its
+    own block under the mask (the prefix algorithm, started at that state), or,
+    non-causal, the root (gemm's query side). Work O((L + S)·m·Ev), as in
+    memory. The plan (degree, polynomial, bound) is that of the whole sequence,
+    from the blocks' maxima (``s·max‖q‖·max‖k‖``, ``max|v|``): the same
+    HeadSpec, polynomial and certified bound as the in-memory call. With
+    ``"fast"`` this is a lazy task (a head the fast path cannot serve raises
+    :class:`~numbarope.FastPathError` at compute time); ``"auto"`` computes the
+    maxima first (one pass, a few floats per block back) to choose the graph.
+    The fast causal graph needs aligned blocks (``key_block == query_block``,
+    L == S); no bias, W_t or padding here.
+
+    With ``rotary`` each block is rotated at its global positions with the same
+    tables as the in-memory call, so every task sees bitwise the same rotated
+    values.
 
     Parameters
     ----------
@@ -397,18 +423,31 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
         With numpy inputs and a client, the blocks are scattered to the workers
         (``client.scatter``) instead of being embedded in the graph.
     rotary, is_causal, scale, method, eps, precision, workers
-        As :func:`numbarope.rope_attention`. ``method="fast"``/``"auto"`` run per
-        pair (certified per pair; the merged result keeps the worst pair's bound,
-        because every weight is within ``1 ± δ'`` of ``e^x``); the fast path's
-        O(n) cost is then lost to the O(n²/block) pairs (no key-side state
-        reduction here).
+        As :func:`numbarope.rope_attention` (``workers``: threads per task on
+        its worker).
 
     Returns
     -------
     out : dask.array.Array (..., L, Ev)
     lse : dask.array.Array (..., L) float64, with ``return_lse=True``
     error_bound : dask.array.Array of the leading shape, with ``return_info=True``
-        The certified bound on ``max|out − exact|`` per head (max over pairs).
+        The certified bound on ``max|out − exact|`` per head (fast: the whole
+        sequence's plan; exact: the max over pairs, rounding only).
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bad shapes, dtypes, blocks or options, before any task is scheduled
+        (the checks of ``rope_attention`` on a small proxy).
+    numbarope.FastPathError
+        At compute time, ``method="fast"`` for a head the fast path cannot serve.
+
+    Notes
+    -----
+    Bytes per task (float64, B heads): a pair or state task reads its q, k, v
+    blocks (``8·B·block·(2E + Ev)``); a state is ``8·B·m·(Ev+1)``; a query task
+    sends back ``8·B·block·(Ev+1)`` (out and lse). The tree moves each state
+    once per level.
     """
     _require_dask()
     import dask
@@ -468,6 +507,12 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
     nrot = max(L, S)
     if rotary is not None and L != S:
         raise ValueError("long_sequence_attention with rotary needs L == S (self-attention)")
+    aligned = not is_causal or (key_block == query_block and L == S)
+    if method == "fast" and not aligned:
+        raise ValueError(
+            f"method='fast' with is_causal needs aligned blocks (key_block == query_block, "
+            f"L == S); got query_block={query_block}, key_block={key_block}, L={L}, S={S}: "
+            f"omit key_block")
 
     def blocks(x, size):
         n = x.shape[-2]
@@ -487,25 +532,46 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
     qcuts, qparts = blocks(query, query_block)
     kcuts, kparts = blocks(key, key_block)
     _, vparts = blocks(value, key_block)
-    pair = dask.delayed(_pair, pure=True)
-    merge = dask.delayed(_merge_pairs, pure=True, nout=3)
+    s_val = 1.0 / np.sqrt(E) if scale is None else float(scale)
     outs, lses, bounds = [], [], []
-    for qa, qp in zip(qcuts, qparts):
-        Lb = min(query_block, L - qa)
-        parts = []
-        for ka, kp, vp in zip(kcuts, kparts, vparts):
-            if is_causal and ka > qa + Lb - 1:
-                break                        # every key of this block is after every query
-            parts.append(pair(qp, kp, vp, qa, ka, nrot, rotary, kw))
-        if not parts:                        # S == 0
-            o = dask.delayed(np.zeros)(batch_shape + (Lb, Ev))
-            lo = dask.delayed(np.full)(batch_shape + (Lb,), -np.inf)
-            bo = dask.delayed(np.zeros)(batch_shape)
-        else:
-            o, lo, bo = merge(*parts)
-        outs.append(da.from_delayed(o, shape=batch_shape + (Lb, Ev), dtype=np.float64))
-        lses.append(da.from_delayed(lo, shape=batch_shape + (Lb,), dtype=np.float64))
-        bounds.append(da.from_delayed(bo, shape=batch_shape, dtype=np.float64))
+    fast = None
+    if method in ("fast", "auto") and L and S and aligned:
+        fast = _fast_plans(qparts, kparts, vparts, qcuts, kcuts, method,
+                           dict(batch_shape=batch_shape, scale=s_val, causal=bool(is_causal),
+                                eps=float(eps), out_unit=2.0 ** -24 if dtype == np.float32
+                                else 0.0, compute_dtype="float32"
+                                if kw.get("precision") == "float32" else "float64"),
+                           L, S, E, Ev, nrot, rotary)
+    if fast is not None:
+        qr, kr, plans = fast
+        results, bound = _fast_long(qr, kr, vparts, plans, batch_shape=batch_shape, Ev=Ev,
+                                    scale=s_val, causal=bool(is_causal), workers=workers)
+        for qa, (o, lo) in zip(qcuts, results):
+            Lb = min(query_block, L - qa)
+            outs.append(da.from_delayed(o, shape=batch_shape + (Lb, Ev), dtype=np.float64))
+            lses.append(da.from_delayed(lo, shape=batch_shape + (Lb,), dtype=np.float64))
+        bounds.append(da.from_delayed(bound, shape=batch_shape, dtype=np.float64))
+    else:
+        if method == "auto":
+            kw["method"] = "exact"        # planned for the whole sequence: exact
+        pair = dask.delayed(_pair, pure=True)
+        merge = dask.delayed(_merge_pairs, pure=True, nout=3)
+        for qa, qp in zip(qcuts, qparts):
+            Lb = min(query_block, L - qa)
+            parts = []
+            for ka, kp, vp in zip(kcuts, kparts, vparts):
+                if is_causal and ka > qa + Lb - 1:
+                    break                    # every key of this block is after every query
+                parts.append(pair(qp, kp, vp, qa, ka, nrot, rotary, kw))
+            if not parts:                    # S == 0
+                o = dask.delayed(np.zeros)(batch_shape + (Lb, Ev))
+                lo = dask.delayed(np.full)(batch_shape + (Lb,), -np.inf)
+                bo = dask.delayed(np.zeros)(batch_shape)
+            else:
+                o, lo, bo = merge(*parts)
+            outs.append(da.from_delayed(o, shape=batch_shape + (Lb, Ev), dtype=np.float64))
+            lses.append(da.from_delayed(lo, shape=batch_shape + (Lb,), dtype=np.float64))
+            bounds.append(da.from_delayed(bo, shape=batch_shape, dtype=np.float64))
     out = da.concatenate(outs, axis=-2).astype(np.float32 if dtype == np.float32
                                                else np.float64)
     res = (out,)
@@ -514,3 +580,179 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
     if return_info:
         res += (da.stack(bounds).max(axis=0),)
     return res[0] if len(res) == 1 else res
+
+
+# ---------------------------------------------------------------------------
+# one long sequence, fast path: key-side states of key blocks, combined by a tree
+# reduction, broadcast to the query blocks (Alman & Song 2025, §4: the separable
+# case; gemm without a mask, prefix with the causal mask)
+
+
+def _flat(x, batch_shape):
+    """(..., b, E) block broadcast to the batch dims and flattened: (B, b, E)."""
+    x = np.asarray(x)
+    return np.broadcast_to(x, tuple(batch_shape) + x.shape[-2:]).reshape((-1,) + x.shape[-2:])
+
+
+def _row_max(xr, batch_shape, kind):
+    """Per head of a block: the largest row norm (an upper bound, as the in-memory
+    call's) of rotated q or k (``kind="norm"``, ``xr`` = (block, start, n, rotary)),
+    or max|v| (``kind="abs"``, ``xr`` the block)."""
+    from .exact import row_norms
+    x = _flat(_rotated(*xr) if kind == "norm" else xr, batch_shape)
+    if kind == "norm":
+        return row_norms(np.ascontiguousarray(x)).max(axis=1, initial=0.0)
+    return np.abs(x).max(axis=(1, 2), initial=0.0)
+
+
+def _long_plans(qn, kn, vm, n, S, E, Ev, info, method):
+    """Per head the plan of the whole sequence from its block statistics (maxima).
+
+    The same HeadSpec as the in-memory call's (radius s·max‖q‖·max‖k‖, max|v|), so
+    the same polynomial and certified bound; ``method="fast"`` raises
+    :class:`~numbarope.FastPathError` for a head the fast path cannot serve.
+    """
+    from .attention import _value_scale, separable_head_spec
+    from .planner import plan_head
+    qn = np.max(np.stack(qn), axis=0)
+    kn = np.max(np.stack(kn), axis=0)
+    vm = np.max(np.stack(vm), axis=0)
+    batch_shape = info["batch_shape"]
+    plans = []
+    for b in range(qn.size):
+        head = tuple(int(i) for i in np.unravel_index(b, batch_shape)) if batch_shape else ()
+        with np.errstate(over="ignore"):
+            R = info["scale"] * float(qn[b]) * float(kn[b])
+        h = separable_head_spec(head, n, S, E, Ev, R, float(vm[b]), info["causal"],
+                                info["compute_dtype"], info["out_unit"])
+        plans.append(plan_head(h, method=method, eps=info["eps"], degree=None,
+                               approx="chebyshev"))
+    # values above 2^1000 are scaled by a power of 2 (exact), as the in-memory call does
+    factors = [_value_scale(None, vmax=float(x)) for x in vm.reshape(-1)]
+    return {"plans": plans, "factors": factors}
+
+
+def _key_block_state(kr, vb, plans, batch_shape, scale, workers):
+    """Key-side states (S, s) of one key block, one per head: m·(Ev+1) floats each."""
+    from .fast import key_side_state
+    k, v = _flat(_rotated(*kr), batch_shape), _flat(vb, batch_shape)
+    P, F = plans["plans"], plans["factors"]
+    return [key_side_state(k[b], v[b].astype(np.float64) * F[b], scale, P[b].coef, workers)
+            for b in range(len(P))]
+
+
+def _add_states(a, b):
+    """Sum of two lists of per-head states (a node of the tree reduction)."""
+    return [(sa + sb, ta + tb) for (sa, ta), (sb, tb) in zip(a, b)]
+
+
+def _sum_states(*nodes):
+    """Sum of O(log B) tree nodes: the states of all key blocks before a query block."""
+    acc = nodes[0]
+    for x in nodes[1:]:
+        acc = _add_states(acc, x)
+    return acc
+
+
+def _query_block(qr, kr, vb, state, plans, batch_shape, scale, causal, Ev, workers):
+    """Output rows of one query block from the combined key-side state (and, causal, its
+    own key block under the mask). Returns ``(out, lse)``, heads in batch_shape."""
+    from .fast import fast_separable
+    q = _flat(_rotated(*qr), batch_shape)
+    B, Lb, E = q.shape
+    if causal:
+        k, v = _flat(_rotated(*kr), batch_shape), _flat(vb, batch_shape)
+    P, F = plans["plans"], plans["factors"]
+    out = np.empty((B, Lb, Ev))
+    lse = np.empty((B, Lb))
+    for b in range(B):
+        f = F[b]
+        st = None if state is None else state[b]
+        if causal:
+            o, den = fast_separable(q[b], k[b], v[b].astype(np.float64) * f, scale,
+                                    P[b].coef, causal=True, workers=workers, state=st)
+        else:
+            o, den = fast_separable(q[b], np.zeros((0, E)), np.zeros((0, Ev)), scale,
+                                    P[b].coef, workers=workers, state=st)
+        out[b] = o / f if f != 1.0 else o
+        with np.errstate(divide="ignore"):
+            lse[b] = np.where(den > 0, np.log(np.where(den > 0, den, 1.0)), -np.inf)
+    return (out.reshape(tuple(batch_shape) + (Lb, Ev)),
+            lse.reshape(tuple(batch_shape) + (Lb,)))
+
+
+def _plan_bounds(plans, batch_shape):
+    return np.array([p.error_bound for p in plans["plans"]],
+                    dtype=np.float64).reshape(batch_shape)
+
+
+def _fast_plans(qparts, kparts, vparts, qcuts, kcuts, method, info, L, S, E, Ev, nrot,
+                rotary):
+    """Rotated blocks and the per-head plans of the whole sequence, or None when
+    ``method="auto"`` plans exact for some head.
+
+    ``"fast"``: the plans are one lazy task on the blocks' maxima (it raises
+    FastPathError at compute time for a head the fast path cannot serve).
+    ``"auto"``: the maxima are computed now (one pass over the blocks, B floats
+    per block back) and planned here, to choose the graph.
+    """
+    import dask
+    delayed = dask.delayed
+    # a block to rotate where it is used: (block, start, n, rotary). Rotation is O(b·E),
+    # cheaper than sending a rotated copy between workers
+    qr = [(p, a, nrot, rotary) for p, a in zip(qparts, qcuts)]
+    kr = [(p, a, nrot, rotary) for p, a in zip(kparts, kcuts)]
+    mx = delayed(_row_max, pure=True)
+    bs = info["batch_shape"]
+    stats = ([mx(x, bs, "norm") for x in qr], [mx(x, bs, "norm") for x in kr],
+             [mx(x, bs, "abs") for x in vparts])
+    if method == "fast":
+        return qr, kr, delayed(_long_plans, pure=True)(*stats, L, S, E, Ev, info, "fast")
+    plans = _long_plans(*dask.compute(*stats), L, S, E, Ev, info, "auto")
+    if any(p.method != "fast" for p in plans["plans"]):
+        return None
+    return qr, kr, plans
+
+
+def _fast_long(qr, kr, vparts, plans, *, batch_shape, Ev, scale, causal, workers):
+    """The lazy graph of the fast path over blocks; returns lists of (out, lse) delayed
+    per query block and a delayed bound array.
+
+    Tasks (each rotates the blocks it reads): one state task per key block (its m·(Ev+1) floats
+    per head are all it sends on); a binary tree of additions over the key blocks;
+    per query block, causal: the sum of the O(log B) tree nodes that cover the
+    blocks before it, plus its own key block under the mask (prefix algorithm with
+    that state as its start); non-causal: the root (all keys), gemm's query side.
+    """
+    import dask
+    delayed = dask.delayed
+    states = [delayed(_key_block_state, pure=True)(k, v, plans, batch_shape, scale, workers)
+              for k, v in zip(kr, vparts)]
+    levels = [states]                      # levels[l][j]: blocks j·2^l .. (j+1)·2^l − 1
+    while len(levels[-1]) > 1:
+        lv = levels[-1]
+        levels.append([delayed(_add_states, pure=True)(lv[2 * j], lv[2 * j + 1])
+                       for j in range(len(lv) // 2)])
+    root = None
+    if states:
+        nodes, start = [], 0                # the whole range, as full tree nodes
+        for lvl in range(len(levels) - 1, -1, -1):
+            size = 1 << lvl
+            while start + size <= len(states):
+                nodes.append(levels[lvl][start >> lvl])
+                start += size
+        root = nodes[0] if len(nodes) == 1 else delayed(_sum_states, pure=True)(*nodes)
+    query = delayed(_query_block, pure=True, nout=2)
+    results = []
+    for i, q in enumerate(qr):
+        if causal:          # aligned blocks: query block i holds the keys of key block i
+            cover = [levels[lvl][(i >> lvl) - 1] for lvl in range(len(levels))
+                     if (i >> lvl) & 1]
+            prefix = (None if not cover else cover[0] if len(cover) == 1
+                      else delayed(_sum_states, pure=True)(*cover))
+            results.append(query(q, kr[i], vparts[i], prefix, plans, batch_shape, scale,
+                                 True, Ev, workers))
+        else:
+            results.append(query(q, None, None, root, plans, batch_shape, scale, False, Ev,
+                                 workers))
+    return results, delayed(_plan_bounds, pure=True)(plans, batch_shape)

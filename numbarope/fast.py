@@ -36,7 +36,7 @@ from ._threads import blas_threads, resolve_workers, run_tasks
 from .toeplitz import circulant_spectrum, fft_length
 
 __all__ = ["fast_memory", "gemm_chunk", "prefix_chunk", "fast_separable", "fast_general",
-           "visible_keys"]
+           "visible_keys", "key_side_state"]
 
 _U = 2.0 ** -53
 _FM = set(_config.FASTMATH)
@@ -247,38 +247,60 @@ def _ranges(lo, hi, k, weight=None):
     return [(int(x), int(y)) for x, y in zip(b[:-1], b[1:]) if y > x]
 
 
-def _gemm(qs, ks, v, wphi, wpsi, parent, var, nw):
-    """Every query row sees every key, no bias: S = Σ_j ψ(k_j)[v_j, 1]ᵀ, then num = φ(Q) S."""
+def _key_states(ks, v, wpsi, parent, var, nw):
+    """Key-side state ``S = Σ_j ψ(k_j) v_jᵀ`` (m, Ev) and ``s = Σ_j ψ(k_j)`` (m,)."""
     nk, Ev = v.shape
-    nq = qs.shape[0]
     m = parent.shape[0]
     cf = gemm_chunk(m)
-    qt = np.ascontiguousarray(qs.T)
     kt = np.ascontiguousarray(ks.T)
     rk, w0k, postk = feature_recurrence(wpsi, parent)
-    rq, w0q, postq = feature_recurrence(wphi, parent)
     # a partition that depends on the sizes only: the sum of the private states in
     # task order is the same for any number of threads
     tasks = _ranges(0, nk, _state_tasks(m, Ev + 1, -(-nk // cf)))
-    S_t = np.zeros((len(tasks), m, Ev))
-    s_t = np.zeros((len(tasks), m))
-    num = np.empty((nq, Ev))
-    den = np.empty(nq)
+    S_t = np.zeros((max(1, len(tasks)), m, Ev))
+    s_t = np.zeros((max(1, len(tasks)), m))
     with blas_threads(1):
         run_tasks(lambda i: _gemm_keys(kt, v, tasks[i][0], tasks[i][1], cf, parent, var,
                                        rk, w0k, postk, wpsi, S_t[i], s_t[i]),
                   range(len(tasks)), nw)
-        S, s = S_t[0], s_t[0]
-        for i in range(1, len(tasks)):
-            S += S_t[i]
-            s += s_t[i]
-        rows = _ranges(0, nq, min(-(-nq // cf), 4 * nw))    # any partition: rows are independent
+    S, s = S_t[0], s_t[0]
+    for i in range(1, len(tasks)):
+        S += S_t[i]
+        s += s_t[i]
+    return S, s
+
+
+def _query_apply(qs, S, s, wphi, parent, var, nw, num=None, den=None, r0=0, r1=None):
+    """``num[r] = φ(q_r)ᵀ S``, ``den[r] = φ(q_r)ᵀ s`` for rows r0 <= r < r1 (all)."""
+    nq = qs.shape[0]
+    r1 = nq if r1 is None else r1
+    m = parent.shape[0]
+    cf = gemm_chunk(m)
+    num = np.empty((nq, S.shape[1])) if num is None else num
+    den = np.empty(nq) if den is None else den
+    if r1 <= r0:
+        return num, den
+    qt = np.ascontiguousarray(qs.T)
+    rq, w0q, postq = feature_recurrence(wphi, parent)
+    nw = resolve_workers(nw)
+    rows = _ranges(r0, r1, min(-(-(r1 - r0) // cf), 4 * nw))   # rows are independent
+    with blas_threads(1):
         run_tasks(lambda t: _gemm_queries(qt, S, s, t[0], t[1], cf, parent, var, rq, w0q,
                                           postq, wphi, num, den), rows, nw)
     return num, den
 
 
-def _prefix(qs, ks, v, coef, wphi, wpsi, parent, var, nw, lim=None):
+def _gemm(qs, ks, v, wphi, wpsi, parent, var, nw, state=None):
+    """Every query row sees every key, no bias: S = Σ_j ψ(k_j)[v_j, 1]ᵀ, then num = φ(Q) S.
+    ``state``: (S₀, s₀) of further keys every row sees, added to S, s."""
+    S, s = _key_states(ks, v, wpsi, parent, var, nw)
+    if state is not None:
+        S += state[0]
+        s += state[1]
+    return _query_apply(qs, S, s, wphi, parent, var, nw)
+
+
+def _prefix(qs, ks, v, coef, wphi, wpsi, parent, var, nw, lim=None, state=None):
     """Causal, no bias: chunked prefix sums of the key-side states.
 
     Query row r sees the keys ``0 .. lim[r] − 1`` (a prefix; default ``lim[r] = r + 1``,
@@ -332,6 +354,11 @@ def _prefix(qs, ks, v, coef, wphi, wpsi, parent, var, nw, lim=None):
     den = np.zeros(nq)
     S = np.zeros((m, Ev))                                         # all earlier groups
     s = np.zeros(m)
+    if state is not None:
+        S += state[0]
+        s += state[1]
+        if rstart[0] > 0:                 # rows that see no key of this block: the state
+            _query_apply(qs, S, s, wphi, parent, var, nw, num, den, 0, int(rstart[0]))
     states = np.empty((min(G, nch), m, Ev))
     sums = np.empty((min(G, nch), m))
     # work of a chunk: its keys' side (c rows) and its query rows (query side + Horner)
@@ -356,10 +383,8 @@ def _prefix(qs, ks, v, coef, wphi, wpsi, parent, var, nw, lim=None):
                                                postq, wphi, states, sums, S_t[i], s_t[i],
                                                num, den),
                       range(len(tasks)), nw)
-        if full0 < nq:                                            # S, s: every key now
-            rows = _ranges(full0, nq, min(-(-(nq - full0) // cf), 4 * nw))
-            run_tasks(lambda t: _gemm_queries(qt, S, s, t[0], t[1], cf, parent, var, rq,
-                                              w0q, postq, wphi, num, den), rows, nw)
+    if full0 < nq:                                                # S, s: every key now
+        _query_apply(qs, S, s, wphi, parent, var, nw, num, den, full0, nq)
     if order is not None:
         num[order], den[order] = num.copy(), den.copy()
     return num, den
@@ -418,8 +443,42 @@ def _with_groups(q):
     return (q[None], True) if q.ndim == 2 else (q, False)
 
 
+def key_side_state(k, v, scale, coef, workers=None):
+    """Key-side state of the separable fast path for a block of keys.
+
+    ``S = Σ_j ψ(k'_j) v_jᵀ`` and ``s = Σ_j ψ(k'_j)`` with ``k' = √s k`` and ψ the
+    key-side features of ``p(q'ᵀk') = φ(q')ᵀψ(k')`` (Alman & Song 2025, §4). The
+    states of disjoint key blocks add: this is what one long sequence's key
+    blocks send to a tree reduction (``numbarope._dask``), then
+    ``fast_separable(..., state=(S, s))`` serves the query rows.
+
+    Parameters
+    ----------
+    k : (S, E) ndarray of float64
+        Keys, already rotated.
+    v : (S, Ev) ndarray of float64
+    scale : float
+    coef : (g+1,) ndarray of float64
+    workers : int, optional
+
+    Returns
+    -------
+    S : (m, Ev) ndarray of float64
+    s : (m,) ndarray of float64
+        ``m = C(E+g, g)`` features.
+    """
+    k = np.asarray(k)
+    E = k.shape[1]
+    g = len(coef) - 1
+    ks = np.ascontiguousarray(k * np.sqrt(scale), dtype=np.float64)
+    _, wpsi = feature_weights(coef, E, g)
+    _, parent, var, _ = monomial_table(E, g)
+    return _key_states(ks, np.ascontiguousarray(v, dtype=np.float64), wpsi, parent, var,
+                       resolve_workers(workers))
+
+
 def fast_separable(q, k, v, scale, coef, T=None, causal=False, workers=None, *, offset=0,
-                   key_mask=None):
+                   key_mask=None, state=None):
     """Fast attention of one key/value head with separable logits ``s·q_iᵀk_j``.
 
     Parameters
@@ -452,6 +511,11 @@ def fast_separable(q, k, v, scale, coef, T=None, causal=False, workers=None, *, 
         True = a real key; padded keys take no part (removed from the gemm and
         prefix paths, zero rows of ``[v, 1]`` on the FFT path: the Toeplitz
         structure is kept).
+    state : tuple of ndarray, optional
+        ``(S₀, s₀)`` of shapes (m, Ev) and (m,): the key-side state
+        (:func:`key_side_state`) of further keys that every query row sees
+        in full, e.g. the earlier blocks of one long sequence
+        (``numbarope._dask``). Only with ``T=None``.
 
     Returns
     -------
@@ -478,6 +542,11 @@ def fast_separable(q, k, v, scale, coef, T=None, causal=False, workers=None, *, 
         out, den = out.reshape(G, L, Ev), den.reshape(G, L)
         return (out[0], den[0]) if single else (out, den)
 
+    if state is not None and T is not None:
+        raise ValueError("fast_separable: state= needs T=None (no bias)")
+    if state is not None and (S == 0 or (keep is not None and not keep.any())):
+        num, den = _query_apply(qs, state[0], state[1], wphi, parent, var, nw)
+        return shaped(*_finish(num, Ev, den))
     if G * L == 0 or S == 0 or (keep is not None and not keep.any()):
         return shaped(np.zeros((G * L, Ev)), np.zeros(G * L))
     if T is None:
@@ -485,10 +554,10 @@ def fast_separable(q, k, v, scale, coef, T=None, causal=False, workers=None, *, 
         if keep is not None:
             ks, v64 = ks[keep], v64[keep]
         if lim is None:
-            num, den = _gemm(qs, ks, v64, wphi, wpsi, parent, var, nw)
+            num, den = _gemm(qs, ks, v64, wphi, wpsi, parent, var, nw, state)
         else:
             num, den = _prefix(qs, ks, v64, np.asarray(coef, np.float64), wphi, wpsi,
-                               parent, var, nw, np.tile(lim, G))
+                               parent, var, nw, np.tile(lim, G), state)
         return shaped(*_finish(num, Ev, den))
     vext = _extended(v64, None if keep is None else keep.astype(np.float64))
     m = wphi.size

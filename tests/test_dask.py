@@ -111,13 +111,52 @@ def test_long_sequence_exact(client, causal):
     assert np.abs(o2 - ref).max() <= 1e-12 * np.abs(v).max()
 
 
-def test_long_sequence_fast_bound(client):
-    q, k, v = _qkv((1, 1024, 8), seed=4, s=0.2)
-    exact = numbarope.rope_attention(q, k, v, rotary=True, is_causal=True, method="exact")
-    out, b = long_sequence_attention(q, k, v, query_block=512, rotary=True, is_causal=True,
-                                     method="fast", eps=1e-4, return_info=True)
-    o, b = dask.compute(out, b)
+def _task_names(x):
+    from dask.utils import key_split
+    return [key_split(k) for k in dict(x.__dask_graph__())]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_long_sequence_fast_state_tree(client, causal):
+    # 5 blocks (not a power of 2): tree nodes and the prefix covers of every block.
+    # Same plan as in memory (same HeadSpec from the blocks' maxima), so the same
+    # polynomial and bound; the sums are added in another order: 1e-12·max|v|.
+    q, k, v = _qkv((2, 2500, 8), seed=4, s=0.2)
+    kw = dict(rotary=True, is_causal=causal, method="fast", eps=1e-4)
+    ref, rl, info = numbarope.rope_attention(q, k, v, return_lse=True, return_info=True, **kw)
+    exact = numbarope.rope_attention(q, k, v, rotary=True, is_causal=causal, method="exact")
+    out, lse, bound = long_sequence_attention(q, k, v, query_block=512, client=client,
+                                              return_lse=True, return_info=True, **kw)
+    names = _task_names(out)
+    # causal: the last key block's state serves no query block and is never computed
+    assert names.count("key_block_state") == (4 if causal else 5) and "pair" not in names
+    assert names.count("add_states") == 3          # 4 leaves pair up into 2, then 1
+    o, l, b = dask.compute(out, lse, bound)
+    np.testing.assert_array_equal(b, info.error_bound)
+    assert np.abs(o - ref).max() <= 1e-12 * np.abs(v).max()
+    np.testing.assert_allclose(l, rl, rtol=1e-12)
     assert np.all(np.abs(o - exact).max(axis=(-2, -1)) <= b)
+    # "auto" plans the whole sequence (fast here) and builds the same graph
+    o2 = long_sequence_attention(*_chunked((q, k, v), (-1, 400, -1)), query_block=512,
+                                 rotary=True, is_causal=causal, method="auto", eps=1e-4).compute()
+    assert np.abs(o2 - ref).max() <= 1e-12 * np.abs(v).max()
+
+
+def test_long_sequence_fast_refused_or_exact():
+    q, k, v = _qkv((1, 600, 8), seed=6, s=3.0)       # R far above the fast path's reach
+    out = long_sequence_attention(q, k, v, query_block=256, rotary=True, is_causal=True,
+                                  method="fast")
+    with dask.config.set(scheduler="synchronous"):
+        with pytest.raises(numbarope.FastPathError):
+            out.compute()
+        # "auto" plans exact for the whole sequence: the exact pairs
+        a = long_sequence_attention(q, k, v, query_block=256, rotary=True, is_causal=True)
+        assert "pair" in _task_names(a)
+        ref = numbarope.rope_attention(q, k, v, rotary=True, is_causal=True)
+        assert np.abs(a.compute() - ref).max() <= 1e-12 * np.abs(v).max()
+    with pytest.raises(ValueError, match="aligned blocks"):
+        long_sequence_attention(q, k, v, query_block=256, key_block=128, is_causal=True,
+                                method="fast")
 
 
 def test_worker_killed_mid_computation(client):

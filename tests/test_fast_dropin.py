@@ -137,3 +137,37 @@ def test_gqa_sharing_keeps_every_bound_with_unequal_radii():
     for h in shared:
         peers = [g for g in shared if g.head[0] // 3 == h.head[0] // 3 and g.degree == h.degree]
         assert all(np.array_equal(g.coef, h.coef) for g in peers)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_key_side_state_of_earlier_blocks(causal, padded):
+    # One sequence in blocks (numbarope._dask's fast long path): the states of the keys
+    # before a block, passed as state=, give the same rows as the whole sequence at once.
+    # Padded: the block's first 10 keys are padding, so its first causal rows see none
+    # of its keys, only the state.
+    from numbarope.fast import key_side_state
+    rng = np.random.default_rng(11)
+    n, E, Ev, s = 900, 6, 3, 0.7
+    q, k = (rng.uniform(-0.4, 0.4, (n, E)) for _ in range(2))
+    v = rng.standard_normal((n, Ev))
+    coef = exp_approximation(1.0, degree=4).coef
+    a, b = 350, 700                                    # one block: rows and keys a..b
+    keep = np.ones(n, bool)
+    if padded:
+        keep[a:a + 10] = False
+    ref, dref = fast_separable(q, k, v, s, coef, causal=causal, key_mask=keep)
+    st = key_side_state(k[:a], v[:a], s, coef)
+    S_, s_ = st
+    assert S_.shape == (s_.size, Ev) and np.isfinite(S_).all()
+    if causal:
+        out, den = fast_separable(q[a:b], k[a:b], v[a:b], s, coef, causal=True,
+                                  key_mask=keep[a:b], state=st)
+    else:
+        rest = key_side_state(k[a:][keep[a:]], v[a:][keep[a:]], s, coef)
+        out, den = fast_separable(q[a:b], k[:0], v[:0], s, coef,
+                                  state=(S_ + rest[0], s_ + rest[1]))
+    np.testing.assert_allclose(den, dref[a:b], rtol=1e-12)
+    np.testing.assert_allclose(out, ref[a:b], rtol=0, atol=1e-12 * np.abs(v).max())
+    with pytest.raises(ValueError, match="state"):
+        fast_separable(q[:5], k[:5], v[:5], s, coef, T=np.ones(9), state=st)

@@ -1,6 +1,7 @@
 """In-memory rope_attention vs the same call on a 2-process LocalCluster (numbarope._dask).
 
 python tools/dask_measure.py [--n-exact N] [--n-fast N] [--heads H] [--chunks C]
+                             [--only fast|exact] [--section heads|long] [--reps R]
 Prints seconds (best of 2) and the bytes each block sends over the network.
 """
 import argparse
@@ -9,7 +10,11 @@ import time
 import numpy as np
 
 
-def best(f, reps=2):
+REPS = 2
+
+
+def best(f, reps=None):
+    reps = REPS if reps is None else reps
     t = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -25,7 +30,15 @@ def main():
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--E", type=int, default=16)
     ap.add_argument("--chunks", type=int, default=4, help="head chunks")
+    ap.add_argument("--reps", type=int, default=2, help="runs per timing (best of)")
+    ap.add_argument("--only", choices=["fast", "exact"], default=None,
+                    help="measure one method only")
+    ap.add_argument("--section", choices=["heads", "long"], default=None,
+                    help="heads: many heads, chunked; long: one long sequence in blocks")
+    ap.add_argument("--blocks", type=int, default=4, help="blocks of the long sequence")
     a = ap.parse_args()
+    global REPS
+    REPS = a.reps
     import dask.array as da
     import distributed
 
@@ -36,6 +49,8 @@ def main():
     client = distributed.Client(cluster)
     hc = a.heads // a.chunks
     for method, n, s in (("fast", a.n_fast, 0.5 / np.sqrt(a.E)), ("exact", a.n_exact, 0.3)):
+        if a.only not in (None, method) or a.section not in (None, "heads"):
+            continue
         rng = np.random.default_rng(0)
         # fast: |q|, |k| <= R-ish small so that R <= 0.5 (features feasible)
         q, k, v = (rng.uniform(-s, s, (a.heads, n, a.E)) for _ in range(3))
@@ -54,20 +69,42 @@ def main():
               f"dask 2 procs ({a.chunks} blocks of {hc} heads) {t_dask:.2f}s, "
               f"max|diff|={err:.1e}; per block: q+k+v {inb / 2**20:.1f} MiB in "
               f"(if not already on the worker), out {outb / 2**20:.1f} MiB back")
-    # one long sequence, exact, causal: pairs of query x key blocks
-    n, blk = a.n_exact, a.n_exact // 4
-    rng = np.random.default_rng(1)
-    q, k, v = (rng.uniform(-0.3, 0.3, (a.heads, n, a.E)) for _ in range(3))
-    kw = dict(rotary=True, is_causal=True, method="exact")
-    t_mem, ref = best(lambda: numbarope.rope_attention(q, k, v, **kw))
-    t_ls, out = best(lambda: long_sequence_attention(q, k, v, query_block=blk, client=client,
-                                                     **kw).compute())
-    pair_in = (blk * a.E * 8) * 3 * a.heads
-    pair_out = a.heads * blk * (a.E + 1) * 8
-    print(f"long  n={n} heads={a.heads} blocks={blk}: in-memory {t_mem:.2f}s, dask "
-          f"{t_ls:.2f}s (incl. scatter), max|diff|={np.abs(out - ref).max():.1e}; per pair: "
-          f"{pair_in / 2**20:.1f} MiB in (q, k, v blocks), {pair_out / 2**20:.1f} MiB partial "
-          f"(out + lse) to the merge task")
+    # one long sequence, causal: exact = pairs of query x key blocks merged by lse;
+    # fast = key-side states per key block, tree reduction, query blocks
+    for method, n, s in (("fast", a.n_fast, 0.5 / np.sqrt(a.E)), ("exact", a.n_exact, 0.3)):
+        if a.only not in (None, method) or a.section not in (None, "long"):
+            continue
+        blk = n // a.blocks
+        rng = np.random.default_rng(1)
+        q, k, v = (rng.uniform(-s, s, (a.heads, n, a.E)) for _ in range(3))
+        kw = dict(rotary=True, is_causal=True, method=method, eps=1e-3, scale=1.0)
+        t_mem, ref = best(lambda: numbarope.rope_attention(q, k, v, **kw))
+        info = numbarope.plan(q, k, v, **kw)
+        t_ls, out = best(lambda: long_sequence_attention(q, k, v, query_block=blk,
+                                                         client=client, **kw).compute())
+        # the same with the blocks already on the workers (persisted dask arrays)
+        dq, dk, dv = client.persist([da.from_array(x, chunks=(-1, blk, -1)) for x in (q, k, v)])
+        distributed.wait([dq, dk, dv])
+        t_on, _ = best(lambda: long_sequence_attention(dq, dk, dv, query_block=blk,
+                                                       **kw).compute())
+        blk_in = (blk * a.E * 8) * 3 * a.heads
+        line = (f"long {method:5s} n={n} heads={a.heads} blocks of {blk}: in-memory "
+                f"{t_mem:.2f}s, dask {t_ls:.2f}s (incl. scatter), {t_on:.2f}s (blocks "
+                f"already on the workers), "
+                f"max|diff|={np.abs(out - ref).max():.1e}; ")
+        if method == "exact":
+            pair_out = a.heads * blk * (a.E + 1) * 8
+            line += (f"per pair task: {blk_in / 2**20:.1f} MiB in (q, k, v blocks), "
+                     f"{pair_out / 2**20:.1f} MiB partial (out + lse) to the merge task")
+        else:
+            m = int(np.max(info.features))
+            state = a.heads * m * (a.E + 1) * 8
+            line += (f"degree {int(np.max(info.degree))}, m={m}: per key block "
+                     f"{2 * blk_in / 3 / 2**20:.1f} MiB in (k, v), one state of "
+                     f"{state / 2**20:.1f} MiB out (m x (Ev+1) per head) to the tree; per "
+                     f"query block {blk_in / 3 / 2**20:.1f} MiB q + its k, v block + one "
+                     f"state in, {a.heads * blk * (a.E + 1) * 8 / 2**20:.1f} MiB out")
+        print(line, flush=True)
     client.close()
     cluster.close()
 

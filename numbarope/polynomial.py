@@ -14,8 +14,9 @@ the output error is at most ``2 delta / (1 - delta) * max|V|``
 Two families are offered:
 
 * ``"chebyshev"`` (default): a near-minimax fit for the relative error, found
-  by a few Remez exchange steps for the weight ``e^{-x}`` started from the
-  Chebyshev interpolant of ``e^x``, keeping whichever of the two is better;
+  by Remez exchange steps for the weight ``e^{-x}`` started from the
+  least-squares fit of the relative error, keeping whichever certifies
+  better; the certified error never increases with the degree;
 * ``"taylor"``: the truncated series ``a_k = 1/k!``.
 
 Both are certified by the same a posteriori procedure (see
@@ -52,7 +53,8 @@ _UL = float(np.finfo(np.longdouble).eps) / 2.0      # unit roundoff of longdoubl
 _EXP_ULPS = 4.0     # assumed accuracy of np.exp (float64 and longdouble), ulps
 _N_PIECES = 512     # pieces of [-R, R] for the local Lipschitz bounds
 _REMEZ_GRID = 2049  # points of the (uncertified) Remez / screening grid
-_REMEZ_STEPS = 8
+_REMEZ_STEPS = 20  # most Remez exchange steps per fit
+_REMEZ_TOL = 1e-3  # stop when max error <= (1 + tol) * |level| (equioscillation)
 
 _BOUND_METHOD = ("a posteriori: |p e^-x - 1| on a {n}-point grid (long double) "
                  "+ piecewise Lipschitz margin + float64 Horner bound "
@@ -83,7 +85,9 @@ class ExpApproximation:
         Monomial coefficients ``a_k`` of ``p(x) = sum_k a_k x^k`` in the
         original variable ``x`` (lowest degree first).
     degree : int
-        Degree ``g`` of ``p``.
+        Degree ``g`` of ``p``: ``coef`` has ``g + 1`` entries (for
+        ``"chebyshev"``, the last ones are zero when a lower-degree fit
+        certifies better, see :func:`exp_approximation`, Notes).
     radius : float
         ``R``: the approximation interval is ``[-R, R]``.
     kind : {"chebyshev", "taylor"}
@@ -158,25 +162,27 @@ def _cheb_monomial_table(g):
 def _cheb_to_monomial(c, radius):
     """Monomial coefficients in ``x = radius * y`` of ``sum_j c_j T_j(y)``.
 
-    The change of basis cancels heavily at high degree, so it is done in
-    exact rational arithmetic and each ``a_k`` is rounded to float64 once.
+    The change of basis cancels heavily at high degree (the ``a_k R^k`` are
+    sums of terms far larger than themselves), so it is done in exact
+    arithmetic and each ``a_k`` is rounded to float64 once: the float64
+    ``c_j`` are integers over a common power of two, the sums are Python
+    integers, and ``int / int`` is correctly rounded.
     """
     g = len(c) - 1
     table = _cheb_monomial_table(g)
-    cf = [Fraction(float(v)) for v in c]
-    beta = [Fraction(0)] * (g + 1)
-    for j in range(g + 1):
-        if cf[j] == 0:
-            continue
-        for k, t in enumerate(table[j]):
-            if t:
-                beta[k] += cf[j] * t
-    r = Fraction(float(radius))
+    ratios = [float(v).as_integer_ratio() for v in c]
+    den = max(d for _, d in ratios)          # powers of two: a common multiple
+    beta = [0] * (g + 1)
+    for row, (n, d) in zip(table, ratios):
+        if n:
+            n *= den // d
+            for k, t in enumerate(row):
+                if t:
+                    beta[k] += n * t
+    num, rden = float(radius).as_integer_ratio()
     out = np.empty(g + 1)
-    scale = Fraction(1)
-    for k in range(g + 1):
-        out[k] = float(beta[k] / scale)
-        scale *= r
+    for k in range(g + 1):                   # a_k = beta_k / (den * radius^k)
+        out[k] = (beta[k] * rden ** k) / (den * num ** k)
     return out
 
 
@@ -220,56 +226,172 @@ def _screen_grid(radius):
     return y, np.exp(-radius * y)
 
 
-def _chebyshev_fit(radius, g):
-    """Chebyshev coefficients (variable y = x/R) of a near-minimax fit.
+def _grid_error(c, y, w):
+    """(P(y) e^{-Ry} - 1 on the grid, its max modulus or inf if not finite)."""
+    with np.errstate(all="ignore"):
+        err = _rel_err_cheb(c, y, w)
+        m = float(np.max(np.abs(err)))
+    return err, (m if math.isfinite(m) else math.inf)
 
-    Starts from the Chebyshev interpolant of ``e^{Ry}`` and runs Remez
-    exchange steps for the relative error (weight ``e^{-Ry}``); returns the
-    best candidate met, judged on the screening grid (robust fallback: the
-    interpolant itself).
+
+def _weighted_lsq(g, y, w):
+    """Chebyshev coefficients minimising sum_i (P(y_i) e^{-R y_i} - 1)^2.
+
+    The least-squares fit of the *relative* error: a good start for the
+    Remez exchange, unlike the interpolant of ``e^{Ry}``, whose relative
+    error is concentrated at ``y = -1`` when ``R`` is large. Columns are
+    scaled by their largest entry (not their 2-norm, which overflows for
+    ``R >~ 170``) before ``numpy.linalg.lstsq``.
     """
-    y, w = _screen_grid(radius)
-    best = _cheb.chebinterpolate(lambda t: np.exp(radius * t), g)
-    best_err = np.max(np.abs(_rel_err_cheb(best, y, w)))
-    if best_err < 1e-14:           # already at rounding level: nothing to gain
-        return best
-    ref = -np.cos(np.pi * np.arange(g + 2) / (g + 1))
-    signs = (-1.0) ** np.arange(g + 2)
+    lhs = _cheb.chebvander(y, g) * w[:, None]
+    scl = np.max(np.abs(lhs), axis=0)
+    scl[~(scl > 0)] = 1.0
+    try:
+        with np.errstate(all="ignore"):
+            sol = np.linalg.lstsq(lhs / scl, np.ones(y.size), rcond=None)[0]
+    except np.linalg.LinAlgError:
+        return None
+    c = sol / scl
+    return c if np.all(np.isfinite(c)) else None
+
+
+def _remez(c, g, y, w):
+    """Remez exchange for min max |P(y) e^{-Ry} - 1| started from ``c``.
+
+    The reference is the set of ``g + 2`` alternating extrema of the current
+    error on the grid ``y``; each step solves ``P(y_i) e^{-R y_i} - s_i E
+    = 1`` (rows equilibrated) for the Chebyshev coefficients and the level
+    ``E``. Returns the iterate with the smallest grid error if it is smaller
+    than that of ``c``, else None (never a step that made things worse).
+    """
+    err, best_err = _grid_error(c, y, w)
+    best = None
+    if not math.isfinite(best_err):
+        return None
+    stale = 0
     for _ in range(_REMEZ_STEPS):
-        # p(y_i) e^{-R y_i} - (-1)^i E = 1, unknowns (c_0..c_g, E)
+        idx = _alternating_extrema(err, g + 2)
+        if idx is None:            # no alternation (e.g. at the rounding level)
+            break
         mat = np.empty((g + 2, g + 2))
-        mat[:, :-1] = _cheb.chebvander(ref, g) * np.exp(-radius * ref)[:, None]
-        mat[:, -1] = -signs
+        mat[:, :-1] = _cheb.chebvander(y[idx], g) * w[idx][:, None]
+        mat[:, -1] = -np.sign(err[idx])
+        rows = np.max(np.abs(mat), axis=1)
         try:
-            sol = np.linalg.solve(mat, np.ones(g + 2))
+            sol = np.linalg.solve(mat / rows[:, None], 1.0 / rows)
         except np.linalg.LinAlgError:
             break
-        c = sol[:-1]
-        if not np.all(np.isfinite(c)):
+        if not np.all(np.isfinite(sol)):
             break
-        err = _rel_err_cheb(c, y, w)
-        m = np.max(np.abs(err))
+        cand = sol[:-1]
+        err, m = _grid_error(cand, y, w)
         if m < best_err:
-            best, best_err = c, m
-        level = abs(sol[-1])
-        if m <= 1.001 * level:     # equioscillation reached
-            break
-        idx = _alternating_extrema(err, g + 2)
-        if idx is None:
-            break
-        ref = y[idx]
+            best, best_err, stale = cand, m, 0
+        else:
+            stale += 1
+        if m <= (1.0 + _REMEZ_TOL) * abs(sol[-1]) or stale >= 3:
+            break                  # equioscillation reached, or no progress
     return best
 
 
+def _chebyshev_fit(radius, g):
+    """Chebyshev coefficients (variable y = x/R) of the candidate fits.
+
+    Returns ``(start,)`` or ``(start, refined)``: ``start`` is the better, on
+    the screening grid, of the Chebyshev interpolant of ``e^{Ry}``
+    (``numpy.polynomial.chebyshev.chebinterpolate``) and the least-squares
+    fit of the relative error; ``refined`` is the best Remez iterate from it,
+    present only if it is better on the grid. Which one is used is decided
+    by the certificate of its monomial form (:func:`_select`).
+    """
+    y, w = _screen_grid(radius)
+    with np.errstate(all="ignore"):
+        fits = [_cheb.chebinterpolate(lambda t: np.exp(radius * t), g)]
+    step = (_REMEZ_GRID - 1) // 2   # least squares on a sub-grid of >= 8(g + 1)
+    while step > 1 and (_REMEZ_GRID - 1) // step < 8 * (g + 1):
+        step //= 2                  # points (Chebyshev points again): cheaper
+    lsq = _weighted_lsq(g, y[::step], w[::step])
+    if lsq is not None:
+        fits.append(lsq)
+    errs = [_grid_error(c, y, w)[1] for c in fits]
+    start = fits[int(np.argmin(errs))]
+    if min(errs) < 1e-14:          # already at rounding level: nothing to gain
+        return (start,)
+    refined = _remez(start, g, y, w)
+    return (start,) if refined is None else (start, refined)
+
+
+def _effective(a):
+    """``a`` without its trailing zero coefficients (at least one kept).
+
+    Horner's rule on trailing zeros is exact (``0 * x + a_k = a_k``), so
+    evaluating ``a`` and its trimmed form gives identical values, and the
+    bounds use the degree of the trimmed form.
+    """
+    nz = np.flatnonzero(a)
+    return a[: nz[-1] + 1] if nz.size else a[:1]
+
+
+@functools.lru_cache(maxsize=2048)
+def _candidates(radius, g):
+    """Monomial candidates of degree g: tuple of (coef, screened delta)."""
+    out = []
+    for c in _chebyshev_fit(radius, g):
+        if not np.all(np.isfinite(c)):
+            continue
+        a = _cheb_to_monomial(c, radius)
+        if np.all(np.isfinite(a)):
+            a.flags.writeable = False
+            out.append((a, _screen_coef(a, radius)))
+    if not out:                    # cannot happen for finite fits; be safe
+        a = _taylor_coef(g)
+        a.flags.writeable = False
+        out.append((a, _screen_coef(a, radius)))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=2048)
+def _candidate_delta(radius, g, i, npoints):
+    return _certify_coef(_candidates(radius, g)[i][0], radius, npoints)
+
+
 @functools.lru_cache(maxsize=512)
-def _coefficients(radius, g, kind):
-    """Read-only float64 monomial coefficients of the degree-g approximant."""
+def _select(radius, g, kind, npoints):
+    """(coef, certified delta) of the degree-g approximant.
+
+    ``"chebyshev"``: the candidate with the smallest certified delta among
+    the candidates of every degree ``k <= g`` (a degree-k polynomial is one
+    of degree g with zero leading coefficients), ties going to the lower
+    degree and to the unrefined start. Hence the certified delta never
+    increases with g, and a Remez refinement is kept only if it lowers the
+    certificate. Candidates are certified in increasing order of their
+    screened value, a lower estimate of their certificate, until that
+    value exceeds the best certificate found: usually one certificate.
+    """
     if kind == "taylor" or radius < _TINY_RADIUS:
         a = _taylor_coef(g)
-    else:
-        a = _cheb_to_monomial(_chebyshev_fit(radius, g), radius)
-    a.flags.writeable = False
-    return a
+        a.flags.writeable = False
+        return a, _certify_coef(a, radius, npoints)
+    pool = sorted((s, k, i) for k in range(g + 1)
+                  for i, (_, s) in enumerate(_candidates(radius, k)))
+    best = None
+    for s, k, i in pool:
+        if best is not None and not s <= best[0]:
+            break
+        key = (_candidate_delta(radius, k, i, npoints), k, i)
+        if best is None or key < best:
+            best = key
+    delta, k, i = best
+    a = _candidates(radius, k)[i][0]
+    if k < g:
+        a = np.concatenate([a, np.zeros(g - k)])
+        a.flags.writeable = False
+    return a, delta
+
+
+def _coefficients(radius, g, kind, npoints):
+    """Read-only float64 monomial coefficients of the degree-g approximant."""
+    return _select(radius, g, kind, npoints)[0]
 
 
 # --------------------------------------------------------------------------
@@ -285,22 +407,36 @@ def _horner_floor(a, radius):
     return _gamma(2 * g) * s * math.exp(radius) * (1.0 + _EXP_ULPS * _U64)
 
 
-@functools.lru_cache(maxsize=512)
-def _screen(radius, g, kind):
-    """Cheap estimate of the certified delta (no guarantee, used to search).
+def _screen_coef(a, radius):
+    """Cheap estimate of the certified delta of ``a`` (no guarantee).
 
     Largest |p(x)e^{-x} - 1| on the screening grid in float64, minus a bound
     on its own rounding error, plus the float64 Horner floor: a lower
-    estimate of :func:`_certify`.
+    estimate of :func:`_certify_coef`.
     """
-    a = _coefficients(radius, g, kind)
+    a = _effective(a)
+    g = a.size - 1
     if radius == 0.0:
-        return abs(a[0] - 1.0)
+        return abs(float(a[0]) - 1.0)
     y, w = _screen_grid(radius)
     x = radius * y
-    f = np.abs(_horner(a, x) * w - 1.0)
-    rho = _gamma(2 * g + 8) * (_horner(np.abs(a), np.abs(x)) * w + 2.0)
-    return float(max(np.max(f - rho), 0.0)) + _horner_floor(a, radius)
+    with np.errstate(all="ignore"):
+        f = np.abs(_horner(a, x) * w - 1.0)
+        rho = _gamma(2 * g + 8) * (_horner(np.abs(a), np.abs(x)) * w + 2.0)
+        m = float(max(np.max(f - rho), 0.0)) + _horner_floor(a, radius)
+    return m if math.isfinite(m) else math.inf
+
+
+@functools.lru_cache(maxsize=512)
+def _screen(radius, g, kind):
+    """Screened delta of the degree-g approximant (used by the search).
+
+    For ``"chebyshev"`` the smallest over the candidates of degree <= g,
+    matching the selection of :func:`_select`.
+    """
+    if kind == "taylor" or radius < _TINY_RADIUS:
+        return _screen_coef(_taylor_coef(g), radius)
+    return min(s for k in range(g + 1) for _, s in _candidates(radius, k))
 
 
 def _lipschitz_pieces(a, xg, starts, ends):
@@ -338,10 +474,14 @@ def _lipschitz_pieces(a, xg, starts, ends):
     return qmax * np.exp(-c) * (1.0 + (_EXP_ULPS + 2) * _U64)
 
 
-@functools.lru_cache(maxsize=512)
-def _certify(radius, g, kind, npoints):
-    """Certified delta for the degree-g approximant (see exp_approximation)."""
-    a = _coefficients(radius, g, kind)
+def _certify_coef(a, radius, npoints):
+    """Certified delta for the coefficients ``a`` (see exp_approximation).
+
+    Trailing zero coefficients are dropped first (:func:`_effective`): they
+    change neither p nor its float64 Horner value.
+    """
+    a = _effective(np.asarray(a, dtype=np.float64))
+    g = a.size - 1
     if radius == 0.0:
         # p(0) = a_0 is computed exactly by Horner and e^0 = 1.
         return abs(float(a[0]) - 1.0)
@@ -368,6 +508,11 @@ def _certify(radius, g, kind, npoints):
     # 3. float64 evaluation of p by the package: Higham (5.3)
     delta = float(np.max(cell_sup)) + _horner_floor(a, radius)
     return float(delta * (1.0 + 1e-12))
+
+
+def _certify(radius, g, kind, npoints):
+    """Certified delta for the degree-g approximant (see exp_approximation)."""
+    return _select(radius, g, kind, npoints)[1]
 
 
 # --------------------------------------------------------------------------
@@ -444,7 +589,7 @@ def _start_degree(radius, eps, kind):
 def _exp_approximation(radius, eps, degree, kind, max_degree, npoints):
     def make(g):
         return ExpApproximation(
-            coef=_coefficients(radius, g, kind), degree=g, radius=radius,
+            coef=_coefficients(radius, g, kind, npoints), degree=g, radius=radius,
             kind=kind, error_bound=_certify(radius, g, kind, npoints),
             bound_method=("exact: p(0) = 1 at radius 0" if radius == 0.0 else
                           _BOUND_METHOD.format(n=npoints)))
@@ -476,6 +621,10 @@ def _exp_approximation(radius, eps, degree, kind, max_degree, npoints):
         for g in range(lo, max_degree + 1):
             delta = _certify(radius, g, kind, npoints)
             if delta <= eps:
+                # a fallback to a lower-degree candidate: return that degree
+                k = _effective(_coefficients(radius, g, kind, npoints)).size - 1
+                if k < g and _certify(radius, k, kind, npoints) <= eps:
+                    g = k
                 return make(g)
             if delta < best_delta:
                 best_g, best_delta = g, delta
@@ -486,7 +635,13 @@ def _exp_approximation(radius, eps, degree, kind, max_degree, npoints):
             screens[max_degree] = _screen(radius, max_degree, kind)
         best_g = min(screens, key=screens.get)
         best_delta = _certify(radius, best_g, kind, npoints)
-    floor = _horner_floor(_coefficients(radius, best_g, kind), radius)
+    # a fallback to a lower-degree candidate: report that degree
+    best_g = _effective(_coefficients(radius, best_g, kind, npoints)).size - 1
+    # the rounding floor of the degree's own fits (the selected polynomial may
+    # be a lower-degree fallback, with a smaller floor but a larger error)
+    own = ([_taylor_coef(best_g)] if kind == "taylor" or radius < _TINY_RADIUS
+           else [a for a, _ in _candidates(radius, best_g)])
+    floor = min(_horner_floor(_effective(a), radius) for a in own)
     if floor > 0.1 * eps:
         why = (f" Rounding alone limits it: float64 evaluation of p can err by "
                f"up to {floor:.2e} relative to e^x at x=-R (it grows like "
@@ -518,9 +673,9 @@ def exp_approximation(radius, eps=None, degree=None, kind="chebyshev"):
         Use this degree; the bound is certified but not compared with any
         target (it may exceed 1). Exclusive with ``eps``.
     kind : {"chebyshev", "taylor"}, default "chebyshev"
-        ``"chebyshev"``: near-minimax fit for the relative error (Chebyshev
-        interpolant of ``e^x`` improved by Remez exchange steps for the weight
-        ``e^{-x}``); ``"taylor"``: ``a_k = 1/k!``.
+        ``"chebyshev"``: near-minimax fit for the relative error (Remez
+        exchange steps for the weight ``e^{-x}``, see Notes); ``"taylor"``:
+        ``a_k = 1/k!``.
 
     Returns
     -------
@@ -546,15 +701,25 @@ def exp_approximation(radius, eps=None, degree=None, kind="chebyshev"):
     Notes
     -----
     **Construction.** With ``y = x / R``, ``"chebyshev"`` starts from the
-    Chebyshev interpolant ``P(y) = sum_j c_j T_j(y)`` of ``e^{Ry}`` at the
-    Chebyshev points, whose error decays like ``rho^{-g}`` for every
-    ``rho > 1`` (Trefethen, ATAP, Thm 8.2, with ``e^{Ry}`` entire), then
-    runs at most 8 Remez exchange steps on ``max |P(y) e^{-Ry} - 1|``,
-    keeping the best candidate (measured on a 2049-point Chebyshev grid).
-    The weighted fit matters for ``R >~ 2``, where the unweighted
-    interpolant's relative error concentrates at ``x = -R``. The conversion
-    ``a_k = [y^k] P / R^k`` is done in exact rational arithmetic (it cancels
-    heavily in floating point) and rounded once to float64.
+    better (on a 2049-point Chebyshev grid) of the Chebyshev interpolant
+    ``P(y) = sum_j c_j T_j(y)`` of ``e^{Ry}``, whose error decays like
+    ``rho^{-g}`` for every ``rho > 1`` (Trefethen, ATAP, Thm 8.2, with
+    ``e^{Ry}`` entire), and the least-squares fit of the relative error
+    ``P(y) e^{-Ry} - 1``; then it runs at most 20 Remez exchange steps on
+    ``max |P(y) e^{-Ry} - 1|``, the first reference being the alternating
+    extrema of the start's error. The weighted start matters for
+    ``R >~ 2``, where the interpolant's relative error concentrates at
+    ``x = -R`` and Chebyshev points are a poor first reference. The
+    conversion ``a_k = [y^k] P / R^k`` is done in exact arithmetic (it
+    cancels heavily in floating point) and rounded once to float64. The
+    start and its best Remez iterate are both candidates, and so are those
+    of every lower degree (a degree-k polynomial is one of degree ``g > k``
+    with zero leading coefficients): the candidate with the smallest
+    certified bound (below) is returned, so a refinement is kept only if
+    it lowers the certificate and ``error_bound`` never increases with
+    ``degree``. Near the float64 rounding floor (large ``R`` or high
+    degree), ``coef`` may therefore end in zeros; with ``eps=``, the
+    degree returned is then the lower one.
     ``"taylor"`` has the a priori Lagrange bound
     ``|p(x) e^{-x} - 1| <= e^{max(x,0) - x} |x|^{g+1} / (g+1)! <=
     e^R R^{g+1} / (g+1)!``; the a posteriori bound below is reported instead
@@ -588,6 +753,9 @@ def exp_approximation(radius, eps=None, degree=None, kind="chebyshev"):
        ``e^{-x} <= e^R``, which adds the last term; it is the float64
        rounding floor, ``~ 2g 2^{-53} e^{2R}``.
 
+    Trailing zero coefficients are dropped before the bound is computed
+    (``g`` is then the degree of the rest): Horner's rule on them is exact
+    (``0 * x + a_k = a_k``), so neither ``p`` nor ``fl(p(x))`` changes.
     Small safety factors cover the float64 arithmetic of the bound itself.
     The result is an upper bound on the true error that is typically within
     a factor 1.1 of it, except near the rounding floor where the worst-case

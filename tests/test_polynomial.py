@@ -275,3 +275,87 @@ def test_bad_kind_and_both_targets():
         degree_for(1.0, 1e-3, kind="Taylor")
     with pytest.raises(TypeError, match=r"either eps or degree, not both"):
         exp_approximation(1.0, eps=1e-3, degree=4)
+
+
+# --------------------------------------------------------------------------
+# the certified error never increases with the degree (regression: at
+# R = 12.9 the bound was 5.9e-3 at g = 18 but 9.3e2 at g = 19, the Remez
+# exchange having started from the Chebyshev points, a reference whose
+# level was below float64 rounding, and stopped after one step)
+# --------------------------------------------------------------------------
+
+def measured_float64_error(approx, npoints=200_001):
+    """max |p(x) e^{-x} - 1| on a dense grid, p by numpy's Polynomial in float64."""
+    x = np.linspace(-approx.radius, approx.radius, npoints)
+    p = np.polynomial.Polynomial(approx.coef)(x)
+    return float(np.max(np.abs(p * np.exp(-x) - 1.0)))
+
+
+@pytest.mark.parametrize("radius", [0.5, 3.0, 12.9, 30.0])
+def test_error_bound_non_increasing_in_degree(radius):
+    best = math.inf
+    for g in range(_config.MAX_DEGREE + 1):
+        approx = exp_approximation(radius, degree=g)
+        assert approx.degree == g and approx.coef.shape == (g + 1,)
+        delta = approx.error_bound
+        if math.isfinite(delta):
+            assert delta <= best * (1 + 1e-9), (radius, g, delta, best)
+            best = min(best, delta)
+
+
+def test_degree_19_not_worse_than_18_at_r_12_9():
+    bounds = {g: exp_approximation(12.9, degree=g).error_bound for g in range(17, 23)}
+    assert bounds[19] <= bounds[18] < 6.1e-3
+    assert bounds[19] < 3e-3          # was 9.3e2; near-minimax: ~2.6e-3
+    assert bounds[21] < 1.2e-3        # ~9.6e-4, the rounding floor is ~7e-4
+    assert all(bounds[g + 1] <= bounds[g] for g in range(17, 22))
+
+
+@pytest.mark.parametrize("radius, degrees", [
+    (0.5, (3, 8, 12, 24)), (3.0, (6, 12, 18, 24)),
+    (12.9, (14, 18, 19, 20, 22, 24)), (30.0, (0, 5, 19, 24))])
+def test_error_bound_above_dense_measurement(radius, degrees):
+    for g in degrees:
+        approx = exp_approximation(radius, degree=g)
+        assert measured_float64_error(approx) <= approx.error_bound, approx
+        check_certificate(approx)
+
+
+def test_error_bound_above_exact_evaluation():
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 60
+    for radius, g in ((12.9, 19), (12.9, 21), (3.0, 10)):
+        approx = exp_approximation(radius, degree=g)
+        x = np.linspace(-radius, radius, 200_001)
+        p = np.polynomial.polynomial.polyval(x.astype(np.longdouble),
+                                             approx.coef.astype(np.longdouble))
+        err = np.abs(p * np.exp(-x.astype(np.longdouble)) - 1).astype(np.float64)
+        worst = np.argsort(err)[-100:]                 # near the maxima
+        pts = np.concatenate([x[worst], [-radius, 0.0, radius]])
+        coef = [mpmath.mpf(float(c)) for c in approx.coef[::-1]]
+        exact = max(abs(mpmath.polyval(coef, mpmath.mpf(float(t))) * mpmath.exp(-t) - 1)
+                    for t in pts)
+        assert float(exact) <= approx.error_bound, (approx, exact)
+
+
+def test_refinement_kept_only_if_certified_better():
+    # the returned polynomial certifies at least as well as every candidate
+    # fit (start and Remez refinement) of its degree and of every lower one
+    for radius, g in ((12.9, 19), (12.9, 24), (3.0, 20), (30.0, 8)):
+        approx = exp_approximation(radius, degree=g)
+        for k in range(g + 1):
+            for a, _ in polynomial._candidates(radius, k):
+                delta = polynomial._certify_coef(a, radius, _config.CERTIFY_GRID)
+                assert approx.error_bound <= delta, (radius, g, k)
+
+
+def test_eps_search_returns_the_effective_degree():
+    # past the rounding floor a higher degree falls back to a lower-degree
+    # polynomial (zero leading coefficients); the search returns that degree
+    for radius in (8.0, 12.9):
+        top = exp_approximation(radius, degree=_config.MAX_DEGREE)
+        approx = exp_approximation(radius, eps=top.error_bound)
+        assert approx.error_bound <= top.error_bound
+        assert approx.coef[-1] != 0.0
+        np.testing.assert_array_equal(
+            top.coef[:approx.degree + 1], approx.coef)

@@ -352,14 +352,27 @@ def _rotated(x, a, n_total, rotary):
     return rotate(x, rotary, c, s)
 
 
-def _pair(qb, kb, vb, qa, ka, n_total, rotary, kw):
-    """Attention of query rows qa.. against key rows ka.. (global positions)."""
+def _pair(qb, kb, vb, qa, ka, n_total, rotary, kw, bias=None, mask=None, L=None, S=None):
+    """Attention of query rows qa.. against key rows ka.. (global positions).
+
+    ``bias``: a typed structure (evaluated by rope_attention at this pair's offset) or
+    the whole sequence's ``(..., L+S−1)`` array, sliced here to the pair's offsets."""
     import numbarope
     qb, kb, vb = np.asarray(qb), np.asarray(kb), np.asarray(vb)
     if rotary is not None:     # rotate at the global positions, as the in-memory call
         qb, kb = _rotated(qb, qa, n_total, rotary), _rotated(kb, ka, n_total, rotary)
-    out, lse, info = numbarope.rope_attention(qb, kb, vb, query_offset=int(qa - ka),
-                                              return_lse=True, return_info=True, **dict(kw))
+    off = int(qa - ka)
+    if isinstance(bias, np.ndarray):
+        Lb, Sb = qb.shape[-2], kb.shape[-2]
+        a = off + S - Sb                     # offset t = e − (Sb−1) + off at index t + S − 1
+        bias = bias[..., a:a + Lb + Sb - 1]
+    extra = {}
+    if bias is not None:
+        extra["bias"] = bias
+    if mask is not None:
+        extra["key_padding_mask"] = mask
+    out, lse, info = numbarope.rope_attention(qb, kb, vb, query_offset=off, return_lse=True,
+                                              return_info=True, **dict(kw), **extra)
     return out.astype(np.float64, copy=False), lse, np.asarray(info.error_bound, float)
 
 
@@ -374,8 +387,76 @@ def _merge_pairs(*parts):
     return acc[0][0], acc[0][1], bound
 
 
+def _long_bias(bias, is_causal, L, S, batch_shape):
+    """``(bias, is_causal, rates, window)`` of long_sequence_attention's ``bias``: None;
+    a typed structure (Causal() becomes is_causal; a causal Decay/ALiBi gives per-head
+    rates for the fast graph; a Window its band, to skip pairs); or an array over the
+    offsets, ``(..., L+S−1)`` (validated here, sliced per pair)."""
+    from .bias import Causal, Decay, NoBias, RelativeBias, Window
+    if bias is None:
+        return None, is_causal, None, None
+    if isinstance(bias, RelativeBias):
+        if isinstance(bias, NoBias):
+            return None, is_causal, None, None
+        if isinstance(bias, Causal):
+            return None, True, None, None
+        causal = bool(is_causal) or bool(bias.causal)
+        if isinstance(bias, Decay) and causal:
+            try:
+                np.broadcast_shapes(np.shape(bias.rate), batch_shape)
+            except ValueError:
+                raise ValueError(f"bias {bias!r}: its per-head rates {np.shape(bias.rate)} do "
+                                 f"not broadcast to the batch (head) dims {batch_shape}") \
+                    from None
+            return bias, causal, _rates_of(bias, batch_shape), None
+        window = (bias.left, bias.right) if isinstance(bias, Window) else None
+        return bias, is_causal, None, window
+    if is_dask(bias):
+        raise TypeError("bias: pass a numpy array (L+S−1 floats per head) or a "
+                        "numbarope.bias structure, not a dask array")
+    b = np.asarray(bias)
+    if b.dtype.kind not in "fiu" or b.dtype.kind == "b":
+        raise TypeError(f"bias must be a real float array or a numbarope.bias structure, got "
+                        f"dtype {b.dtype}")
+    b = b.astype(np.float64)
+    if b.ndim < 1 or b.shape[-1] != L + S - 1:
+        raise ValueError(f"bias has shape {b.shape}; expected (..., {L + S - 1}): one value "
+                         f"per offset t = i − j (index t + S − 1)")
+    try:
+        np.broadcast_shapes(b.shape[:-1], batch_shape)
+    except ValueError:
+        raise ValueError(f"bias has shape {b.shape}, whose leading dims do not broadcast to "
+                         f"the batch (head) dims {batch_shape}") from None
+    if np.isnan(b).any() or np.isposinf(b).any():
+        raise ValueError("bias holds NaN or +inf; use finite values (-inf masks an offset)")
+    return b, is_causal, None, None
+
+
+def _long_key_mask(kpm, S, batch_shape):
+    from .attention import _as_key_mask
+    if kpm is None:
+        return None
+    if is_dask(kpm):
+        kpm = kpm.compute()          # S booleans per sequence
+    m = _as_key_mask(kpm, S)
+    try:
+        np.broadcast_shapes(m.shape[:-1], batch_shape)
+    except ValueError:
+        raise ValueError(f"key_padding_mask has shape {m.shape}, whose leading dims do not "
+                         f"broadcast to the batch (head) dims {batch_shape}") from None
+    return m
+
+
+def _outside(window, tmin, tmax):
+    """Whether a pair with offsets tmin..tmax lies wholly outside the band
+    −right <= t <= left of ``window = (left, right)`` (None: unbounded)."""
+    left, right = window
+    return (left is not None and tmin > left) or (right is not None and tmax < -right)
+
+
 def long_sequence_attention(query, key, value, *, query_block, key_block=None, client=None,
-                            rotary=None, is_causal=False, scale=None, method="exact",
+                            rotary=None, is_causal=False, scale=None, bias=None,
+                            key_padding_mask=None, method="auto",
                             eps=1e-3, precision=None, return_lse=False, return_info=False,
                             workers=None, **unknown):
     """Attention of ONE long sequence over a Dask cluster, by query and key blocks.
@@ -404,7 +485,17 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
     :class:`~numbarope.FastPathError` at compute time); ``"auto"`` computes the
     maxima first (one pass, a few floats per block back) to choose the graph.
     The fast causal graph needs aligned blocks (``key_block == query_block``,
-    L == S); no bias, W_t or padding here.
+    L == S).
+
+    **Decay** (a causal :class:`~numbarope.bias.Decay` or
+    :class:`~numbarope.bias.ALiBi` bias, fast): each block state is
+    ``Σ_j γ^{e − j} ψ(k_j)[v_j, 1]``, referenced at its last position e; joining
+    node a to node b decays a by ``γ^{e_b − e_a}``; a query block adds
+    ``γ^{r+1}·φ(q_r)ᵀP`` (P referenced at the position before it) to its own
+    block's decayed scan. Every factor spans two positions, so the factors of a
+    key's path telescope to ``γ^{i − j}`` exactly as in memory, through at most
+    ``2⌈log₂ B⌉ + 2`` of them: the in-memory bound (which counts one per chunk)
+    covers it when ``2⌈log₂ B⌉ <= ⌈S/C⌉``, checked (else ValueError at compute).
 
     With ``rotary`` each block is rotated at its global positions with the same
     tables as the in-memory call, so every task sees bitwise the same rotated
@@ -424,7 +515,18 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
         (``client.scatter``) instead of being embedded in the graph.
     rotary, is_causal, scale, method, eps, precision, workers
         As :func:`numbarope.rope_attention` (``workers``: threads per task on
-        its worker).
+        its worker). ``method`` defaults to ``"auto"``.
+    bias : numbarope.bias structure or (..., L+S−1) ndarray, optional
+        As ``rope_attention``'s: a typed structure is evaluated by each pair at
+        its offsets (a :class:`~numbarope.bias.Window` also skips the pairs
+        outside its band; ``Causal()`` is ``is_causal``; a causal Decay/ALiBi
+        runs on the fast graph); an array over the offsets (index ``t + S − 1``
+        for ``t = i − j``) is sent once and sliced by each pair. The fast graph
+        takes no bias but Causal and causal Decay/ALiBi.
+    key_padding_mask : (..., S) bool array, optional
+        True = a real key (0/1 integers read alike), leading dims broadcasting
+        to the batch dims; sliced per key block. Fast: padded keys leave the key
+        block states (not with decay).
 
     Returns
     -------
@@ -507,6 +609,18 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
     nrot = max(L, S)
     if rotary is not None and L != S:
         raise ValueError("long_sequence_attention with rotary needs L == S (self-attention)")
+    bias, is_causal, rates, window = _long_bias(bias, is_causal, L, S, batch_shape)
+    kw["is_causal"] = is_causal
+    kpm = _long_key_mask(key_padding_mask, S, batch_shape)
+    fast_ok = bias is None or rates is not None          # no bias, Causal, causal Decay
+    if rates is not None and kpm is not None:
+        fast_ok = False       # decay weights are relative to a row's nearest real key
+    if method == "fast" and not fast_ok:
+        raise ValueError(
+            "method='fast' in long_sequence_attention serves no bias, Causal() and causal "
+            "Decay/ALiBi (without key_padding_mask); got "
+            f"bias={bias!r}{', key_padding_mask' if kpm is not None else ''}: use "
+            "method='exact' (or 'auto')")
     aligned = not is_causal or (key_block == query_block and L == S)
     if method == "fast" and not aligned:
         raise ValueError(
@@ -532,20 +646,23 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
     qcuts, qparts = blocks(query, query_block)
     kcuts, kparts = blocks(key, key_block)
     _, vparts = blocks(value, key_block)
+    mparts = [None if kpm is None else kpm[..., a:a + key_block] for a in kcuts]
     s_val = 1.0 / np.sqrt(E) if scale is None else float(scale)
     outs, lses, bounds = [], [], []
     fast = None
-    if method in ("fast", "auto") and L and S and aligned:
+    if method in ("fast", "auto") and L and S and aligned and fast_ok:
         fast = _fast_plans(qparts, kparts, vparts, qcuts, kcuts, method,
                            dict(batch_shape=batch_shape, scale=s_val, causal=bool(is_causal),
                                 eps=float(eps), out_unit=2.0 ** -24 if dtype == np.float32
                                 else 0.0, compute_dtype="float32"
-                                if kw.get("precision") == "float32" else "float64"),
+                                if kw.get("precision") == "float32" else "float64",
+                                rates=rates, nblocks=len(kcuts)),
                            L, S, E, Ev, nrot, rotary)
     if fast is not None:
         qr, kr, plans = fast
-        results, bound = _fast_long(qr, kr, vparts, plans, batch_shape=batch_shape, Ev=Ev,
-                                    scale=s_val, causal=bool(is_causal), workers=workers)
+        results, bound = _fast_long(qr, kr, vparts, mparts, qcuts, kcuts, plans,
+                                    batch_shape=batch_shape, Ev=Ev, scale=s_val,
+                                    causal=bool(is_causal), rates=rates, workers=workers)
         for qa, (o, lo) in zip(qcuts, results):
             Lb = min(query_block, L - qa)
             outs.append(da.from_delayed(o, shape=batch_shape + (Lb, Ev), dtype=np.float64))
@@ -556,13 +673,19 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
             kw["method"] = "exact"        # planned for the whole sequence: exact
         pair = dask.delayed(_pair, pure=True)
         merge = dask.delayed(_merge_pairs, pure=True, nout=3)
+        if isinstance(bias, np.ndarray):     # one copy in the graph, sliced by each pair
+            bias = (client.scatter(bias, broadcast=True) if client is not None
+                    else dask.delayed(bias, traverse=False))
         for qa, qp in zip(qcuts, qparts):
             Lb = min(query_block, L - qa)
             parts = []
-            for ka, kp, vp in zip(kcuts, kparts, vparts):
+            for ka, kp, vp, mp in zip(kcuts, kparts, vparts, mparts):
+                Sb = min(key_block, S - ka)
                 if is_causal and ka > qa + Lb - 1:
                     break                    # every key of this block is after every query
-                parts.append(pair(qp, kp, vp, qa, ka, nrot, rotary, kw))
+                if window is not None and _outside(window, qa - ka - Sb + 1, qa + Lb - 1 - ka):
+                    continue                 # the band misses the whole pair
+                parts.append(pair(qp, kp, vp, qa, ka, nrot, rotary, kw, bias, mp, L, S))
             if not parts:                    # S == 0
                 o = dask.delayed(np.zeros)(batch_shape + (Lb, Ev))
                 lo = dask.delayed(np.full)(batch_shape + (Lb,), -np.inf)
@@ -608,69 +731,162 @@ def _row_max(xr, batch_shape, kind):
 def _long_plans(qn, kn, vm, n, S, E, Ev, info, method):
     """Per head the plan of the whole sequence from its block statistics (maxima).
 
-    The same HeadSpec as the in-memory call's (radius s·max‖q‖·max‖k‖, max|v|), so
-    the same polynomial and certified bound; ``method="fast"`` raises
-    :class:`~numbarope.FastPathError` for a head the fast path cannot serve.
+    The same HeadSpec as the in-memory call's (radius s·max‖q‖·max‖k‖, max|v|,
+    decay rate), so the same polynomial and certified bound; ``method="fast"``
+    raises :class:`~numbarope.FastPathError` for a head the fast path cannot serve.
     """
+    from .algorithms import FastPathError
     from .attention import _value_scale, separable_head_spec
     from .planner import plan_head
     qn = np.max(np.stack(qn), axis=0)
     kn = np.max(np.stack(kn), axis=0)
     vm = np.max(np.stack(vm), axis=0)
     batch_shape = info["batch_shape"]
+    rates = info.get("rates")
+    want = "decay" if rates is not None else ("prefix" if info["causal"] else "gemm")
     plans = []
     for b in range(qn.size):
         head = tuple(int(i) for i in np.unravel_index(b, batch_shape)) if batch_shape else ()
         with np.errstate(over="ignore"):
             R = info["scale"] * float(qn[b]) * float(kn[b])
         h = separable_head_spec(head, n, S, E, Ev, R, float(vm[b]), info["causal"],
-                                info["compute_dtype"], info["out_unit"])
-        plans.append(plan_head(h, method=method, eps=info["eps"], degree=None,
-                               approx="chebyshev"))
+                                info["compute_dtype"], info["out_unit"],
+                                rate=None if rates is None else rates[b])
+        pl = plan_head(h, method=method, eps=info["eps"], degree=None, approx="chebyshev")
+        if pl.method == "fast" and pl.algorithm != want:
+            if method == "fast":
+                raise FastPathError(
+                    f"head {head}: the planner chose {pl.algorithm!r}; one long sequence's "
+                    f"fast graph runs {want!r} only: use method='exact' or 'auto'",
+                    code="structure", head=head)
+            pl = dataclasses.replace(pl, method="exact")   # "auto": the exact pairs
+        if pl.method == "fast" and want == "decay":
+            _check_decay_tree(pl, info["nblocks"], S, E, Ev)
+        plans.append(pl)
     # values above 2^1000 are scaled by a power of 2 (exact), as the in-memory call does
     factors = [_value_scale(None, vmax=float(x)) for x in vm.reshape(-1)]
-    return {"plans": plans, "factors": factors}
+    return {"plans": plans, "factors": factors, "rates": rates}
 
 
-def _key_block_state(kr, vb, plans, batch_shape, scale, workers):
-    """Key-side states (S, s) of one key block, one per head: m·(Ev+1) floats each."""
+def _check_decay_tree(pl, nblocks, S, E, Ev):
+    """The decay bound of the in-memory call (recurrence_rounding) counts nch + 2 decay
+    factors and nch + 4 additions on a key's path to a row, nch = ⌈S/C⌉ chunks. Here a
+    key of an earlier block passes its block state's factor, ≤ ⌈log2 B⌉ tree levels,
+    ≤ ⌈log2 B⌉ fold steps over the covering nodes and the row's factor (as many
+    additions, + 1 joining the row's own block): within that count when
+    2⌈log2 B⌉ <= nch. Otherwise refuse (blocks that small do not pay anyway)."""
+    import math
+
+    from ._monomials import n_features
+    from ._recurrence import decay_chunk
+    m = n_features(E, pl.degree)
+    nch = -(-S // decay_chunk(m, E, Ev, pl.degree))
+    if 2 * math.ceil(math.log2(max(nblocks, 1))) > nch:
+        raise ValueError(
+            f"decay over {nblocks} blocks of a {S}-key sequence: the certified bound counts "
+            f"{nch} decay steps on a key's path and the tree needs "
+            f"{2 * math.ceil(math.log2(nblocks))}; use at most {2 ** (nch // 2)} blocks "
+            f"(a larger query_block) or method='exact'")
+
+
+def _rates_of(bias, batch_shape):
+    """Per flattened head the decay rate of a Decay/ALiBi structure."""
+    r = np.asarray(bias.rate, dtype=np.float64)
+    return [float(x) for x in np.broadcast_to(r, batch_shape).reshape(-1)] if batch_shape \
+        else [float(r)]
+
+
+def _key_block_state(kr, vb, mb, ka, plans, batch_shape, scale, workers):
+    """Key-side state of one key block (keys at ka ..), one (S, s) per head: m·(Ev+1)
+    floats each. Decay: ``Σ_j γ^{e − j} ψ(k_j)[v_j, 1]``, e = the block's last position
+    (the weight rides on the values, one multiplication, as in fast_decay's kernel).
+    Padded keys (``mb`` False) take no part."""
+    from ._recurrence import _decay_factors
     from .fast import key_side_state
     k, v = _flat(_rotated(*kr), batch_shape), _flat(vb, batch_shape)
-    P, F = plans["plans"], plans["factors"]
-    return [key_side_state(k[b], v[b].astype(np.float64) * F[b], scale, P[b].coef, workers)
-            for b in range(len(P))]
+    msk = None if mb is None else _flat(np.asarray(mb)[..., None], batch_shape)[..., 0]
+    P, F, rates = plans["plans"], plans["factors"], plans["rates"]
+    nb, Ev = v.shape[1], v.shape[2]
+    out = []
+    for b in range(len(P)):
+        kb, vv = k[b], v[b].astype(np.float64) * F[b]
+        if msk is not None:
+            kb, vv = kb[msk[b]], vv[msk[b]]
+        if rates is None:
+            out.append(key_side_state(kb, vv, scale, P[b].coef, workers))
+            continue
+        w = _decay_factors(rates[b], np.arange(nb)[::-1])        # γ^{e − j}
+        ext = np.empty((nb, Ev + 1))
+        ext[:, :Ev] = vv * w[:, None]
+        ext[:, Ev] = w
+        St, _ = key_side_state(kb, ext, scale, P[b].coef, workers)
+        out.append((np.ascontiguousarray(St[:, :Ev]), np.ascontiguousarray(St[:, Ev])))
+    return {"st": out, "e": int(ka + nb - 1)}
 
 
-def _add_states(a, b):
-    """Sum of two lists of per-head states (a node of the tree reduction)."""
-    return [(sa + sb, ta + tb) for (sa, ta), (sb, tb) in zip(a, b)]
+def _add_states(a, b, rates=None):
+    """Sum of two nodes (blocks a then b) of the tree reduction, referenced at b's last
+    position; decay: a's state first decays by ``γ^{e_b − e_a}``."""
+    from ._recurrence import _decay_factors
+    st = []
+    for h, ((sa, ta), (sb, tb)) in enumerate(zip(a["st"], b["st"])):
+        if rates is None:
+            st.append((sa + sb, ta + tb))
+        else:
+            f = float(_decay_factors(rates[h], np.array([b["e"] - a["e"]]))[0])
+            st.append((sa * f + sb, ta * f + tb))
+    return {"st": st, "e": b["e"]}
 
 
-def _sum_states(*nodes):
-    """Sum of O(log B) tree nodes: the states of all key blocks before a query block."""
+def _sum_states(*nodes, rates=None):
+    """Sum of O(log B) tree nodes in position order: the keys before a query block."""
     acc = nodes[0]
     for x in nodes[1:]:
-        acc = _add_states(acc, x)
+        acc = _add_states(acc, x, rates)
     return acc
 
 
-def _query_block(qr, kr, vb, state, plans, batch_shape, scale, causal, Ev, workers):
-    """Output rows of one query block from the combined key-side state (and, causal, its
-    own key block under the mask). Returns ``(out, lse)``, heads in batch_shape."""
-    from .fast import fast_separable
+def _query_block(qr, kr, vb, mb, qa, state, plans, batch_shape, scale, causal, Ev, workers):
+    """Output rows of one query block (rows at qa ..) from the combined key-side state
+    (and, causal, its own key block under the mask). Returns ``(out, lse)``.
+
+    Decay: the block by fast_decay's scan (``_decay_pass``, den relative to the row's
+    own key), plus ``γ^{r + 1}·φ(q_r)ᵀP`` for the state P referenced at qa − 1."""
+    from ._recurrence import _decay_factors, _decay_pass, _Side
+    from ._threads import resolve_workers
+    from .fast import _finish, _query_apply, fast_separable
     q = _flat(_rotated(*qr), batch_shape)
     B, Lb, E = q.shape
     if causal:
         k, v = _flat(_rotated(*kr), batch_shape), _flat(vb, batch_shape)
-    P, F = plans["plans"], plans["factors"]
+    msk = None if mb is None else _flat(np.asarray(mb)[..., None], batch_shape)[..., 0]
+    P, F, rates = plans["plans"], plans["factors"], plans["rates"]
     out = np.empty((B, Lb, Ev))
     lse = np.empty((B, Lb))
     for b in range(B):
         f = F[b]
-        st = None if state is None else state[b]
-        if causal:
+        st = None if state is None else state["st"][b]
+        mk = None if msk is None else msk[b]
+        if rates is not None:
+            nw = resolve_workers(workers)
+            Fs = _Side(P[b].coef, E)
+            sq = np.sqrt(scale)
+            qs = np.ascontiguousarray(q[b] * sq)
+            dec = _decay_factors(rates[b], np.arange(Lb + 1))
+            num, den = _decay_pass(qs, np.ascontiguousarray(k[b] * sq),
+                                   np.ascontiguousarray(v[b].astype(np.float64) * f),
+                                   np.arange(Lb, dtype=np.int64),
+                                   np.arange(1, Lb + 1, dtype=np.int64), dec, Fs, nw)
+            if st is not None:
+                ns, ds = _query_apply(qs, st[0], st[1], Fs.wphi, Fs.parent, Fs.var, nw)
+                fr = dec[1:]                                   # γ^{r+1}: from qa − 1
+                num += ns * fr[:, None]
+                den += ds * fr
+            o, den = _finish(num, Ev, den)
+        elif causal:
             o, den = fast_separable(q[b], k[b], v[b].astype(np.float64) * f, scale,
-                                    P[b].coef, causal=True, workers=workers, state=st)
+                                    P[b].coef, causal=True, workers=workers, state=st,
+                                    key_mask=mk)
         else:
             o, den = fast_separable(q[b], np.zeros((0, E)), np.zeros((0, Ev)), scale,
                                     P[b].coef, workers=workers, state=st)
@@ -688,7 +904,7 @@ def _plan_bounds(plans, batch_shape):
 
 def _fast_plans(qparts, kparts, vparts, qcuts, kcuts, method, info, L, S, E, Ev, nrot,
                 rotary):
-    """Rotated blocks and the per-head plans of the whole sequence, or None when
+    """Blocks to rotate and the per-head plans of the whole sequence, or None when
     ``method="auto"`` plans exact for some head.
 
     ``"fast"``: the plans are one lazy task on the blocks' maxima (it raises
@@ -714,25 +930,29 @@ def _fast_plans(qparts, kparts, vparts, qcuts, kcuts, method, info, L, S, E, Ev,
     return qr, kr, plans
 
 
-def _fast_long(qr, kr, vparts, plans, *, batch_shape, Ev, scale, causal, workers):
+def _fast_long(qr, kr, vparts, mparts, qcuts, kcuts, plans, *, batch_shape, Ev, scale, causal,
+               rates, workers):
     """The lazy graph of the fast path over blocks; returns lists of (out, lse) delayed
     per query block and a delayed bound array.
 
-    Tasks (each rotates the blocks it reads): one state task per key block (its m·(Ev+1) floats
-    per head are all it sends on); a binary tree of additions over the key blocks;
-    per query block, causal: the sum of the O(log B) tree nodes that cover the
-    blocks before it, plus its own key block under the mask (prefix algorithm with
-    that state as its start); non-causal: the root (all keys), gemm's query side.
+    Tasks (each rotates the blocks it reads): one state task per key block (its
+    m·(Ev+1) floats per head are all it sends on); a binary tree of additions over
+    the key blocks; per query block, causal: the sum of the O(log B) tree nodes
+    that cover the blocks before it, plus its own key block under the mask
+    (prefix/decay scan with that state); non-causal: the root (all keys), gemm's
+    query side.
     """
     import dask
     delayed = dask.delayed
-    states = [delayed(_key_block_state, pure=True)(k, v, plans, batch_shape, scale, workers)
-              for k, v in zip(kr, vparts)]
+    states = [delayed(_key_block_state, pure=True)(k, v, m, ka, plans, batch_shape, scale,
+                                                   workers)
+              for k, v, m, ka in zip(kr, vparts, mparts, kcuts)]
+    add = delayed(_add_states, pure=True)
+    total = delayed(_sum_states, pure=True)
     levels = [states]                      # levels[l][j]: blocks j·2^l .. (j+1)·2^l − 1
     while len(levels[-1]) > 1:
         lv = levels[-1]
-        levels.append([delayed(_add_states, pure=True)(lv[2 * j], lv[2 * j + 1])
-                       for j in range(len(lv) // 2)])
+        levels.append([add(lv[2 * j], lv[2 * j + 1], rates) for j in range(len(lv) // 2)])
     root = None
     if states:
         nodes, start = [], 0                # the whole range, as full tree nodes
@@ -741,18 +961,18 @@ def _fast_long(qr, kr, vparts, plans, *, batch_shape, Ev, scale, causal, workers
             while start + size <= len(states):
                 nodes.append(levels[lvl][start >> lvl])
                 start += size
-        root = nodes[0] if len(nodes) == 1 else delayed(_sum_states, pure=True)(*nodes)
+        root = nodes[0] if len(nodes) == 1 else total(*nodes, rates=rates)
     query = delayed(_query_block, pure=True, nout=2)
     results = []
-    for i, q in enumerate(qr):
+    for i, (q, qa) in enumerate(zip(qr, qcuts)):
         if causal:          # aligned blocks: query block i holds the keys of key block i
-            cover = [levels[lvl][(i >> lvl) - 1] for lvl in range(len(levels))
-                     if (i >> lvl) & 1]
+            cover = [levels[lvl][(i >> lvl) - 1] for lvl in range(len(levels) - 1, -1, -1)
+                     if (i >> lvl) & 1]                       # in position order
             prefix = (None if not cover else cover[0] if len(cover) == 1
-                      else delayed(_sum_states, pure=True)(*cover))
-            results.append(query(q, kr[i], vparts[i], prefix, plans, batch_shape, scale,
-                                 True, Ev, workers))
+                      else total(*cover, rates=rates))
+            results.append(query(q, kr[i], vparts[i], mparts[i], qa, prefix, plans,
+                                 batch_shape, scale, True, Ev, workers))
         else:
-            results.append(query(q, None, None, root, plans, batch_shape, scale, False, Ev,
-                                 workers))
+            results.append(query(q, None, None, None, qa, root, plans, batch_shape, scale,
+                                 False, Ev, workers))
     return results, delayed(_plan_bounds, pure=True)(plans, batch_shape)

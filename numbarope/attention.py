@@ -672,24 +672,33 @@ def _head_specs(p, radius):
     return specs
 
 
-def separable_head_spec(head, n, S, E, Ev, radius, vmax, causal, compute_dtype, out_unit):
-    """HeadSpec of a head without bias or W_t, built from its statistics alone.
+def separable_head_spec(head, n, S, E, Ev, radius, vmax, causal, compute_dtype, out_unit,
+                        rate=None, key_mask=None):
+    """HeadSpec of a head without W_t, built from its statistics alone.
 
     For data that is never in one place (one long sequence in blocks on a Dask
     cluster, ``numbarope._dask``): ``radius`` R = s·max‖q_i‖·max‖k_j‖ over the
     rotated blocks (R₁ = R without W_t), ``vmax`` = max|v|; n query rows at
-    positions 0..n−1 against S keys at 0..S−1. The same fields as
-    :func:`_head_specs` gives the in-memory call for these inputs.
+    positions 0..n−1 against S keys at 0..S−1. ``rate``: a
+    :class:`~numbarope.bias.Decay` (ALiBi) bias of this rate (square, causal:
+    every row sees its own key, so the row mass is 1). ``key_mask``: (S,) bool
+    of real keys (no bias). The same fields as :func:`_head_specs` gives the
+    in-memory call for these inputs.
     """
     cd = np.dtype(compute_dtype)
     out_rounding = out_unit * vmax
-    cuts = bool(causal) and visible_keys(n, S, 0, True, None) is not None
+    if rate is not None:
+        structure, params = "decay", dict(rate=float(rate))
+    else:
+        cuts = bool(causal) and visible_keys(n, S, 0, True, key_mask) is not None
+        structure, params = ("causal" if cuts else "none"), {}
     return HeadSpec(head=tuple(head), n=n, S=S, offset=0, E=E, Ev=Ev, radius=float(radius),
                     radius1=float(radius), vmax=float(vmax), general=False,
-                    structure="causal" if cuts else "none", causal=bool(causal),
-                    row_mass=1.0, out_rounding=out_rounding,
-                    exact_bound=exact_error_bound(S, E, radius, radius, vmax, cd, False, False)
-                    + out_rounding, compute_dtype=cd.name, pairs=_pairs(n, S, causal, 0))
+                    structure=structure, causal=bool(causal), row_mass=1.0,
+                    out_rounding=out_rounding,
+                    exact_bound=exact_error_bound(S, E, radius, radius, vmax, cd, False,
+                                                  rate is not None) + out_rounding,
+                    compute_dtype=cd.name, pairs=_pairs(n, S, causal, 0), **params)
 
 
 def _plans(p, method, eps, degree, approx, radius):

@@ -71,13 +71,18 @@ def main():
               f"(if not already on the worker), out {outb / 2**20:.1f} MiB back")
     # one long sequence, causal: exact = pairs of query x key blocks merged by lse;
     # fast = key-side states per key block, tree reduction, query blocks
-    for method, n, s in (("fast", a.n_fast, 0.5 / np.sqrt(a.E)), ("exact", a.n_exact, 0.3)):
+    from numbarope.bias import ALiBi
+    alibi = ALiBi.from_heads(a.heads)
+    for method, n, s, bias in (("fast", a.n_fast, 0.5 / np.sqrt(a.E), None),
+                               ("fast", a.n_fast, 0.5 / np.sqrt(a.E), alibi),
+                               ("exact", a.n_exact, 0.3, None)):
         if a.only not in (None, method) or a.section not in (None, "long"):
             continue
         blk = n // a.blocks
         rng = np.random.default_rng(1)
         q, k, v = (rng.uniform(-s, s, (a.heads, n, a.E)) for _ in range(3))
-        kw = dict(rotary=True, is_causal=True, method=method, eps=1e-3, scale=1.0)
+        kw = dict(rotary=True, is_causal=True, method=method, eps=1e-3, scale=1.0,
+                  bias=bias)
         t_mem, ref = best(lambda: numbarope.rope_attention(q, k, v, **kw))
         info = numbarope.plan(q, k, v, **kw)
         t_ls, out = best(lambda: long_sequence_attention(q, k, v, query_block=blk,
@@ -88,7 +93,8 @@ def main():
         t_on, _ = best(lambda: long_sequence_attention(dq, dk, dv, query_block=blk,
                                                        **kw).compute())
         blk_in = (blk * a.E * 8) * 3 * a.heads
-        line = (f"long {method:5s} n={n} heads={a.heads} blocks of {blk}: in-memory "
+        label = method + ("+alibi" if bias is not None else "")
+        line = (f"long {label:10s} n={n} heads={a.heads} blocks of {blk}: in-memory "
                 f"{t_mem:.2f}s, dask {t_ls:.2f}s (incl. scatter), {t_on:.2f}s (blocks "
                 f"already on the workers), "
                 f"max|diff|={np.abs(out - ref).max():.1e}; ")
@@ -99,7 +105,8 @@ def main():
         else:
             m = int(np.max(info.features))
             state = a.heads * m * (a.E + 1) * 8
-            line += (f"degree {int(np.max(info.degree))}, m={m}: per key block "
+            line += (f"{'/'.join(sorted(set(info.algorithm.ravel())))}, "
+                     f"degree {int(np.max(info.degree))}, m={m}: per key block "
                      f"{2 * blk_in / 3 / 2**20:.1f} MiB in (k, v), one state of "
                      f"{state / 2**20:.1f} MiB out (m x (Ev+1) per head) to the tree; per "
                      f"query block {blk_in / 3 / 2**20:.1f} MiB q + its k, v block + one "

@@ -21,9 +21,12 @@ what :func:`set_workers` set in this thread), a positive int that many threads,
 a negative int counts from ``os.cpu_count()`` (-1: all cores).
 """
 
+from __future__ import annotations
+
 import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 __all__ = ["get_workers", "set_workers", "resolve_workers", "run_tasks", "blas_threads"]
@@ -41,7 +44,7 @@ def _cpu_count():
         return max(1, os.cpu_count() or 1)
 
 
-def resolve_workers(workers=None):
+def resolve_workers(workers: int | None = None) -> int:
     """Number of threads for ``workers`` (scipy.fft's meaning, see module doc).
 
     Raises
@@ -76,12 +79,12 @@ def resolve_workers(workers=None):
     return workers
 
 
-def get_workers():
+def get_workers() -> int:
     """The default number of threads in this thread (see :func:`set_workers`)."""
     return resolve_workers(None)
 
 
-def set_workers(workers):
+def set_workers(workers: int | None) -> contextlib.AbstractContextManager[None]:
     """Context manager setting the default ``workers`` in the calling thread.
 
     Like ``scipy.fft.set_workers``: thread-local, restored on exit; use it in a
@@ -99,7 +102,7 @@ def set_workers(workers):
 
 
 @contextlib.contextmanager
-def _set_workers(n):
+def _set_workers(n: int) -> Iterator[None]:
     old = getattr(_local, "workers", None)
     _local.workers = n
     try:

@@ -39,12 +39,16 @@ Text-to-Text Transformer", JMLR 21 (2020), §2.1 (T5 relative buckets).
 A. Q. Jiang et al., "Mistral 7B", arXiv:2310.06825 (2023), §2 (sliding window).
 """
 
+from __future__ import annotations
+
 import math
 from collections import Counter
 from dataclasses import dataclass
 from functools import reduce
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["offsets", "causal_bias", "window_bias", "alibi_slopes", "alibi_bias",
            "t5_buckets", "t5_bias",
@@ -69,7 +73,7 @@ def _check_bool(x, name):
     return bool(x)
 
 
-def _real_array(x, name):
+def _real_array(x: ArrayLike, name: str) -> np.ndarray:
     """``x`` as a float64 array; ValueError naming ``name`` if it is not real numbers."""
     a = np.asarray(x)
     if a.dtype.kind not in "iuf":
@@ -108,7 +112,7 @@ def _check_offset(x, name):
     return int(x)
 
 
-def offsets(n, S=None, query_offset=0):
+def offsets(n: int, S: int | None = None, query_offset: int = 0) -> np.ndarray:
     """Offsets ``t`` in storage order.
 
     Parameters
@@ -141,7 +145,7 @@ def offsets(n, S=None, query_offset=0):
     return np.arange(start, start + n + S - 1, dtype=np.int64)
 
 
-def causal_bias(n):
+def causal_bias(n: int) -> np.ndarray:
     """0 for ``t >= 0`` (keys at or before the query), ``-inf`` otherwise.
 
     Equivalent to ``is_causal=True``, which is cheaper (prefix sums instead of
@@ -163,7 +167,7 @@ def causal_bias(n):
     return Causal().materialize(_check_n(n))
 
 
-def window_bias(n, window, causal=True):
+def window_bias(n: int, window: int, causal: bool = True) -> np.ndarray:
     """Sliding window: 0 for ``0 <= t <= window`` (``|t| <= window`` if not causal), else -inf.
 
     Each query sees ``window`` keys before it (and, if not causal, ``window``
@@ -193,7 +197,7 @@ def window_bias(n, window, causal=True):
     return Window(window, 0 if causal else window).materialize(_check_n(n))
 
 
-def alibi_slopes(num_heads):
+def alibi_slopes(num_heads: int) -> np.ndarray:
     """ALiBi head slopes (Press et al. 2022, §3; their reference code for non powers of 2).
 
     Parameters
@@ -225,7 +229,7 @@ def alibi_slopes(num_heads):
     return np.array(pow2(closest) + extra)
 
 
-def alibi_bias(n, slopes, causal=True):
+def alibi_bias(n: int, slopes: ArrayLike, causal: bool = True) -> np.ndarray:
     """ALiBi bias ``b_t = −slope·t`` (``−slope·|t|`` if not causal; -inf for t < 0 if causal).
 
     ``ALiBi(slopes, causal).materialize(n)``.
@@ -288,7 +292,8 @@ def _t5_bucket(t, num_buckets, bidirectional, max_distance):
     return bucket
 
 
-def t5_buckets(n, num_buckets, bidirectional=True, max_distance=128):
+def t5_buckets(n: int, num_buckets: int, bidirectional: bool = True,
+               max_distance: int = 128) -> np.ndarray:
     """T5 bucket of every offset ``t = i − j``, in storage order.
 
     Parameters
@@ -330,7 +335,8 @@ def t5_buckets(n, num_buckets, bidirectional=True, max_distance=128):
     n = _check_n(n)
     params = _t5_params(num_buckets, bidirectional, max_distance)
     return _t5_bucket(offsets(n), *params)
-def t5_bias(n, table, bidirectional=True, max_distance=128):
+def t5_bias(n: int, table: ArrayLike, bidirectional: bool = True,
+            max_distance: int = 128) -> np.ndarray:
     """T5 relative-position bias from a learned per-bucket table.
 
     Parameters
@@ -420,11 +426,11 @@ class RelativeBias:
 
     __slots__ = ()
     __array_ufunc__ = None      # ndarray + structure -> structure.__radd__
-    kind = "?"
-    _fields = ()                # parameters shown by repr and compared by ==
+    kind: ClassVar[str] = "?"
+    _fields: ClassVar[tuple[str, ...]] = ()     # parameters shown by repr and compared by ==
 
     # -- the array ---------------------------------------------------------
-    def values(self, L, S=None, offset=0):
+    def values(self, L: int, S: int | None = None, offset: int = 0) -> np.ndarray:
         """The bias of a call with ``L`` queries, ``S`` keys and ``query_offset=offset``.
 
         Parameters
@@ -453,7 +459,7 @@ class RelativeBias:
         S = L if S is None else _check_int(S, "S", 0)
         return self._values(offsets(L, S, _check_offset(offset, "offset")), L, S)
 
-    def materialize(self, n):
+    def materialize(self, n: int) -> np.ndarray:
         """``values(n)``: the square ``(..., 2n−1)`` array, ``[..., t + n − 1] = b(t)``."""
         return self.values(n)
 
@@ -463,7 +469,7 @@ class RelativeBias:
 
     # -- facts -------------------------------------------------------------
     @property
-    def causal(self):
+    def causal(self) -> bool:
         """True if every key after the query (``t < 0``) is masked."""
         return False
 
@@ -473,12 +479,12 @@ class RelativeBias:
         return ()
 
     @property
-    def heads(self):
+    def heads(self) -> int | None:
         """None, or the size of the head axis (the last leading axis of ``values``)."""
         return self._lead[-1] if self._lead else None
 
     @property
-    def algorithms(self):
+    def algorithms(self) -> tuple[str, ...]:
         """Fast algorithms serving this structure exactly, most specific first."""
         return ("fft",)
 
@@ -487,12 +493,12 @@ class RelativeBias:
         return None
 
     # -- composition, equality, display -----------------------------------
-    def __add__(self, other):
+    def __add__(self, other: RelativeBias | ArrayLike | None) -> RelativeBias:
         if other is None:
             return NotImplemented
         return _add(self, as_structure(other))
 
-    def __radd__(self, other):
+    def __radd__(self, other: RelativeBias | ArrayLike | None) -> RelativeBias:
         if other is None:
             return NotImplemented
         return _add(as_structure(other), self)
@@ -504,15 +510,15 @@ class RelativeBias:
             return x
         return (type(self),) + tuple(norm(getattr(self, f)) for f in self._fields)
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         if not isinstance(other, RelativeBias):
             return NotImplemented
         return self._key() == other._key()
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash(self._key())
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         def show(x):
             return _fmt_array(x) if isinstance(x, np.ndarray) else repr(x)
         args = ", ".join(f"{f}={show(getattr(self, f))}" for f in self._fields)
@@ -538,7 +544,7 @@ class NoBias(RelativeBias):
         return np.zeros(t.shape)
 
     @property
-    def algorithms(self):
+    def algorithms(self) -> tuple[str, ...]:
         return ("gemm", "fft")
 
     def _with_causal(self):
@@ -566,11 +572,11 @@ class Causal(RelativeBias):
         return np.where(t >= 0, 0.0, -np.inf)
 
     @property
-    def causal(self):
+    def causal(self) -> bool:
         return True
 
     @property
-    def algorithms(self):
+    def algorithms(self) -> tuple[str, ...]:
         return ("prefix", "fft")
 
     def _with_causal(self):
@@ -624,8 +630,8 @@ class Window(RelativeBias):
     array([-inf, -inf,   0.,   0., -inf])
     """
 
-    left: object
-    right: object = 0
+    left: int | None
+    right: int | None = 0
     kind = "window"
     _fields = ("left", "right")
 
@@ -634,7 +640,7 @@ class Window(RelativeBias):
         object.__setattr__(self, "right", _side(self.right, "right"))
 
     @classmethod
-    def from_hf(cls, sliding_window, causal=True):
+    def from_hf(cls, sliding_window: int, causal: bool = True) -> Window:
         """The window of an HF transformers ``config.sliding_window`` (Mistral, Qwen2, Gemma…).
 
         Parameters
@@ -677,11 +683,11 @@ class Window(RelativeBias):
         return np.where(ok, 0.0, -np.inf)
 
     @property
-    def causal(self):
+    def causal(self) -> bool:
         return self.right == 0
 
     @property
-    def algorithms(self):
+    def algorithms(self) -> tuple[str, ...]:
         if self.left is None and self.right == 0:
             return ("prefix", "window", "fft")
         if self.left is None and self.right is None:
@@ -726,10 +732,15 @@ class Decay(RelativeBias):
     True
     """
 
-    rate: object
+    rate: float | np.ndarray
     causal: bool = False
     kind = "decay"
     _fields = ("rate", "causal")
+
+    if TYPE_CHECKING:
+        # What the constructor accepts: __post_init__ stores a float or a read-only array.
+        def __init__(self, rate: ArrayLike, causal: bool = False) -> None:
+            ...
 
     def __post_init__(self):
         object.__setattr__(self, "rate", _rates(self.rate, "rate"))
@@ -745,7 +756,7 @@ class Decay(RelativeBias):
         return np.shape(self.rate)
 
     @property
-    def algorithms(self):
+    def algorithms(self) -> tuple[str, ...]:
         if not np.any(self.rate):
             return ("prefix" if self.causal else "gemm", "decay", "fft")
         return ("decay", "fft")
@@ -792,12 +803,12 @@ class ALiBi(Decay):
     kind = "alibi"
     _fields = ("slopes", "causal")      # repr and equality
 
-    def __init__(self, slopes, causal=True):
+    def __init__(self, slopes: ArrayLike, causal: bool = True) -> None:
         object.__setattr__(self, "rate", _rates(slopes, "slopes"))
         object.__setattr__(self, "causal", _check_bool(causal, "causal"))
 
     @classmethod
-    def from_heads(cls, num_heads, causal=True):
+    def from_heads(cls, num_heads: int, causal: bool = True) -> ALiBi:
         """ALiBi with the slopes of :func:`alibi_slopes` for ``num_heads`` heads.
 
         Raises
@@ -808,7 +819,7 @@ class ALiBi(Decay):
         return cls(alibi_slopes(num_heads), causal)
 
     @property
-    def slopes(self):
+    def slopes(self) -> float | np.ndarray:
         """The per-head slopes (``rate``)."""
         return self.rate
 
@@ -849,11 +860,17 @@ class T5Buckets(RelativeBias):
     ``-inf`` (a decoder's bucket 0 masks ``t <= 0``).
     """
 
-    table: object
+    table: np.ndarray
     bidirectional: bool = True
     max_distance: int = 128
     kind = "t5"
     _fields = ("table", "bidirectional", "max_distance")
+
+    if TYPE_CHECKING:
+        # What the constructor accepts: __post_init__ stores a read-only float64 array.
+        def __init__(self, table: ArrayLike, bidirectional: bool = True,
+                     max_distance: int = 128) -> None:
+            ...
 
     def __post_init__(self):
         table = _bias_array(self.table, "table")
@@ -874,7 +891,7 @@ class T5Buckets(RelativeBias):
         return self.table.shape[:-1]
 
     @property
-    def causal(self):
+    def causal(self) -> bool:
         nb = self.table.shape[-1]
         if self.bidirectional:      # t < 0 lands in buckets h + 1 .. 2h − 1
             future = self.table[..., nb // 2 + 1:2 * (nb // 2)]
@@ -908,9 +925,14 @@ class Dense(RelativeBias):
     the call): add ``Causal()`` for the mask. Served by ``"fft"``.
     """
 
-    bias: object
+    bias: np.ndarray
     kind = "dense"
     _fields = ("bias",)
+
+    if TYPE_CHECKING:
+        # What the constructor accepts: __post_init__ stores a read-only float64 array.
+        def __init__(self, bias: ArrayLike) -> None:
+            ...
 
     def __post_init__(self):
         b = np.asarray(self.bias)
@@ -953,18 +975,19 @@ class Sum(RelativeBias):
     ``"fft"``) that serve every term: at least ``"fft"``.
     """
 
-    terms: tuple
+    terms: tuple[RelativeBias, ...]
     kind = "sum"
 
-    def __init__(self, *terms):
+    def __init__(self, *terms: RelativeBias | ArrayLike) -> None:
         if not terms:
             raise ValueError("Sum needs at least one term")
         terms = tuple(as_structure(x) for x in terms)
         try:
-            np.broadcast_shapes(*(x._lead for x in terms))
+            np.broadcast_shapes(*(x._lead for x in terms))  # type: ignore[union-attr]
         except ValueError:
             raise ValueError("the terms' leading (head) shapes do not broadcast: "
-                             + ", ".join(f"{x!r}: {x._lead}" for x in terms)) from None
+                             + ", ".join(f"{x!r}: {x._lead}"  # type: ignore[union-attr]
+                                         for x in terms)) from None
         object.__setattr__(self, "terms", terms)
 
     def _values(self, t, L, S):
@@ -975,18 +998,18 @@ class Sum(RelativeBias):
         return np.broadcast_shapes(*(x._lead for x in self.terms))
 
     @property
-    def causal(self):
+    def causal(self) -> bool:
         return any(x.causal for x in self.terms)
 
     @property
-    def algorithms(self):
+    def algorithms(self) -> tuple[str, ...]:
         return tuple(a for a in self.terms[0].algorithms if a in _PARAMETER_FREE
                      and all(a in x.algorithms for x in self.terms[1:]))
 
     def _key(self):       # the same terms in any order (a + b == b + a)
         return (Sum, frozenset(Counter(x._key() for x in self.terms).items()))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "Sum(" + ", ".join(map(repr, self.terms)) + ")"
 
 
@@ -1029,7 +1052,7 @@ def _add(a, b):
     return terms[0] if len(terms) == 1 else Sum(*terms)
 
 
-def as_structure(x):
+def as_structure(x: RelativeBias | ArrayLike | None) -> RelativeBias:
     """The typed structure of a ``bias`` argument.
 
     Parameters

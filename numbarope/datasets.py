@@ -15,8 +15,12 @@ dependencies of numbarope).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .rotary import Rotary
 
 __all__ = ["load_sample", "Sample"]
 
@@ -35,7 +39,7 @@ SAMPLE_NAMES = tuple(_SAMPLES)
 
 # Rotary settings and attention scale of each model; the metadata of a file
 # (``rope_base``, ``layout``, ``scale``), where present, takes precedence.
-_MODEL_SETTINGS = {
+_MODEL_SETTINGS: dict[str, dict[str, Any]] = {
     "minilm": dict(rope_base=None, layout=None, scale=float(1.0 / np.sqrt(32.0))),
     "smollm2": dict(rope_base=100000.0, layout="half", scale=0.125),
 }
@@ -88,21 +92,21 @@ class Sample:
     query: np.ndarray
     key: np.ndarray
     value: np.ndarray
-    layers: tuple
-    metadata: dict = field(default_factory=dict)
+    layers: tuple[int, ...]
+    metadata: dict[str, str] = field(default_factory=dict)
     name: str = "minilm"
     rope_base: float | None = None
     layout: str | None = None
     scale: float | None = None
-    radii: dict = field(default_factory=dict)
+    radii: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
-    def shape(self) -> tuple:
+    def shape(self) -> tuple[int, ...]:
         """``(layers, Hq, n, head_dim)`` of :attr:`query`."""
         return tuple(self.query.shape)
 
     @property
-    def heads(self) -> tuple:
+    def heads(self) -> tuple[int, int]:
         """``(Hq, Hkv)``: query heads and key/value heads."""
         return int(self.query.shape[1]), int(self.key.shape[1])
 
@@ -113,7 +117,7 @@ class Sample:
         return hq // hkv
 
     @property
-    def rotary(self):
+    def rotary(self) -> Rotary | None:
         """``numbarope.Rotary`` of the model's RoPE, or ``None`` if it has none.
 
         SmolLM2: ``Rotary(base=100000.0, layout="half")`` (all 64 features).
@@ -124,7 +128,7 @@ class Sample:
             return None
         from .rotary import Rotary
 
-        return Rotary(base=self.rope_base, layout=self.layout)
+        return Rotary(base=self.rope_base, layout=self.layout)  # type: ignore[arg-type]
 
 
 def _sample_bytes(name: str) -> bytes:
@@ -223,7 +227,7 @@ def load_sample(name: str = "minilm") -> Sample:
         raise ValueError(f"load_sample: unknown sample name {name!r}; available: "
                          f"{', '.join(repr(n) for n in _SAMPLES)}")
     with np.load(io.BytesIO(_sample_bytes(name)), allow_pickle=False) as npz:
-        arrays = {
+        arrays: dict[str, Any] = {
             key: np.ascontiguousarray(npz[key], dtype=np.float32)
             for key in ("query", "key", "value")
         }

@@ -23,13 +23,17 @@ Both are certified by the same a posteriori procedure (see
 :func:`exp_approximation`, Notes).
 """
 
+from __future__ import annotations
+
 import functools
 import math
 import numbers
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Literal
 
 import numpy as np
+from numpy.typing import ArrayLike
 from numpy.polynomial import chebyshev as _cheb
 from scipy import special as _special
 
@@ -102,11 +106,11 @@ class ExpApproximation:
     coef: np.ndarray
     degree: int
     radius: float
-    kind: str
+    kind: Literal["chebyshev", "taylor"]
     error_bound: float
     bound_method: str
 
-    def __call__(self, x):
+    def __call__(self, x: ArrayLike) -> float | np.ndarray:
         """Evaluate ``p(x)`` in float64 by Horner's rule.
 
         Parameters
@@ -124,7 +128,7 @@ class ExpApproximation:
         y = _horner(self.coef, np.array(xa, dtype=np.float64, ndmin=1))
         return float(y[0]) if xa.ndim == 0 else y.reshape(xa.shape)
 
-    def measured_error(self, npoints=200_001):
+    def measured_error(self, npoints: int = 200_001) -> float:
         """Largest ``|p(x) e^{-x} - 1|`` on a uniform grid (NOT certified).
 
         Evaluated in ``np.longdouble`` on ``npoints`` equispaced points of
@@ -137,7 +141,7 @@ class ExpApproximation:
         f = _horner(self.coef.astype(np.longdouble), x) * np.exp(-x) - 1
         return float(np.max(np.abs(f)))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"ExpApproximation(kind={self.kind!r}, degree={self.degree}, "
                 f"radius={self.radius!r}, error_bound={self.error_bound:.3g})")
 
@@ -657,7 +661,8 @@ def _exp_approximation(radius, eps, degree, kind, max_degree, npoints):
         f"numbarope._config.MAX_DEGREE={max_degree}.{why}")
 
 
-def exp_approximation(radius, eps=None, degree=None, kind="chebyshev"):
+def exp_approximation(radius: float, eps: float | None = None, degree: int | None = None,
+                      kind: Literal["chebyshev", "taylor"] = "chebyshev") -> ExpApproximation:
     r"""Polynomial ``p`` with certified relative error to ``exp`` on ``[-R, R]``.
 
     Parameters
@@ -803,7 +808,8 @@ def exp_approximation(radius, eps=None, degree=None, kind="chebyshev"):
     return _exp_approximation(r, e, None, kind, max_degree, npoints)
 
 
-def degree_for(radius, eps, kind="chebyshev"):
+def degree_for(radius: float, eps: float,
+               kind: Literal["chebyshev", "taylor"] = "chebyshev") -> int:
     """Smallest degree whose certified relative error on ``[-R, R]`` is <= eps.
 
     Parameters

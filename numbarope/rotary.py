@@ -41,13 +41,17 @@ Y. Ding et al., "LongRoPE: Extending LLM Context Window Beyond 2 Million Tokens"
 arXiv:2402.13753 (2024).
 """
 
+from __future__ import annotations
+
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from numba import njit
+from numpy.typing import ArrayLike
 
 __all__ = ["Rotary", "apply_rotary", "rotary_relative_matrices",
            "LinearScaling", "DynamicNTKScaling", "Llama3Scaling", "YarnScaling",
@@ -95,8 +99,12 @@ class _Scaling:
     #: True when the frequencies depend on the sequence length of the call.
     depends_on_seq_len = False
 
+    if TYPE_CHECKING:   # defined by every subclass
+        def inv_freq(self, base: float, dim: int, seq_len: float | None = None) -> np.ndarray:
+            ...
+
     @property
-    def effective_attention_factor(self):
+    def effective_attention_factor(self) -> float:
         """Factor multiplying cos and sin (1.0: none)."""
         return 1.0
 
@@ -120,7 +128,7 @@ class LinearScaling(_Scaling):
     def __post_init__(self):
         object.__setattr__(self, "factor", _real("LinearScaling", "factor", self.factor, lo=0))
 
-    def inv_freq(self, base, dim, seq_len=None):
+    def inv_freq(self, base: float, dim: int, seq_len: float | None = None) -> np.ndarray:
         return _default_inv_freq(base, dim) / self.factor
 
 
@@ -160,7 +168,7 @@ class DynamicNTKScaling(_Scaling):
                            _length("DynamicNTKScaling", "original_max_position_embeddings",
                                    self.original_max_position_embeddings))
 
-    def inv_freq(self, base, dim, seq_len=None):
+    def inv_freq(self, base: float, dim: int, seq_len: float | None = None) -> np.ndarray:
         L = self.original_max_position_embeddings
         seq_len = L if seq_len is None else max(float(seq_len), L)
         if dim > 2:       # with one pair the frequency is base**0 = 1 whatever the base
@@ -208,7 +216,7 @@ class Llama3Scaling(_Scaling):
                            _length("Llama3Scaling", "original_max_position_embeddings",
                                    self.original_max_position_embeddings))
 
-    def inv_freq(self, base, dim, seq_len=None):
+    def inv_freq(self, base: float, dim: int, seq_len: float | None = None) -> np.ndarray:
         inv = _default_inv_freq(base, dim)
         L = self.original_max_position_embeddings
         wavelen = 2 * np.pi / inv
@@ -285,7 +293,7 @@ class YarnScaling(_Scaling):
         s(self, "truncate", bool(self.truncate))
 
     @property
-    def effective_attention_factor(self):
+    def effective_attention_factor(self) -> float:
         """Factor on cos and sin: ``attention_factor``, else from ``factor`` (and mscales)."""
         if self.attention_factor is not None:
             return self.attention_factor
@@ -293,7 +301,7 @@ class YarnScaling(_Scaling):
             return _yarn_mscale(self.factor, self.mscale) / _yarn_mscale(self.factor, self.mscale_all_dim)
         return _yarn_mscale(self.factor)
 
-    def inv_freq(self, base, dim, seq_len=None):
+    def inv_freq(self, base: float, dim: int, seq_len: float | None = None) -> np.ndarray:
         L = self.original_max_position_embeddings
 
         def correction_dim(rotations):
@@ -364,7 +372,7 @@ class LongRopeScaling(_Scaling):
                                           allow_none=True))
 
     @property
-    def effective_attention_factor(self):
+    def effective_attention_factor(self) -> float:
         """Factor on cos and sin: ``attention_factor``, else ``sqrt(1 + ln factor / ln L)``."""
         if self.attention_factor is not None:
             return self.attention_factor
@@ -372,7 +380,7 @@ class LongRopeScaling(_Scaling):
             return 1.0
         return math.sqrt(1 + math.log(self.factor) / math.log(self.original_max_position_embeddings))
 
-    def inv_freq(self, base, dim, seq_len=None):
+    def inv_freq(self, base: float, dim: int, seq_len: float | None = None) -> np.ndarray:
         if len(self.short_factor) != dim // 2:
             raise ValueError(
                 f"LongRopeScaling: short_factor and long_factor have {len(self.short_factor)} "
@@ -511,8 +519,17 @@ class Rotary:
 
     dim: int | None = None
     base: float = 10000.0
-    layout: str = "half"
-    scaling: float | _Scaling | None = None
+    layout: Literal["half", "interleaved"] = "half"
+    scaling: _Scaling | None = None
+
+    if TYPE_CHECKING:
+        # What the constructor accepts: __post_init__ maps the layout aliases to the
+        # canonical names and a float scaling s to LinearScaling(s).
+        def __init__(self, dim: int | None = None, base: float = 10000.0,
+                     layout: Literal["half", "interleaved", "neox", "rotate_half", "gptj",
+                                     "rotate_every_two"] = "half",
+                     scaling: float | _Scaling | None = None) -> None:
+            ...
 
     def __post_init__(self):
         layout = LAYOUT_ALIASES.get(self.layout, self.layout) if isinstance(self.layout, str) \
@@ -556,8 +573,11 @@ class Rotary:
             object.__setattr__(self, "scaling", sc)
 
     @classmethod
-    def from_hf(cls, rope_parameters, head_dim=None, max_position_embeddings=None,
-                partial_rotary_factor=None, layout="half"):
+    def from_hf(cls, rope_parameters: Mapping[str, Any] | Any, head_dim: int | None = None,
+                max_position_embeddings: int | None = None,
+                partial_rotary_factor: float | None = None,
+                layout: Literal["half", "interleaved", "neox", "rotate_half", "gptj",
+                                "rotate_every_two"] = "half") -> Rotary:
         """``Rotary`` of a transformers model, from its ``config.rope_parameters``.
 
         Parameters
@@ -640,11 +660,11 @@ class Rotary:
                    scaling=_scaling_from_hf(rope_parameters, max_position_embeddings))
 
     @property
-    def attention_factor(self):
+    def attention_factor(self) -> float:
         """Factor on cos and sin (YaRN, LongRoPE; 1.0 otherwise)."""
         return 1.0 if self.scaling is None else self.scaling.effective_attention_factor
 
-    def rotary_dim(self, head_dim):
+    def rotary_dim(self, head_dim: int) -> int:
         """Number of rotated features for a given ``head_dim`` (validated)."""
         dim = head_dim if self.dim is None else self.dim
         if dim > head_dim:
@@ -659,7 +679,7 @@ class Rotary:
                 f"dim=None; {fix}")
         return dim
 
-    def inv_freq(self, head_dim, seq_len=None):
+    def inv_freq(self, head_dim: int, seq_len: float | None = None) -> np.ndarray:
         """Inverse frequencies, shape ``(dim/2,)``, float64, in rad/position.
 
         ``base ** (-2i/dim)`` modified by ``scaling``. ``seq_len`` (max
@@ -671,7 +691,8 @@ class Rotary:
             return _default_inv_freq(self.base, dim)
         return self.scaling.inv_freq(self.base, dim, seq_len)
 
-    def angles(self, positions, head_dim, seq_len=None):
+    def angles(self, positions: ArrayLike, head_dim: int,
+               seq_len: float | None = None) -> np.ndarray:
         """Angles ``positions[:, None] * inv_freq[None, :]`` in radians, ``(n, dim/2)`` float64.
 
         ``seq_len`` defaults to ``max(positions) + 1`` (see :meth:`inv_freq`).
@@ -691,7 +712,7 @@ class Rotary:
             else np.longdouble("6.283185307179586476925286766559005768")
         return np.fmod(ang, two_pi).astype(np.float64)
 
-    def pairs(self, head_dim):
+    def pairs(self, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
         """Index arrays ``(first, second)`` of the rotated feature pairs, each ``(dim/2,)``."""
         dim = self.rotary_dim(head_dim)
         if self.layout == "half":
@@ -792,7 +813,8 @@ def rotate(x, rotary, cos, sin, dtype=np.float64):
     return out if dtype == np.float64 else out.astype(dtype)
 
 
-def apply_rotary(x, rotary=None, positions=None):
+def apply_rotary(x: ArrayLike, rotary: Rotary | None = None,
+                 positions: ArrayLike | None = None) -> np.ndarray:
     """Rotate features of ``x`` by their positions (RoPE).
 
     Parameters
@@ -854,7 +876,8 @@ def apply_rotary(x, rotary=None, positions=None):
     return rotate(x, rotary, cos, sin, dtype=x.dtype)
 
 
-def rotary_relative_matrices(n, rotary=None, head_dim=None):
+def rotary_relative_matrices(n: int, rotary: Rotary | None = None,
+                             head_dim: int | None = None) -> np.ndarray:
     """Relative-position matrices ``W_t`` equivalent to a rotary embedding.
 
     RoPE gives ``(R_i q)ᵀ (R_j k) = qᵀ R_{j−i} k``, so the relative matrix of
@@ -891,7 +914,7 @@ def rotary_relative_matrices(n, rotary=None, head_dim=None):
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < lo:
             raise ValueError(f"rotary_relative_matrices: {name} must be an int >= {lo}, "
                              f"got {val!r}")
-    n, E = int(n), int(head_dim)
+    n, E = int(n), int(head_dim)  # type: ignore[arg-type]  # head_dim checked above
     t = np.arange(-(n - 1), n, dtype=np.float64) if n else np.zeros(0)
     first, second = rotary.pairs(E)
     ang = rotary.angles(-t, E, seq_len=n)          # W_t = R_{-t}

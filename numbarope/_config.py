@@ -80,3 +80,17 @@ def available_memory():
 def memory_limit():
     """Bytes one call may use: ``MEMORY_FRACTION`` of the available RAM."""
     return int(MEMORY_FRACTION * available_memory())
+
+
+#: Exact calls with fewer multiply-adds than this (query rows × keys × (E + Ev)) run
+#: in the caller's thread: a thread hand-off costs ~0.05–0.2 ms, more than they take.
+INLINE_WORK = 2e6
+
+#: Requests below this many bytes are not checked against :func:`memory_limit`
+#: (reading /proc/meminfo costs ~0.1 ms, a large share of a small call).
+SMALL_REQUEST = 16 * 2**20
+
+
+def exceeds_memory(need):
+    """Whether ``need`` bytes exceed :func:`memory_limit` (False below SMALL_REQUEST)."""
+    return need > SMALL_REQUEST and need > memory_limit()

@@ -57,6 +57,7 @@ class _Problem:
     knorms: np.ndarray | None = None
     _vmax: np.ndarray | None = field(default=None, repr=False)
     _weights: dict = field(default_factory=dict, repr=False)
+    _cuts: bool | None = field(default=None, repr=False)
 
     def value_maxima(self):
         """max|v| of every key/value head (float64), computed once."""
@@ -372,7 +373,7 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
     need = 8 * B * (n * (E + Ev) + S * (2 * E + Ev))   # float64 copies of q, k, v, out
     if rel is not None:
         need += 8 * rel.size
-    if need > _config.memory_limit():
+    if _config.exceeds_memory(need):
         fix = ("split the batch into smaller calls" if B > 1 else
                "one head of this length does not fit: shorten the sequence, or free "
                "memory (or raise numbarope._config.MEMORY_FRACTION)")
@@ -722,7 +723,11 @@ def _causal_cuts(p, b):
     """Whether is_causal hides a real key from some query of head b (else, e.g. when
     decoding at the end of a cache, the head is non-causal attention: "gemm")."""
     w = _key_weights(p, b)
-    return visible_keys(p.n, p.S, p.offset, True, None if w is None else w > 0) is not None
+    if w is None:                     # the same for every head without padding: once
+        if p._cuts is None:
+            p._cuts = visible_keys(p.n, p.S, p.offset, True, None) is not None
+        return p._cuts
+    return visible_keys(p.n, p.S, p.offset, True, w > 0) is not None
 
 
 def _share_groups(p):

@@ -480,8 +480,12 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
     # enough chunks for dynamic balance, few enough that Python overhead stays small
     pairs_per_task = rb * (S if not causal else S / 2) * (E * E if general else E + Ev)
     per_chunk = max(1, int(4e6 // max(pairs_per_task, 1)))
-    nchunks = max(min(len(tasks), 8 * nthreads), -(-len(tasks) // per_chunk))
-    chunks = np.array_split(tasks, min(nchunks, len(tasks)))
+    inline = len(tasks) * pairs_per_task < _config.INLINE_WORK
+    if inline:      # a small call: handing it to threads costs more than it saves
+        chunks = [tasks]
+    else:
+        nchunks = max(min(len(tasks), 8 * nthreads), -(-len(tasks) // per_chunk))
+        chunks = np.array_split(tasks, min(nchunks, len(tasks)))
     if general:
         gscale = float(scale)
         qnorm = knorm = np.zeros((1, 1))
@@ -513,8 +517,11 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
                      has_kmask, kvi, wl, wr, np.ascontiguousarray(chunk),
                      out, lse)
 
-    with blas_threads(1):
-        run_tasks(run, chunks, nthreads)
+    if inline:
+        run(chunks[0])                       # the caller's thread; rows do not change
+    else:
+        with blas_threads(1):
+            run_tasks(run, chunks, nthreads)
     if return_lse and has_bias:              # undo the per-row bias shift
         with np.errstate(invalid="ignore"):
             lse += np.where(np.isfinite(shift[bi]), shift[bi], 0.0)

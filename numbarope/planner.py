@@ -18,6 +18,9 @@ machine: 2 cores, x86_64; :func:`numbarope.calibrate` re-measures them).
 
 from dataclasses import dataclass, field, fields
 
+import functools
+import math
+
 import numpy as np
 
 from . import _config, algorithms
@@ -566,12 +569,13 @@ def exact_error_bound(n, E, radius, radius1, vmax, precision="float64", general=
     # the running maximum may trail the row's by up to EXACT_HEADROOM (blocks whose
     # Cauchy–Schwarz bound is within it skip the maximum pass): 3u·headroom more
     dlogit = _gamma((2 * E if general else E) + 3, u) * R1 + 3 * u * (R + EXACT_HEADROOM[dt])
-    if not np.isfinite(dlogit) or dlogit > 1.0:
+    if not math.isfinite(dlogit) or dlogit > 1.0:
         return np.inf
-    rho0 = np.expm1(2 * dlogit) + EXP_ULPS[dt] * u * np.exp(2 * dlogit)
-    rho = (rho0 + 4.2 * u * (np.log(n) + 1) * (1 + rho0) + n * np.exp(EXP_FLUSH[dt])
+    # scalar math (not numpy): this runs once per head of every call
+    rho0 = math.expm1(2 * dlogit) + EXP_ULPS[dt] * u * math.exp(2 * dlogit)
+    rho = (rho0 + 4.2 * u * (math.log(n) + 1) * (1 + rho0) + n * math.exp(EXP_FLUSH[dt])
            + _gamma(n + nb, u64) + 3 * nb * u64)
-    if rho >= 1:
+    if not rho < 1:
         return np.inf
     return float(vmax * (2 * rho / (1 - rho) + _gamma(kb, u) + u + _gamma(nb, u64)
                          + 2 * u64))
@@ -628,6 +632,13 @@ def _polynomial(radius, target, degree, approx):
         return None, why
 
 
+@functools.lru_cache(maxsize=4096)
+def _start_degree(radius, target, approx):
+    """polynomial._start_degree, cached: radii are on the RADIUS_GRID, so calls hit."""
+    from .polynomial import _start_degree as start
+    return start(radius, target, approx)
+
+
 def _screen(h, target, approx, candidates, t_exact):
     """A :class:`Reason` to pick exact without certifying (auto only), or None.
 
@@ -636,7 +647,6 @@ def _screen(h, target, approx, candidates, t_exact):
     even that degree is beyond the limits or every candidate is slower than exact
     there, auto picks exact without spending 10–50 ms on a certification.
     """
-    from .polynomial import _start_degree
     g = _start_degree(_grid_radius(h.radius), target, approx)
     if g > _config.MAX_DEGREE:
         return Reason("degree-limit", f"fast infeasible: degree >= {g} needed at R="
@@ -663,16 +673,15 @@ def _evaluate(alg, h, approx_obj, eps, degree, method):
     rnd = alg.rounding(h, approx_obj.coef, delta)
     dtot = delta + rnd
     bound = (2 * dtot / (1 - dtot) * h.vmax if dtot < 1 else np.inf) + h.out_rounding
-    limit = _config.memory_limit()
     why = None
     if g > _config.MAX_DEGREE:
         why = Reason("degree-limit", f"degree {g} > MAX_DEGREE={_config.MAX_DEGREE}")
     elif feats > _config.MAX_FEATURES:
         why = Reason("feature-limit", f"degree {g} needs {feats:.3g} features > "
                                       f"MAX_FEATURES={_config.MAX_FEATURES:.3g}")
-    elif mem > limit:
+    elif _config.exceeds_memory(mem):
         why = Reason("memory-limit", f"needs {mem / 2**30:.2f} GiB > limit "
-                                     f"{limit / 2**30:.2f} GiB")
+                                     f"{_config.memory_limit() / 2**30:.2f} GiB")
     elif h.vmax > 0 and bound > eps * h.vmax * (1 + 1e-12) and not (
             degree is not None and method == "fast"):    # an explicit degree is honoured
         if h.out_rounding > eps * h.vmax:

@@ -205,6 +205,7 @@ def test_explicit_degree_that_certifies_nothing_warns():
 def test_single_head_memory_refusal_gives_applicable_advice(monkeypatch):
     from numbarope import _config
     monkeypatch.setattr(_config, "memory_limit", lambda: 1000)
+    monkeypatch.setattr(_config, "SMALL_REQUEST", 0)     # check even tiny requests
     q = np.zeros((1, 64, 4))
     with pytest.raises(ValueError, match=r"one head of this length does not fit"):
         rope_attention(q, q, q)

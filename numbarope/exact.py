@@ -480,7 +480,7 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
     # enough chunks for dynamic balance, few enough that Python overhead stays small
     pairs_per_task = rb * (S if not causal else S / 2) * (E * E if general else E + Ev)
     per_chunk = max(1, int(4e6 // max(pairs_per_task, 1)))
-    inline = len(tasks) * pairs_per_task < _config.INLINE_WORK
+    inline = len(tasks) * pairs_per_task * min(1.0, n / rb) < _config.INLINE_WORK
     if inline:      # a small call: handing it to threads costs more than it saves
         chunks = [tasks]
     else:

@@ -57,7 +57,7 @@ class _Problem:
     knorms: np.ndarray | None = None
     _vmax: np.ndarray | None = field(default=None, repr=False)
     _weights: dict = field(default_factory=dict, repr=False)
-    _cuts: bool | None = field(default=None, repr=False)
+    _cuts: dict = field(default_factory=dict, repr=False)
 
     def value_maxima(self):
         """max|v| of every key/value head (float64), computed once."""
@@ -733,12 +733,13 @@ def _plans(p, method, eps, degree, approx, radius):
 def _causal_cuts(p, b):
     """Whether is_causal hides a real key from some query of head b (else, e.g. when
     decoding at the end of a cache, the head is non-causal attention: "gemm")."""
-    w = _key_weights(p, b)
-    if w is None:                     # the same for every head without padding: once
-        if p._cuts is None:
-            p._cuts = visible_keys(p.n, p.S, p.offset, True, None) is not None
-        return p._cuts
-    return visible_keys(p.n, p.S, p.offset, True, w > 0) is not None
+    # the same for every head sharing a key mask (all heads without padding): once
+    key = -1 if p.kmask is None else int(p.kidx[b])
+    if key not in p._cuts:
+        w = _key_weights(p, b)
+        p._cuts[key] = visible_keys(p.n, p.S, p.offset, True,
+                                    None if w is None else w > 0) is not None
+    return p._cuts[key]
 
 
 def _share_groups(p):

@@ -18,6 +18,7 @@ safe to call without dask installed.
 
 import dataclasses
 import numbers
+import uuid
 
 import numpy as np
 
@@ -628,24 +629,31 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
             f"L == S); got query_block={query_block}, key_block={key_block}, L={L}, S={S}: "
             f"omit key_block")
 
-    def blocks(x, size):
+    call = uuid.uuid4().hex           # keys of this call's blocks (see below)
+
+    def blocks(x, size, name):
+        """Cuts, graph blocks and (numpy inputs) the local blocks."""
         n = x.shape[-2]
         cuts = list(range(0, n, size))
         if isinstance(x, np.ndarray) or not is_dask(x):
             x = np.asarray(x)
-            parts = [x[..., a:a + size, :] for a in cuts]
+            local = [x[..., a:a + size, :] for a in cuts]
             if client is not None:
-                parts = client.scatter(parts)
+                parts = client.scatter(local)
             else:
-                parts = [dask.delayed(p, traverse=False) for p in parts]
-            return cuts, parts
+                # keys of our own, not tokens of the data: a distributed scheduler that
+                # is still forgetting an earlier identical call's keys would otherwise
+                # cancel this one's tasks ("lost dependencies")
+                parts = [dask.delayed(p, traverse=False, name=f"numbarope-{name}-{call}-{i}")
+                         for i, p in enumerate(local)]
+            return cuts, parts, local
         x = x.rechunk(tuple(-1 for _ in x.shape[:-2]) + (size, -1))
         d = x.to_delayed().reshape(-1)
-        return cuts, list(d)
+        return cuts, list(d), None
 
-    qcuts, qparts = blocks(query, query_block)
-    kcuts, kparts = blocks(key, key_block)
-    _, vparts = blocks(value, key_block)
+    qcuts, qparts, qlocal = blocks(query, query_block, "query")
+    kcuts, kparts, klocal = blocks(key, key_block, "key")
+    _, vparts, vlocal = blocks(value, key_block, "value")
     mparts = [None if kpm is None else kpm[..., a:a + key_block] for a in kcuts]
     s_val = 1.0 / np.sqrt(E) if scale is None else float(scale)
     outs, lses, bounds = [], [], []
@@ -657,7 +665,9 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
                                 else 0.0, compute_dtype="float32"
                                 if kw.get("precision") == "float32" else "float64",
                                 rates=rates, nblocks=len(kcuts)),
-                           L, S, E, Ev, nrot, rotary)
+                           L, S, E, Ev, nrot, rotary,
+                           local=None if qlocal is None or klocal is None or vlocal is None
+                           else (qlocal, klocal, vlocal))
     if fast is not None:
         qr, kr, plans = fast
         results, bound = _fast_long(qr, kr, vparts, mparts, qcuts, kcuts, plans,
@@ -675,7 +685,7 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
         merge = dask.delayed(_merge_pairs, pure=True, nout=3)
         if isinstance(bias, np.ndarray):     # one copy in the graph, sliced by each pair
             bias = (client.scatter(bias, broadcast=True) if client is not None
-                    else dask.delayed(bias, traverse=False))
+                    else dask.delayed(bias, traverse=False, name=f"numbarope-bias-{call}"))
         for qa, qp in zip(qcuts, qparts):
             Lb = min(query_block, L - qa)
             parts = []
@@ -903,14 +913,15 @@ def _plan_bounds(plans, batch_shape):
 
 
 def _fast_plans(qparts, kparts, vparts, qcuts, kcuts, method, info, L, S, E, Ev, nrot,
-                rotary):
+                rotary, local=None):
     """Blocks to rotate and the per-head plans of the whole sequence, or None when
     ``method="auto"`` plans exact for some head.
 
     ``"fast"``: the plans are one lazy task on the blocks' maxima (it raises
     FastPathError at compute time for a head the fast path cannot serve).
     ``"auto"``: the maxima are computed now (one pass over the blocks, B floats
-    per block back) and planned here, to choose the graph.
+    per block back; ``local``: the numpy blocks of numpy inputs, read here without
+    a round trip) and planned here, to choose the graph.
     """
     import dask
     delayed = dask.delayed
@@ -924,7 +935,14 @@ def _fast_plans(qparts, kparts, vparts, qcuts, kcuts, method, info, L, S, E, Ev,
              [mx(x, bs, "abs") for x in vparts])
     if method == "fast":
         return qr, kr, delayed(_long_plans, pure=True)(*stats, L, S, E, Ev, info, "fast")
-    plans = _long_plans(*dask.compute(*stats), L, S, E, Ev, info, "auto")
+    if local is not None:
+        ql, kl, vl = local
+        got = ([_row_max((x, a, nrot, rotary), bs, "norm") for x, a in zip(ql, qcuts)],
+               [_row_max((x, a, nrot, rotary), bs, "norm") for x, a in zip(kl, kcuts)],
+               [_row_max(x, bs, "abs") for x in vl])
+    else:
+        got = dask.compute(*stats)
+    plans = _long_plans(*got, L, S, E, Ev, info, "auto")
     if any(p.method != "fast" for p in plans["plans"]):
         return None
     return qr, kr, plans

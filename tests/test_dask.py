@@ -239,6 +239,23 @@ def test_long_sequence_refusals():
             out.compute()
 
 
+def test_long_sequence_repeated_calls_on_the_default_client(client):
+    # client=None with a distributed Client around (the default scheduler): identical
+    # calls in a row once shared data-token keys, and a scheduler still forgetting one
+    # call's keys cancelled the next ("lost dependencies": 7 calls in 20 on a busy
+    # machine; timing-dependent, so this is a smoke test: it passed before the fix on an
+    # idle machine). Each call's blocks now have keys of their own.
+    q, k, v = _qkv((4, 512, 8), seed=13, s=0.2)
+    ref = numbarope.rope_attention(q, k, v, rotary=True)
+    for _ in range(20):
+        out = long_sequence_attention(q, k, v, query_block=128, rotary=True).compute()
+    assert np.abs(out - ref).max() <= 1e-12 * np.abs(v).max()
+    dq, dk, dv = _chunked((q, k, v), (2, 200, -1))
+    for _ in range(5):
+        out = long_sequence_attention(dq, dk, dv, query_block=128, rotary=True).compute()
+    assert np.abs(out - ref).max() <= 1e-12 * np.abs(v).max()
+
+
 def test_worker_killed_mid_computation(client):
     q, k, v = _qkv((8, 3000, 16), seed=5)
     ref = numbarope.rope_attention(q, k, v, rotary=True, method="exact")

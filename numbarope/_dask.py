@@ -19,10 +19,15 @@ safe to call without dask installed.
 import dataclasses
 import numbers
 import uuid
+import warnings
 
 import numpy as np
 
 __all__ = ["is_dask", "rope_attention_dask", "long_sequence_attention", "merge_partials"]
+
+#: More (query block, key block) pairs than this draws a warning: the scheduler's cost
+#: per task (~1 ms) would exceed the work of blocks that small.
+_MANY_PAIRS = 20000
 
 # keywords of rope_attention that plan() does not take (checked here instead)
 _CALL_ONLY = ("verify", "return_info", "workers", "return_lse")
@@ -113,9 +118,10 @@ def _validate(query, key, value, kw):
             raise ValueError(f"{name} must have shape (..., n, features), got shape {a.shape}")
     extras = []
     tails = {"bias": 1, "key_padding_mask": 1, "positions": 1, "relative": 3}
+    from .bias import RelativeBias
     for name, t in tails.items():
         a = kw.get(name)
-        if a is None:
+        if a is None or isinstance(a, RelativeBias):
             continue
         if not hasattr(a, "shape"):
             a = np.asarray(a)
@@ -141,6 +147,13 @@ def _validate(query, key, value, kw):
                 raise ValueError(f"{name} has leading dims {lead} that do not broadcast "
                                  f"to the (batch, head) dims {batch_shape} of query, key "
                                  f"and value; give it shape (..., S)")
+    # the commonest shape errors, with the caller's shapes (plan() below sees stand-ins)
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"key has shape {tuple(key.shape)}; expected (..., S, "
+                         f"{query.shape[-1]}): the head_dim of query {tuple(query.shape)}")
+    if value.shape[-2] != key.shape[-2]:
+        raise ValueError(f"value has shape {tuple(value.shape)}; expected (..., "
+                         f"{key.shape[-2]}, Ev): one row per key of key {tuple(key.shape)}")
     # the trailing rules: plan() on zero-stride zero arrays with unit leading dims
     nl = len(batch_shape)
     ones = (1,) * max(nl, query.ndim - 2)
@@ -153,7 +166,7 @@ def _validate(query, key, value, kw):
     small = dict((k_, v_) for k_, v_ in kw.items() if k_ not in _CALL_ONLY)
     for name, t in tails.items():
         a = small.get(name)
-        if a is None or a.ndim < t:
+        if a is None or isinstance(a, RelativeBias) or a.ndim < t:
             continue
         tail = tuple(a.shape[a.ndim - t:])
         if isinstance(a, np.ndarray) and a.ndim == t:
@@ -165,6 +178,43 @@ def _validate(query, key, value, kw):
     numbarope.plan(_tiny(qh + (L, E), query.dtype), _tiny(kh + (S, key.shape[-1]), key.dtype),
                    _tiny(kh + (value.shape[-2], value.shape[-1]), value.dtype), **small)
     return batch_shape, group
+
+
+def _split_per_head(query, key, kw):
+    """Take a typed bias and a per-head radius out of ``kw`` for chunking.
+
+    A structure without per-head parameters, or a Decay/ALiBi with per-head rates
+    (sliced per chunk of heads), stays a structure (the planner keeps its algorithm);
+    any other per-head structure becomes its array over the offsets. The proxy
+    validation sees one head's structure and the largest radius. Returns
+    ``(structure or None, radius array or None)``."""
+    from .attention import _query_offset
+    from .bias import Decay, RelativeBias
+    structure = radius = None
+    b = kw.get("bias")
+    if isinstance(b, RelativeBias):
+        if b.heads is not None and not isinstance(b, Decay):
+            L, S = query.shape[-2], key.shape[-2]
+            off = _query_offset(kw.get("query_offset"), kw.get("causal_alignment", "top_left"),
+                                L, S)
+            kw["bias"] = b.values(L, S, off)
+        else:
+            structure = b
+            if b.heads is not None:
+                kw["bias"] = b._replace(float(np.asarray(b.rate).reshape(-1)[0]), b.causal)
+    r = kw.get("radius")
+    if r is not None and np.ndim(r) > 0:
+        radius = np.asarray(r, dtype=np.float64)
+        kw["radius"] = float(np.max(radius, initial=0.0)) if radius.size else 0.0
+    return structure, radius
+
+
+def _chunk_structure(structure, sl, batch_shape):
+    """The structure for one chunk of heads (per-head rates sliced on the head axis)."""
+    if structure.heads is None or structure.heads == 1:
+        return structure
+    rate = np.asarray(structure.rate)
+    return structure._replace(rate[sl[-1]], structure.causal)
 
 
 def _block(q, k, v, extras, lo, kw):
@@ -227,7 +277,21 @@ def rope_attention_dask(query, key, value, **kw):
         numbarope.rope_attention(np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((1, 1)),
                                  **{u: kw[u] for u in unknown})
     kw = dict(kw)
+    structure, radius = _split_per_head(query, key, kw)
     batch_shape, group = _validate(query, key, value, kw)
+    if structure is not None:
+        kw.pop("bias")
+        if structure._lead and not _fits_batch(structure._lead, batch_shape):
+            raise ValueError(f"bias {structure!r} has per-head parameters of shape "
+                             f"{structure._lead}, which do not broadcast to the batch (head) "
+                             f"dims {batch_shape}")
+    if radius is not None:
+        if not _fits_batch(radius.shape, batch_shape):
+            raise ValueError(f"radius has shape {radius.shape}, which does not broadcast to "
+                             f"the batch (head) dims {batch_shape}; give one radius per head "
+                             f"or a scalar")
+        radius = np.broadcast_to(radius, batch_shape)
+        kw.pop("radius")
     return_info = bool(kw.pop("return_info", False))
     return_lse = bool(kw.pop("return_lse", False))
     from .attention import _validate_options
@@ -284,8 +348,13 @@ def rope_attention_dask(query, key, value, **kw):
         shp = tuple(int(lead_chunks[d][i]) for d, i in enumerate(idx))
         bidx = idx + (0, 0)
         ex = {n: a[idx + (0,) * (a.ndim - nl)] for n, a in ed.items()}
-        r = block(qd[bidx], kd[bidx], vd[bidx], ex, lo,
-                  dict(kw, return_lse=return_lse))
+        ckw = dict(kw, return_lse=return_lse)
+        sl = tuple(slice(a, a + b) for a, b in zip(lo, shp))
+        if structure is not None:
+            ckw["bias"] = _chunk_structure(structure, sl, batch_shape)
+        if radius is not None:
+            ckw["radius"] = np.ascontiguousarray(radius[sl])
+        r = block(qd[bidx], kd[bidx], vd[bidx], ex, lo, ckw)
         # da.block joins the innermost list levels along the last axes: one level
         # per trailing axis, holding the block alone
         outs[idx] = [[da.from_delayed(r[0], shape=shp + (L, Ev), dtype=dtype)]]
@@ -374,25 +443,67 @@ def _pair(qb, kb, vb, qa, ka, n_total, rotary, kw, bias=None, mask=None, L=None,
         extra["key_padding_mask"] = mask
     out, lse, info = numbarope.rope_attention(qb, kb, vb, query_offset=off, return_lse=True,
                                               return_info=True, **dict(kw), **extra)
-    return out.astype(np.float64, copy=False), lse, np.asarray(info.error_bound, float)
+    vmax = np.broadcast_to(np.abs(vb).max(axis=(-2, -1), initial=0.0), out.shape[:-2])
+    return (out.astype(np.float64, copy=False), lse, np.asarray(info.error_bound, float),
+            np.asarray(vmax, dtype=np.float64))
 
 
-def _merge_pairs(*parts):
-    """Tree merge of ((out, lse, bound), ...) -> (out, lse, bound)."""
-    items = [((o, l), b) for o, l, b in parts]
-    bound = np.max(np.stack([b for _, b in items]), axis=0)
+def _merge_pairs(*parts, out_unit=0.0):
+    """Tree merge of ((out, lse, bound, vmax), ...) -> (out, lse, bound).
+
+    Bound of the merged rows (exact pairs), per head, from the pairs' bounds B_a and
+    max|v|: each pair's weights are within ρ_a <= B_a/(2 max|v|) of their sum (its
+    bound is >= 2ρ_a·max|v|), so its lse errs by at most ε_a = −log(1−ρ_a) plus the
+    rounding of log and of the shift, <= 2u·(|lse|+1) (u = 2⁻⁵³). The merge weights
+    ``e^{lse_a − lse}`` are then within a factor ``e^{±x}``, ``x = 2 max ε_a +
+    4u(max|lse| + 2) + 2u·P`` (P pairs: one rescaling and one addition per merge
+    level), so ``|out − exact| <= max B_a + expm1(x)·max|v|`` (a convex combination of
+    the pairs' outputs with perturbed weights; Higham 2002 §3 for the float64 steps),
+    plus ``out_unit·max|v|`` for a float32 result.
+    """
+    import math
+    items = [((o, l), b) for o, l, b, _ in parts]
+    bmax = np.max(np.stack([b for _, b in items]), axis=0)
+    vmax = np.max(np.stack([m for *_, m in parts]), axis=0)
     acc = [p for p, _ in items]
     while len(acc) > 1:
         acc = [merge_partials(acc[i], acc[i + 1]) if i + 1 < len(acc) else acc[i]
                for i in range(0, len(acc), 2)]
-    return acc[0][0], acc[0][1], bound
+    out, lse = acc[0]
+    u = 2.0 ** -53
+    lmax = max([float(np.max(np.abs(l[np.isfinite(l)]), initial=0.0)) for (_, l), _ in items]
+               + [0.0])
+    bound = np.empty_like(bmax, dtype=np.float64)
+    for idx in np.ndindex(bmax.shape):
+        vm, b = float(vmax[idx]), float(bmax[idx])
+        if vm == 0.0:
+            bound[idx] = 0.0
+            continue
+        rho = min(b / (2 * vm), 0.5)
+        eps = -math.log1p(-rho) + 2 * u * (lmax + 1)
+        x = 2 * eps + 4 * u * (lmax + 2) + 2 * u * len(parts)
+        bound[idx] = (b + math.expm1(x) * vm + out_unit * vm) * (1 + 1e-12) \
+            if rho < 0.5 else np.inf
+    return out, lse, bound
+
+
+def _fits_batch(lead, batch_shape):
+    """Whether leading dims broadcast to the batch dims without enlarging them."""
+    try:
+        return tuple(np.broadcast_shapes(tuple(lead), tuple(batch_shape))) == tuple(batch_shape)
+    except ValueError:
+        return False
 
 
 def _long_bias(bias, is_causal, L, S, batch_shape):
     """``(bias, is_causal, rates, window)`` of long_sequence_attention's ``bias``: None;
     a typed structure (Causal() becomes is_causal; a causal Decay/ALiBi gives per-head
-    rates for the fast graph; a Window its band, to skip pairs); or an array over the
-    offsets, ``(..., L+S−1)`` (validated here, sliced per pair)."""
+    rates for the fast graph; a Window its band, to skip pairs; Decay and Window are
+    evaluated by each pair, any other structure is materialised over the whole
+    sequence's offsets); or an array over the offsets, ``(..., L+S−1)``, read as
+    rope_attention reads it (a boolean array is a mask), validated here and sliced
+    per pair."""
+    from .attention import _as_float_array
     from .bias import Causal, Decay, NoBias, RelativeBias, Window
     if bias is None:
         return None, is_causal, None, None
@@ -401,33 +512,30 @@ def _long_bias(bias, is_causal, L, S, batch_shape):
             return None, is_causal, None, None
         if isinstance(bias, Causal):
             return None, True, None, None
+        if bias._lead and not _fits_batch(bias._lead, batch_shape):
+            raise ValueError(f"bias {bias!r} has per-head parameters of shape {bias._lead}, "
+                             f"which do not broadcast to the batch (head) dims "
+                             f"{batch_shape}")
         causal = bool(is_causal) or bool(bias.causal)
         if isinstance(bias, Decay) and causal:
-            try:
-                np.broadcast_shapes(np.shape(bias.rate), batch_shape)
-            except ValueError:
-                raise ValueError(f"bias {bias!r}: its per-head rates {np.shape(bias.rate)} do "
-                                 f"not broadcast to the batch (head) dims {batch_shape}") \
-                    from None
             return bias, causal, _rates_of(bias, batch_shape), None
-        window = (bias.left, bias.right) if isinstance(bias, Window) else None
-        return bias, is_causal, None, window
+        if isinstance(bias, (Decay, Window)):
+            window = (bias.left, bias.right) if isinstance(bias, Window) else None
+            return bias, is_causal, None, window
+        return _long_bias(bias.values(L, S), is_causal, L, S, batch_shape)
     if is_dask(bias):
-        raise TypeError("bias: pass a numpy array (L+S−1 floats per head) or a "
+        raise TypeError("bias: pass a numpy array (L+S−1 values per head) or a "
                         "numbarope.bias structure, not a dask array")
     b = np.asarray(bias)
-    if b.dtype.kind not in "fiu" or b.dtype.kind == "b":
-        raise TypeError(f"bias must be a real float array or a numbarope.bias structure, got "
-                        f"dtype {b.dtype}")
-    b = b.astype(np.float64)
+    if b.dtype == np.bool_:            # a mask, as rope_attention: True = takes part
+        b = np.where(b, 0.0, -np.inf)
+    b = _as_float_array(b, "bias").astype(np.float64)
     if b.ndim < 1 or b.shape[-1] != L + S - 1:
         raise ValueError(f"bias has shape {b.shape}; expected (..., {L + S - 1}): one value "
                          f"per offset t = i − j (index t + S − 1)")
-    try:
-        np.broadcast_shapes(b.shape[:-1], batch_shape)
-    except ValueError:
+    if not _fits_batch(b.shape[:-1], batch_shape):
         raise ValueError(f"bias has shape {b.shape}, whose leading dims do not broadcast to "
-                         f"the batch (head) dims {batch_shape}") from None
+                         f"the batch (head) dims {batch_shape}")
     if np.isnan(b).any() or np.isposinf(b).any():
         raise ValueError("bias holds NaN or +inf; use finite values (-inf masks an offset)")
     return b, is_causal, None, None
@@ -440,11 +548,10 @@ def _long_key_mask(kpm, S, batch_shape):
     if is_dask(kpm):
         kpm = kpm.compute()          # S booleans per sequence
     m = _as_key_mask(kpm, S)
-    try:
-        np.broadcast_shapes(m.shape[:-1], batch_shape)
-    except ValueError:
+    if not _fits_batch(m.shape[:-1], batch_shape):
         raise ValueError(f"key_padding_mask has shape {m.shape}, whose leading dims do not "
-                         f"broadcast to the batch (head) dims {batch_shape}") from None
+                         f"broadcast to the batch (head) dims {batch_shape}: give it shape "
+                         f"(..., {S}) with leading dims of the batch")
     return m
 
 
@@ -560,8 +667,19 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
     from .attention import _validate_options
     from .rotary import Rotary
     if unknown:
-        numbarope.rope_attention(np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((1, 1)),
-                                 **unknown)    # raises with rope_attention's message
+        known = set(_known_keywords())
+        here = sorted(set(unknown) & known)
+        if here:      # rope_attention options this function does not implement: refuse
+            raise TypeError(
+                f"long_sequence_attention does not take {', '.join(here)} (options of "
+                f"rope_attention it does not implement: blocks are at positions 0..n−1, "
+                f"no GQA, the plan is its own); call numbarope.rope_attention for them")
+        raise TypeError(f"long_sequence_attention got unexpected keyword(s) "
+                        f"{', '.join(sorted(unknown))}")
+    if client is not None and not hasattr(client, "scatter"):
+        raise TypeError(f"client must be a distributed.Client (or None: the default "
+                        f"scheduler), got {type(client).__name__}; for an address use "
+                        f"client=distributed.Client({client!r})")
     for name, b in (("query_block", query_block), ("key_block", key_block)):
         if b is None and name == "key_block":
             continue
@@ -592,6 +710,11 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
     except ValueError:
         raise ValueError(f"leading (batch, head) dims do not broadcast: query {query.shape}, "
                          f"key {key.shape}, value {value.shape}") from None
+    if key.shape[-1] != E:
+        raise ValueError(f"key has shape {tuple(key.shape)}; expected (..., S, {E}): the "
+                         f"head_dim of query {tuple(query.shape)}")
+    if value.shape[-2] != S:
+        raise ValueError(f"value has shape {tuple(value.shape)}; expected (..., {S}, Ev)")
     ones = (1,) * len(batch_shape)
     qs, ks = min(L, query_block), min(S, key_block)
     numbarope.plan(_tiny(ones + (qs, E), query.dtype), _tiny(ones + (ks, key.shape[-1]), key.dtype),
@@ -606,6 +729,10 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
     dtype = np.result_type(query.dtype, key.dtype, value.dtype)
     if precision is None and dtype == np.float32:
         kw["precision"] = "float32"          # the pairs see float64 rotated inputs
+    from .attention import _check_finite
+    for name, a in (("query", query), ("key", key), ("value", value)):
+        if isinstance(a, np.ndarray):        # in memory: checked now (lazy: by the tasks)
+            _check_finite(np.ascontiguousarray(a), name)
     Ev = value.shape[-1]
     nrot = max(L, S)
     if rotary is not None and L != S:
@@ -626,8 +753,14 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
     if method == "fast" and not aligned:
         raise ValueError(
             f"method='fast' with is_causal needs aligned blocks (key_block == query_block, "
-            f"L == S); got query_block={query_block}, key_block={key_block}, L={L}, S={S}: "
-            f"omit key_block")
+            f"L == S); got query_block={query_block}, key_block={key_block}, L={L}, S={S}"
+            + (": omit key_block" if L == S else ": use method='exact' for L != S"))
+    npairs = -(-L // query_block) * -(-S // key_block)
+    if npairs > _MANY_PAIRS:
+        warnings.warn(f"long_sequence_attention: {npairs} (query block, key block) pairs "
+                      f"for the exact graph (blocks of {query_block}/{key_block} rows): "
+                      f"a graph this size costs the scheduler more than the work; use "
+                      f"larger blocks (thousands of rows)", RuntimeWarning, stacklevel=2)
 
     call = uuid.uuid4().hex           # keys of this call's blocks (see below)
 
@@ -639,7 +772,7 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
             x = np.asarray(x)
             local = [x[..., a:a + size, :] for a in cuts]
             if client is not None:
-                parts = client.scatter(local)
+                parts = client.scatter(local, hash=False)   # keys of this call
             else:
                 # keys of our own, not tokens of the data: a distributed scheduler that
                 # is still forgetting an earlier identical call's keys would otherwise
@@ -683,8 +816,9 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
             kw["method"] = "exact"        # planned for the whole sequence: exact
         pair = dask.delayed(_pair, pure=True)
         merge = dask.delayed(_merge_pairs, pure=True, nout=3)
+        out_unit = 2.0 ** -24 if dtype == np.float32 else 0.0
         if isinstance(bias, np.ndarray):     # one copy in the graph, sliced by each pair
-            bias = (client.scatter(bias, broadcast=True) if client is not None
+            bias = (client.scatter(bias, broadcast=True, hash=False) if client is not None
                     else dask.delayed(bias, traverse=False, name=f"numbarope-bias-{call}"))
         for qa, qp in zip(qcuts, qparts):
             Lb = min(query_block, L - qa)
@@ -701,10 +835,16 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
                 lo = dask.delayed(np.full)(batch_shape + (Lb,), -np.inf)
                 bo = dask.delayed(np.zeros)(batch_shape)
             else:
-                o, lo, bo = merge(*parts)
+                o, lo, bo = merge(*parts, out_unit=out_unit)
             outs.append(da.from_delayed(o, shape=batch_shape + (Lb, Ev), dtype=np.float64))
             lses.append(da.from_delayed(lo, shape=batch_shape + (Lb,), dtype=np.float64))
             bounds.append(da.from_delayed(bo, shape=batch_shape, dtype=np.float64))
+    if not outs:                               # L == 0: nothing to compute
+        out = da.zeros(batch_shape + (0, Ev), dtype=np.float32 if dtype == np.float32
+                       else np.float64)
+        lses = [da.zeros(batch_shape + (0,))]
+        bounds = [da.zeros(batch_shape)]
+        outs = [out]
     out = da.concatenate(outs, axis=-2).astype(np.float32 if dtype == np.float32
                                                else np.float64)
     res = (out,)

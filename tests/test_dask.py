@@ -19,7 +19,7 @@ da = pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")
 
 import numbarope  # noqa: E402
-from numbarope.bias import ALiBi, Decay, Window  # noqa: E402
+from numbarope.bias import ALiBi, Causal, Decay, Dense, Window, window_bias  # noqa: E402
 from numbarope._dask import (is_dask, long_sequence_attention,  # noqa: E402
                              rope_attention_dask)
 
@@ -209,7 +209,7 @@ def test_long_sequence_window_and_array_bias():
         assert _task_names(out).count("pair") == 7
         assert np.abs(out.compute() - ref).max() <= 1e-12 * np.abs(v).max()
         # an array over the offsets (L+S−1 per head), rectangular blocks
-        b = np.random.default_rng(11).standard_normal((2, 1, 2 * 1400 - 1)) * 0.3
+        b = np.random.default_rng(11).standard_normal((2, 2 * 1400 - 1)) * 0.3   # per head
         ref = numbarope.rope_attention(q[None], k[None], v[None], rotary=True, bias=b,
                                        is_causal=True)[0]
         out = long_sequence_attention(q[None], k[None], v[None], query_block=350,
@@ -254,6 +254,65 @@ def test_long_sequence_repeated_calls_on_the_default_client(client):
     for _ in range(5):
         out = long_sequence_attention(dq, dk, dv, query_block=128, rotary=True).compute()
     assert np.abs(out - ref).max() <= 1e-12 * np.abs(v).max()
+
+
+def test_newuser_findings_long_sequence(client, monkeypatch):
+    # what a new user (README only) found; each was silently wrong or failed late
+    q, k, v = _qkv((4, 256, 8), seed=14, s=0.5)
+    for name, val in (("query_offset", 3), ("degree", 0), ("radius", 1e-9), ("verify", 3),
+                      ("enable_gqa", True), ("causal_alignment", "bottom_right")):
+        with pytest.raises(TypeError, match=f"does not take {name}"):     # was ignored
+            long_sequence_attention(q, k, v, query_block=64, is_causal=True, **{name: val})
+    with pytest.raises(TypeError, match="client must be a distributed.Client"):
+        long_sequence_attention(q, k, v, query_block=64, client="tcp://x:1")
+    with pytest.raises(ValueError, match="key_padding_mask has shape"):   # was at compute
+        long_sequence_attention(q, k, v, query_block=64, key_padding_mask=np.ones((4, 1, 256),
+                                                                                  bool))
+    bad = q.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="query contains NaN"):          # was at compute
+        long_sequence_attention(bad, k, v, query_block=64)
+    with pytest.raises(TypeError, match="bias must be a float"):
+        long_sequence_attention(q, k, v, query_block=64, bias=np.zeros(511, int))
+    import numbarope._dask as nd
+    monkeypatch.setattr(nd, "_MANY_PAIRS", 10)      # (the real limit: 20000 pairs)
+    with pytest.warns(RuntimeWarning, match="pairs"):
+        long_sequence_attention(q, k, v, query_block=64, method="exact")
+    monkeypatch.undo()
+    with dask.config.set(scheduler="synchronous"):
+        # float32 output: its rounding is in the bound now (was 4e-11 for an error 2e-7)
+        q32, k32, v32 = (x.astype(np.float32) for x in (q, k, v * 100))
+        out, b = dask.compute(*long_sequence_attention(
+            q32, k32, v32, query_block=64, rotary=True, method="exact", precision="float64",
+            return_info=True))
+        exact = numbarope.rope_attention(*(x.astype(np.float64) for x in (q32, k32, v32)),
+                                         rotary=True, method="exact")
+        assert np.all(np.abs(out - exact).max(axis=(-2, -1)) <= b)
+        assert long_sequence_attention(q[:, :0], k, v, query_block=64).compute().shape \
+            == (4, 0, 8)
+        for bias in (Dense(window_bias(256, 5)), np.arange(511) % 3 > 0):   # Dense; a mask
+            ref = numbarope.rope_attention(q, k, v, bias=bias, method="exact")
+            out = long_sequence_attention(q, k, v, query_block=64, bias=bias,
+                                          method="exact").compute()
+            assert np.abs(out - ref).max() <= 1e-12 * np.abs(v).max()
+    for _ in range(5):                 # scattered blocks get keys of their own per call
+        long_sequence_attention(q, k, v, query_block=64, client=client).compute()
+
+
+def test_newuser_findings_heads(client):
+    # typed biases (per-head ALiBi sliced per chunk of heads) and per-head radius on dask
+    q, k, v = _qkv((2, 4, 128, 8), seed=15)
+    dq, dk, dv = _chunked((q, k, v), (1, 2, -1, -1))
+    for bias in (ALiBi.from_heads(4), Causal(), Window(10, 0), Decay(0.1)):
+        out = rope_attention_dask(dq, dk, dv, rotary=True, bias=bias).compute()
+        assert np.array_equal(out, numbarope.rope_attention(q, k, v, rotary=True, bias=bias))
+    with pytest.raises(ValueError, match="per-head parameters"):
+        rope_attention_dask(dq, dk, dv, bias=ALiBi.from_heads(3))
+    r = np.full(4, 5.0)
+    out = rope_attention_dask(dq, dk, dv, rotary=True, radius=r).compute()
+    assert np.array_equal(out, numbarope.rope_attention(q, k, v, rotary=True, radius=r))
+    with pytest.raises(ValueError, match=r"key has shape \(2, 4, 128, 4\)"):   # the real one
+        rope_attention_dask(dq, dk[..., :4], dv)
 
 
 def test_worker_killed_mid_computation(client):

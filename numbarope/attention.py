@@ -327,8 +327,8 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
     elif rotary is False or rotary is np.False_:
         rotary = None
     if rotary is not None and not isinstance(rotary, Rotary):
-        raise TypeError(f"rotary must be a numbarope.Rotary, True or None, got "
-                        f"{type(rotary).__name__}")
+        raise TypeError(f"rotary must be a numbarope.Rotary, True (the default Rotary()) "
+                        f"or None/False (no rotation), got {type(rotary).__name__}")
     if rotary is not None:
         rotary.rotary_dim(E)      # validates dim against E
     if group > 1:                # key/value broadcast as if they had Hq heads

@@ -688,6 +688,12 @@ def _evaluate(alg, h, approx_obj, eps, degree, method):
             why = Reason("output-rounding", f"float32 output rounding alone (2^-24·max|V| = "
                                             f"{h.out_rounding:.2e}) exceeds eps·max|V| = "
                                             f"{eps * h.vmax:.2e}: pass float64 inputs")
+        elif not dtot < 1 and rnd >= 1 and h.row_mass < 1:
+            why = Reason("row-mass", f"the rounding allowance relative to the smallest row "
+                                     f"mass (min_i Σ_j exp(b − max b) = {h.row_mass:.2e}) "
+                                     f"exceeds 1: a bias spanning this many orders of "
+                                     f"magnitude leaves the FFT no certified accuracy; use "
+                                     f"method='exact' (or a Decay/Window structure)")
         else:
             why = Reason("misses-eps", f"degree {g} certifies {bound:.2e} > eps·max|V| = "
                                        f"{eps * h.vmax:.2e}")

@@ -239,3 +239,15 @@ def test_a_call_predicted_to_take_hours_warns_before_starting(monkeypatch):
     q, k, v = _qkv()
     with pytest.warns(RuntimeWarning, match="predicted to take"):
         nr.rope_attention(q, k, v)
+
+
+def test_steep_bias_on_the_fast_path_says_why():
+    # a bias spanning e^100 leaves the FFT no certified accuracy: the refusal names the
+    # row mass (it said "degree 4 certifies inf > eps·max|V|")
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((1, 128, 4)) * 0.1 for _ in range(3))
+    with pytest.raises(nr.FastPathError, match="smallest row mass") as e:
+        nr.rope_attention(q, k, v, bias=np.linspace(-50, 50, 255), method="fast")
+    assert e.value.code == "row-mass"
+    with pytest.raises(TypeError, match="None/False"):
+        nr.rope_attention(q, k, v, rotary="half")

@@ -139,11 +139,7 @@ def _validate(query, key, value, kw):
                                       bool(enable_gqa))
     for name, lead in extras:
         if name in ("key_padding_mask", "positions") and lead:
-            try:
-                ok = np.broadcast_shapes(batch_shape, lead) == batch_shape
-            except ValueError:
-                ok = False
-            if not ok:
+            if not _fits_batch(lead, batch_shape):
                 raise ValueError(f"{name} has leading dims {lead} that do not broadcast "
                                  f"to the (batch, head) dims {batch_shape} of query, key "
                                  f"and value; give it shape (..., S)")

@@ -98,6 +98,7 @@ def _validate(query, key, value, kw):
     ``method="fast"`` refusals that depend on the data's logit radius; those are
     raised by the task on the worker (dask re-raises them on compute).
     """
+    from .attention import check_per_key_lead
     import numbarope
     from ._threads import resolve_workers
     verify = kw.get("verify", 0)
@@ -139,10 +140,7 @@ def _validate(query, key, value, kw):
                                       bool(enable_gqa))
     for name, lead in extras:
         if name in ("key_padding_mask", "positions") and lead:
-            if not _fits_batch(lead, batch_shape):
-                raise ValueError(f"{name} has leading dims {lead} that do not broadcast "
-                                 f"to the (batch, head) dims {batch_shape} of query, key "
-                                 f"and value; give it shape (..., S)")
+            check_per_key_lead(lead + (key.shape[-2],), batch_shape, name)
     # the commonest shape errors, with the caller's shapes (plan() below sees stand-ins)
     if key.shape[-1] != query.shape[-1]:
         raise ValueError(f"key has shape {tuple(key.shape)}; expected (..., S, "
@@ -538,16 +536,13 @@ def _long_bias(bias, is_causal, L, S, batch_shape):
 
 
 def _long_key_mask(kpm, S, batch_shape):
-    from .attention import _as_key_mask
+    from .attention import _as_key_mask, check_per_key_lead
     if kpm is None:
         return None
     if is_dask(kpm):
         kpm = kpm.compute()          # S booleans per sequence
     m = _as_key_mask(kpm, S)
-    if not _fits_batch(m.shape[:-1], batch_shape):
-        raise ValueError(f"key_padding_mask has shape {m.shape}, whose leading dims do not "
-                         f"broadcast to the batch (head) dims {batch_shape}: give it shape "
-                         f"(..., {S}) with leading dims of the batch")
+    check_per_key_lead(m.shape, batch_shape, "key_padding_mask")
     return m
 
 

@@ -65,6 +65,24 @@ class _Problem:
             self._vmax = np.abs(self.v).max(axis=(1, 2), initial=0.0).astype(np.float64)
         return self._vmax
 
+    def visible_maxima(self, per_key):
+        """Per flattened query head b, the max over the keys it can see (real keys of its
+        key mask) of ``per_key[kvidx[b], j]``, a (Bk, S) array (float64; 0 with no key).
+        Padded keys hold junk that must not enlarge the logit radius or max|v|."""
+        full = per_key.max(axis=1, initial=0.0)
+        if self.kmask is None:
+            return full[self.kvidx]
+        out = np.empty(self.kvidx.shape[0])
+        seen = {}
+        for b in range(out.size):
+            key = (int(self.kvidx[b]), int(self.kidx[b]))
+            if key not in seen:
+                real = np.isfinite(self.kmask[key[1]])
+                seen[key] = (float(per_key[key[0]][real].max(initial=0.0)) if not real.all()
+                             else float(full[key[0]]))
+            out[b] = seen[key]
+        return out
+
     def weights(self, b):
         """Toeplitz weights T of head b (:func:`_toeplitz_weights`), computed once."""
         if b not in self._weights:
@@ -294,6 +312,46 @@ def _as_positions(x, S, off, n, rotary):
     return pos
 
 
+def check_per_key_lead(shape, batch_shape, name):
+    """Refuse a per-key array ``(..., S)`` (``key_padding_mask``, ``positions``) whose
+    leading dims do not line up with the (batch, head) dims of query, key and value.
+
+    Its leading dims must broadcast to ``batch_shape`` without enlarging it, and,
+    when it has fewer leading dims than ``batch_shape`` but is not shared by every
+    head (a leading dim > 1), it is refused: numpy broadcasting would line its first
+    dim up with the *head* axis, so transformers' ``attention_mask`` of shape (B, S)
+    would be read per head (silently, when B equals the number of heads). The
+    message gives the shapes to use: ``(B, 1, S)`` per batch row or ``(1, H, S)`` per
+    head. Shared by every front end (rope_attention, plan, Dask).
+    """
+    shape, batch_shape = tuple(shape), tuple(batch_shape)
+    lead, S = shape[:-1], shape[-1]
+    try:
+        ok = tuple(np.broadcast_shapes(batch_shape, lead)) == batch_shape
+    except ValueError:
+        ok = False
+    per_row = (batch_shape[:-1] + (1, S)) if len(batch_shape) >= 2 else None
+    per_head = ((1,) * (len(batch_shape) - 1) + batch_shape[-1:] + (S,)) \
+        if len(batch_shape) >= 2 else None
+    sdpa = (" (from an SDPA mask (B, 1, 1, S): mask[:, :, 0, :]; from transformers' "
+            "attention_mask (B, S): mask[:, None, :])" if name == "key_padding_mask" else
+            " (from transformers' position_ids (B, S): position_ids[:, None, :])")
+    if not ok:
+        want = (batch_shape[:-1] + (1,)) if batch_shape else ()
+        raise ValueError(
+            f"{name} has shape {shape}, whose leading dims {lead} do not broadcast to the "
+            f"(batch, head) dims {batch_shape} of query, key and value; give it shape "
+            f"(..., S), e.g. {want + (S,)} for one row per batch entry shared by the heads"
+            + sdpa)
+    if 0 < len(lead) < len(batch_shape) and any(d > 1 for d in lead):
+        raise ValueError(
+            f"{name} has shape {shape}: fewer leading dims than the (batch, head) dims "
+            f"{batch_shape} of query, key and value, so broadcasting would line its first "
+            f"dim up with the head axis and apply it per head. Give it shape "
+            f"{per_row} (one row per batch entry, shared by the heads) or {per_head} "
+            f"(one row per head)" + sdpa)
+
+
 def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precision=None,
              enable_gqa=False, query_offset=None, causal_alignment="top_left",
              key_padding_mask=None, positions=None):
@@ -364,22 +422,8 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
                          + ("; key/value have fewer heads than query: for grouped-query "
                             "attention pass enable_gqa=True" if gqa else "")) from None
     for name, a in (("key_padding_mask", kpm), ("positions", pos)):
-        # a per-key array must not add (batch, head) dims that q, k, v do not have
-        ok = a is None
-        if not ok:
-            try:
-                ok = np.broadcast_shapes(tuple(batch_shape), a.shape[:-1]) == tuple(batch_shape)
-            except ValueError:
-                ok = False
-        if not ok:
-            want = (tuple(batch_shape[:-1]) + (1,)) if batch_shape else ()
-            raise ValueError(
-                f"{name} has shape {a.shape}, whose leading dims {a.shape[:-1]} do not "
-                f"broadcast to the (batch, head) dims {tuple(batch_shape)} of query, key "
-                f"and value; give it shape (..., S), e.g. {want + (S,)} for one row per "
-                f"batch entry shared by the heads"
-                + (" (from an SDPA mask (B, 1, 1, S): mask[:, :, 0, :])"
-                   if name == "key_padding_mask" else ""))
+        if a is not None:
+            check_per_key_lead(a.shape, batch_shape, name)
     B = int(np.prod(batch_shape, dtype=np.int64))
     need = 8 * B * (n * (E + Ev) + S * (2 * E + Ev))   # float64 copies of q, k, v, out
     if rel is not None:
@@ -402,16 +446,17 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
         _check_finite(bia, "bias", allow_neg_inf=True)
     s = 1.0 / np.sqrt(E) if scale is None else float(scale)
     if rotary is not None and pos is None:     # rotate in float64 (no rounding to float32)
-        cos, sin = rotary_tables(rotary, S, E)
-        k = rotate(k, rotary, cos, sin)
-        if off != 0 or n != S:       # queries at positions off .. off + L - 1
-            if off >= 0 and off + n <= S:
-                cq, sq = cos[off:off + n], sin[off:off + n]
-            else:
-                cq, sq = rotary_tables(rotary, n, E, positions=np.arange(off, off + n))
-            q = rotate(q, rotary, cq, sq)
+        # keys at positions 0 .. S-1, queries at off .. off + L - 1: one table over both,
+        # so that RoPE scalings that depend on the sequence length (dynamic NTK,
+        # LongRoPE) use one length for the whole call, its largest position + 1
+        lo, hi = min(0, off), max(S, off + n) if n else S
+        if lo == 0 and hi == S:
+            cos, sin = rotary_tables(rotary, S, E)        # cached; seq_len = S
         else:
-            q = rotate(q, rotary, cos, sin)
+            cos, sin = rotary_tables(rotary, hi - lo, E, positions=np.arange(lo, hi),
+                                     seq_len=hi)
+        k = rotate(k, rotary, cos[-lo:S - lo], sin[-lo:S - lo])
+        q = rotate(q, rotary, cos[off - lo:off - lo + n], sin[off - lo:off - lo + n])
 
     # storage: float64 where a rotation was computed (the fast path needs its float64
     # values) or an input is float64; float32 otherwise (no copies on the float32 path)
@@ -488,9 +533,31 @@ def _causal_cut(L, S, off):
     return int(min(max(S - 1 - off, 0), L + S - 1))
 
 
+def _visible_entries(p, b):
+    """(L+S−1,) bool: entries e = i − j + S − 1 of the bias that some query row of head b
+    sees, i.e. with a real key j (key padding) and, with is_causal, j <= i + offset; or
+    None when every entry is seen."""
+    L, S = p.n, p.S
+    w = _key_weights(p, b)
+    cut = _causal_cut(L, S, p.offset) if p.causal else 0
+    if w is None and not cut:
+        return None
+    vis = np.ones(L + S - 1, bool)
+    if w is not None:     # entry e is seen iff a real key lies in j = S-1-e .. S-1-e+L-1
+        cs = np.concatenate([[0], np.cumsum(w > 0)])
+        e = np.arange(L + S - 1)
+        j0 = np.clip(S - 1 - e, 0, S)
+        j1 = np.clip(S - 1 - e + L, 0, S)
+        vis = cs[j1] - cs[j0] > 0
+    vis[:cut] = False
+    return vis
+
+
 def _toeplitz_weights(p, b):
     """``(T, max b)``: T[i − j + S − 1] = exp(b_t − max b) with the causal zeros (None
-    when T ≡ 1) and the shift max b (0 then)."""
+    when T ≡ 1) and the shift max b (0 then), the maximum taken over the entries some
+    row sees (real keys, the causal cut): a padded key's large bias must not make the
+    real keys' weights underflow. Entries no row sees are 0."""
     L, S = p.n, p.S
     if L == 0 or S == 0 or (p.bias is None and not (p.causal and p.relative is not None)):
         return None, 0.0
@@ -499,9 +566,9 @@ def _toeplitz_weights(p, b):
     shift = 0.0
     if p.bias is not None:
         bt = p.bias[p.bidx[b]]
-        if cut:
-            bt = bt.copy()
-            bt[:cut] = -np.inf
+        vis = _visible_entries(p, b)
+        if vis is not None:
+            bt = np.where(vis, bt, -np.inf)
         finite = np.isfinite(bt)
         shift = float(bt[finite].max()) if finite.any() else 0.0
         T = np.exp(bt - shift) if finite.any() else np.zeros_like(bt)
@@ -574,7 +641,7 @@ def _radii(p, radius):
     """Logit radius R (and R₁ for the rounding term) of every flattened head."""
     p.qnorms, p.knorms = row_norms(p.q), row_norms(p.k)    # reused by the exact kernel
     qn = p.qnorms.max(axis=1, initial=0.0)
-    kn = p.knorms.max(axis=1, initial=0.0)[p.kvidx]
+    kn = p.visible_maxima(p.knorms)          # over the keys each head sees (not padding)
     if p.relative is not None:
         wn = np.linalg.norm(p.relative, ord=2, axis=(-2, -1)).max(axis=1, initial=0.0)[p.ridx]
         wf = np.sqrt((p.relative ** 2).sum(axis=(2, 3))).max(axis=1, initial=0.0)[p.ridx]
@@ -655,7 +722,8 @@ def _head_specs(p, radius):
     planner needs, built here and nowhere else."""
     R, R1 = _radii(p, radius)
     _check_logit_range(p)
-    vmaxes = p.value_maxima()
+    vmaxes = (p.visible_maxima(np.abs(p.v).max(axis=2)) if p.kmask is not None
+              else p.value_maxima()[p.kvidx])
     pairs = _pairs(p.n, p.S, p.causal, p.offset)
     win = _window(p)
     if win is not None:      # the exact kernel visits whole blocks around the band
@@ -665,7 +733,7 @@ def _head_specs(p, radius):
             pairs = min(pairs, float(p.n) * min(p.S, span))
     specs = []
     for b in range(p.q.shape[0]):
-        vmax = float(vmaxes[p.kvidx[b]])
+        vmax = float(vmaxes[b])
         out_rounding = p.out_unit * vmax
         structure, params = _structure(p, b)
         specs.append(HeadSpec(
@@ -973,8 +1041,11 @@ _COMMON_DOC = """
         Queries (L = n for self-attention); leading (batch, head) dims broadcast with those of key, value,
         relative and bias. torch CPU tensors are accepted (float16 and bfloat16
         too: computed in float64, returned in their dtype, the final rounding in
-        ``info.error_bound``); given torch tensors, the result is a torch tensor
-        of the promoted input dtype (no autograd). Objects with ``__dlpack__``
+        ``info.error_bound``); when any of query, key, value is a torch tensor, the
+        result is a torch tensor of the dtype torch promotes the three to
+        (``torch.promote_types``, numpy inputs taken by their dtype: a float16
+        tensor with float32 arrays gives float32), with that dtype's rounding
+        in the bound (no autograd). Objects with ``__dlpack__``
         or ``__array__`` are read as numpy arrays. Dask arrays (chunked along the
         leading dims) give a lazy dask array, each chunk computed by this function
         on a worker (``pip install "numbarope[dask]"``; README, "Dask").
@@ -982,8 +1053,12 @@ _COMMON_DOC = """
         Keys (S = n for self-attention), at positions 0 .. S−1.
     value : (..., S, Ev) array_like of float32 or float64
     rotary : Rotary or True, optional
-        Rotary embedding applied to query and key at positions 0..n−1
-        (``True`` means ``Rotary()``). Exclusive with ``relative``.
+        Rotary embedding applied to the keys at positions 0 .. S−1 and the queries
+        at ``query_offset`` .. ``query_offset + L − 1`` (``True`` means
+        ``Rotary()``). Exclusive with ``relative``. RoPE scalings that depend on
+        the sequence length (dynamic NTK, LongRoPE) use one length for the whole
+        call, its largest position + 1 (queries and keys alike), as transformers
+        does for the positions it is given.
     relative : (..., L+S−1, E, E) array_like of float, optional
         General relative-position matrices, ``relative[t + n − 1] = W_t`` for
         offset ``t = i − j`` (Alman & Song 2025, §1); rectangular:
@@ -1003,8 +1078,11 @@ _COMMON_DOC = """
     key_padding_mask : (..., S) array_like of bool, optional
         True = a real key that takes part, False = padding (torch's
         ``key_padding_mask`` inverted to "take part", as SDPA's boolean masks;
-        HF's ``attention_mask`` of a padded batch). Rows that see no real key
-        return 0. On the fast path the padded keys take no part (removed, or zero
+        HF's ``attention_mask`` of a padded batch, given as ``(B, 1, S)`` next to
+        ``(B, H, L, E)`` queries: an array with fewer leading dims than the
+        batch dims, not shared by all heads, is refused rather than read per
+        head). Rows that see no real key return 0. Padded keys enter neither
+        the per-row bias shift nor the logit radius nor max|value|. On the fast path the padded keys take no part (removed, or zero
         rows of the FFT's right-hand side): the Toeplitz structure is kept.
     positions : (..., S) array_like of int or float, optional
         Positions of the keys for the rotary angles (default 0 .. S−1; e.g. HF
@@ -1059,28 +1137,33 @@ _COMMON_DOC = """
 
 
 def _from_other_libraries(query, key, value, relative, bias):
-    """numpy arrays of the inputs, the torch dtypes of query/key/value (None: not torch)
-    and the unit roundoff of the result's dtype where it is float16/bfloat16."""
-    arrays, units, tdt = [], [], []
+    """numpy arrays of the inputs, the torch dtype of the result (None: no torch input)
+    and the unit roundoff of the result's dtype where it is float16/bfloat16.
+
+    One promotion rule over query, key and value, torch's (``torch.promote_types``),
+    whether each is a torch tensor or a numpy array: a torch float16 query with
+    numpy float32 keys and values gives a float32 result, as torch would.
+    """
+    arrays, tdt = [], []
     for name, x in (("query", query), ("key", key), ("value", value),
                     ("relative", relative), ("bias", bias)):
-        a, unit, dt = to_numpy(x, name)
+        a, _, dt = to_numpy(x, name)
         arrays.append(a)
-        units.append(unit)
         tdt.append(dt)
-    qkv = tdt[:3]
-    out_unit = None
-    if any(d is not None for d in qkv):
-        import torch
-        dt = None
-        for d in qkv:
-            if d is not None:
-                t = getattr(torch, d)
-                dt = t if dt is None else torch.promote_types(dt, t)
-        name = str(dt).replace("torch.", "")
-        if name in LOW_PRECISION_UNIT and not any(d is None for d in qkv):
-            out_unit = LOW_PRECISION_UNIT[name]
-    return arrays, qkv, out_unit
+    if all(d is None for d in tdt[:3]):
+        return arrays, None, None
+    import torch
+    dt = None
+    for a, d in zip(arrays[:3], tdt[:3]):
+        if d is None:           # a numpy (or array-like) input: its dtype as torch's
+            kind = np.asarray(a).dtype
+            if kind.kind != "f" or kind.itemsize not in (4, 8):
+                continue        # refused with its own message by _prepare
+            d = kind.name
+        t = getattr(torch, d)
+        dt = t if dt is None else torch.promote_types(dt, t)
+    name = None if dt is None else str(dt).replace("torch.", "")
+    return arrays, name, LOW_PRECISION_UNIT.get(name)
 
 
 #: Predicted seconds of a call above which rope_attention warns before starting.
@@ -1128,7 +1211,7 @@ def _setup(query, key, value, rotary, relative, bias, is_causal, scale, precisio
     if isinstance(bias, RelativeBias):
         bias, is_causal, structure = _typed_bias(bias, query, key, is_causal, query_offset,
                                                  causal_alignment)
-    (q, k, v, rel, b), qkv_torch, low_unit = _from_other_libraries(query, key, value,
+    (q, k, v, rel, b), out_torch, low_unit = _from_other_libraries(query, key, value,
                                                                     relative, bias)
     key_padding_mask = to_numpy(key_padding_mask, "key_padding_mask", allow_int=True)[0]
     positions = to_numpy(positions, "positions", allow_int=True)[0]
@@ -1140,7 +1223,7 @@ def _setup(query, key, value, rotary, relative, bias, is_causal, scale, precisio
     if low_unit is not None:
         p.out_unit = low_unit
         p.precision_given = False
-    return p, qkv_torch
+    return p, out_torch
 
 
 _KNOWN = ("rotary", "relative", "bias", "is_causal", "scale", "method", "eps", "degree",
@@ -1262,7 +1345,7 @@ def rope_attention(query: Any, key: Any, value: Any, *, rotary: Rotary | bool | 
         raise TypeError(f"return_info must be True or False, got {return_info!r}")
     if not isinstance(return_lse, (bool, np.bool_)):
         raise TypeError(f"return_lse must be True or False, got {return_lse!r}")
-    p, qkv_torch = _setup(query, key, value, rotary, relative, bias, is_causal, scale,
+    p, out_torch = _setup(query, key, value, rotary, relative, bias, is_causal, scale,
                           precision, enable_gqa, query_offset, causal_alignment,
                           key_padding_mask, positions)
     heads = _plans(p, method, eps_f, degree, approx, radius)
@@ -1279,11 +1362,11 @@ def rope_attention(query: Any, key: Any, value: Any, *, rotary: Rotary | bool | 
     grads = [x for x in (query, key, value, relative, bias)
              if is_torch(x) and x.requires_grad] if requires_grad(query, key, value,
                                                                   relative, bias) else []
-    out = output_like(out, qkv_torch, grads)
+    out = output_like(out, (out_torch,), grads)
     res = (out,)
     if return_lse:
-        res += (output_like(lse.reshape(p.batch_shape + (p.n,)), ("float64",) if any(
-            d is not None for d in qkv_torch) else ()),)
+        res += (output_like(lse.reshape(p.batch_shape + (p.n,)),
+                            ("float64",) if out_torch is not None else ()),)
     if return_info:
         res += (AttentionInfo(heads, p.batch_shape, eps_f),)
     return res[0] if len(res) == 1 else res

@@ -172,7 +172,7 @@ def exp_kernel(x):
 @njit(cache=True, nogil=True, fastmath=_FM)
 def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshift,
                  causal, gscale, row_block, key_block, qnorm, knorm, headroom,
-                 offset, kmask, kidx, has_kmask, kvidx, left, right, tasks, out, lse):
+                 offset, kmask, kidx, has_kmask, kvidx, left, right, sidx, tasks, out, lse):
     # q arrives multiplied by the scale s, except with general W (then gscale = s;
     # with no general W and a bias, gscale = 1)
     B, n, E = q.shape            # n query rows; query i sits at position i + offset
@@ -239,7 +239,7 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
                         row[jj] += km[j0 + jj]
                 if has_bias:
                     bb = bias[bidx[b]]
-                    sh = rowshift[bidx[b], i]
+                    sh = rowshift[sidx[b], i]
                     off = i + nk - 1 - j0
                     for jj in range(jl - j0):
                         x = row[jj] * gscale + (bb[off - jj] - sh)
@@ -337,15 +337,48 @@ def row_norms(x):
     return out
 
 
-def bias_row_shift(bias, n, causal, n_keys=None, offset=0):
+@njit(cache=True, nogil=True)
+def _masked_row_max(b, runs, n, S, offset, causal):
+    # max over the real keys j of row i (j <= i + offset when causal) of
+    # b[i - j + S - 1], for the runs [a, c) of real keys: per run a window maximum over
+    # the nondecreasing index range lo_i .. hi_i, O(runs · (n + S)).
+    out = np.full(n, -np.inf)
+    for r in range(runs.shape[0]):
+        a = runs[r, 0]
+        c = runs[r, 1]
+        lo = np.empty(n, np.int64)
+        hi = np.empty(n, np.int64)
+        for ii in range(n):
+            last = c - 1
+            if causal and ii + offset < last:
+                last = ii + offset
+            lo[ii] = ii - last + S - 1
+            hi[ii] = ii - a + S - 1
+        m = _window_max(b, lo, hi)
+        for ii in range(n):
+            if m[ii] > out[ii]:
+                out[ii] = m[ii]
+    return out
+
+
+def _key_runs(real):
+    """(runs, 2) int64: the maximal runs [a, c) of True in a boolean vector."""
+    d = np.diff(np.concatenate([[0], real.astype(np.int8), [0]]))
+    return np.stack([np.flatnonzero(d == 1), np.flatnonzero(d == -1)], axis=1).astype(np.int64)
+
+
+def bias_row_shift(bias, n, causal, n_keys=None, offset=0, key_mask=None):
     """Largest visible bias of every query row: ``max_{t visible to i} b_t``.
 
     Softmax is invariant to a constant per row, so the exact kernel adds
     ``b_t − shift_i`` (<= 0 on the visible offsets): biases of any finite
     magnitude (``finfo.min`` as a mask, a constant ``-1e30``) then cost no
     accuracy. Query i (at position i + offset) sees key j at offset
-    ``t = i + offset − j``, stored at ``bias[i − j + S − 1]``, for j in [0, S)
-    (with ``causal``, j <= i + offset); rows that see no finite bias get 0.
+    ``t = i + offset − j``, stored at ``bias[i − j + S − 1]``, for the real keys j
+    in [0, S) (``key_mask``; with ``causal``, j <= i + offset); rows that see no
+    finite bias get 0. Taking the maximum over padded keys too would be wrong: a
+    padded key with bias 0 next to real keys at −1e30 would make every real weight
+    underflow.
 
     Parameters
     ----------
@@ -357,6 +390,8 @@ def bias_row_shift(bias, n, causal, n_keys=None, offset=0):
         Key rows S (default n).
     offset : int, optional
         Position of query 0.
+    key_mask : (S,) ndarray of bool, optional
+        True = a real key (the same for every row of ``bias``); default all real.
 
     Returns
     -------
@@ -366,6 +401,14 @@ def bias_row_shift(bias, n, causal, n_keys=None, offset=0):
     Bb = bias.shape[0]
     shift = np.zeros((Bb, n))
     if n == 0 or S == 0:
+        return shift
+    if key_mask is not None and not np.all(key_mask):
+        runs = _key_runs(np.asarray(key_mask, dtype=bool))
+        for r in range(Bb):
+            m = _masked_row_max(np.ascontiguousarray(bias[r]), runs, n, S, int(offset),
+                                bool(causal))
+            ok = np.isfinite(m)
+            shift[r, ok] = m[ok]
         return shift
     i = np.arange(n, dtype=np.int64)
     hi = i + S - 1
@@ -463,7 +506,16 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
     has_kmask = key_mask is not None
     km = np.ascontiguousarray(key_mask, dtype=np.float64) if has_kmask else _DUMMY_BIAS
     ki = np.ascontiguousarray(kidx, dtype=np.int64) if has_kmask else np.zeros(B, np.int64)
-    shift = bias_row_shift(bs, n, causal, S, offset) if has_bias else _DUMMY_BIAS
+    if has_bias and has_kmask:    # per (bias row, key mask row) pair: visible keys only
+        pairs_, sidx = np.unique(np.stack([bi, ki], axis=1), axis=0, return_inverse=True)
+        shift = np.concatenate([bias_row_shift(bs[pb:pb + 1], n, causal, S, offset,
+                                               np.isfinite(km[pk])) for pb, pk in pairs_])
+        sidx = np.ascontiguousarray(sidx.reshape(-1), dtype=np.int64)
+    elif has_bias:
+        shift = bias_row_shift(bs, n, causal, S, offset)
+        sidx = bi
+    else:
+        shift, sidx = _DUMMY_BIAS, np.zeros(B, np.int64)
     wl = wr = -1
     if window is not None:
         if not has_bias:
@@ -514,7 +566,7 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
     def run(chunk):
         _exact_tasks(q, k, v, rel, ri, general, bs, bi, has_bias, shift, bool(causal),
                      gscale, rb, kb, qnorm, knorm, headroom, int(offset), km, ki,
-                     has_kmask, kvi, wl, wr, np.ascontiguousarray(chunk),
+                     has_kmask, kvi, wl, wr, sidx, np.ascontiguousarray(chunk),
                      out, lse)
 
     if inline:
@@ -524,5 +576,5 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
             run_tasks(run, chunks, nthreads)
     if return_lse and has_bias:              # undo the per-row bias shift
         with np.errstate(invalid="ignore"):
-            lse += np.where(np.isfinite(shift[bi]), shift[bi], 0.0)
+            lse += np.where(np.isfinite(shift[sidx]), shift[sidx], 0.0)
     return (out, lse) if return_lse else out

@@ -122,3 +122,118 @@ def test_padding_and_positions_errors():
         rope_attention(q, q, q, rotary=True, positions=np.r_[0, 1, np.nan, 3])
     with pytest.raises(ValueError, match="queries must be among the keys"):
         rope_attention(q, q, q, rotary=True, positions=np.arange(4), query_offset=2)
+
+
+# ---- field reports, round 3: the per-row bias shift and the planner see real keys only
+
+@pytest.mark.parametrize("method", ["exact", "auto", "fast"])
+def test_huge_bias_with_padding_is_shifted_over_real_keys(method):
+    # decoding, L = 1 against S = 5, only the padded key has bias 0: the constant -1e30
+    # over the real keys cancels (softmax(s q.k) over the 4 real keys)
+    rng = np.random.default_rng(0)
+    q, k, v = rng.standard_normal((1, 4)), rng.standard_normal((5, 4)), rng.standard_normal((5, 3))
+    pad = np.array([True, True, True, True, False])
+    bias = np.full(5, -1e30)
+    bias[0] = 0.0                       # entry e = i - j + S - 1 = 0: key j = 4 (padded)
+    out, info = rope_attention(q, k, v, is_causal=True, causal_alignment="bottom_right",
+                               key_padding_mask=pad, bias=bias, method=method,
+                               return_info=True)
+    ref = _masked_reference(q, k, v, pad, False)
+    assert np.abs(out - ref).max() <= info.error_bound.max()
+    assert np.abs(out - ref).max() < 1e-3 if method == "fast" else 1e-14
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bias_shift_over_real_keys_random(causal):
+    # the kind: per row, the largest bias over the keys it sees; padded keys carry biases
+    # far above the real ones (a padded key that counted would flush every real weight)
+    rng = np.random.default_rng(3)
+    B, L, S, E = 3, 3, 11, 4
+    q, k, v = (rng.standard_normal((B, n, E)) for n in (L, S, S))
+    keep = rng.random((B, S)) < 0.6
+    keep[:, :4] = False                 # left padding: offsets only padded keys use
+    keep[:, -1] = True
+    bias = rng.standard_normal((B, L + S - 1)) * 3 - 1e4
+    off = S - L
+    for b in range(B):            # a huge bias on every offset a padded key alone uses
+        for j in np.flatnonzero(~keep[b]):
+            for i in range(L):
+                e = i - j + S - 1
+                used = any(keep[b, jj] and i2 - jj + S - 1 == e and (not causal or jj <= i2 + off)
+                           for i2 in range(L) for jj in range(S))
+                if not used:
+                    bias[b, e] = 0.0
+    out, info = rope_attention(q, k, v, bias=bias, is_causal=causal, query_offset=off,
+                               key_padding_mask=keep, method="exact", return_info=True)
+    for b in range(B):
+        ok = keep[b][None, :] & ((np.arange(S)[None, :] <= np.arange(L)[:, None] + off)
+                                 if causal else True)
+        bt = bias[b][np.arange(L)[:, None] - np.arange(S)[None, :] + S - 1]
+        # the row's largest visible bias first (exact: Sterbenz), then the logits
+        bt = bt - np.where(ok, bt, -np.inf).max(axis=1, keepdims=True)
+        logits = np.where(ok, q[b] @ k[b].T / 2 + bt, -np.inf)
+        w = np.exp(logits - logits.max(axis=1, keepdims=True))
+        ref = (w / w.sum(axis=1, keepdims=True)) @ v[b]
+        assert np.abs(out[b] - ref).max() <= info.error_bound[b]
+        assert np.abs(out[b] - ref).max() < 1e-12
+
+
+def test_junk_in_padded_keys_does_not_reach_the_planner():
+    # left-padded batch whose padded key/value rows hold junk: R and max|v| come from the
+    # real keys, so the fast path still serves it and the bound stays tight
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.standard_normal((2, 1, 96, 4)) * 0.3 for _ in range(3))
+    keep = np.ones((2, 1, 96), bool)
+    keep[1, :, :10] = False
+    k[1, :, :10] = 7.0 * np.sign(k[1, :, :10])          # |k| = 14 in the padding
+    v[1, :, :10] = 1e6
+    clean = k.copy(), v.copy()
+    clean[0][1, :, :10] = 0.0
+    clean[1][1, :, :10] = 0.0
+    info = numbarope.plan(q, k, v, rotary=True, is_causal=True, key_padding_mask=keep,
+                          method="fast")          # was refused: R = 10.5 from the padding
+    ref_info = numbarope.plan(q, *clean, rotary=True, is_causal=True, key_padding_mask=keep,
+                              method="fast")
+    np.testing.assert_allclose(info.radius, ref_info.radius)
+    np.testing.assert_allclose(info.error_bound, ref_info.error_bound)
+    assert info.radius.max() < 1.0
+    out, finfo = rope_attention(q, k, v, rotary=True, is_causal=True, key_padding_mask=keep,
+                                method="fast", return_info=True)
+    exact = rope_attention(q, *clean, rotary=True, is_causal=True, key_padding_mask=keep,
+                           method="exact")
+    assert np.all(np.abs(out - exact).max(axis=(-2, -1)) <= finfo.error_bound)
+
+
+def test_junk_that_overflows_float32_in_padded_keys():
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((1, 40, 8)).astype(np.float32) for _ in range(3))
+    keep = np.ones((1, 40), bool)
+    keep[0, :3] = False
+    k[0, :3] = 3e37                      # logits of padded keys overflow float32
+    out, info = rope_attention(q, k, v, key_padding_mask=keep, is_causal=True,
+                               return_info=True)
+    assert np.isfinite(out).all()
+    ref = _masked_reference(q[0].astype(np.float64), k[0].astype(np.float64),
+                            v[0].astype(np.float64), keep[0], True)
+    assert np.abs(out[0] - ref).max() <= info.error_bound[0]
+
+
+@pytest.mark.parametrize("name", ["key_padding_mask", "positions"])
+@pytest.mark.parametrize("H", [2, 3])
+def test_batch_by_keys_array_is_never_read_per_head(name, H):
+    # transformers' attention_mask (B, S) next to q (B, H, L, E): broadcasting would line
+    # B up with the head axis (silently when B == H); refused whatever H is
+    rng = np.random.default_rng(6)
+    q, k, v = (rng.standard_normal((2, H, 6, 4)) for _ in range(3))
+    arr = np.ones((2, 6), bool) if name == "key_padding_mask" else np.tile(np.arange(6), (2, 1))
+    kw = {name: arr}
+    if name == "positions":
+        kw["rotary"] = True
+    with pytest.raises(ValueError, match=r"\(2, 1, 6\).*one row per batch entry"):
+        rope_attention(q, k, v, **kw)
+    with pytest.raises(ValueError, match=r"\(2, 1, 6\)"):
+        numbarope.plan(q, k, v, **kw)
+    kw[name] = arr[:, None, :]            # the shape the message gives: per batch row
+    rope_attention(q, k, v, **kw)
+    kw[name] = arr[:1]                    # (1, S): shared by every head, unambiguous
+    rope_attention(q, k, v, **kw)

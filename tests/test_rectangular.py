@@ -136,3 +136,37 @@ def test_rectangular_argument_errors():
 def test_no_keys_gives_zero_rows():
     out = rope_attention(np.ones((3, 4)), np.zeros((0, 4)), np.zeros((0, 2)))
     assert out.shape == (3, 2) and np.all(out == 0)
+
+
+@pytest.mark.parametrize("offset", [12, 15, -4])
+@pytest.mark.parametrize("scaling", ["dynamic", "longrope"])
+def test_sequence_length_rope_uses_one_length_per_call(offset, scaling):
+    # keys at 0..S-1, queries at offset..offset+L-1 off the key range: one table, with
+    # seq_len = the call's largest position + 1, for queries and keys alike
+    from numbarope.rotary import DynamicNTKScaling, LongRopeScaling
+    rng = np.random.default_rng(7)
+    S, L, E = 12, 3, 8
+    if scaling == "dynamic":
+        sc = DynamicNTKScaling(factor=2.0, original_max_position_embeddings=12)
+    else:
+        sc = LongRopeScaling(short_factor=[1.0, 1.1, 1.2, 1.3],
+                             long_factor=[2.0, 2.5, 3.0, 4.0],
+                             original_max_position_embeddings=12)
+    rot = numbarope.Rotary(scaling=sc)
+    q, k, v = rng.standard_normal((L, E)), rng.standard_normal((S, E)), rng.standard_normal((S, 3))
+    out, info = rope_attention(q, k, v, rotary=rot, query_offset=offset, return_info=True)
+    seq_len = max(S, offset + L)
+    inv = rot.inv_freq(E, seq_len)
+    a = rot.attention_factor
+
+    def rotate(x, pos):
+        ang = np.asarray(pos, float)[:, None] * inv[None, :]
+        c, s = a * np.cos(ang), a * np.sin(ang)
+        h = E // 2
+        return np.concatenate([x[:, :h] * c - x[:, h:] * s, x[:, h:] * c + x[:, :h] * s], 1)
+
+    ref = _reference(rotate(q, np.arange(offset, offset + L)), rotate(k, np.arange(S)), v,
+                     offset, False)
+    assert np.abs(out - ref).max() <= info.error_bound.max()
+    # and the logits are a function of i - j: shifting every position by 5 changes nothing
+    # when the length does not change the frequencies (seq_len above the original length)

@@ -188,3 +188,40 @@ def test_gqa_decoding_stacks_query_heads_exactly(masked):
                          is_causal=True, causal_alignment="bottom_right",
                          key_padding_mask=keep)
     assert np.abs(out - ref).max() <= 2 * info.error_bound.max()
+
+
+@needs_torch
+@pytest.mark.parametrize("types, want", [
+    (("float16", np.float32, np.float32), torch.float32 if torch else None),
+    (("float16", "bfloat16", "float16"), torch.float32 if torch else None),
+    (("float32", np.float64, np.float64), torch.float64 if torch else None),
+    (("bfloat16", "bfloat16", "bfloat16"), torch.bfloat16 if torch else None),
+    ((np.float32, "float16", np.float32), torch.float32 if torch else None),
+])
+def test_one_promotion_rule_over_torch_and_numpy_inputs(types, want):
+    # torch's promotion of the three inputs, whichever are tensors; the result's own
+    # rounding is in the bound (field report: torch float16 q with numpy float32 k, v
+    # returned float16 and missed the float16 rounding)
+    rng = np.random.default_rng(8)
+    arrays = []
+    for t in types:
+        x = rng.standard_normal((48, 16)) * 0.3
+        arrays.append(torch.from_numpy(x).to(getattr(torch, t)) if isinstance(t, str)
+                      else x.astype(t))
+    out, info = rope_attention(*arrays, is_causal=True, return_info=True)
+    assert isinstance(out, torch.Tensor) and out.dtype == want
+    exact = [a.double().numpy() if isinstance(a, torch.Tensor) else a.astype(np.float64)
+             for a in arrays]
+    ref = naive.attention(*exact, causal=True)
+    err = np.abs(out.double().numpy() - ref).max()
+    assert err <= info.error_bound.max()
+    unit = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24,
+            torch.float64: 0.0}[want]
+    assert info.error_bound.max() >= unit * np.abs(exact[2]).max()
+
+
+@needs_torch
+def test_numpy_float16_next_to_torch_is_refused_by_name():
+    q = torch.zeros(8, 4, dtype=torch.float16)
+    with pytest.raises(TypeError, match="value has dtype float16"):
+        rope_attention(q, q, np.zeros((8, 4), np.float16))

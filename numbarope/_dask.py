@@ -788,7 +788,8 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
                                 eps=float(eps), out_unit=2.0 ** -24 if dtype == np.float32
                                 else 0.0, compute_dtype="float32"
                                 if kw.get("precision") == "float32" else "float64",
-                                rates=rates, nblocks=len(kcuts)),
+                                rates=rates, nblocks=len(kcuts),
+                                rotated=rotary is not None),
                            L, S, E, Ev, nrot, rotary,
                            local=None if qlocal is None or klocal is None or vlocal is None
                            else (qlocal, klocal, vlocal))
@@ -892,7 +893,8 @@ def _long_plans(qn, kn, vm, n, S, E, Ev, info, method):
             R = info["scale"] * float(qn[b]) * float(kn[b])
         h = separable_head_spec(head, n, S, E, Ev, R, float(vm[b]), info["causal"],
                                 info["compute_dtype"], info["out_unit"],
-                                rate=None if rates is None else rates[b])
+                                rate=None if rates is None else rates[b],
+                                rotated=info.get("rotated", False))
         pl = plan_head(h, method=method, eps=info["eps"], degree=None, approx="chebyshev")
         if pl.method == "fast" and pl.algorithm != want:
             if method == "fast":

@@ -113,7 +113,9 @@ class HeadSpec:
     Radius: ``radius`` R (for the polynomial), ``radius1`` R₁ (for the rounding
     term), ``radius_given``. Values: ``vmax`` = max|v|. ``row_mass``: smallest
     Σ_j T(i−j) over rows that see a key (T normalised to max 1). ``exact_bound``: the
-    exact path's bound; ``out_rounding``: the final rounding to the output dtype.
+    exact path's bound; ``out_rounding``: the final rounding to the output dtype;
+    ``logit_error``: the absolute error of the logits from the inputs' preparation
+    (the float64 rotation, :func:`numbarope.rotary.rotation_logit_error`).
     """
 
     head: tuple
@@ -137,6 +139,7 @@ class HeadSpec:
     compute_dtype: str = "float64"
     heads: int = 1
     pairs: float | None = None          # visible (query, key) pairs; None: n·S
+    logit_error: float = 0.0            # logits' error from preparation (rotation)
     extra: dict = field(default_factory=dict)
 
 

@@ -18,7 +18,7 @@ from .fast import visible_keys
 from .planner import AttentionInfo, _pairs, exact_error_bound, plan_head
 from ._interop import (LOW_PRECISION_UNIT, is_torch, output_like, requires_grad, to_numpy,
                        unexpected_keywords)
-from .rotary import Rotary, rotary_tables, rotate
+from .rotary import Rotary, rotary_tables, rotate, rotation_logit_error
 
 __all__ = ["rope_attention", "plan"]
 
@@ -46,6 +46,7 @@ class _Problem:
     computed_radius: np.ndarray | None = None        # proven radii (set by _radii)
     computed_radius1: np.ndarray | None = None
     precision_given: bool = False
+    rotated: bool = False          # q, k were rotated here (their rotation error counts)
     out_unit: float = 0.0          # unit roundoff of the returned dtype (0: float64)
     S: int = -1                    # key rows (n when square)
     offset: int = 0                # position of query 0 (keys at 0..S-1)
@@ -524,6 +525,7 @@ def _prepare(query, key, value, rotary, relative, bias, is_causal, scale, precis
     return _Problem(q64, k64, v64, rel, ridx, bia, bidx, bool(is_causal), s,
                     tuple(batch_shape), dtype, n, E, Ev, compute,
                     precision_given=precision is not None, out_unit=out_unit,
+                    rotated=rotary is not None,
                     S=S, offset=off, kmask=kmask, kidx=kidx, kvidx=kvidx)
 
 
@@ -736,6 +738,7 @@ def _head_specs(p, radius):
         vmax = float(vmaxes[b])
         out_rounding = p.out_unit * vmax
         structure, params = _structure(p, b)
+        rot = rotation_logit_error(p.computed_radius[b]) if p.rotated else 0.0
         specs.append(HeadSpec(
             head=tuple(int(i) for i in np.unravel_index(b, p.batch_shape))
             if p.batch_shape else (),
@@ -745,15 +748,16 @@ def _head_specs(p, radius):
             row_mass=_row_mass(p, b, p.weights(b)), out_rounding=out_rounding,
             exact_bound=exact_error_bound(p.S, p.E, p.computed_radius[b],
                                           p.computed_radius1[b], vmax, p.compute_dtype,
-                                          p.relative is not None, p.bias is not None)
+                                          p.relative is not None, p.bias is not None,
+                                          logit_error=rot)
             + out_rounding,
             radius_given=radius is not None, compute_dtype=p.compute_dtype.name,
-            pairs=pairs, **params))
+            pairs=pairs, logit_error=rot, **params))
     return specs
 
 
 def separable_head_spec(head, n, S, E, Ev, radius, vmax, causal, compute_dtype, out_unit,
-                        rate=None, key_mask=None):
+                        rate=None, key_mask=None, rotated=False):
     """HeadSpec of a head without W_t, built from its statistics alone.
 
     For data that is never in one place (one long sequence in blocks on a Dask
@@ -772,13 +776,16 @@ def separable_head_spec(head, n, S, E, Ev, radius, vmax, causal, compute_dtype, 
     else:
         cuts = bool(causal) and visible_keys(n, S, 0, True, key_mask) is not None
         structure, params = ("causal" if cuts else "none"), {}
+    rot = rotation_logit_error(radius) if rotated else 0.0
     return HeadSpec(head=tuple(head), n=n, S=S, offset=0, E=E, Ev=Ev, radius=float(radius),
                     radius1=float(radius), vmax=float(vmax), general=False,
                     structure=structure, causal=bool(causal), row_mass=1.0,
                     out_rounding=out_rounding,
                     exact_bound=exact_error_bound(S, E, radius, radius, vmax, cd, False,
-                                                  rate is not None) + out_rounding,
-                    compute_dtype=cd.name, pairs=_pairs(n, S, causal, 0), **params)
+                                                  rate is not None, logit_error=rot)
+                    + out_rounding,
+                    compute_dtype=cd.name, pairs=_pairs(n, S, causal, 0), logit_error=rot,
+                    **params)
 
 
 def _plans(p, method, eps, degree, approx, radius):

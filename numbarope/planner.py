@@ -507,7 +507,7 @@ def _gamma(k, u):
 
 
 def exact_error_bound(n, E, radius, radius1, vmax, precision="float64", general=False,
-                      has_bias=False, key_block=None):
+                      has_bias=False, key_block=None, logit_error=0.0):
     """Bound on ``max|out − o|`` of the exact kernel, o the mathematical value.
 
     Parameters
@@ -525,6 +525,9 @@ def exact_error_bound(n, E, radius, radius1, vmax, precision="float64", general=
     general, has_bias : bool
     key_block : int, optional
         Keys per block (default ``_config.EXACT_KEY_BLOCK``).
+    logit_error : float, optional
+        Absolute error of the logits from the inputs' preparation before the
+        kernel, e.g. the float64 rotation (:func:`numbarope.rotary.rotation_logit_error`).
 
     Returns
     -------
@@ -568,7 +571,8 @@ def exact_error_bound(n, E, radius, radius1, vmax, precision="float64", general=
     R1 = min(max(float(radius1), R), 1e300)
     # the running maximum may trail the row's by up to EXACT_HEADROOM (blocks whose
     # Cauchy–Schwarz bound is within it skip the maximum pass): 3u·headroom more
-    dlogit = _gamma((2 * E if general else E) + 3, u) * R1 + 3 * u * (R + EXACT_HEADROOM[dt])
+    dlogit = (_gamma((2 * E if general else E) + 3, u) * R1 + 3 * u * (R + EXACT_HEADROOM[dt])
+              + float(logit_error))
     if not math.isfinite(dlogit) or dlogit > 1.0:
         return np.inf
     # scalar math (not numpy): this runs once per head of every call
@@ -670,7 +674,9 @@ def _evaluate(alg, h, approx_obj, eps, degree, method):
     feats = alg.features(h.E, g)
     mem = alg.memory(h, g)
     delta = approx_obj.error_bound
-    rnd = alg.rounding(h, approx_obj.coef, delta)
+    # the algorithm's floating-point allowance, plus the logits' error from the inputs'
+    # preparation (rotation): each weight is then within a factor e^{±logit_error}
+    rnd = alg.rounding(h, approx_obj.coef, delta) + math.expm1(h.logit_error)
     dtot = delta + rnd
     bound = (2 * dtot / (1 - dtot) * h.vmax if dtot < 1 else np.inf) + h.out_rounding
     why = None

@@ -20,8 +20,10 @@ transformers 5.24, ``transformers/modeling_rope_utils.py``
 *attention factor* ``a`` (logits of the rotated features grow by ``a**2``);
 :func:`rotary_tables` and :func:`apply_rotary` include it, :meth:`Rotary.angles`
 does not. Angles are always computed in float64,
-whatever the input dtype: a float32 angle ``p * inv_freq`` loses about 1e-3 rad
-at position 32768.
+whatever the input dtype (a float32 angle ``p * inv_freq`` loses about 1e-3 rad
+at position 32768), from the exact product of position and inverse frequency
+reduced modulo 2π (:meth:`Rotary.angles`: within :data:`ANGLE_ERROR` = 2.2e-16
+rad at any position up to ``2**60 / inv_freq``).
 
 References
 ----------
@@ -55,12 +57,223 @@ from numpy.typing import ArrayLike
 
 __all__ = ["Rotary", "apply_rotary", "rotary_relative_matrices",
            "LinearScaling", "DynamicNTKScaling", "Llama3Scaling", "YarnScaling",
-           "LongRopeScaling"]
+           "LongRopeScaling", "ANGLE_ERROR", "MAX_ANGLE", "ROTATION_ERROR",
+           "rotation_logit_error"]
 
 LAYOUTS = ("half", "interleaved")
 #: Accepted spellings of the layouts; each maps to its canonical name.
 LAYOUT_ALIASES = {"neox": "half", "rotate_half": "half",
                   "gptj": "interleaved", "rotate_every_two": "interleaved"}
+
+
+# ------------------------------------------------- exact angle reduction mod 2π
+# The angle of position p and inverse frequency θ (both float64) is reduced as
+# r = p·θ − k·2π, |r| <= π, without rounding p·θ first:
+#
+# 1. p·θ = hi + lo exactly (Dekker's two-product with Veltkamp's split; the
+#    operands are first scaled to their frexp mantissas so that the split can
+#    neither overflow nor lose bits to underflow; the two parts are scaled back
+#    with ldexp, exact unless they fall below 2**-1022).
+# 2. 2π = _C1 + _C2 + _C3 + δ, |δ| < 2**-161; k = k1 + k2 with k1 = rint(hi / 2π)
+#    and k2 = rint(r1 / 2π) of the first remainder r1 (|k2| <= 62), and one more
+#    2π off when the rounded result lies beyond ±fl(π) (k2 misjudged by the
+#    rounding of r1 / 2π, within 1e-13 of ±π); every k_i·C_j is formed exactly
+#    as a two-product.
+# 3. hi + lo − Σ k_i·C_j is summed with Ogita-Rump-Oishi's Sum2 (a cascade of
+#    two-sums, the errors accumulated), hi − k1·C1 first, and rounded once.
+#
+# _C1, _C2, _C3 are the float64 rounded-to-nearest of 2π and of the successive
+# remainders (Python integers: π from Machin's formula to 420 bits; the test
+# test_two_pi_constants recomputes them):
+#     one = 1 << 420
+#     def atan_inv(x):                      # arctan(1/x) * one
+#         s = t = one // x; n, sign = 1, -1
+#         while t:
+#             t //= x * x; n += 2; s += sign * (t // n); sign = -sign
+#         return s
+#     r = Fraction(8 * (4 * atan_inv(5) - atan_inv(239)), one)    # 2π, error < 2**-400
+#     for i in range(3): c = float(r); print(c.hex()); r -= Fraction(c)
+_C1 = float.fromhex("0x1.921fb54442d18p+2")       # 6.283185307179586
+_C2 = float.fromhex("0x1.1a62633145c07p-52")      # 2.4492935982947064e-16
+_C3 = float.fromhex("-0x1.f1976b7ed8fbcp-108")    # -5.989539619436679e-33
+_INV_2PI = float.fromhex("0x1.45f306dc9c883p-3")  # float64 nearest 1/(2π)
+_PI = _C1 / 2                                     # fl(π) (halving is exact)
+_SPLITTER = 134217729.0                           # 2**27 + 1 (Veltkamp)
+
+#: Largest |position × inverse frequency| (radians) :meth:`Rotary.angles` reduces:
+#: beyond it the analysis of :data:`ANGLE_ERROR` does not hold and a ValueError is raised.
+MAX_ANGLE = 2.0 ** 60
+
+#: Proven bound (radians) on |computed − exact| for the reduced angles of
+#: :meth:`Rotary.angles`, "exact" being the product of the float64 position and
+#: the float64 inverse frequency reduced modulo 2π (compared modulo 2π). Derivation
+#: (u = 2**-53, |p·θ| < MAX_ANGLE = 2**60, so |k1| < 2**57.4 and
+#: |k1 − hi/2π| <= 2u·|hi/2π| + 1/2 < 41.2): the result is fl(z), the rounding of
+#: a double-double z in [−π − 2**-40, π + 2**-40] ⊂ (−4, 4), so fl(z) is within
+#: half an ulp, 2**-52, of z. z differs from p·θ − k·2π by (a) the Sum2 error of
+#: its at most 20 terms, <= γ18·γ19·Σ|terms| (Ogita, Rump, Oishi 2005, Prop. 4.5
+#: and Lemma 4.3; γn = n u / (1 − n u)) with Σ|terms| < 1400 (|hi − fl(k1 C1)| <
+#: 41.2·2π + |k1|·|2π − C1| + 2**8 < 561, |lo| <= 2**7, |k1 C1 − fl(k1 C1)| <=
+#: 2**8, |k1 C2| < 45, |k2 C1| < 390, |C1| < 6.3 for the last 2π, the rest
+#: < 2**-40), i.e. < 2**-87; (b) |k|·|δ| < 2**58 · 2**-161 = 2**-103 for the tail
+#: of 2π; (c) <= 2**-1073 when p·θ is subnormal. Hence 2**-52 + 2**-86 (about
+#: 2.2204e-16: the float64 result is the correctly rounded reduced angle but for
+#: ties within 2**-86 of a rounding boundary). Every result lies in [−fl(π), fl(π)].
+#: cos and sin of it come from numpy (glibc's libm: < 1 ulp each, <= 2**-53 on
+#: values below 1; an assumption on the platform's libm, not part of ANGLE_ERROR).
+ANGLE_ERROR = 2.0 ** -52 + 2.0 ** -86
+
+#: Bound on ``‖x̂' − R_p x‖₂ / ‖x‖₂`` for a vector rotated by :func:`rotate` in
+#: float64 (x̂' computed, R_p the exact rotation by the float64 angles p·θ):
+#: per pair (a, b), ``a·cos − b·sin`` with cos, sin of the reduced angle within
+#: ANGLE_ERROR + u of the exact ones (ANGLE_ERROR for the angle, the assumed 1-ulp
+#: libm <= 2u near 1, the attention factor's product u) and the products and the
+#: sum (2u + u): each component errs by at most (|a| + |b|)(ANGLE_ERROR + 6u);
+#: summed over pairs in quadrature, ``<= √2·‖x‖·(ANGLE_ERROR + 6u)``.
+#: A logit s·q'ᵀk' of rotated q', k' then errs by at most
+#: ``(2η + η²)·R`` (η this constant, R = s‖q‖‖k‖): the rotation term of the
+#: certified bounds (``numbarope.planner``).
+ROTATION_ERROR = math.sqrt(2.0) * (ANGLE_ERROR + 6 * 2.0 ** -53)
+
+
+def rotation_logit_error(radius):
+    """Absolute error bound of a logit ``s·q'ᵀk'`` (``|·| <= radius``) of vectors
+    rotated in float64 by numbarope, against the exact rotation: ``(2η + η²)·R``,
+    η = :data:`ROTATION_ERROR`."""
+    eta = ROTATION_ERROR
+    return (2 * eta + eta * eta) * float(radius)
+
+
+def _veltkamp(a):
+    c = _SPLITTER * a
+    hi = c - (c - a)
+    return hi, a - hi
+
+
+_C1_HI, _C1_LO = _veltkamp(_C1)
+_C2_HI, _C2_LO = _veltkamp(_C2)
+_C3_HI, _C3_LO = _veltkamp(_C3)
+
+
+@njit(cache=True, nogil=True)
+def _two_sum(a, b):
+    # Knuth: s + e == a + b exactly
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+@njit(cache=True, nogil=True)
+def _two_prod(a, a_hi, a_lo, b, b_hi, b_lo):
+    # Dekker: x + y == a * b exactly (a_hi + a_lo == a split in 26-bit halves;
+    # no fma is used: numba compiles without fastmath, so no contraction)
+    x = a * b
+    y = a_lo * b_lo - (((x - a_hi * b_hi) - a_lo * b_hi) - a_hi * b_lo)
+    return x, y
+
+
+@njit(cache=True, nogil=True)
+def _split(a):
+    c = _SPLITTER * a
+    hi = c - (c - a)
+    return hi, a - hi
+
+
+@njit(cache=True, nogil=True)
+def _subtract_k_two_pi(s, c, k):
+    # Continue the Sum2 cascade (s, c) with the six exact parts of −k·(C1 + C2 + C3).
+    k_hi, k_lo = _split(k)
+    p, e = _two_prod(k, k_hi, k_lo, _C1, _C1_HI, _C1_LO)
+    s, t = _two_sum(s, -p)
+    c += t
+    s, t = _two_sum(s, -e)
+    c += t
+    p, e = _two_prod(k, k_hi, k_lo, _C2, _C2_HI, _C2_LO)
+    s, t = _two_sum(s, -p)
+    c += t
+    s, t = _two_sum(s, -e)
+    c += t
+    p, e = _two_prod(k, k_hi, k_lo, _C3, _C3_HI, _C3_LO)
+    s, t = _two_sum(s, -p)
+    c += t
+    s, t = _two_sum(s, -e)
+    c += t
+    return s, c
+
+
+@njit(cache=True, nogil=True)
+def _reduce_two_pi(hi, lo):
+    """hi + lo (a double-double) reduced modulo 2π to [−π, π], rounded to float64."""
+    k1 = np.rint(hi * _INV_2PI)
+    if k1 == 0.0:
+        s, c = _two_sum(hi, lo)
+    else:
+        k_hi, k_lo = _split(k1)
+        p, e = _two_prod(k1, k_hi, k_lo, _C1, _C1_HI, _C1_LO)
+        s, c = _two_sum(hi, -p)           # exact (Sterbenz) but for small k1
+        s, t = _two_sum(s, lo)
+        c += t
+        s, t = _two_sum(s, -e)
+        c += t
+        p, e = _two_prod(k1, k_hi, k_lo, _C2, _C2_HI, _C2_LO)
+        s, t = _two_sum(s, -p)
+        c += t
+        s, t = _two_sum(s, -e)
+        c += t
+        p, e = _two_prod(k1, k_hi, k_lo, _C3, _C3_HI, _C3_LO)
+        s, t = _two_sum(s, -p)
+        c += t
+        s, t = _two_sum(s, -e)
+        c += t
+    k2 = np.rint((s + c) * _INV_2PI)
+    if k2 != 0.0:
+        s, c = _subtract_k_two_pi(s, c, k2)
+    r = s + c
+    # fl(z) > fl(π) means z > π + 1e-16 (fl(π) < π, ties to its even mantissa):
+    # one more 2π off lands in (−π, −π + 1e-13] (and symmetrically)
+    if r > _PI:
+        s, c = _subtract_k_two_pi(s, c, 1.0)
+        r = s + c
+    elif r < -_PI:
+        s, c = _subtract_k_two_pi(s, c, -1.0)
+        r = s + c
+    return r
+
+
+@njit(cache=True, nogil=True)
+def _reduced_angles_kernel(pos, inv, out):
+    # out[i, j] = (pos[i] · inv[j]) mod 2π in [−π, π], from the exact product
+    m = inv.shape[0]
+    t_m = np.empty(m)
+    t_hi = np.empty(m)
+    t_lo = np.empty(m)
+    t_e = np.empty(m, dtype=np.int64)
+    for j in range(m):
+        f, e = math.frexp(inv[j])
+        t_m[j] = f
+        t_hi[j], t_lo[j] = _split(f)
+        t_e[j] = e
+    for i in range(pos.shape[0]):
+        f, ep = math.frexp(pos[i])
+        f_hi, f_lo = _split(f)
+        for j in range(m):
+            x, y = _two_prod(f, f_hi, f_lo, t_m[j], t_hi[j], t_lo[j])
+            e = ep + t_e[j]
+            out[i, j] = _reduce_two_pi(math.ldexp(x, e), math.ldexp(y, e))
+
+
+def _reduced_angles(pos, inv):
+    """``(pos[:, None] · inv[None, :]) mod 2π`` in [−π, π], float64, from the exact products.
+
+    ``pos`` and ``inv`` are finite float64 with ``max|pos| · max|inv| < MAX_ANGLE``
+    (checked by the caller). Error <= :data:`ANGLE_ERROR`.
+    """
+    pos = np.ascontiguousarray(pos, dtype=np.float64)
+    inv = np.ascontiguousarray(inv, dtype=np.float64)
+    out = np.empty((pos.shape[0], inv.shape[0]))
+    if out.size:
+        _reduced_angles_kernel(pos, inv, out)
+    return out
 
 
 # ------------------------------------------------------------------ scalings
@@ -462,6 +675,44 @@ def _scaling_from_hf(params, max_position_embeddings):
                            attention_factor=params.get("attention_factor"))
 
 
+def _odd_dim_equivalent(d, base, layout, scaling):
+    """The even-dim ``Rotary`` rotating as transformers' running models do for an odd
+    rotary dim ``d`` (None when no ``Rotary`` does: dynamic NTK, YaRN, LongRoPE with
+    a factor count other than (d+1)/2)."""
+    nf = (d + 1) // 2
+    if isinstance(scaling, (DynamicNTKScaling, YarnScaling)) or (
+            isinstance(scaling, LongRopeScaling) and len(scaling.short_factor) != nf):
+        return None
+    # base**(-2i/d) == (base**((d+1)/d))**(-2i/(d+1)): same frequencies on d+1 features
+    return Rotary(dim=d + 1, base=base ** ((d + 1) / d), layout=layout, scaling=scaling)
+
+
+def _odd_dim_message(d, base, layout, scaling):
+    """Why an odd rotary dim ``d`` is refused: what transformers 5.24 does with it, and
+    the nearest working choice."""
+    nf = (d + 1) // 2
+    msg = (f"transformers 5.24 has no consistent rotation for an odd rotary dim: its "
+           f"frequencies (modeling_rope_utils._compute_default_rope_parameters) are the "
+           f"{nf} values base**(-2i/{d}), i < {nf}; GPT-NeoX, Phi-3, Nemotron (rotate_half) "
+           f"and GLM, GLM-4 (interleaved) rotate {d + 1} features with them (their "
+           f"apply_rotary_pos_emb slices cos.shape[-1] = {d + 1} features), while Phi, "
+           f"StableLM, Persimmon (rotary_ndims = {d}), GPT-J and CodeGen (rotary_dim = {d}) "
+           f"fail with a shape error ({d} features against {d + 1} cos/sin columns), and "
+           f"its YaRN fails for every model ({d // 2} ramp entries against {nf} frequencies)")
+    eq = _odd_dim_equivalent(d, base, layout, scaling)
+    if eq is not None:
+        msg += (f". The rotation of the models that run is Rotary(dim={d + 1}, "
+                f"base=base**({d + 1}/{d})), here {eq!r}")
+    else:
+        why = ("its base growth uses the exponent dim/(dim-2)"
+               if isinstance(scaling, DynamicNTKScaling) else
+               "transformers fails with it" if isinstance(scaling, YarnScaling) else
+               f"transformers needs {nf} short/long factors")
+        msg += f". No Rotary reproduces it with {type(scaling).__name__} ({why})"
+    even = f"{d - 1} or {d + 1}" if d > 1 else f"{d + 1}"
+    return msg + f"; otherwise use an even rotary dim: {even}"
+
+
 @dataclass(frozen=True)
 class Rotary:
     """Parameters of a rotary position embedding.
@@ -470,7 +721,12 @@ class Rotary:
     ----------
     dim : int or None, optional
         Number of leading features rotated; must be even and at most
-        ``head_dim``. ``None`` (default) rotates all ``head_dim`` features.
+        ``head_dim``. ``None`` (default) rotates all ``head_dim`` features. An
+        odd dim is refused: transformers 5.24 has no consistent rotation for it
+        (GPT-NeoX, Phi-3, Nemotron, GLM rotate ``dim + 1`` features with the
+        frequencies ``base**(-2i/dim)``, which ``Rotary(dim=dim + 1,
+        base=base**((dim + 1)/dim))`` reproduces; Phi, StableLM, Persimmon,
+        GPT-J, CodeGen and its YaRN fail), and the error says so.
     base : float, optional
         Frequency base (10000.0 in RoFormer and Llama 2; 500000.0 in Llama 3).
     layout : {"half", "interleaved"}, optional
@@ -551,7 +807,7 @@ class Rotary:
         if self.dim is not None:
             if isinstance(self.dim, bool) or not isinstance(self.dim, (int, np.integer)):
                 raise TypeError(f"Rotary: dim must be an int or None, got {self.dim!r}")
-            if self.dim <= 0 or self.dim % 2:
+            if self.dim <= 0:
                 raise ValueError(
                     f"Rotary: dim must be a positive even integer, got {self.dim}")
             object.__setattr__(self, "dim", int(self.dim))
@@ -571,6 +827,10 @@ class Rotary:
                 raise ValueError(f"Rotary: scaling must be finite and > 0, got "
                                  f"{self.scaling!r}") from None
             object.__setattr__(self, "scaling", sc)
+        if self.dim is not None and self.dim % 2:
+            raise ValueError(
+                f"Rotary: dim must be a positive even integer, got {self.dim}. "
+                + _odd_dim_message(self.dim, base, layout, self.scaling))
 
     @classmethod
     def from_hf(cls, rope_parameters: Mapping[str, Any] | Any, head_dim: int | None = None,
@@ -604,7 +864,9 @@ class Rotary:
             ``"longrope"``, as transformers does.
         partial_rotary_factor : float, optional
             Fraction of ``head_dim`` rotated (overrides the dict's); the rotated
-            dim is ``int(head_dim * partial_rotary_factor)``.
+            dim is ``int(head_dim * partial_rotary_factor)``. An odd rotated dim
+            is refused (see ``dim`` in :class:`Rotary`; the message gives the
+            equivalent ``Rotary`` when there is one).
         layout : {"half", "interleaved"}, optional
             Feature pairing (transformers' Llama family uses ``"half"``).
 
@@ -615,8 +877,8 @@ class Rotary:
         Raises
         ------
         ValueError
-            On an unknown key or rope type, a missing required key, or a bad
-            value (the message names it).
+            On an unknown key or rope type, a missing required key, a bad
+            value (the message names it), or an odd rotated dim.
         """
         if not isinstance(rope_parameters, Mapping) and hasattr(rope_parameters, "rope_parameters"):
             config = rope_parameters
@@ -649,15 +911,21 @@ class Rotary:
                 if head_dim is None:
                     raise ValueError("Rotary.from_hf: partial_rotary_factor < 1 needs head_dim")
                 dim = int(_length("Rotary.from_hf", "head_dim", head_dim) * prf)
-                if dim < 2 or dim % 2:
+                if dim < 1:
                     raise ValueError(
                         f"Rotary.from_hf: partial_rotary_factor={prf} of head_dim={head_dim} "
-                        f"rotates {dim} features; the rotated dim must be even and >= 2")
+                        f"rotates {dim} features (transformers rotates none); use rotary=None")
         if max_position_embeddings is not None:
             max_position_embeddings = _length("Rotary.from_hf", "max_position_embeddings",
                                               max_position_embeddings)
-        return cls(dim=dim, base=base, layout=layout,
-                   scaling=_scaling_from_hf(rope_parameters, max_position_embeddings))
+        scaling = _scaling_from_hf(rope_parameters, max_position_embeddings)
+        if dim is not None and dim % 2:
+            ref = cls(base=base, layout=layout, scaling=scaling)   # validates base, layout
+            raise ValueError(
+                f"Rotary.from_hf: partial_rotary_factor={prf} of head_dim={head_dim} "
+                f"rotates {dim} features, an odd number. "
+                + _odd_dim_message(dim, ref.base, ref.layout, scaling))
+        return cls(dim=dim, base=base, layout=layout, scaling=scaling)
 
     @property
     def attention_factor(self) -> float:
@@ -676,7 +944,8 @@ class Rotary:
                    "a single feature cannot be rotated: use rotary=None")
             raise ValueError(
                 f"Rotary: the rotated dim must be even, got head_dim={head_dim} with "
-                f"dim=None; {fix}")
+                f"dim=None; {fix} (transformers 5.24 refuses a fully rotated odd head_dim "
+                f"> 4 too: modeling_rope_utils.RotaryEmbeddingConfigMixin.validate_rope)")
         return dim
 
     def inv_freq(self, head_dim: int, seq_len: float | None = None) -> np.ndarray:
@@ -693,24 +962,49 @@ class Rotary:
 
     def angles(self, positions: ArrayLike, head_dim: int,
                seq_len: float | None = None) -> np.ndarray:
-        """Angles ``positions[:, None] * inv_freq[None, :]`` in radians, ``(n, dim/2)`` float64.
+        """Angles ``positions[:, None] * inv_freq[None, :]`` reduced modulo 2π, ``(n, dim/2)``.
 
-        ``seq_len`` defaults to ``max(positions) + 1`` (see :meth:`inv_freq`).
-        The attention factor is not included.
+        float64 radians in [−π, π] (the float64 nearest π at most). ``seq_len``
+        defaults to ``max(positions) + 1`` (see :meth:`inv_freq`). The
+        attention factor is not included.
 
-        The product is formed in extended precision (``np.longdouble``) and
-        reduced modulo 2π before rounding to float64, so that the angle of a
-        large position (2**20 and beyond) keeps ~1e-16 absolute accuracy and
-        RoPE stays shift invariant to ~1e-14 (a float64 product alone errs by
-        ~|p·θ|·2^-53, 1e-10 rad at p = 2**20).
+        Each angle is within :data:`ANGLE_ERROR` = 2**-52 + 2**-86 rad (half
+        an ulp of π; the float64 result is the correctly rounded value but for
+        near-ties) of the exact reduced angle of the float64 position times the
+        float64 inverse frequency, at any position: the product is formed
+        exactly as a double-double (Dekker's two-product) and reduced with 2π
+        held to 161 bits (three float64 constants, each ``k·C_i`` an exact
+        two-product, summed with compensated two-sums). So RoPE is shift
+        invariant to rounding: the angles of positions ``p0 + i`` and ``i``
+        differ by ``p0·θ`` mod 2π to 2·ANGLE_ERROR = 4.5e-16 rad whatever
+        ``p0`` (a rounded float64 or 80-bit ``np.longdouble`` product errs by up
+        to ``|p·θ|·2**-53`` or ``|p·θ|·2**-64``: 5e-7 or 2e-10 rad at p =
+        2**32). Positions are converted to float64 (integers beyond 2**53 are
+        rounded).
+
+        Raises
+        ------
+        ValueError
+            If ``positions`` has NaN or inf, or ``|position| · max(inv_freq)``
+            reaches :data:`MAX_ANGLE` = 2**60 rad (the range of the exact
+            reduction; the message gives the largest position supported).
         """
-        pos = np.asarray(positions, dtype=np.longdouble).reshape(-1)
+        pos = np.asarray(positions, dtype=np.float64).reshape(-1)
+        if pos.size and not np.isfinite(pos).all():
+            raise ValueError("Rotary.angles: positions contain NaN or inf")
         if seq_len is None and pos.size:
             seq_len = float(pos.max()) + 1
-        ang = pos[:, None] * self.inv_freq(head_dim, seq_len).astype(np.longdouble)[None, :]
-        two_pi = 2 * np.pi if np.finfo(np.longdouble).eps >= np.finfo(np.float64).eps \
-            else np.longdouble("6.283185307179586476925286766559005768")
-        return np.fmod(ang, two_pi).astype(np.float64)
+        inv = np.asarray(self.inv_freq(head_dim, seq_len), dtype=np.float64)
+        if pos.size and inv.size:
+            p_max, t_max = float(np.abs(pos).max()), float(np.abs(inv).max())
+            if p_max * t_max >= MAX_ANGLE or not math.isfinite(t_max):
+                p_txt = str(int(p_max)) if p_max.is_integer() else repr(p_max)
+                raise ValueError(
+                    f"Rotary.angles: positions up to |p| = {p_txt} give rotary angles "
+                    f"|p| · inv_freq up to {p_max * t_max:.4g} rad (largest inverse frequency "
+                    f"{t_max:.6g}); the exact reduction modulo 2π supports angles below "
+                    f"2**60 rad, i.e. positions |p| < {MAX_ANGLE / t_max:.6g} for this Rotary")
+        return _reduced_angles(pos, inv)
 
     def pairs(self, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
         """Index arrays ``(first, second)`` of the rotated feature pairs, each ``(dim/2,)``."""
@@ -756,9 +1050,22 @@ def rotary_tables(rotary, n, head_dim, positions=None, seq_len=None):
     ``max(positions) + 1`` otherwise (as transformers' ``max(position_ids) + 1``),
     or ``seq_len`` when given (a batch of rows shares transformers' batch maximum).
 
-    The angles are formed in extended precision (:meth:`Rotary.angles`), which
-    costs more than the rotation itself: calls on sequences of the same length
-    share one table pair (two pairs are kept, each of at most 64 MiB).
+    The angles are the exact products ``p · inv_freq`` reduced modulo 2π
+    (:meth:`Rotary.angles`): each within :data:`ANGLE_ERROR` = 2**-52 + 2**-86
+    rad (half an ulp of π) of the exact reduced angle of the float64 position
+    times the float64 inverse frequency, at any position. cos and sin are
+    numpy's of that float64 angle: assumed within 1 ulp (glibc's libm; numpy's
+    own SIMD paths on other platforms may differ), so each table entry is
+    within ``a · (ANGLE_ERROR + 2**-53)`` of the exact ``a·cos``/``a·sin``
+    (plus the rounding of the product by ``a`` when ``a != 1``). The exact
+    reduction costs more than the rotation itself: calls on sequences of the
+    same length share one table pair (two pairs are kept, each of at most 64 MiB).
+
+    Raises
+    ------
+    ValueError
+        If ``positions`` holds NaN, inf, or positions beyond the range of the
+        reduction (``|p| · max(inv_freq) >= 2**60``; see :meth:`Rotary.angles`).
     """
     if positions is None:
         if n * rotary.rotary_dim(head_dim) * 8 <= _TABLE_CACHE_BYTES:

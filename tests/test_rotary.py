@@ -1,5 +1,8 @@
 """Tests of numbarope.rotary against explicit rotation matrices (tests/naive.py)."""
 
+import re
+from fractions import Fraction
+
 import numpy as np
 import pytest
 
@@ -428,3 +431,320 @@ def test_from_hf_forms():
 def test_from_hf_errors(params, kw, match):
     with pytest.raises(ValueError, match=match):
         Rotary.from_hf(params, **kw)
+
+
+# ------------------------------------------- exact angle reduction modulo 2π
+# Reference without mpmath: Python integers and fractions. 2π from Machin's formula
+# (π/4 = 4 arctan 1/5 − arctan 1/239) to 420 bits; p·θ is the exact rational product
+# of the two float64 values.
+def _atan_inv(x, one):
+    s = t = one // x
+    n, sign = 1, -1
+    while t:
+        t //= x * x
+        n += 2
+        s += sign * (t // n)
+        sign = -sign
+    return s
+
+
+_ONE = 1 << 420
+TWO_PI_EXACT = Fraction(8 * (4 * _atan_inv(5, _ONE) - _atan_inv(239, _ONE)), _ONE)  # err < 2**-400
+
+
+def _circular_errors(ang, pos, inv):
+    """|ang[i, j] − (pos[i]·inv[j] mod 2π)| measured modulo 2π, exactly (Fractions)."""
+    err = np.empty(ang.shape)
+    for i, p in enumerate(np.asarray(pos, dtype=np.float64)):
+        for j, t in enumerate(np.asarray(inv, dtype=np.float64)):
+            x = Fraction(float(p)) * Fraction(float(t))
+            d = Fraction(float(ang[i, j])) - x
+            d -= round(d / TWO_PI_EXACT) * TWO_PI_EXACT
+            err[i, j] = abs(float(d))
+    return err
+
+
+P0S = [0, 2**20, 2**28, 2**32, 2**40, 2**50]
+
+
+def test_two_pi_constants():
+    # the three float64 pieces of 2π are the successive nearest roundings (see rotary.py)
+    from numbarope import rotary as R
+    r = TWO_PI_EXACT
+    for c in (R._C1, R._C2, R._C3):
+        assert c == float(r)
+        r -= Fraction(c)
+    assert abs(r) < Fraction(1, 2**161)
+    assert R._INV_2PI == float(1 / TWO_PI_EXACT)
+    # the Veltkamp halves are exact and short (26 bits)
+    for c, hi, lo in ((R._C1, R._C1_HI, R._C1_LO), (R._C2, R._C2_HI, R._C2_LO),
+                      (R._C3, R._C3_HI, R._C3_LO)):
+        assert Fraction(hi) + Fraction(lo) == Fraction(c)
+        for h in (hi, lo):
+            m, _ = np.frexp(h)
+            assert float(m * 2**26).is_integer()
+    assert R.ANGLE_ERROR == 2.0**-52 + 2.0**-86 and R.MAX_ANGLE == 2.0**60
+
+
+@pytest.mark.parametrize("p0", P0S)
+def test_angles_exact_at_large_positions(p0):
+    # E = 16, n = 24 positions p0 + i: each angle within ANGLE_ERROR (half an ulp of π)
+    # of the exact reduced angle. Before the exact reduction (np.longdouble product and
+    # fmod): 4.0e-16, 1.8e-14, 4.5e-12, 7.3e-11, 2.0e-8, 2.0e-5 at these p0.
+    from numbarope.rotary import ANGLE_ERROR
+    rot = Rotary()
+    pos = p0 + np.arange(24, dtype=np.float64)
+    ang = rot.angles(pos, 16)
+    assert ang.shape == (24, 8) and ang.dtype == np.float64
+    assert np.abs(ang).max() <= np.pi
+    err = _circular_errors(ang, pos, rot.inv_freq(16))
+    assert err.max() <= ANGLE_ERROR <= 2.3e-16, err.max()
+
+
+def test_angles_exact_hard_cases():
+    # random float64 positions (integers to 2**53, fractions, negatives, tiny, huge with
+    # a tiny frequency) and products close to multiples of 2π: within ANGLE_ERROR
+    from numbarope.rotary import ANGLE_ERROR, _reduced_angles
+    rng = np.random.default_rng(41)
+    inv_default = Rotary().inv_freq(16)
+    cases = [
+        (rng.integers(0, 2**53, 12).astype(np.float64), inv_default),
+        (rng.standard_normal(12) * 2.0 ** rng.integers(-60, 55, 12), 2.0 ** rng.uniform(-30, 4, 6)),
+        (np.rint(rng.integers(1, 2**50, 12) * 2 * np.pi), np.array([1.0, 0.5, 0.1])),  # near k·2π
+        (rng.standard_normal(6) * 2.0 ** rng.integers(-600, 10, 6),          # tiny products
+         2.0 ** rng.uniform(-1074, -400, 4)),
+        (rng.uniform(1, 2, 6) * 2.0 ** rng.integers(900, 1000, 6),           # huge positions
+         2.0 ** rng.uniform(-1074, -1000, 4)),
+        (np.array([2.0**60 / 3 * (1 - 2**-50), -(2.0**60 - 2**8) / 3, 2.0**58 + 1.5]),
+         np.array([1.0, 0.75, 3.0])),
+    ]
+    for pos, inv in cases:
+        assert (np.abs(pos)[:, None] * inv[None, :] < 2.0**60).all()
+        ang = _reduced_angles(pos, inv)
+        assert np.abs(ang).max() <= np.pi
+        err = _circular_errors(ang, pos, inv)
+        assert err.max() <= ANGLE_ERROR, (pos, inv, err.max())
+
+
+def test_angles_near_odd_multiples_of_pi():
+    # reduced angles within 1e-13 of ±π stay in [−fl(π), fl(π)] and within ANGLE_ERROR:
+    # (a) positions from the convergents p/q of π with q odd (p ≈ q·π, 2**53 at most);
+    # (b) double-doubles hi + lo = (2k+1)π + ε with k up to 2**56, where rint(hi/2π)
+    #     and rint(r1/2π) can both land on the wrong side (the last fix-up step)
+    from numbarope.rotary import _PI, ANGLE_ERROR, _reduce_two_pi, _reduced_angles
+    pi = TWO_PI_EXACT / 2
+    x, h, h_prev, q, q_prev, conv = pi, 1, 0, 0, 1, []
+    for _ in range(40):
+        a = x.numerator // x.denominator
+        h, h_prev, q, q_prev = a * h + h_prev, h, a * q + q_prev, q
+        if q % 2 and h < 2**53:
+            conv.append(h)
+        x = 1 / (x - a)
+    pos = np.array(conv + [-c for c in conv], dtype=np.float64)
+    inv = np.array([1.0, 0.5, 2.0])
+    ang = _reduced_angles(pos, inv)
+    assert np.abs(ang).max() <= _PI
+    assert _circular_errors(ang, pos, inv).max() <= ANGLE_ERROR
+    rng = np.random.default_rng(46)
+    for _ in range(2000):
+        target = (2 * int(rng.integers(2**50, 2**56)) + 1) * pi \
+            + Fraction(int(rng.integers(-1000, 1000)), 10**16)
+        hi = float(target)
+        lo = float(target - Fraction(hi))
+        r = _reduce_two_pi(hi, lo)
+        assert abs(r) <= _PI
+        d = Fraction(r) - (Fraction(hi) + Fraction(lo))
+        d -= round(d / TWO_PI_EXACT) * TWO_PI_EXACT
+        assert abs(d) <= ANGLE_ERROR, (hi, lo, float(d))
+
+
+def test_angles_against_mpmath():
+    mpmath = pytest.importorskip("mpmath")
+    from numbarope.rotary import ANGLE_ERROR
+    rng = np.random.default_rng(42)
+    rot = Rotary(base=500000.0, scaling=0.25)      # inverse frequencies up to 4
+    inv = rot.inv_freq(32)
+    pos = np.concatenate([np.float64(2**50) + np.arange(4), rng.uniform(-2**55, 2**55, 8),
+                          rng.uniform(-1e3, 1e3, 4)])
+    ang = rot.angles(pos, 32)
+    with mpmath.workprec(300):
+        two_pi = 2 * mpmath.pi
+        for i, p in enumerate(pos):
+            for j, t in enumerate(inv):
+                x = mpmath.mpf(float(p)) * mpmath.mpf(float(t))       # exact at 300 bits
+                d = mpmath.mpf(float(ang[i, j])) - x
+                d -= mpmath.nint(d / two_pi) * two_pi
+                assert abs(d) <= ANGLE_ERROR, (p, t, float(d))
+
+
+def test_apply_rotary_shift_invariant_at_large_positions():
+    # angles of p0 + i and of i differ by p0·θ mod 2π to 2·ANGLE_ERROR, so the
+    # rotated inner products (R_{p0+i} q)·(R_{p0+j} k) do not depend on p0
+    rng = np.random.default_rng(43)
+    x = rng.standard_normal((2, 9, 16))
+    for p0 in P0S[1:]:
+        a = apply_rotary(x, Rotary(), positions=p0 + np.arange(9))
+        b = apply_rotary(x, Rotary(), positions=np.arange(9))
+        np.testing.assert_allclose(a[0] @ a[1].T, b[0] @ b[1].T, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("p0", P0S)
+def test_rope_attention_shift_invariant_within_certified_bounds(p0):
+    # the output does not move with p0 (((p0+i) − (p0+j))θ = (i − j)θ): the two
+    # results agree to the sum of their certified bounds. Before the exact reduction
+    # it moved by 3.9e-11 at p0 = 2**32 against a bound of 1.5e-12.
+    import numbarope
+    rng = np.random.default_rng(44)
+    n, E = 24, 16
+    q, k, v = (rng.standard_normal((n, E)) for _ in range(3))
+
+    def run(pos):
+        return numbarope.rope_attention(q, k, v, rotary=numbarope.Rotary(), positions=pos,
+                                        is_causal=True, method="exact", return_info=True)
+    out0, info0 = run(np.arange(n))
+    out, info = run(p0 + np.arange(n))
+    bound = np.max(info.error_bound) + np.max(info0.error_bound)
+    assert np.abs(out - out0).max() <= bound, (np.abs(out - out0).max(), bound)
+
+
+def test_positions_beyond_the_reduction_range_raise():
+    import numbarope
+    rot = Rotary()                                  # largest inverse frequency 1
+    ok = rot.angles([2.0**60 - 2**8], 8)            # just below 2**60 rad: supported
+    assert np.abs(ok).max() <= np.pi
+    with pytest.raises(ValueError, match=r"positions up to \|p\| = 1152921504606846976.*"
+                                         r"positions \|p\| < 1\.15292e\+18"):
+        rot.angles([0.0, 2.0**60], 8)
+    with pytest.raises(ValueError, match="positions"):
+        rot.angles([-(2.0**61)], 8)
+    # a scaled frequency (θ0 = 4) lowers the largest position to 2**58
+    with pytest.raises(ValueError, match=r"positions \|p\| < 2\.8823e\+17"):
+        Rotary(scaling=0.25).angles([2.0**58], 8)
+    with pytest.raises(ValueError, match="positions contain NaN or inf"):
+        rot.angles([0.0, np.inf], 8)
+    with pytest.raises(ValueError, match="positions"):
+        apply_rotary(np.ones((2, 4)), rot, positions=[0.0, 2.0**61])
+    with pytest.raises(ValueError, match="positions"):
+        rotary_tables(rot, 2, 4, positions=[0.0, 2.0**61])
+    with pytest.raises(ValueError, match="positions"):
+        numbarope.rope_attention(np.ones((3, 4)), np.ones((3, 4)), np.ones((3, 4)),
+                                 rotary=rot, positions=2.0**61 + np.arange(3))
+
+
+# ----------------------------------------------------- odd rotary dims (refused)
+def test_odd_rotary_dim_refused_with_transformers_behaviour():
+    # transformers 5.24 has no consistent odd-dim rotation (see the tests below): the
+    # error says what it does and gives the even-dim Rotary of the models that run
+    eq = Rotary(dim=10, base=10000.0 ** (10 / 9), scaling=LinearScaling(2.0))
+    with pytest.raises(ValueError, match=r"(?s)dim must be a positive even integer, got 9\. "
+                       r"transformers 5\.24 .*base\*\*\(-2i/9\).*GPT-NeoX.*rotate 10 features.*"
+                       r"Phi, StableLM, Persimmon.*shape error.*YaRN fails.*"
+                       + re.escape(repr(eq)) + r".*even rotary dim: 8 or 10"):
+        Rotary(dim=9, scaling=2.0)
+    with pytest.raises(ValueError, match=r"rotates 9 features, an odd number.*" +
+                       re.escape(repr(Rotary(dim=10, base=500000.0 ** (10 / 9),
+                                             layout="interleaved")))):
+        Rotary.from_hf({"rope_theta": 500000.0, "partial_rotary_factor": 0.3}, head_dim=30,
+                       layout="gptj")
+    # no even-dim Rotary reproduces dynamic NTK; transformers' YaRN fails
+    with pytest.raises(ValueError, match=r"No Rotary reproduces it with DynamicNTKScaling"):
+        Rotary.from_hf({"rope_type": "dynamic", "factor": 2.0, "partial_rotary_factor": 0.3},
+                       head_dim=30, max_position_embeddings=64)
+    with pytest.raises(ValueError, match=r"No Rotary reproduces it with YarnScaling"):
+        Rotary.from_hf({"rope_type": "yarn", "factor": 2.0, "partial_rotary_factor": 0.3,
+                        "original_max_position_embeddings": 16}, head_dim=30)
+    with pytest.raises(ValueError, match=r"rotates 0 features \(transformers rotates none\)"):
+        Rotary.from_hf({"partial_rotary_factor": 0.01}, head_dim=30)
+    # the other checks still come first
+    with pytest.raises(ValueError, match="layout='x'"):
+        Rotary.from_hf({"partial_rotary_factor": 0.3}, head_dim=30, layout="x")
+
+
+_ODD_ROPE = {   # transformers rope_parameters (rope_theta 10000, partial_rotary_factor 0.3)
+    "default": ({"rope_type": "default"}, None),
+    "linear": ({"rope_type": "linear", "factor": 2.0}, LinearScaling(2.0)),
+    "llama3": ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+               Llama3Scaling(8.0, 1.0, 4.0, 16)),
+    "longrope": ({"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0],
+                  "long_factor": [1.0, 2.0, 3.0, 4.0, 5.0], "factor": 4.0,
+                  "original_max_position_embeddings": 16},
+                 LongRopeScaling([1.0, 1.1, 1.3, 1.6, 2.0], [1.0, 2.0, 3.0, 4.0, 5.0], 16,
+                                 factor=4.0)),
+}
+
+
+def _odd_hf_config(model, rope):
+    transformers = pytest.importorskip("transformers")
+    kw = dict(hidden_size=60, num_attention_heads=2, intermediate_size=32, num_hidden_layers=1,
+              vocab_size=50, max_position_embeddings=64,
+              rope_parameters=dict(rope, rope_theta=10000.0, partial_rotary_factor=0.3))
+    if model == "gpt_neox":
+        return transformers.GPTNeoXConfig(**kw)
+    return transformers.GlmConfig(num_key_value_heads=2, head_dim=30, **kw)
+
+
+@pytest.mark.parametrize("model, layout", [("gpt_neox", "half"), ("glm", "interleaved")])
+@pytest.mark.parametrize("case", list(_ODD_ROPE))
+def test_odd_rotary_dim_suggestion_matches_transformers(model, layout, case):
+    """head_dim 30, partial_rotary_factor 0.3: transformers' GPT-NeoX (rotate_half) and
+    GLM (interleaved) rotate 10 features with the 5 frequencies 10000**(-2i/9); the
+    Rotary the error names rotates q and k the same (transformers' float32 cos/sin:
+    1e-6)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    if model == "gpt_neox":
+        from transformers.models.gpt_neox import modeling_gpt_neox as mod
+        emb_cls = mod.GPTNeoXRotaryEmbedding
+    else:
+        from transformers.models.glm import modeling_glm as mod
+        emb_cls = mod.GlmRotaryEmbedding
+    rope, scaling = _ODD_ROPE[case]
+    config = _odd_hf_config(model, rope)
+    eq = Rotary(dim=10, base=10000.0 ** (10 / 9), layout=layout, scaling=scaling)
+    with pytest.raises(ValueError, match=r"rotates 9 features.*" + re.escape(repr(eq))):
+        Rotary.from_hf(config, layout=layout)
+    n, E = 12, 30
+    rng = np.random.default_rng(45)
+    q, k = rng.standard_normal((2, 1, 2, n, E))
+    cos, sin = emb_cls(config)(torch.zeros(1), torch.arange(n)[None])     # float32
+    assert cos.shape == (1, n, 10)
+    ours_cos, ours_sin = rotary_tables(eq, n, E)
+    np.testing.assert_allclose(ours_cos, cos[0, :, :5].double().numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ours_sin, sin[0, :, :5].double().numpy(), rtol=0, atol=1e-6)
+    q_hf, k_hf = mod.apply_rotary_pos_emb(torch.from_numpy(q), torch.from_numpy(k),
+                                          cos.double(), sin.double())
+    for x, ref in ((q, q_hf), (k, k_hf)):
+        np.testing.assert_allclose(apply_rotary(x, eq), ref.numpy(), rtol=0,
+                                   atol=1e-6 * np.abs(x).max())
+        np.testing.assert_array_equal(ref.numpy()[..., 10:], x[..., 10:])
+
+
+@pytest.mark.parametrize("model", ["phi", "stablelm", "persimmon", "gptj", "codegen"])
+def test_odd_rotary_dim_fails_in_transformers(model):
+    """Why an odd dim is refused: these transformers 5.24 models fail on it (9 features
+    against 10 cos/sin columns). If this test fails, transformers changed: revisit
+    _odd_dim_message in numbarope/rotary.py."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    if model in ("gptj", "codegen"):
+        kw = dict(n_embd=60, n_head=2, n_layer=1, vocab_size=50, rotary_dim=9)
+    else:
+        kw = dict(hidden_size=60, num_attention_heads=2, num_key_value_heads=2,
+                  intermediate_size=32, num_hidden_layers=1, vocab_size=50,
+                  partial_rotary_factor=0.3)
+    config = transformers.AutoConfig.for_model(model, **kw)
+    m = transformers.AutoModel.from_config(config).eval()
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"size of tensor a \(9\) must "
+                                                             r"match the size of tensor b \(10\)"):
+        m(torch.arange(5)[None])
+
+
+def test_odd_rotary_dim_yarn_fails_in_transformers():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    config = _odd_hf_config("gpt_neox", {"rope_type": "yarn", "factor": 4.0,
+                                         "original_max_position_embeddings": 16})
+    with pytest.raises(RuntimeError, match=r"tensor a \(5\).*tensor b \(4\)"):
+        ROPE_INIT_FUNCTIONS["yarn"](config, None)

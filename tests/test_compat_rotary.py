@@ -1,7 +1,7 @@
 """numbarope.rotary against HF transformers (5.24): frequencies, attention factor, rotation.
 
 transformers forms its frequencies and angles in float32, numbarope in float64
-(angles in extended precision), so each comparison states its tolerance:
+(angles exact to half an ulp: double-double products reduced modulo 2π), so each comparison states its tolerance:
 
 * inv_freq: transformers rounds the exponent 2i/dim and the power to float32,
   a relative error of about 2**-24 · (1 + |ln inv_freq|) <= 1e-6 for

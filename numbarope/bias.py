@@ -14,8 +14,10 @@ Two layers:
 
 * builders returning square arrays: :func:`causal_bias`, :func:`window_bias`,
   :func:`alibi_slopes`, :func:`alibi_bias`, :func:`t5_buckets`, :func:`t5_bias`;
-* typed structures (frozen dataclasses, subclasses of :class:`RelativeBias`)
-  that know which fast algorithms serve them exactly: :class:`NoBias`,
+* typed structures (frozen dataclasses, subclasses of :class:`Structure`; the
+  relative ones of :class:`RelativeBias`) that carry their structure to the
+  planner — they know no algorithm: each algorithm of :mod:`numbarope.ops`
+  names the structure types it serves: :class:`NoBias`,
   :class:`Causal`, :class:`Window`, :class:`Decay`, :class:`ALiBi`,
   :class:`T5Buckets`, :class:`Dense` and their :class:`Sum`. Each gives its
   array with ``values(L, S, offset)`` (``materialize(n)`` for a square one).
@@ -25,8 +27,15 @@ specific structure it can: ``NoBias()`` is the identity, ``Causal() + X`` is
 ``X`` with the causal mask when ``X`` has one (``Decay(r) + Causal() ==
 Decay(r, causal=True)``, ``Window(l, r) + Causal() == Window(l, 0)``), two
 windows give their intersection, two decays the sum of their rates; anything
-else is a :class:`Sum` served by the algorithms all its terms share. An array
-operand is a :class:`Dense`.
+else is a :class:`Sum`. An array operand is a :class:`Dense`.
+
+Every structure also says which keys a query row may see at most, as one
+contiguous range per row (:meth:`Structure.key_ranges`: the causal mask,
+a window; None for all keys), which the exact path uses to skip key blocks, and
+gives its most specific equivalent (:meth:`Structure.canonical`). A structure
+that is not a function of ``i − j`` alone (e.g. chunked local attention) is a
+:class:`Structure` that is not a :class:`RelativeBias`: it has key ranges and no
+bias values; ``docs/extending.md`` adds one from outside the package.
 
 References
 ----------
@@ -51,7 +60,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 __all__ = ["offsets", "causal_bias", "window_bias", "alibi_slopes", "alibi_bias",
-           "t5_buckets", "t5_bias",
+           "t5_buckets", "t5_bias", "Structure",
            "RelativeBias", "NoBias", "Causal", "Window", "Decay", "ALiBi", "T5Buckets",
            "Dense", "Sum", "as_structure"]
 
@@ -392,9 +401,6 @@ def t5_bias(n: int, table: ArrayLike, bidirectional: bool = True,
 # Typed structures
 # ---------------------------------------------------------------------------
 
-_PARAMETER_FREE = ("gemm", "prefix", "fft")     # algorithms that need no parameters
-
-
 def _fmt_array(a):
     """Short readable form of a parameter array for ``repr``."""
     if a.ndim == 1 and a.size <= 8:
@@ -402,32 +408,132 @@ def _fmt_array(a):
     return f"<{a.shape} float64>"
 
 
-class RelativeBias:
-    """Base of the typed relative biases (a function ``b(t)`` of the offset).
+def _positions(L, offset):
+    return np.arange(L, dtype=np.int64) + int(offset)
+
+
+class Structure:
+    """Base of every structure: which keys each query row sees, and with what bias.
 
     Subclasses are frozen dataclasses; equal parameters compare (and hash)
     equal. Common interface:
 
-    * ``values(L, S=None, offset=0)``: the bias in the storage of a call with
-      L queries, S keys and ``query_offset=offset`` (module docstring);
-    * ``materialize(n)``: ``values(n)``, the square ``(2n−1,)`` array;
+    * ``key_ranges(L, S=None, offset=0)``: the contiguous range of keys
+      ``lo[i] <= j < hi[i]`` that query row i (at position ``i + offset``) may
+      see at most, or None when nothing but the bias values restricts it;
     * ``causal``: True if every key after the query (``t < 0``) is masked;
-    * ``heads``: None, or the size of the head axis of per-head structures
-      (``values`` has shape ``(..., heads, L+S−1)``);
+    * ``heads``: None, or the size of the head axis of per-head structures;
     * ``kind``: a short name (``"none"``, ``"causal"``, ``"window"``, ``"decay"``,
-      ``"alibi"``, ``"t5"``, ``"dense"``, ``"sum"``);
-    * ``algorithms``: names of the fast algorithms that serve the structure
-      exactly, most specific first, always ending with ``"fft"``: ``"gemm"``
-      (no bias), ``"prefix"`` (causal mask only), ``"decay"`` (``exp(b(t)) =
-      γ^{|t|}``, two-sided or causal), ``"window"`` (0 in a band, -inf outside),
-      ``"fft"`` (any bias);
-    * ``+`` composes (module docstring).
+      ``"alibi"``, ``"t5"``, ``"dense"``, ``"sum"``, ...);
+    * ``canonical()``: the most specific equivalent structure (``Decay(0)`` is
+      ``NoBias()``, ``Window(None, 0)`` is ``Causal()``);
+    * ``select(index)``: the structure of one head (``index`` into the flattened
+      per-head parameters; itself when there are none).
+
+    A structure names no algorithm: the algorithms of :mod:`numbarope.ops`
+    declare the structure types they serve.
     """
 
     __slots__ = ()
     __array_ufunc__ = None      # ndarray + structure -> structure.__radd__
     kind: ClassVar[str] = "?"
+    #: True for a function of the offset t = i + query_offset − j (a Toeplitz bias)
+    relative: ClassVar[bool] = False
     _fields: ClassVar[tuple[str, ...]] = ()     # parameters shown by repr and compared by ==
+
+    def key_ranges(self, L: int, S: int | None = None,
+                   offset: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
+        """Keys each query row may see at most: ``(lo, hi)``, each ``(L,)`` int64,
+        row i sees keys ``lo[i] <= j < hi[i]`` (``0 <= lo, hi <= S``; an empty range
+        when ``hi <= lo``), or None: no restriction beyond the bias values.
+
+        Parameters
+        ----------
+        L, S : int >= 0
+            Queries and keys (S defaults to L).
+        offset : int, optional
+            Position of query 0 (keys at 0 .. S−1), the ``query_offset`` of
+            ``rope_attention``.
+        """
+        L = _check_int(L, "L", 0)
+        S = L if S is None else _check_int(S, "S", 0)
+        return self._key_ranges(_positions(L, _check_offset(offset, "offset")), S)
+
+    def _key_ranges(self, pos, S):
+        return None
+
+    @property
+    def causal(self) -> bool:
+        """True if every key after the query (``t < 0``) is masked."""
+        return False
+
+    @property
+    def _lead(self):
+        """Leading (batch, head) shape of the per-head parameters."""
+        return ()
+
+    @property
+    def heads(self) -> int | None:
+        """None, or the size of the head axis (the last leading axis of ``values``)."""
+        return self._lead[-1] if self._lead else None
+
+    def canonical(self) -> Structure:
+        """The most specific equivalent structure (itself by default)."""
+        return self
+
+    def select(self, index: int) -> Structure:
+        """The structure of one head: ``index`` into the flattened per-head
+        parameters (C order of ``_lead``); itself when there are none."""
+        return self
+
+    def _with_causal(self):
+        """This structure with the causal mask added, or None if it has no causal form."""
+        return None
+
+    def _key(self):
+        def norm(x):
+            if isinstance(x, np.ndarray):
+                return ("ndarray", x.shape, (x + 0.0).tobytes())     # -0.0 == 0.0
+            return x
+        return (type(self),) + tuple(norm(getattr(self, f)) for f in self._fields)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Structure):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        def show(x):
+            return _fmt_array(x) if isinstance(x, np.ndarray) else repr(x)
+        args = ", ".join(f"{f}={show(getattr(self, f))}" for f in self._fields)
+        return f"{type(self).__name__}({args})"
+
+
+def _range_intersection(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return np.maximum(a[0], b[0]), np.minimum(a[1], b[1])
+
+
+class RelativeBias(Structure):
+    """Base of the typed relative biases (a function ``b(t)`` of the offset).
+
+    A :class:`Structure` whose bias depends on ``t = i + query_offset − j`` only
+    (a Toeplitz bias). Beyond the structure interface:
+
+    * ``values(L, S=None, offset=0)``: the bias in the storage of a call with
+      L queries, S keys and ``query_offset=offset`` (module docstring);
+    * ``materialize(n)``: ``values(n)``, the square ``(2n−1,)`` array;
+    * ``+`` composes (module docstring).
+    """
+
+    __slots__ = ()
+    relative = True
 
     # -- the array ---------------------------------------------------------
     def values(self, L: int, S: int | None = None, offset: int = 0) -> np.ndarray:
@@ -467,32 +573,7 @@ class RelativeBias:
         """Bias at the offsets ``t`` ((L+S−1,) int64) of an L × S call."""
         raise NotImplementedError
 
-    # -- facts -------------------------------------------------------------
-    @property
-    def causal(self) -> bool:
-        """True if every key after the query (``t < 0``) is masked."""
-        return False
-
-    @property
-    def _lead(self):
-        """Leading (batch, head) shape of ``values``."""
-        return ()
-
-    @property
-    def heads(self) -> int | None:
-        """None, or the size of the head axis (the last leading axis of ``values``)."""
-        return self._lead[-1] if self._lead else None
-
-    @property
-    def algorithms(self) -> tuple[str, ...]:
-        """Fast algorithms serving this structure exactly, most specific first."""
-        return ("fft",)
-
-    def _with_causal(self):
-        """This structure with the causal mask added, or None if it has no causal form."""
-        return None
-
-    # -- composition, equality, display -----------------------------------
+    # -- composition ---------------------------------------------------------
     def __add__(self, other: RelativeBias | ArrayLike | None) -> RelativeBias:
         if other is None:
             return NotImplemented
@@ -503,33 +584,11 @@ class RelativeBias:
             return NotImplemented
         return _add(as_structure(other), self)
 
-    def _key(self):
-        def norm(x):
-            if isinstance(x, np.ndarray):
-                return ("ndarray", x.shape, (x + 0.0).tobytes())     # -0.0 == 0.0
-            return x
-        return (type(self),) + tuple(norm(getattr(self, f)) for f in self._fields)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, RelativeBias):
-            return NotImplemented
-        return self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        def show(x):
-            return _fmt_array(x) if isinstance(x, np.ndarray) else repr(x)
-        args = ", ".join(f"{f}={show(getattr(self, f))}" for f in self._fields)
-        return f"{type(self).__name__}({args})"
-
 
 @dataclass(frozen=True, eq=False, repr=False)
 class NoBias(RelativeBias):
     """No bias: ``b(t) = 0`` for every offset; every query sees every key.
 
-    Served by ``"gemm"`` (two GEMMs through a key-side state) or ``"fft"``.
 
     Examples
     --------
@@ -543,9 +602,6 @@ class NoBias(RelativeBias):
     def _values(self, t, L, S):
         return np.zeros(t.shape)
 
-    @property
-    def algorithms(self) -> tuple[str, ...]:
-        return ("gemm", "fft")
 
     def _with_causal(self):
         return Causal()
@@ -556,8 +612,8 @@ class Causal(RelativeBias):
     """Causal mask: ``b(t) = 0`` for ``t >= 0`` (keys at or before the query), else ``-inf``.
 
     The same as ``is_causal=True`` of ``rope_attention`` (keys ``j > i +
-    query_offset`` masked) and as ``Window(None, 0)``. Served by ``"prefix"``
-    (chunked prefix sums) or ``"fft"``. ``Causal() + X`` adds the mask to ``X``.
+    query_offset`` masked) and as ``Window(None, 0)``. ``Causal() + X`` adds the
+    mask to ``X``.
 
     Examples
     --------
@@ -571,13 +627,13 @@ class Causal(RelativeBias):
     def _values(self, t, L, S):
         return np.where(t >= 0, 0.0, -np.inf)
 
+    def _key_ranges(self, pos, S):
+        return np.zeros(pos.size, np.int64), np.clip(pos + 1, 0, S)
+
     @property
     def causal(self) -> bool:
         return True
 
-    @property
-    def algorithms(self) -> tuple[str, ...]:
-        return ("prefix", "fft")
 
     def _with_causal(self):
         return self
@@ -620,8 +676,6 @@ class Window(RelativeBias):
     HF/Mistral ``sliding_window=W`` counts the query itself: it is
     ``Window(W − 1, 0)`` (:meth:`from_hf`). ``Window(None, 0)`` is the causal
     mask, ``Window(None, None)`` no bias. Causal iff ``right == 0``.
-    Served by ``"window"`` (sums of chunk states over a tree; no prefix differences) or ``"fft"``; also by
-    ``"prefix"`` for ``Window(None, 0)`` and ``"gemm"`` for ``Window(None, None)``.
 
     Examples
     --------
@@ -686,13 +740,19 @@ class Window(RelativeBias):
     def causal(self) -> bool:
         return self.right == 0
 
-    @property
-    def algorithms(self) -> tuple[str, ...]:
-        if self.left is None and self.right == 0:
-            return ("prefix", "window", "fft")
+
+    def _key_ranges(self, pos, S):
+        lo = np.zeros(pos.size, np.int64) if self.left is None else np.clip(pos - self.left, 0, S)
+        hi = np.full(pos.size, S, np.int64) if self.right is None else \
+            np.clip(pos + self.right + 1, 0, S)
+        return lo, hi
+
+    def canonical(self) -> Structure:
         if self.left is None and self.right is None:
-            return ("gemm", "window", "fft")
-        return ("window", "fft")
+            return NoBias()
+        if self.left is None and self.right == 0:
+            return Causal()
+        return self
 
     def _with_causal(self):
         return self if self.right == 0 else Window(self.left, 0)
@@ -719,8 +779,8 @@ class Decay(RelativeBias):
     Notes
     -----
     ALiBi (Press et al. 2022) is this bias with ``rate`` the head slopes
-    (:class:`ALiBi`). Served by ``"decay"`` (chunked decayed recurrence) or
-    ``"fft"``; also by ``"gemm"`` / ``"prefix"`` when every rate is 0. The
+    (:class:`ALiBi`). With every rate 0 it is :class:`NoBias` (or
+    :class:`Causal`): see :meth:`canonical`. The
     bias is relative, so it keeps the Toeplitz structure (Alman & Song 2025, §1).
 
     Examples
@@ -755,11 +815,19 @@ class Decay(RelativeBias):
     def _lead(self):
         return np.shape(self.rate)
 
-    @property
-    def algorithms(self) -> tuple[str, ...]:
+
+    def _key_ranges(self, pos, S):
+        return Causal()._key_ranges(pos, S) if self.causal else None
+
+    def canonical(self) -> Structure:
         if not np.any(self.rate):
-            return ("prefix" if self.causal else "gemm", "decay", "fft")
-        return ("decay", "fft")
+            return Causal() if self.causal else NoBias()
+        return self
+
+    def select(self, index: int) -> Structure:
+        if np.ndim(self.rate) == 0:
+            return self
+        return Decay(float(np.asarray(self.rate).reshape(-1)[index]), self.causal)
 
     def _with_causal(self):
         return self if self.causal else self._replace(self.rate, True)
@@ -772,8 +840,7 @@ class Decay(RelativeBias):
 class ALiBi(Decay):
     """ALiBi (Press et al. 2022, §3): ``b(t) = −slope·|t|`` per head, causal by default.
 
-    A :class:`Decay` with ``rate = slopes`` (served by ``"decay"`` or
-    ``"fft"``); ``slopes`` is an alias of ``rate``. Causal, it is
+    A :class:`Decay` with ``rate = slopes``; ``slopes`` is an alias of ``rate``. Causal, it is
     ``alibi_bias(n, slopes)``: ``−slope·t`` for ``t >= 0``, ``-inf`` after the
     query.
 
@@ -855,8 +922,7 @@ class T5Buckets(RelativeBias):
     Buckets of :func:`t5_buckets` (HF ``T5Attention._relative_position_bucket``
     with ``relative_position = j − i = −t``), at any offset, so rectangular
     calls (decoding with a cache) see the buckets of the absolute positions.
-    ``T5Buckets(table).materialize(n) == t5_bias(n, table)``. Served by
-    ``"fft"``. ``causal`` is True when the buckets of every ``t < 0`` hold
+    ``T5Buckets(table).materialize(n) == t5_bias(n, table)``. ``causal`` is True when the buckets of every ``t < 0`` hold
     ``-inf`` (a decoder's bucket 0 masks ``t <= 0``).
     """
 
@@ -922,7 +988,7 @@ class Dense(RelativeBias):
     ``values(L, S, offset)`` checks its length against ``L+S−1`` (ValueError
     naming the expected length) and returns a copy; ``offset`` is not used.
     ``causal`` is False (not inferred from the array, whose offsets depend on
-    the call): add ``Causal()`` for the mask. Served by ``"fft"``.
+    the call): add ``Causal()`` for the mask.
     """
 
     bias: np.ndarray
@@ -971,8 +1037,6 @@ class Sum(RelativeBias):
     ``X + Y`` builds a ``Sum`` only when no simpler structure holds (module
     docstring); ``Sum(...)`` keeps its terms as given. Equal to a ``Sum`` of the
     same terms in any order. Causal if any term is.
-    Served by the parameter-free algorithms (``"gemm"``, ``"prefix"``,
-    ``"fft"``) that serve every term: at least ``"fft"``.
     """
 
     terms: tuple[RelativeBias, ...]
@@ -1001,10 +1065,12 @@ class Sum(RelativeBias):
     def causal(self) -> bool:
         return any(x.causal for x in self.terms)
 
-    @property
-    def algorithms(self) -> tuple[str, ...]:
-        return tuple(a for a in self.terms[0].algorithms if a in _PARAMETER_FREE
-                     and all(a in x.algorithms for x in self.terms[1:]))
+
+    def _key_ranges(self, pos, S):
+        ranges = None
+        for x in self.terms:
+            ranges = _range_intersection(ranges, x._key_ranges(pos, S))
+        return ranges
 
     def _key(self):       # the same terms in any order (a + b == b + a)
         return (Sum, frozenset(Counter(x._key() for x in self.terms).items()))
@@ -1040,6 +1106,10 @@ def _fold(a, b):
 
 
 def _add(a, b):
+    for x in (a, b):
+        if not x.relative and x._with_causal() is not x and not isinstance(x, NoBias):
+            raise TypeError(f"cannot add {x!r} to another structure: it is not a relative "
+                            f"bias (a function of i - j); pass it alone as bias=")
     terms = list(a.terms if isinstance(a, Sum) else (a,))
     for x in (b.terms if isinstance(b, Sum) else (b,)):
         for k, y in enumerate(terms):
@@ -1072,6 +1142,6 @@ def as_structure(x: RelativeBias | ArrayLike | None) -> RelativeBias:
     """
     if x is None:
         return NoBias()
-    if isinstance(x, RelativeBias):
+    if isinstance(x, Structure):
         return x
     return Dense(x)

@@ -34,8 +34,8 @@ import warnings
 
 __all__ = ["NumbaCacheWarning", "configure_numba_cache"]
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_PACKAGE = __name__.rpartition(".")[0]
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # numbarope/
+_PACKAGE = __name__.split(".")[0]
 
 
 class NumbaCacheWarning(UserWarning):
@@ -92,12 +92,12 @@ def private_temp_dir():
 
 def _default_locator_writable():
     """Would numba's in-tree or user-wide locator work for this package's files?"""
-    if _writable_dir(os.path.join(_PACKAGE_DIR, "__pycache__")):
+    if _writable_dir(os.path.join(_PACKAGE_DIR, "ops", "__pycache__")):
         return True
     from numba.core.caching import _CacheLocator
     from numba.misc.appdirs import AppDirs
     user_dir = AppDirs(appname="numba", appauthor=False).user_cache_dir
-    sub = _CacheLocator.get_suitable_cache_subpath(os.path.join(_PACKAGE_DIR, "exact.py"))
+    sub = _CacheLocator.get_suitable_cache_subpath(os.path.join(_PACKAGE_DIR, "ops", "streaming.py"))
     return _writable_dir(os.path.join(user_dir, sub))
 
 

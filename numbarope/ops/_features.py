@@ -19,8 +19,8 @@ import numpy as np
 from numba import njit
 from scipy.special import comb
 
-from . import _config
-from ._threads import resolve_workers, run_tasks
+from .. import _config
+from .._runtime.threads import resolve_workers, run_tasks
 
 _FM = set(_config.FASTMATH)
 

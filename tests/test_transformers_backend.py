@@ -21,6 +21,11 @@ contribute almost nothing to the logits, and a wrong mask would go unseen):
 here a missing padding mask changes the logits by ~7.
 """
 
+import threading
+import time
+import types
+import weakref
+
 import numpy as np
 import pytest
 
@@ -250,6 +255,111 @@ def test_mask_structure_causal_offsets_and_padding():
     assert got is None and kpm is None
     additive = torch.where(j <= i + S - L, 0.0, torch.finfo(torch.float32).min)
     assert ni.mask_structure(additive.expand(2, 1, L, S).clone()) == (S - L, None)
+
+
+# -- threads ------------------------------------------------------------------
+
+class _YieldingRef:
+    """A ``weakref.ref`` whose dereference lets other threads run: it widens any
+    window between reading a shared cache entry and using it (the old shared
+    ``_last`` dict was read in three steps: ref, version, result)."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, obj):
+        self._ref = weakref.ref(obj)
+
+    def __call__(self):
+        time.sleep(0)
+        return self._ref()
+
+
+def _padded_causal(pad, L=6, S=6):
+    keep = torch.ones(len(pad), S, dtype=torch.bool)
+    for b, p in enumerate(pad):
+        keep[b, :p] = False
+    return (keep[:, None, None, :] & torch.ones(L, S, dtype=torch.bool).tril()).contiguous()
+
+
+def test_mask_structure_threads_get_their_own_padding(monkeypatch):
+    """Two threads (a threaded server) read their own masks of one shape, different
+    padding, over and over: each must always get its own mask's padding (the shared
+    cache handed one thread the other's, silently; with the yielding weakref about
+    1 call in 5, naturally about 1 in 1.2 million)."""
+    monkeypatch.setattr(ni, "weakref", types.SimpleNamespace(ref=_YieldingRef))
+    masks = [_padded_causal([0, 2]), _padded_causal([3, 0])]
+    expected = [ni._analyse(m) for m in masks]
+    assert not np.array_equal(expected[0][1], expected[1][1])
+    wrong, calls = [0, 0], [0, 0]
+    stop = time.perf_counter() + 2.0
+
+    def serve(t):
+        mask, (offset, kpm) = masks[t], expected[t]
+        while time.perf_counter() < stop:
+            got, got_kpm = ni.mask_structure(mask)
+            calls[t] += 1
+            if got != offset or not np.array_equal(got_kpm, kpm):
+                wrong[t] += 1
+
+    threads = [threading.Thread(target=serve, args=(t,)) for t in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert min(calls) > 1000
+    assert wrong == [0, 0], f"{wrong} of {calls} calls got the other thread's padding"
+
+
+def test_mask_structure_reads_each_mask_once_per_thread(monkeypatch):
+    """The cache still works: a mask is analysed once (per thread at most), and
+    again after an in-place change (its version counter)."""
+    analysed = []
+    analyse = ni._analyse
+    monkeypatch.setattr(ni, "_analyse", lambda m: analysed.append(m) or analyse(m))
+    mask = _padded_causal([0, 2])
+    first = ni.mask_structure(mask)
+    assert ni.mask_structure(mask) is first and len(analysed) == 1
+    other = []
+    t = threading.Thread(target=lambda: other.append(ni.mask_structure(mask)))
+    t.start()
+    t.join(30)
+    assert len(analysed) <= 2 and np.array_equal(other[0][1], first[1])
+    n = len(analysed)
+    assert np.array_equal(ni.mask_structure(mask)[1], first[1]) and len(analysed) == n
+    mask[0, 0, :, 0] = False                  # in place: key 0 of row 0 now padding
+    offset, kpm = ni.mask_structure(mask)
+    assert len(analysed) == n + 1 and not kpm[0, 0, 0] and first[1][0, 0, 0]
+
+
+def test_register_in_one_thread_forward_in_another(monkeypatch):
+    """Each attention call gets the whole of one register()'s options, never a mix,
+    while another thread re-registers (options are replaced whole, read once)."""
+    seen = []
+
+    def fake(q, k, v, **kw):
+        seen.append((kw["method"], kw["eps"], kw["precision"], kw["workers"]))
+        return torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)
+
+    monkeypatch.setattr(ni, "rope_attention", fake)
+    sets = [("exact", 1e-3, "float64", 1), ("fast", 1e-2, None, 2)]
+    stop = threading.Event()
+
+    def registrar():
+        while not stop.is_set():
+            for method, eps, precision, workers in sets:
+                ni.register(method=method, eps=eps, precision=precision, workers=workers)
+
+    t = threading.Thread(target=registrar)
+    t.start()
+    try:
+        q, k, v = _qkv(3, 3)
+        deadline = time.perf_counter() + 0.5
+        while time.perf_counter() < deadline:
+            ni.attention_forward(_Layer(), q, k, v, None)
+    finally:
+        stop.set()
+        t.join(30)
+    assert seen and set(seen) <= set(sets)
 
 
 # -- what it refuses ----------------------------------------------------------

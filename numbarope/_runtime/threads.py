@@ -19,6 +19,15 @@ layer. The reasons, measured on the development machine (2 cores):
 ``workers`` has scipy.fft's meaning: ``None`` uses the default (all cores, or
 what :func:`set_workers` set in this thread), a positive int that many threads,
 a negative int counts from ``os.cpu_count()`` (-1: all cores).
+
+Several Python threads may call numbarope at once: they share one pool (each
+call runs at most ``workers`` of its chunks at a time), and the BLAS limit is
+counted process-wide (:func:`blas_threads`: the first parallel section sets one
+BLAS thread, the last one restores the settings it found), so concurrent calls
+give the results of sequential ones and leave the BLAS settings as they were.
+In a child made by ``fork`` (which inherits the pool object but not its threads,
+and the locks as they were), :func:`os.register_at_fork` gives the child a new
+pool, new locks and the BLAS settings of the parent before its sections.
 """
 
 from __future__ import annotations
@@ -111,15 +120,32 @@ def _set_workers(n: int) -> Iterator[None]:
         _local.workers = old
 
 
-def _get_pool(n):
+def _pool_thread_init():
+    # runs once in every thread of the pool: those threads run numbarope's kernels only
+    _local.in_pool = True
+    try:
+        for get, set_ in _blas_libs()[1]:   # BLAS whose thread limit is per thread
+            if get() != 1:
+                set_(1)
+    except Exception:        # pragma: no cover - a failing initializer breaks the pool
+        pass
+
+
+def _submit(fn, k):
+    """Submit ``fn`` ``k`` times to the shared pool (grown to at least ``k`` threads).
+
+    Under the pool's lock: a concurrent call that grows the pool shuts the old one
+    down (its queued work still runs), which must not fall between getting the pool
+    and submitting to it."""
     global _pool, _pool_size
     with _pool_lock:
-        if _pool is None or _pool_size < n:
+        if _pool is None or _pool_size < k:
             if _pool is not None:
                 _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="numbarope")
-            _pool_size = n
-        return _pool
+            _pool = ThreadPoolExecutor(max_workers=k, thread_name_prefix="numbarope",
+                                       initializer=_pool_thread_init)
+            _pool_size = k
+        return [_pool.submit(fn) for _ in range(k)]
 
 
 def run_tasks(fn, chunks, workers):
@@ -127,12 +153,12 @@ def run_tasks(fn, chunks, workers):
 
     ``fn`` should be (or call) a ``nogil`` numba kernel, so that the threads run
     in parallel. With one worker or one chunk everything runs in the caller's
-    thread. Exceptions propagate (the first one raised).
+    thread (so does a call from inside a task: waiting there for the pool's other
+    threads could deadlock). Exceptions propagate (the first one raised).
     """
     chunks = list(chunks)
-    if workers <= 1 or len(chunks) <= 1:
+    if workers <= 1 or len(chunks) <= 1 or getattr(_local, "in_pool", False):
         return [fn(c) for c in chunks]
-    pool = _get_pool(workers)
     # at most `workers` chunks in flight: a shared pool may be larger than this call
     # asked for, and the call must not use more threads than it was given
     results = [None] * len(chunks)
@@ -148,7 +174,7 @@ def run_tasks(fn, chunks, workers):
                 return
             results[i] = fn(chunks[i])
 
-    futs = [pool.submit(worker) for _ in range(min(workers, len(chunks)))]
+    futs = _submit(worker, min(workers, len(chunks)))
     try:
         for f in futs:
             f.result()
@@ -168,32 +194,169 @@ def run_tasks(fn, chunks, workers):
     return results
 
 
-_controller = None
+# ---------------------------------------------------------------------------
+# BLAS at one thread inside numbarope's parallel sections
+#
+# The BLAS thread count is (for OpenBLAS with pthreads, MKL, BLIS) one setting of
+# the whole process, so a per-call save/set/restore interleaves across Python
+# threads: two concurrent calls A, B; A saves 2 and sets 1; B saves 1; A restores
+# 2 (B's kernels now run with 2 BLAS threads each); B restores 1, for good. Hence one
+# process-wide limiter, counted: the first section to enter saves the settings and
+# sets 1, concurrent ones only count, the last to leave restores what was saved.
+
+_libs_lock = threading.Lock()
+_libs = None
 
 
-def _threadpool_controller():
-    global _controller
-    if _controller is None:
-        try:
-            import scipy.linalg.cython_blas  # noqa: F401  (numba's np.dot calls this BLAS)
-            from threadpoolctl import ThreadpoolController
-        except ImportError:      # pragma: no cover - threadpoolctl is a dependency
-            return None
-        _controller = ThreadpoolController()
-    return _controller
+def _blas_libs():
+    """``(shared, per_thread)``: ``(get, set)`` of every BLAS library's thread count.
+
+    Found once (threadpoolctl scans the loaded libraries: too slow for every call).
+    ``shared``: a limit of the whole process; ``per_thread``: a limit of the calling
+    thread only (OpenBLAS built with OpenMP, limited through ``omp_set_num_threads``).
+    scipy's BLAS, the one numba's ``np.dot`` calls, is loaded first; libraries loaded
+    after the first parallel call are not limited (numbarope's kernels call neither).
+    """
+    global _libs
+    libs = _libs
+    if libs is None:
+        with _libs_lock:
+            if _libs is None:
+                _libs = _find_blas_libs()
+            libs = _libs
+    return libs
 
 
-@contextlib.contextmanager
-def blas_threads(n):
-    """Limit the BLAS libraries loaded in the process to ``n`` threads (threadpoolctl).
+def _find_blas_libs():
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401  (numba's np.dot calls this BLAS)
+        from threadpoolctl import ThreadpoolController
+    except ImportError:      # pragma: no cover - threadpoolctl is a dependency
+        return (), ()
+    shared, per_thread = [], []
+    for lc in ThreadpoolController().lib_controllers:
+        if lc.user_api != "blas" or lc.get_num_threads() is None:
+            continue
+        # threadpoolctl >= 3.8 lets only one Python thread at a time set OpenBLAS's
+        # (pthreads) threads, and silently ignores the others: numbarope's first
+        # section and its last may run in different threads, and numbarope's lock
+        # already makes its changes one at a time, so the library is set directly
+        set_ = getattr(lc, "_real_set_num_threads", lc.set_num_threads)
+        if lc.internal_api == "openblas" and getattr(lc, "threading_layer", "") == "openmp":
+            per_thread.append((lc.get_num_threads, set_))
+        else:
+            shared.append((lc.get_num_threads, set_))
+    return tuple(shared), tuple(per_thread)
+
+
+class _OneBlasThread:
+    """``with _ONE_BLAS_THREAD:`` BLAS at one thread while any such block is active.
+
+    Process-wide (BLAS libraries whose limit is per thread: in the calling thread,
+    nested like threadpoolctl's limit; numbarope's pool threads keep 1 for good).
+    Entering and leaving cost a lock and a counter, plus two calls per library for
+    the first section in and the last out.
+
+    Another thread that changes the BLAS threads while a section is active (a
+    ``threadpoolctl.threadpool_limits`` of the user) changes them for numbarope's
+    kernels too, until it restores them. When the last section leaves, a library
+    still at the 1 numbarope set gets its saved count back; one another thread set
+    to something else keeps that setting. So a user's ``threadpool_limits`` block
+    that starts inside a numbarope call and ends after it restores the 1 it found
+    there (nothing can tell that 1 from a user's own), and a user thread's numpy
+    calls run on one BLAS thread while any numbarope call is in a parallel section.
+    """
+
+    __slots__ = ("lock", "active", "saved")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.active = 0          # sections inside, in all threads
+        self.saved = ()          # the shared libraries' counts before the first one
+
+    def __enter__(self):
+        shared, per_thread = _blas_libs()
+        if per_thread:
+            saved = tuple(get() for get, _ in per_thread)
+            for (_, set_), n in zip(per_thread, saved):
+                if n != 1:
+                    set_(1)
+            _local.__dict__.setdefault("blas_saved", []).append(saved)
+        if shared:
+            with self.lock:
+                if self.active == 0:
+                    saved = tuple(get() for get, _ in shared)
+                    for (_, set_), n in zip(shared, saved):
+                        if n != 1:
+                            set_(1)
+                    self.saved = saved
+                self.active += 1
+                _local.depth = getattr(_local, "depth", 0) + 1
+        return None
+
+    def __exit__(self, *exc):
+        shared, per_thread = _blas_libs()
+        if shared:
+            with self.lock:
+                _local.depth -= 1
+                self.active -= 1
+                if self.active == 0:
+                    for (get, set_), n in zip(shared, self.saved):
+                        if n != 1 and get() == 1:
+                            set_(n)
+                    self.saved = ()
+        if per_thread:
+            for (get, set_), n in zip(per_thread, _local.blas_saved.pop()):
+                if n != 1 and get() == 1:
+                    set_(n)
+        return False
+
+    def _after_fork_in_child(self):
+        # the threads of the parent's other sections do not exist here: what they set
+        # is restored now (or when this thread's own open sections leave)
+        self.lock = threading.Lock()
+        own = getattr(_local, "depth", 0)
+        if self.active > own:
+            self.active = own
+            if own == 0:
+                for (get, set_), n in zip(_blas_libs()[0], self.saved):
+                    if n != 1 and get() == 1:
+                        set_(n)
+                self.saved = ()
+
+
+_ONE_BLAS_THREAD = _OneBlasThread()
+
+
+def blas_threads(n=1):
+    """Context manager: BLAS libraries at one thread inside numbarope's parallel work.
 
     numba's ``np.dot`` calls scipy's BLAS; numpy's ``@`` calls numpy's. Both are
-    limited. Libraries loaded after the controller was created are picked up on
-    scipy's BLAS is loaded before the controller is made.
+    limited. Safe in concurrent threads: the limit is counted process-wide (the
+    first section in sets it, the last out restores the settings saved; see
+    :class:`_OneBlasThread`), and cheap to enter.
     """
-    ctl = _threadpool_controller()
-    if ctl is None:
-        yield
-        return
-    with ctl.limit(limits=int(n), user_api="blas"):
-        yield
+    if n != 1:
+        raise ValueError(f"blas_threads({n!r}): numbarope limits BLAS to 1 thread only")
+    return _ONE_BLAS_THREAD
+
+
+# ---------------------------------------------------------------------------
+# fork: a child has only the thread that forked, and copies of the locks as they were
+
+
+def _after_fork_in_child():
+    global _pool, _pool_size, _pool_lock, _libs_lock
+    # the pool's threads did not come along (a submit to it would wait forever);
+    # a lock another thread held at the fork would stay held
+    _pool, _pool_size = None, 0
+    _pool_lock = threading.Lock()
+    _libs_lock = threading.Lock()
+    try:
+        _ONE_BLAS_THREAD._after_fork_in_child()
+    except Exception:        # pragma: no cover - never fail the child's start
+        pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -29,7 +29,9 @@ the fast path (``method="auto"`` takes it where it is certified and cheaper). An
 packed sequences, a bidirectional block, an arbitrary mask or a float bias)
 raises ``NotImplementedError`` naming it: nothing is computed wrongly. The
 analysis costs O(B·L·S) boolean operations once per mask (transformers passes
-the same mask object to every layer; the result is kept for it).
+the same mask object to every layer; the result is kept for it, per thread, and
+used again only for the same object with an unchanged version counter, so
+threads serving different batches at once each get their own mask's reading).
 
 Grouped-query attention goes to ``enable_gqa=True``. Rows whose every key is
 masked (the queries of left padding) return 0, as torch SDPA >= 2.5; eager
@@ -41,8 +43,10 @@ carries an autograd node whose backward raises, so a training step fails
 loudly instead of silently dropping the attention's gradient).
 """
 
+import threading
 import warnings
 import weakref
+from types import MappingProxyType
 
 import torch
 from transformers import AttentionInterface
@@ -55,8 +59,12 @@ __all__ = ["register", "attention_forward", "mask_structure", "NAME"]
 #: The name passed as ``attn_implementation=``.
 NAME = "numbarope"
 
-_DEFAULTS = {"method": "auto", "eps": 1e-3, "precision": None, "workers": None}
-_options = dict(_DEFAULTS)
+_DEFAULTS = MappingProxyType({"method": "auto", "eps": 1e-3, "precision": None,
+                               "workers": None})
+# the options of every forward: one read-only mapping, replaced whole by register()
+# (one assignment) and read once per attention call, so that a call never sees half
+# of one register()'s options and half of another's
+_options = _DEFAULTS
 
 
 def register(*, method="auto", eps=1e-3, precision=None, workers=None):
@@ -64,6 +72,9 @@ def register(*, method="auto", eps=1e-3, precision=None, workers=None):
 
     Called on ``import numbarope.integrations`` with the defaults; call it again
     to change the options of every later forward (each call sets all of them).
+    The options are process-wide: each attention call reads them once, so a
+    forward running in another thread meanwhile computes its later layers with
+    the new options.
 
     Parameters
     ----------
@@ -105,7 +116,9 @@ def register(*, method="auto", eps=1e-3, precision=None, workers=None):
     _validate_precision(precision)
     if workers is not None:
         resolve_workers(workers)
-    _options.update(method=method, eps=eps, precision=precision, workers=workers)
+    global _options
+    _options = MappingProxyType(dict(method=method, eps=eps, precision=precision,
+                                     workers=workers))
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     return NAME
@@ -114,7 +127,11 @@ def register(*, method="auto", eps=1e-3, precision=None, workers=None):
 # ---------------------------------------------------------------------------
 # Reading the mask
 
-_last = {"ref": None, "version": None, "result": None}
+# The last mask read, per thread: one (weakref to the mask, its version counter,
+# result) tuple, assigned whole and read once. Per thread: threads serving different
+# batches at once (a threaded server) would otherwise evict each other's entry, and
+# a shared entry read in several steps could pair one's mask with another's result.
+_cache = threading.local()
 
 
 def mask_structure(mask):
@@ -143,11 +160,11 @@ def mask_structure(mask):
     """
     # inference tensors keep no version counter (and are rarely edited in place)
     version = None if mask.is_inference() else mask._version
-    ref = _last["ref"]
-    if ref is not None and ref() is mask and _last["version"] == version:
-        return _last["result"]
+    entry = getattr(_cache, "last", None)
+    if entry is not None and entry[0]() is mask and entry[1] == version:
+        return entry[2]
     result = _analyse(mask)
-    _last.update(ref=weakref.ref(mask), version=version, result=result)
+    _cache.last = (weakref.ref(mask), version, result)
     return result
 
 
@@ -283,7 +300,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None,
                          f"(B, Hkv, S, Dv); got {tuple(query.shape)}, {tuple(key.shape)}, "
                          f"{tuple(value.shape)}")
     L, S = query.shape[2], key.shape[2]
-    args = dict(scale=scaling, enable_gqa=query.shape[1] != key.shape[1], **_options)
+    options = _options                  # read once (register() may replace it)
+    args = dict(scale=scaling, enable_gqa=query.shape[1] != key.shape[1], **options)
     if attention_mask is None:
         # transformers skips the mask exactly where torch SDPA's is_causal is right
         # (top-left alignment); mirror its sdpa backend

@@ -1,0 +1,294 @@
+"""numbarope called from several Python threads at once, and in forked children.
+
+Field reports: (1) concurrent calls left numpy's and scipy's BLAS at one thread for
+the rest of the process (each call's BLAS limit was a save/set/restore of a
+process-wide setting, interleaved across threads); (2) a child forked after any
+call that used the thread pool hung in its first call (it inherited the pool
+object, not its threads). Both are tested with real threads and processes.
+"""
+
+import contextlib
+import multiprocessing as mp
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
+
+import numbarope
+import numbarope.bias
+from numbarope import _threads
+
+N, E = 1536, 8
+
+
+def _blas_info():
+    """(filepath, num_threads) of every BLAS library threadpoolctl sees."""
+    return sorted((i["filepath"], i["num_threads"]) for i in threadpool_info()
+                  if i["user_api"] == "blas")
+
+
+def _cases():
+    """Exact float64 and float32, and the fast prefix, gemm, window and FFT paths."""
+    rng = np.random.default_rng(0)
+
+    def qkv(dtype):
+        q, k = 0.1 * rng.standard_normal((2, N, E))          # small logits: fast path
+        v = rng.standard_normal((N, E))
+        return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+    x64, x32, xf = qkv(np.float64), qkv(np.float32), qkv(np.float64)
+    bias = rng.standard_normal(2 * N - 1)
+    return [
+        ("exact64", x64, dict(method="exact", rotary=True, is_causal=True)),
+        ("exact32", x32, dict(method="exact", rotary=True, is_causal=True)),
+        ("prefix", xf, dict(method="fast", rotary=True, is_causal=True)),
+        ("gemm", xf, dict(method="fast", rotary=True)),
+        ("window", xf, dict(method="fast", rotary=True, bias=numbarope.bias.Window(64, 0))),
+        ("fft", xf, dict(method="fast", rotary=True, bias=bias)),
+    ]
+
+
+def _call(case):
+    _, (q, k, v), kw = case
+    return numbarope.rope_attention(q, k, v, **kw)
+
+
+def _baseline(user_limit):
+    """The BLAS settings to come back to: the process's own, or a user's
+    ``threadpool_limits(2)`` block around the test (threadpoolctl then lets only this
+    thread set OpenBLAS's threads: numbarope must still limit from its threads)."""
+    if user_limit:
+        return threadpool_limits(limits=2, user_api="blas")
+    if all(n == 1 for _, n in _blas_info()):
+        pytest.skip("BLAS at 1 thread already: nothing to restore")
+    return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("user_limit", [False, True], ids=["default", "user_limit"])
+def test_concurrent_calls_match_sequential_and_restore_blas(monkeypatch, user_limit):
+    """6 threads x 3 rounds of exact/fast calls: results bitwise equal to sequential
+    calls, BLAS at 1 thread inside every parallel section, and the BLAS settings
+    exactly as before once the last call returns (they stayed at 1 for good)."""
+    cases = _cases()
+    ctl = ThreadpoolController()
+    blas = [lc for lc in ctl.lib_controllers if lc.user_api == "blas"]
+    assert blas, "no BLAS library found by threadpoolctl"
+    inside = []           # BLAS threads seen by the chunks of every parallel section
+
+    def spy(run_tasks):
+        def run(fn, chunks, workers):
+            def chunk(c):
+                inside.append(tuple(lc.get_num_threads() for lc in blas))
+                return fn(c)
+            return run_tasks(chunk, chunks, workers)
+        return run
+
+    import numbarope._recurrence
+    import numbarope.exact
+    import numbarope.fast
+    for mod in (numbarope.exact, numbarope.fast, numbarope._recurrence):
+        monkeypatch.setattr(mod, "run_tasks", spy(mod.run_tasks))
+    with _baseline(user_limit):
+        before = _blas_info()
+        if all(n == 1 for _, n in before):
+            pytest.skip("the BLAS libraries cannot use 2 threads here")
+        sequential = {case[0]: _call(case) for case in cases}
+        assert _blas_info() == before
+        n_sequential = len(inside)
+        assert n_sequential >= len(cases) and set(inside) == {(1,) * len(blas)}
+        with ThreadPoolExecutor(6) as ex:
+            for _ in range(3):
+                futures = [(case[0], ex.submit(_call, case)) for case in cases]
+                for name, fut in futures:
+                    out = fut.result()
+                    assert np.array_equal(out, sequential[name]), name
+        after = _blas_info()
+    assert len(inside) > n_sequential
+    assert set(inside) == {(1,) * len(blas)}, "BLAS not at 1 thread in a parallel section"
+    assert after == before
+
+
+def test_blas_limit_counts_sections_of_several_threads():
+    """The interleaving that broke the per-call limit, forced: A enters, B enters,
+    A leaves (B still inside: still 1), B leaves (restored) — in threads other than
+    the one that set the limit first."""
+    with _baseline(user_limit=False):
+        before = _blas_info()
+        entered = [threading.Event(), threading.Event()]
+        leave = [threading.Event(), threading.Event()]
+        left = [threading.Event(), threading.Event()]
+
+        def section(i):
+            with _threads.blas_threads(1):
+                entered[i].set()
+                leave[i].wait(30)
+            left[i].set()
+
+        threads = [threading.Thread(target=section, args=(i,)) for i in range(2)]
+        threads[0].start()
+        assert entered[0].wait(30)
+        threads[1].start()
+        assert entered[1].wait(30)
+        assert all(n == 1 for _, n in _blas_info())
+        leave[0].set()
+        assert left[0].wait(30)
+        assert all(n == 1 for _, n in _blas_info()), "restored while B was inside"
+        # a user's threadpoolctl block inside a section: its setting holds in the
+        # block, and it restores the 1 it found
+        with threadpool_limits(limits=2, user_api="blas"):
+            assert all(n == 2 for _, n in _blas_info())
+        assert all(n == 1 for _, n in _blas_info())
+        leave[1].set()
+        for t in threads:
+            t.join(30)
+        assert _blas_info() == before
+    # a lasting change made during a section (by any thread) is kept when the last
+    # section leaves: it is not the 1 numbarope set
+    with threadpool_limits(limits=2, user_api="blas"):      # restores `before` after
+        with _threads.blas_threads(1):
+            threadpool_limits(limits=3, user_api="blas")     # not undone by itself
+            changed = _blas_info()
+        assert _blas_info() == changed
+    assert _blas_info() == before
+    assert all(n != 1 for _, n in changed)
+    with pytest.raises(ValueError, match="1 thread"):
+        _threads.blas_threads(2)
+
+
+def test_pool_grown_by_one_thread_while_another_submits():
+    """Calls with ever larger ``workers`` replace the shared pool: a concurrent call
+    must never submit to the pool being shut down (it raised RuntimeError)."""
+    sizes = iter(range(2, 100000))
+    lock = threading.Lock()
+    errors = []
+
+    def caller():
+        for _ in range(150):
+            with lock:
+                w = next(sizes)
+            try:
+                assert _threads.run_tasks(lambda c: 2 * c, range(3), w) == [0, 2, 4]
+            except Exception as exc:     # noqa: BLE001 - reported below
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=caller) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[:3]
+
+
+def test_run_tasks_inside_a_task_does_not_wait_for_the_pool():
+    """A task that calls run_tasks again runs that call in its own thread (waiting
+    for the pool's other threads, all busy with the outer call, would deadlock)."""
+    import subprocess
+    import sys
+    code = r"""
+from numbarope._threads import run_tasks
+inner = lambda c: run_tasks(lambda x: x + c, range(4), 2)
+print(run_tasks(inner, [0, 10], 2))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "[[0, 1, 2, 3], [10, 11, 12, 13]]"
+
+
+# ---------------------------------------------------------------------------
+# fork
+
+fork = pytest.mark.skipif("fork" not in mp.get_all_start_methods(),
+                          reason="no fork start method on this platform")
+# Python >= 3.12 warns about fork() in a process with threads (the pool's)
+no_fork_warning = pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
+
+CHILD_TIMEOUT = 60
+
+
+def _in_forked_child(fn):
+    """``fn()`` in a child started with fork; its result, or fail (hang or error)."""
+    ctx = mp.get_context("fork")
+    results = ctx.Queue()
+
+    def target():
+        try:
+            results.put(("ok", fn()))
+        except BaseException as exc:     # noqa: BLE001 - sent to the parent
+            results.put(("error", repr(exc)))
+
+    p = ctx.Process(target=target, daemon=True)
+    p.start()
+    try:
+        status, value = results.get(timeout=CHILD_TIMEOUT)   # before join: a big result
+    except queue.Empty:
+        p.kill()
+        p.join(10)
+        pytest.fail(f"the forked child did not finish within {CHILD_TIMEOUT} s")
+    p.join(CHILD_TIMEOUT)
+    if p.exitcode is None:
+        p.kill()
+        p.join(10)
+    assert p.exitcode == 0
+    assert status == "ok", value
+    return value
+
+
+@fork
+@no_fork_warning
+@pytest.mark.parametrize("path", ["exact", "fast"])
+def test_forked_child_after_a_call(path):
+    """The parent used the thread pool; a forked child's call finishes (it hung
+    forever) with the parent's result."""
+    rng = np.random.default_rng(1)
+    if path == "exact":
+        q, k, v = rng.standard_normal((3, 4, 2048, 64))
+        kw = dict(method="exact", rotary=True, is_causal=True)
+    else:
+        (_, (q, k, v), kw), = [c for c in _cases() if c[0] == "prefix"]
+    parent = numbarope.rope_attention(q, k, v, **kw)
+    assert _threads._pool is not None          # the pool exists (and has threads)
+    child = _in_forked_child(lambda: numbarope.rope_attention(q, k, v, **kw))
+    assert np.array_equal(child, parent)
+    assert np.array_equal(numbarope.rope_attention(q, k, v, **kw), parent)
+
+
+@fork
+@no_fork_warning
+def test_fork_while_another_thread_is_inside_numbarope():
+    """Forked while another thread holds the pool's lock and is in a parallel
+    section (BLAS at 1): the child gets free locks, a pool, and the BLAS settings of
+    before that section; its calls work and leave them so."""
+    (_, (q, k, v), kw), = [c for c in _cases() if c[0] == "exact64"]
+    parent = numbarope.rope_attention(q, k, v, **kw)
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = _blas_info()
+        inside, release = threading.Event(), threading.Event()
+
+        def hold():
+            with _threads._pool_lock, _threads.blas_threads(1):
+                inside.set()
+                release.wait(2 * CHILD_TIMEOUT)
+
+        t = threading.Thread(target=hold)
+        t.start()
+        try:
+            assert inside.wait(30)
+            held = _blas_info()
+
+            def child():
+                first = _blas_info()
+                out = numbarope.rope_attention(q, k, v, **kw)
+                return first, out, _blas_info()
+
+            first, out, last = _in_forked_child(child)
+        finally:
+            release.set()
+            t.join(30)
+        assert _blas_info() == before
+    assert all(n == 1 for _, n in held)
+    assert first == before and last == before
+    assert np.array_equal(out, parent)

@@ -50,6 +50,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import numbarope
+
 __all__ = ["Case", "CASES", "make_inputs", "machine_info", "run_bench", "to_markdown", "main"]
 
 
@@ -156,7 +158,6 @@ def machine_info(threads):
     import numba
     import scipy
 
-    import numbarope
     try:
         avail = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -306,8 +307,6 @@ def run_bench(cases=None, *, scale_n=1, threads=None, repeat=3, use_torch=True,
     ValueError
         Unknown case, ``repeat < 1``, ``threads < 1``, unknown ``precision``.
     """
-    import numbarope
-
     log = sys.stderr if log is None else log
     threads = os.cpu_count() if threads is None else int(threads)
     if threads < 1:

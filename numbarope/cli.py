@@ -15,6 +15,13 @@ import time
 
 import numpy as np
 
+import numbarope as nr
+from . import __version__, _config
+from ._pipeline.plan import RADIUS_GRID
+from .ops import REASONS
+from .ops._features import n_features
+from .polynomial import MAX_RADIUS, exp_approximation
+
 __all__ = ["main"]
 
 
@@ -39,7 +46,6 @@ def _best(fn, *args, repeat=3, **kwargs):
 
 def _warm():
     """Compile (or load from numba's cache) every kernel the demo times, on tiny inputs."""
-    import numbarope as nr
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((2, 5, 4)) * 0.1 for _ in range(3))
     for dt in (np.float64, np.float32):
@@ -106,8 +112,8 @@ def fast_radius_limit(E, eps):
 
     Uses the library itself: the planner asks :func:`numbarope.exp_approximation`
     for the smallest degree g whose certified relative error is ``<= 0.9·eps/(2 +
-    eps)`` (the target of :func:`numbarope.planner.plan_head`) on ``[-R', R']``, R'
-    being R rounded up to the grid ``planner.RADIUS_GRID**k``, and refuses the head
+    eps)`` (the target of :func:`numbarope._pipeline.plan.plan_head`) on ``[-R', R']``, R'
+    being R rounded up to the grid ``RADIUS_GRID**k``, and refuses the head
     when g > ``MAX_DEGREE`` or ``C(E + g, g) > MAX_FEATURES``. This searches the
     largest grid radius whose degree passes both limits (memory and the rounding
     part of the bound can refuse a head too; they do not at these sizes).
@@ -117,14 +123,11 @@ def fast_radius_limit(E, eps):
     ``"degree"``: which limit sets that degree) and ``next_features`` (features at
     one degree more).
     """
-    from numbarope import _config, planner
-    from numbarope._monomials import n_features
-    from numbarope.polynomial import MAX_RADIUS, exp_approximation
     gmax = 0
     while gmax < _config.MAX_DEGREE and n_features(E, gmax + 1) <= _config.MAX_FEATURES:
         gmax += 1
     binding = "degree" if gmax == _config.MAX_DEGREE else "features"
-    target = 0.9 * eps / (2.0 + eps)        # as numbarope.planner.plan_head
+    target = 0.9 * eps / (2.0 + eps)        # as numbarope._pipeline.plan.plan_head
 
     def fits(R):
         try:
@@ -132,7 +135,7 @@ def fast_radius_limit(E, eps):
         except ValueError:                  # no degree <= MAX_DEGREE certifies target
             return False
 
-    G = planner.RADIUS_GRID
+    G = RADIUS_GRID
     lo, hi = 0.0, 1.0                       # bracket, then bisect, then snap to the grid
     while fits(hi) and hi < MAX_RADIUS:
         lo, hi = hi, min(2 * hi, MAX_RADIUS)
@@ -155,7 +158,6 @@ def fast_radius_limit(E, eps):
 def _limit_text(lim, figures=False):
     """'at head_dim 64 the fast path needs R <= 0.961: degree <= 4 keeps ...'."""
     E, g = lim["E"], lim["degree"]
-    from numbarope import _config
     if lim["binding"] == "features":
         why = (f"degree <= {g} keeps C({E}+g, g) features under MAX_FEATURES="
                f"{_e(_config.MAX_FEATURES)}")
@@ -251,7 +253,6 @@ def _measure_fast(nr, rec, repeat):
 
 
 def _part_a(nr, sample, layers, eps, repeat, lim, say, per_head):
-    from numbarope.algorithms import REASONS
     rot, causal, _ = _sample_setup(nr, sample)
     L, Hq, n, E = sample.shape
     group = sample.group
@@ -574,7 +575,6 @@ def _plot(path, sample, records, lim, bres, eps, repeat):
 
 
 def demo(args):
-    import numbarope as nr
     if not 0 < args.eps < 1:
         raise CLIError(f"--eps must lie in (0, 1), got {args.eps}")
     if args.plot is not None:
@@ -659,7 +659,6 @@ def _load_npz(path):
 
 
 def _attention_kwargs(args, arrays):
-    import numbarope as nr
     kw = dict(method=args.method, eps=args.eps, degree=args.degree,
               is_causal=args.causal, scale=args.scale)
     for name in _OPTIONAL:
@@ -680,7 +679,6 @@ def _attention_kwargs(args, arrays):
 
 
 def run(args):
-    import numbarope as nr
     if os.path.abspath(args.output) == os.path.abspath(args.input) or (
             os.path.exists(args.output) and os.path.samefile(args.output, args.input)):
         raise CLIError(f"the output {args.output!r} is the input file; choose another name "
@@ -715,7 +713,6 @@ def run(args):
 
 
 def plan_cmd(args):
-    import numbarope as nr
     arrays = _load_npz(args.input)
     kw = _attention_kwargs(args, arrays)
     info = nr.plan(arrays["query"], arrays["key"], arrays["value"], **kw)
@@ -738,7 +735,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser():
-    from numbarope import __version__
     p = _Parser(
         prog="numbarope",
         description="Exact and certified fast RoPE attention on CPUs (Alman & Song 2025).")

@@ -15,12 +15,11 @@ dependencies of numbarope).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .rotary import Rotary
+from .rotary import Rotary
 
 __all__ = ["load_sample", "Sample"]
 
@@ -126,8 +125,6 @@ class Sample:
         """
         if self.rope_base is None:
             return None
-        from .rotary import Rotary
-
         return Rotary(base=self.rope_base, layout=self.layout)  # type: ignore[arg-type]
 
 

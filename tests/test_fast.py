@@ -9,11 +9,10 @@ Inputs are bounded: queries and keys are scaled so that the logit radius
 import numpy as np
 import pytest
 
-import naive
 import numbarope
-from numbarope import (Rotary, _config, exp_approximation, plan, rope_attention,
+from numbarope import (Rotary, exp_approximation, plan, rope_attention,
                        rotary_relative_matrices)
-from numbarope.fast import fast_general, fast_separable
+from numbarope.ops.toeplitz_fft import fast_general
 
 #: allowance for the final rounding of the output to the input dtype (both the
 #: fast and the exact result are rounded; |out| <= max|V|)
@@ -341,87 +340,27 @@ def test_float32_bound_covers_output_rounding():
     assert np.abs(out.astype(np.float64) - truth).max() <= info.error_bound
 
 
-# ------------------------------------------------------------ threads and chunking
-def _poly_reference(q, k, v, scale, coef, causal):
-    """Dense reference of the fast path itself: weights p(s·q_iᵀk_j), masked, normalised."""
-    P = np.polynomial.polynomial.polyval(scale * (q @ k.T), coef)
-    if causal:
-        P = np.tril(P)
-    return (P @ v) / P.sum(axis=1, keepdims=True)
-
-
+# ------------------------------------------------------------ threads
+# (the separable algorithms' kernel tests are in tests/ops/test_gemm.py, test_prefix.py,
+# test_fft.py, test_decay.py, test_window.py)
 def _separable_inputs(rng, n, E=4, Ev=3, R=1.0):
     s = 1.0 / np.sqrt(E)
     q, k = _bounded(rng, (n, E), R, s)
     return q, k, rng.uniform(-1, 1, (n, Ev)), s
 
 
-@pytest.mark.parametrize("n", [1, 2, 7, 255, 256, 257, 1000])
-@pytest.mark.parametrize("chunk", [None, 16])
-def test_causal_chunks_against_references(n, chunk, monkeypatch):
-    # chunk boundaries (n = c − 1, c, c + 1, many chunks), several groups of stored
-    # states (STATE_BYTES small) and tasks (MAX_TASKS small) carry the prefix across
-    if chunk is not None:
-        monkeypatch.setattr(_config, "CAUSAL_CHUNK", chunk)
-        monkeypatch.setattr(_config, "MAX_TASKS", 3)
-        monkeypatch.setattr(_config, "STATE_BYTES", 8 * 35 * 4 * 7)   # 7 states of m=35, Ev=3
-    rng = np.random.default_rng(n)
-    q, k, v, s = _separable_inputs(rng, n)
-    approx = exp_approximation(1.0, eps=1e-4)
-    out, den = fast_separable(q, k, v, s, approx.coef, causal=True)
-    np.testing.assert_allclose(out, _poly_reference(q, k, v, s, approx.coef, True),
-                               rtol=0, atol=1e-12)
-    exact = naive.attention(q, k, v, causal=True, scale=s)
-    assert np.abs(out - exact).max() <= 2 * approx.error_bound / (1 - approx.error_bound) + 1e-12
-    assert den.shape == (n,) and np.all(den > 0)
-
-
-@pytest.mark.parametrize("n", [1, 5, 130, 1000])
-def test_gemm_tasks_against_reference(n, monkeypatch):
-    monkeypatch.setattr(_config, "FEATURE_BLOCK_BYTES", 8 * 35 * 16)  # 16-row feature blocks
-    monkeypatch.setattr(_config, "MAX_TASKS", 5)
-    rng = np.random.default_rng(10 + n)
-    q, k, v, s = _separable_inputs(rng, n)
-    approx = exp_approximation(1.0, eps=1e-4)
-    out, _ = fast_separable(q, k, v, s, approx.coef)
-    np.testing.assert_allclose(out, _poly_reference(q, k, v, s, approx.coef, False),
-                               rtol=0, atol=1e-12)
-
-
-def test_zero_coefficient_and_no_values():
-    # a zero coefficient cuts the weight recurrence (second pass); Ev = 0 skips the GEMMs
-    rng = np.random.default_rng(5)
-    q, k, v, s = _separable_inputs(rng, 70)
-    coef = np.array([1.0, 0.0, 0.5])
-    for causal in (False, True):
-        out, den = fast_separable(q, k, v, s, coef, causal=causal)
-        np.testing.assert_allclose(out, _poly_reference(q, k, v, s, coef, causal), atol=1e-12)
-        out0, den0 = fast_separable(q, k, v[:, :0], s, coef, causal=causal)
-        assert out0.shape == (70, 0)
-        np.testing.assert_allclose(den0, den, rtol=1e-13)
-
-
-@pytest.mark.parametrize("algorithm", ["gemm", "prefix", "fft", "toeplitz-fft"])
-def test_workers_do_not_change_results(algorithm, monkeypatch):
-    monkeypatch.setattr(_config, "CAUSAL_CHUNK", 32)
+def test_workers_do_not_change_results():
     rng = np.random.default_rng(77)
     n = 600
     q, k, v, s = _separable_inputs(rng, n, E=3)
     coef = exp_approximation(1.0, eps=1e-5).coef
     res = []
     for workers in (1, 2, -1):
-        if algorithm == "toeplitz-fft":
-            W = np.broadcast_to(np.eye(3), (2 * n - 1, 3, 3))
-            res.append(fast_general(q, k, v, s, coef, W, np.ones(2 * n - 1), workers=workers))
-        else:
-            T = np.exp(-0.01 * np.abs(np.arange(-n + 1, n))) if algorithm == "fft" else None
-            res.append(fast_separable(q, k, v, s, coef, T, causal=algorithm == "prefix",
-                                      workers=workers))
+        W = np.broadcast_to(np.eye(3), (2 * n - 1, 3, 3))
+        res.append(fast_general(q, k, v, s, coef, W, np.ones(2 * n - 1), workers=workers))
     for out, den in res[1:]:
         np.testing.assert_allclose(out, res[0][0], rtol=1e-13, atol=1e-15)
         np.testing.assert_allclose(den, res[0][1], rtol=1e-13)
-    if algorithm in ("gemm", "prefix"):       # the partition does not depend on workers
-        assert all(np.array_equal(out, res[0][0]) for out, _ in res[1:])
 
 
 def test_no_numba_parallel_left():

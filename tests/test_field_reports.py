@@ -1,5 +1,6 @@
-"""Field reports (issue 7): huge finite biases, boolean masks, subnormal weights,
-the exact path's error bound. Each quoted case is a test with its right value,
+"""Field reports (issue 7): huge finite biases, boolean masks, the exact path's error
+bound (the subnormal weights and the exp kernel: tests/ops/test_streaming.py and
+tests/ops/test_exp.py). Each quoted case is a test with its right value,
 and each kind is covered beyond the quoted input."""
 
 import warnings
@@ -9,7 +10,6 @@ import pytest
 
 import numbarope
 from numbarope import rope_attention
-from numbarope.exact import EXP_FLUSH, exact_attention, exp_kernel
 
 import naive
 
@@ -121,61 +121,6 @@ def test_integer_bias_advice_does_not_change_meaning():
     q, k, v = _report_inputs()
     with pytest.raises(TypeError, match=r"bias is added to the logits.*np\.where"):
         rope_attention(q, k, v, bias=np.zeros(11, np.int64))
-
-
-# ---------------------------------------------------------------- subnormal weights
-def test_weights_below_flush_are_zero_and_results_right():
-    """Logits arranged so that all weights but one per row lie in the subnormal
-    range (e^-745 .. e^-708 relative to the maximum): the flushed weights would
-    change the result by far less than its bound."""
-    rng = np.random.default_rng(5)
-    n, E = 64, 2
-    q = np.zeros((1, n, E))
-    k = np.zeros((1, n, E))
-    q[0, :, 0] = 1.0
-    k[0, :, 0] = -rng.uniform(708, 745, n)       # logit = -k (scale 1)
-    k[0, 0, 0] = 0.0                             # one visible key at logit 0 per row
-    v = rng.standard_normal((1, n, 3))
-    out = exact_attention(q, k, v, 1.0)
-    np.testing.assert_allclose(out[0], np.broadcast_to(v[0, 0], (n, 3)), rtol=0, atol=1e-300)
-    x = np.array([-707.9, -708.1, -744.0, -np.inf, 0.0])
-    y = exp_kernel(x)
-    assert y[0] > 0 and y[1] == 0 and y[2] == 0 and y[3] == 0 and y[4] == 1.0
-    assert EXP_FLUSH[np.dtype(np.float64)] == -708.0
-
-
-# ---------------------------------------------------------------- the exp kernel
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_exp_kernel_relative_error(dtype):
-    from numbarope.exact import EXP_ULPS
-    rng = np.random.default_rng(6)
-    lo = EXP_FLUSH[np.dtype(dtype)]
-    x = np.concatenate([-rng.random(200_000) * -lo, -rng.random(20_000) * 1e-3,
-                        np.linspace(lo, 0, 10_001)[1:]]).astype(dtype)
-    x = x[x > lo]                                   # at or below lo: flushed to 0
-    y = exp_kernel(x).astype(np.longdouble)
-    ref = np.exp(x.astype(np.longdouble))
-    u = np.finfo(dtype).eps / 2
-    rel = np.abs(y / ref - 1).max() / u
-    assert rel <= EXP_ULPS[np.dtype(dtype)], rel
-    assert rel > 0.1          # the check can fail: it measures something
-
-
-def test_exp_kernel_float32_every_input_sampled():
-    """Every 97th float32 in (-87, 0] (every one with NUMBAROPE_FULL_TESTS=1)."""
-    import os
-    from numbarope.exact import EXP_ULPS
-    step = 1 if os.environ.get("NUMBAROPE_FULL_TESTS") else 97
-    lo = np.float32(-87.0).view(np.uint32)
-    hi = np.float32(-0.0).view(np.uint32)          # 0x80000000: bits grow toward -87
-    worst = 0.0
-    for c0 in range(int(hi), int(lo), 2 ** 26):       # -87 itself is flushed to 0
-        bits = np.arange(c0, min(c0 + 2 ** 26, int(lo)), step, dtype=np.uint32)
-        x = bits.view(np.float32)
-        y = exp_kernel(x).astype(np.float64)
-        ref = np.exp(x.astype(np.float64))
-        worst = max(worst, float(np.max(np.abs(y / ref - 1))))
-    assert worst / 2.0 ** -24 <= EXP_ULPS[np.dtype(np.float32)], worst / 2.0 ** -24
 
 
 # ---------------------------------------------------------------- exact error bound

@@ -86,10 +86,12 @@ def test_concurrent_calls_match_sequential_and_restore_blas(monkeypatch, user_li
             return run_tasks(chunk, chunks, workers)
         return run
 
-    import numbarope._recurrence
     import numbarope.exact
-    import numbarope.fast
-    for mod in (numbarope.exact, numbarope.fast, numbarope._recurrence):
+    import numbarope.ops._common
+    import numbarope.ops.decay
+    import numbarope.ops.window
+    for mod in (numbarope.exact, numbarope.ops._common, numbarope.ops.decay,
+                numbarope.ops.window):
         monkeypatch.setattr(mod, "run_tasks", spy(mod.run_tasks))
     with _baseline(user_limit):
         before = _blas_info()

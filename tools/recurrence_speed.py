@@ -19,8 +19,9 @@ Chebyshev approximant at eps = 1e-3. Four structured weights T(t):
 Timed (best of ``--reps``, after a warm-up that compiles; wall clock and all
 cores by default):
 
-* ``rec``: :func:`numbarope._recurrence.fast_decay` / ``fast_window``;
-* ``fft``: ``fast_separable(q, k, v, scale, coef, T=T)`` with ``T[i − j + n − 1] = T(t)``
+* ``rec``: :func:`numbarope.ops.decay.decay_attention` /
+  :func:`numbarope.ops.window.window_attention`;
+* ``fft``: :func:`numbarope.ops.fft.fft_attention` with ``T[i − j + n − 1] = T(t)``
   (the circulant FFT path). Its cost does not depend on T's values, so it is
   timed once per (n, E), with the two-sided decay's T, and shared by the rows;
 * ``exact``: ``numbarope.rope_attention(q, k, v, bias=log T, method="exact")``
@@ -43,9 +44,20 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import numbarope  # noqa: E402
-from numbarope._recurrence import fast_decay, fast_window  # noqa: E402
-from numbarope.fast import fast_separable  # noqa: E402
+from numbarope import bias as _bias  # noqa: E402
+from numbarope.ops._features import n_features  # noqa: E402
+from numbarope.ops.decay import decay_attention  # noqa: E402
+from numbarope.ops.fft import fft_attention  # noqa: E402
+from numbarope.ops.window import window_attention  # noqa: E402
 from numbarope.polynomial import exp_approximation  # noqa: E402
+
+
+def fast_decay(q, k, v, s, coef, rate, causal, workers):
+    return decay_attention(q, k, v, s, coef, rate, causal, workers=workers)
+
+
+def fast_window(q, k, v, s, coef, left, right, workers):
+    return window_attention(q, k, v, s, coef, _bias.Window(left, right), workers=workers)
 
 
 def inputs(n, E, seed=0):
@@ -134,13 +146,13 @@ def main(argv=None):
             R = s * np.linalg.norm(q, axis=1).max() * np.linalg.norm(k, axis=1).max()
             approx = exp_approximation(R, eps=1e-3)
             coef = approx.coef
-            m = numbarope._monomials.n_features(E, approx.degree)
+            m = n_features(E, approx.degree)
             t = np.arange(2 * n - 1) - (n - 1)          # storage e = i − j + n − 1
             vs = variants(args.rate, W)
             t_fft = None
             if args.skip_fft_above is None or n <= args.skip_fft_above:
                 T = np.exp(vs["decay-2sided"][1](t))
-                t_fft = best(lambda: fast_separable(q, k, v, s, coef, T=T, workers=W), args.reps,
+                t_fft = best(lambda: fft_attention(q, k, v, s, coef, T, workers=W), args.reps,
                              warm=n <= 16384)
             for name, (rec, logT, causal) in vs.items():
                 t_rec = best(lambda: rec(q, k, v, s, coef), args.reps)

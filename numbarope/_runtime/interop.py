@@ -18,7 +18,8 @@ import difflib
 
 import numpy as np
 
-__all__ = ["to_numpy", "is_torch", "output_like", "requires_grad", "unexpected_keywords"]
+__all__ = ["to_numpy", "is_torch", "is_dask", "output_like", "requires_grad",
+           "unexpected_keywords"]
 
 #: Unit roundoff of low-precision dtypes that numbarope accepts from torch.
 LOW_PRECISION_UNIT = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
@@ -27,6 +28,15 @@ LOW_PRECISION_UNIT = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
 def is_torch(x):
     """True for a torch tensor (checked without importing torch)."""
     return type(x).__module__.split(".")[0] == "torch" and hasattr(x, "detach")
+
+
+def is_dask(*xs):
+    """True if any argument is a dask collection (checked without importing dask)."""
+    for x in xs:
+        if x is not None and hasattr(x, "__dask_graph__") and \
+                type(x).__module__.split(".")[0] == "dask":
+            return True
+    return False
 
 
 def _torch_dtype_name(t):

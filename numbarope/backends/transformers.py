@@ -52,7 +52,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention import rope_attention
+from .._pipeline import attention as _attention
+from .._pipeline.inputs import validate_options, validate_precision
+from .._runtime.threads import resolve_workers
 
 __all__ = ["register", "attention_forward", "mask_structure", "NAME"]
 
@@ -110,10 +112,8 @@ def register(*, method="auto", eps=1e-3, precision=None, workers=None):
     True
     >>> _ = numbarope.integrations.register()      # back to the defaults
     """
-    from ._threads import resolve_workers
-    from .attention import _validate_options, _validate_precision
-    _validate_options(method, eps, None, "chebyshev", None, None)
-    _validate_precision(precision)
+    validate_options(method, eps, None, "chebyshev", None, None)
+    validate_precision(precision)
     if workers is not None:
         resolve_workers(workers)
     global _options
@@ -242,7 +242,9 @@ class _NoBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, kwargs):
-        return rope_attention(query.detach(), key.detach(), value.detach(), **kwargs)
+        # the pipeline directly (options were checked by register()): the public
+        # rope_attention would check them again on every layer of every step
+        return _attention(query.detach(), key.detach(), value.detach(), **kwargs)
 
     @staticmethod
     def backward(ctx, grad):
@@ -301,7 +303,10 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None,
                          f"{tuple(value.shape)}")
     L, S = query.shape[2], key.shape[2]
     options = _options                  # read once (register() may replace it)
-    args = dict(scale=scaling, enable_gqa=query.shape[1] != key.shape[1], **options)
+    args = dict(scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
+                method=options["method"], eps=float(options["eps"]),
+                precision=options["precision"],
+                workers=resolve_workers(options["workers"]))
     if attention_mask is None:
         # transformers skips the mask exactly where torch SDPA's is_causal is right
         # (top-left alignment); mirror its sdpa backend

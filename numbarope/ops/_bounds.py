@@ -66,7 +66,9 @@ def rounding_term(n, m, coef, radius, radius1, delta, fft_length_=None, row_mass
 
 
 def recurrence_rounding(algorithm, S, m, coef, radius, radius1, delta, chunk=None, rate=None):
-    """Rigorous relative floating-point allowance ρ of :func:`fast_decay` / :func:`fast_window`.
+    """Rigorous relative floating-point allowance ρ of the decay and window algorithms
+    (:func:`numbarope.ops.decay.decay_attention`,
+    :func:`numbarope.ops.window.window_attention`).
 
     With it, ``max|out − o| <= 2(δ+ρ)/(1−δ−ρ)·max|v|`` where o is the exact softmax
     attention with weights ``e^{s q_iᵀk_j}·T(t_ij)`` (δ the certified relative error
@@ -90,7 +92,8 @@ def recurrence_rounding(algorithm, S, m, coef, radius, radius1, delta, chunk=Non
     delta : float
         Certified relative error of p on [−R, R].
     chunk : int, optional
-        Keys per chunk the call used (:func:`decay_chunk`, :func:`window_chunk`).
+        Keys per chunk the call used (:func:`numbarope.ops.decay.decay_chunk`,
+        :func:`numbarope.ops.window.window_chunk`).
         Default: the smallest it can use (16) — a larger chunk
         only lowers the count.
     rate : float, optional

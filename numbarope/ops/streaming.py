@@ -1,12 +1,19 @@
-"""Exact attention kernels: blocked online softmax on BLAS, never an n×n matrix.
+"""The exact path ("streaming"): blocked online softmax on BLAS, never an n×n matrix.
+
+Its kernels, its per-row bias shift, its visited pairs, cost and memory, its
+certified error bound (:func:`exact_error_bound`) and its registry entry
+(:class:`Streaming`, which serves every structure) live in this one file.
 
 The work is cut into tasks, one per (head, block of ``_config.EXACT_ROW_BLOCK``
-query rows), run on ``workers`` Python threads (:mod:`numbarope._threads`), each
-task a serial numba kernel that releases the GIL. A task walks the key blocks
-(``_config.EXACT_KEY_BLOCK`` keys; with ``causal``, only up to its last row) and
-keeps, per row, the running maximum ``m``, denominator ``l`` and numerator
-``acc`` (Milakov & Gimelshein 2018, "Online normalizer calculation for
-softmax"; Dao et al. 2022, FlashAttention, Alg. 1):
+query rows), run on ``workers`` Python threads (:mod:`numbarope._runtime.threads`),
+each task a serial numba kernel that releases the GIL. Query row i of head b sees
+at most the keys ``lo_i <= j < hi_i`` of its range row (``key_ranges``: the causal
+mask, a window, chunked local attention, packed sequences; all keys without).
+A task walks the key blocks (``_config.EXACT_KEY_BLOCK`` keys, aligned) from
+``min lo`` to ``max hi`` over its rows (whole key blocks outside are skipped),
+masks per row inside a block, and keeps, per row, the running maximum ``m``,
+denominator ``l`` and numerator ``acc`` (Milakov & Gimelshein 2018, "Online
+normalizer calculation for softmax"; Dao et al. 2022, FlashAttention, Alg. 1):
 
     S = s·Q_b K_bᵀ + b − rowshift          (one GEMM; bias and mask in one pass)
     m' = max(m, rowmax S);  P = exp(S − m')  (vectorised exp, see below)
@@ -16,56 +23,66 @@ and finally ``out = acc / l`` and the row log-sum-exp ``lse = m + log l``.
 
 * **GEMMs** ``Q_b K_bᵀ`` and ``P V_b`` go to BLAS (numba's ``np.dot``), one BLAS
   thread per task; the threads of numbarope are the tasks.
-* **exp** is our own vectorised kernel (:func:`_exp_block`): Cody–Waite
-  reduction ``x = k·ln2 + r``, ``|r| <= ln2/2``, a Taylor polynomial of ``e^r``
-  (degree 13 in float64, 7 in float32), and ``2^k`` written into the exponent
-  bits. Its relative error is at most ``EXP_ULPS[dtype]`` units of roundoff
-  (proven for float64; checked over every float32 input, see EXP_ULPS).
-  Arguments below ``EXP_FLUSH[dtype]`` (weights below e^−708 in float64, e^−87
-  in float32, relative to the row's running maximum) give exactly 0: they
-  would be subnormal, cost ~50× more in arithmetic, and change a sum of >= 1
-  by less than ``n·e^{EXP_FLUSH}`` (in ``info.error_bound``).
+* **exp** is the proven vectorised kernel of :mod:`numbarope.ops._exp`
+  (``_exp_block``): relative error at most ``EXP_ULPS[dtype]`` units of
+  roundoff; arguments below ``EXP_FLUSH[dtype]`` (weights below e^−708 in
+  float64, e^−87 in float32, relative to the row's running maximum) give
+  exactly 0: they would be subnormal, cost ~50× more in arithmetic, and change a
+  sum of >= 1 by less than ``n·e^{EXP_FLUSH}`` (in :func:`exact_error_bound`).
 * **Maximum pass skipped** where a Cauchy–Schwarz bound ``s‖q_i‖·max‖k_j‖``
   keeps the key block within ``EXACT_HEADROOM`` of the running maximum (the
   weights are then at most e^headroom: no overflow), which is most blocks of
   ordinary inputs.
+* **Bias** ``b_t`` (Toeplitz, float64) enters as ``b_t − shift_i`` with
+  ``shift_i`` the largest bias over the real keys row i sees
+  (:func:`bias_row_shift`): biases of any finite magnitude cost no accuracy.
 * **Precision**: the logits, ``exp`` and the ``P V`` product run in the compute
   dtype (float32 or float64); ``m``, ``l``, ``acc`` and the bias are float64.
 * **General** ``W_t`` (``relative``): the logits ``q_iᵀ W_{i−j} k_j`` are
-  per-pair bilinear forms, O(E²) each (no GEMM applies); the rest is the same.
+  per-pair bilinear forms, O(E²) each (no GEMM applies), computed for the keys
+  in the row's range only; the rest is the same.
 
-Fully masked rows (every logit ``-inf``) return 0, as torch >= 2.5 does, with
-``lse = -inf``. Memory: O(B·n·(E + Ev)) plus one row block × key block per
-thread.
+Fully masked rows (every logit ``-inf``, or an empty range) return 0, as torch
+>= 2.5 does, with ``lse = -inf``. Memory: O(B·n·(E + Ev)) plus one row block ×
+key block per thread.
 """
 
+import math
+
 import numpy as np
-from numba import njit, types
-from llvmlite import ir as llvmir
-from numba.extending import intrinsic, overload
+from numba import njit
 
 from .. import _config
 from .._runtime.threads import blas_threads, resolve_workers, run_tasks
-from ._exp import _exp_block
+from ._cost import COST_CONSTANTS
+from ._exp import EXP_FLUSH, EXP_ULPS, _exp_block
+from .registry import Algorithm, HeadSpec, register
 
-__all__ = ["exact_attention", "row_norms", "bias_row_shift", "EXACT_HEADROOM"]
+__all__ = ["exact_attention", "row_norms", "bias_row_shift", "exact_blocks",
+           "gather_key_ranges", "visible_pairs", "visited_pairs", "pairs_visited",
+           "exact_error_bound",
+           "predict_exact", "exact_memory", "EXACT_HEADROOM", "Streaming"]
 
 _FM = set(_config.FASTMATH)
 
 #: A key block whose logits are bounded (Cauchy–Schwarz) by the running maximum
 #: plus this much needs no maximum pass: its weights are at most e^headroom.
-#: It enters the rounding bound as 3u·headroom (planner.exact_error_bound).
+#: It enters the rounding bound as 3u·headroom (:func:`exact_error_bound`).
 EXACT_HEADROOM = {np.dtype(np.float64): 60.0, np.dtype(np.float32): 30.0}
 
 
+# ------------------------------------------------------------------ the kernel
+
 @njit(cache=True, nogil=True, fastmath=_FM)
-def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshift,
-                 causal, gscale, row_block, key_block, qnorm, knorm, headroom,
-                 offset, kmask, kidx, has_kmask, kvidx, left, right, sidx, tasks, out, lse):
+def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshift, sidx,
+                 gscale, row_block, key_block, qnorm, knorm, headroom,
+                 kmask, kidx, has_kmask, kvidx, lo, hi, lidx, has_ranges, tasks, out, lse):
     # q arrives multiplied by the scale s, except with general W (then gscale = s;
-    # with no general W and a bias, gscale = 1)
-    B, n, E = q.shape            # n query rows; query i sits at position i + offset
-    nk = k.shape[1]              # keys at positions 0 .. nk-1; t = i + offset - j
+    # with no general W and a bias, gscale = 1). Row i of head b sees at most the keys
+    # lo[lidx[b], i] <= j < hi[lidx[b], i] (all keys without ranges); the bias and W
+    # of the pair (i, j) are stored at i - j + nk - 1.
+    B, n, E = q.shape            # n query rows
+    nk = k.shape[1]              # keys 0 .. nk-1
     Ev = v.shape[2]
     dt = q.dtype
     Sbuf = np.empty(row_block * key_block, dt)
@@ -83,13 +100,20 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
         acc[:rb] = 0.0
         mx[:rb] = -np.inf
         den[:rb] = 0.0
-        jend = min(max(i1 + offset, 0), nk) if causal else nk
-        if right >= 0:          # a window: keys j <= i + offset + right only
-            jend = min(jend, max(i1 + offset + right, 0))
+        lr = lidx[b]
         jbeg = 0
-        if left >= 0:           # and j >= i + offset - left (whole key blocks skipped)
-            jbeg = max(i0 + offset - left, 0)
-            jbeg = min(jbeg - jbeg % key_block, jend)
+        jend = nk
+        if has_ranges:          # key blocks from min lo to max hi over the block's rows
+            jbeg = nk           # (none when no row sees a key)
+            jend = 0
+            sees = False
+            for i in range(i0, i1):
+                jbeg = min(jbeg, lo[lr, i])
+                jend = max(jend, hi[lr, i])
+                sees = sees or hi[lr, i] > lo[lr, i]
+            jbeg -= jbeg % key_block
+            if not sees:
+                jend = jbeg
         for j0 in range(jbeg, jend, key_block):
             j1 = min(j0 + key_block, jend)
             kb = j1 - j0
@@ -97,7 +121,12 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
             if general:
                 for r in range(rb):
                     i = i0 + r
-                    for j in range(j0, j1):
+                    ja = 0
+                    jb = kb
+                    if has_ranges:
+                        ja = min(max(lo[lr, i] - j0, 0), kb)
+                        jb = max(min(hi[lr, i] - j0, kb), ja)
+                    for j in range(j0 + ja, j0 + jb):
                         W = relative[ridx[b], i - j + nk - 1]
                         for c in range(E):
                             wq[c] = 0.0
@@ -111,39 +140,45 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
                         S[r, j - j0] = s
             else:
                 np.dot(q[b, i0:i1], k[hk, j0:j1].T, S)
-            # scale (general W), bias (float64), causal mask, row maxima
+            # scale (general W), bias (float64), key ranges and padding, row maxima
             kbound = knorm[hk, j0 // key_block]
             for r in range(rb):
                 i = i0 + r
                 row = S[r]
-                jl = max(min(j1, i + offset + 1), j0) if causal else j1
+                ja = 0                  # the row's keys in this block: ja <= jj < jb
+                jb = kb
+                if has_ranges:
+                    ja = min(max(lo[lr, i] - j0, 0), kb)
+                    jb = max(min(hi[lr, i] - j0, kb), ja)
                 # Cauchy–Schwarz: logits of this block <= ‖q_i‖·max‖k_j‖ (+ shifted
                 # bias <= 0). Within `headroom` of the running maximum no new maximum
                 # is needed: weights e^{x−m} <= e^headroom cannot overflow.
                 skip_max = (not general) and qnorm[b, i] * kbound <= mx[r] + headroom
                 bm = -np.inf
+                for jj in range(ja):
+                    row[jj] = -np.inf
                 if has_kmask:               # key padding: 0 / -inf per key
                     km = kmask[kidx[b]]
-                    for jj in range(jl - j0):
+                    for jj in range(ja, jb):
                         row[jj] += km[j0 + jj]
                 if has_bias:
                     bb = bias[bidx[b]]
                     sh = rowshift[sidx[b], i]
                     off = i + nk - 1 - j0
-                    for jj in range(jl - j0):
+                    for jj in range(ja, jb):
                         x = row[jj] * gscale + (bb[off - jj] - sh)
                         row[jj] = x
                         bm = x if x > bm else bm
                 elif general:
-                    for jj in range(jl - j0):
+                    for jj in range(ja, jb):
                         x = row[jj] * gscale
                         row[jj] = x
                         bm = x if x > bm else bm
                 elif not skip_max:          # q was scaled: the GEMM gave the logits
-                    for jj in range(jl - j0):
+                    for jj in range(ja, jb):
                         x = row[jj]
                         bm = x if x > bm else bm
-                for jj in range(jl - j0, kb):
+                for jj in range(jb, kb):
                     row[jj] = -np.inf
                 mnew = max(mx[r], bm)
                 if mnew == -np.inf:        # nothing visible yet in this row
@@ -179,7 +214,10 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
 
 _DUMMY_REL = np.zeros((1, 1, 1, 1))
 _DUMMY_BIAS = np.zeros((1, 1))
+_DUMMY_RANGE = np.zeros((1, 1), np.int64)
 
+
+# ------------------------------------------------------------------ per-row bias shift
 
 @njit(cache=True, nogil=True)
 def _window_max(b, lo, hi):
@@ -204,6 +242,227 @@ def _window_max(b, lo, hi):
     return out
 
 
+@njit(cache=True, nogil=True)
+def _max_tree(b):
+    # bottom-up segment tree of maxima over b (leaves at P .. P + len(b) - 1)
+    P = 1
+    while P < b.size:
+        P *= 2
+    t = np.full(2 * P, -np.inf)
+    t[P:P + b.size] = b
+    for i in range(P - 1, 0, -1):
+        x = t[2 * i]
+        y = t[2 * i + 1]
+        t[i] = x if x > y else y
+    return t, P
+
+
+@njit(cache=True, nogil=True)
+def _tree_max(t, P, l, r):
+    # max of b[l .. r] (inclusive, l <= r) from its segment tree: O(log len(b))
+    res = -np.inf
+    l += P
+    r += P + 1
+    while l < r:
+        if l & 1:
+            x = t[l]
+            res = x if x > res else res
+            l += 1
+        if r & 1:
+            r -= 1
+            x = t[r]
+            res = x if x > res else res
+        l >>= 1
+        r >>= 1
+    return res
+
+
+@njit(cache=True, nogil=True)
+def _first_run_after(ends, x):
+    # index of the first run whose end exceeds x (ends increasing): binary search
+    a = 0
+    c = ends.size
+    while a < c:
+        mid = (a + c) // 2
+        if ends[mid] <= x:
+            a = mid + 1
+        else:
+            c = mid
+    return a
+
+
+#: Ways of :func:`_range_row_max`.
+_DEQUE, _TREE, _PROBE = 0, 1, 2
+#: Offsets a row probes, in decreasing order of bias, before it walks its runs.
+_PROBES = 32
+
+
+@njit(cache=True, nogil=True)
+def _range_row_max(b, runs, lo, hi, S, mode):
+    # max over the real keys j (runs [a, c) of real keys) with lo_i <= j < hi_i of
+    # b[i - j + S - 1], per row i; -inf where there is none. For one run the offsets
+    # e = i - j + S - 1 form the interval [i - min(c, hi_i) + S, i - max(a, lo_i) + S - 1].
+    # _DEQUE: both ends of it are nondecreasing in i (lo and hi rise by at most 1 per
+    # row): one monotone-deque window maximum per run, O(runs · (n + S)).
+    # _TREE: a segment tree over b, O(log) per (row, run) pair that meets, or a direct
+    # scan of the pair's few offsets.
+    # _PROBE (many runs): the offsets in decreasing order of bias; a row takes the first
+    # whose key it sees (its maximum), after _PROBES misses it walks its runs (_TREE).
+    n = lo.size
+    out = np.full(n, -np.inf)
+    R = runs.shape[0]
+    if mode == _DEQUE:
+        el = np.empty(n, np.int64)
+        er = np.empty(n, np.int64)
+        for r in range(R):
+            a = runs[r, 0]
+            c = runs[r, 1]
+            for i in range(n):
+                el[i] = i - min(c, hi[i]) + S
+                er[i] = i - max(a, lo[i]) + S - 1
+            m = _window_max(b, el, er)
+            for i in range(n):
+                if m[i] > out[i]:
+                    out[i] = m[i]
+        return out
+    t, P = _max_tree(b)
+    ends = runs[:, 1].copy()
+    order = np.empty(0, np.int64)
+    real = np.zeros(S, np.bool_)
+    if mode == _PROBE:
+        order = np.argsort(-b, kind="mergesort")
+        for r in range(R):
+            real[runs[r, 0]:runs[r, 1]] = True
+    for i in range(n):
+        li = lo[i]
+        hii = hi[i]
+        if hii <= li:
+            continue
+        if mode == _PROBE:
+            found = False
+            for p in range(min(_PROBES, order.size)):
+                e = order[p]
+                if b[e] == -np.inf:          # no finite bias left: none visible
+                    found = True
+                    break
+                j = i - e + S - 1
+                if li <= j < hii and real[j]:
+                    out[i] = b[e]
+                    found = True
+                    break
+            if found:
+                continue
+        best = -np.inf
+        r = _first_run_after(ends, li)
+        while r < R and runs[r, 0] < hii:
+            x0 = max(runs[r, 0], li)
+            x1 = min(runs[r, 1], hii)
+            e0 = i - x1 + S
+            e1 = i - x0 + S - 1
+            if e1 - e0 < 32:
+                for e in range(e0, e1 + 1):
+                    if b[e] > best:
+                        best = b[e]
+            else:
+                x = _tree_max(t, P, e0, e1)
+                if x > best:
+                    best = x
+            r += 1
+        out[i] = best
+    return out
+
+
+def _key_runs(real):
+    """(runs, 2) int64: the maximal runs [a, c) of True in a boolean vector."""
+    d = np.diff(np.concatenate([[0], real.astype(np.int8), [0]]))
+    return np.stack([np.flatnonzero(d == 1), np.flatnonzero(d == -1)], axis=1).astype(np.int64)
+
+
+def _shift_mode(runs, lo, hi, S):
+    """The cheapest way of :func:`_range_row_max` by operation counts: the deque
+    (monotone ranges only), the tree, or probing (many runs per row)."""
+    n = lo.size
+    nonempty = hi > lo
+    meets = float(np.maximum(
+        np.searchsorted(runs[:, 0], hi[nonempty], side="left")
+        - np.searchsorted(runs[:, 1], lo[nonempty], side="right"), 0).sum())
+    log = math.log2(n + S + 1)
+    tree = 2 * (n + S) + 2 * meets * log
+    probe = 2 * (n + S) * log + n * _PROBES
+    monotone = n <= 1 or (np.diff(lo).max() <= 1 and np.diff(hi).max() <= 1)
+    deque = runs.shape[0] * (n + S) if monotone else np.inf
+    best = min(deque, tree, probe)
+    return _DEQUE if deque == best else _TREE if tree == best else _PROBE
+
+
+def bias_row_shift(bias, n, n_keys=None, key_range=None, key_mask=None):
+    """Largest bias over the keys each query row sees: ``max_{j visible to i} b_{ij}``.
+
+    Softmax is invariant to a constant per row, so the exact kernel adds
+    ``b − shift_i`` (<= 0 on the keys row i sees): biases of any finite magnitude
+    (``finfo.min`` as a mask, a constant ``-1e30``) then cost no accuracy. Row i
+    sees key j when ``lo_i <= j < hi_i`` (``key_range``) and j is a real key
+    (``key_mask``); the bias of the pair is ``bias[i − j + S − 1]``. Rows that see no
+    finite bias get 0. Taking the maximum over keys a row cannot see would be wrong:
+    a padded key, or one outside the row's range, with bias 0 next to visible keys
+    at −1e30 would make every visible weight underflow.
+
+    Where ``lo`` and ``hi`` rise by at most 1 from a row to the next (causal,
+    windows, no range) the offsets a run of real keys reaches form an interval whose
+    ends are nondecreasing in i: a monotone-deque window maximum per run,
+    O(runs·(L + S)). Otherwise (chunked local attention, packed sequences, any
+    range) a segment tree over the bias: O((L + S) + pairs·log(L + S)) for the
+    (row, run) pairs that meet. With many runs (scattered padding) each row first
+    probes the offsets in decreasing order of bias and takes the first whose key it
+    sees (O((L + S) log(L + S)) for the order, a few probes per row). The cheapest
+    by operation counts is taken; all give the same maxima.
+
+    Parameters
+    ----------
+    bias : (Bb, L + S − 1) ndarray of float64
+        One relative bias per row of the result (−inf masks, no NaN or +inf).
+    n : int
+        Query rows L.
+    n_keys : int, optional
+        Key rows S (default L).
+    key_range : (lo, hi), optional
+        Each (L,) int: row i sees at most keys ``lo[i] <= j < hi[i]`` (clipped to
+        [0, S]); default every key.
+    key_mask : (S,) ndarray of bool, optional
+        True = a real key (the same for every row of ``bias``); default all real.
+
+    Returns
+    -------
+    (Bb, L) ndarray of float64
+    """
+    S = n if n_keys is None else int(n_keys)
+    bias = np.asarray(bias, dtype=np.float64)
+    Bb = bias.shape[0]
+    shift = np.zeros((Bb, n))
+    if n == 0 or S == 0 or Bb == 0:
+        return shift
+    if key_range is None:
+        lo = np.zeros(n, np.int64)
+        hi = np.full(n, S, np.int64)
+    else:
+        lo = np.clip(np.asarray(key_range[0], dtype=np.int64).reshape(n), 0, S)
+        hi = np.clip(np.asarray(key_range[1], dtype=np.int64).reshape(n), 0, S)
+    if key_mask is None:
+        runs = np.array([[0, S]], np.int64)
+    else:
+        runs = _key_runs(np.asarray(key_mask, dtype=bool).reshape(S))
+        if runs.shape[0] == 0:
+            return shift
+    mode = _shift_mode(runs, lo, hi, S)
+    for r in range(Bb):
+        m = _range_row_max(np.ascontiguousarray(bias[r]), runs, lo, hi, S, mode)
+        ok = np.isfinite(m)
+        shift[r, ok] = m[ok]
+    return shift
+
+
+# ------------------------------------------------------------------ helpers
+
 def row_norms(x):
     """Upper bounds of the row norms ‖x[b, i]‖₂ of a (B, n, E) array, as float64.
 
@@ -226,89 +485,6 @@ def row_norms(x):
     return out
 
 
-@njit(cache=True, nogil=True)
-def _masked_row_max(b, runs, n, S, offset, causal):
-    # max over the real keys j of row i (j <= i + offset when causal) of
-    # b[i - j + S - 1], for the runs [a, c) of real keys: per run a window maximum over
-    # the nondecreasing index range lo_i .. hi_i, O(runs · (n + S)).
-    out = np.full(n, -np.inf)
-    for r in range(runs.shape[0]):
-        a = runs[r, 0]
-        c = runs[r, 1]
-        lo = np.empty(n, np.int64)
-        hi = np.empty(n, np.int64)
-        for ii in range(n):
-            last = c - 1
-            if causal and ii + offset < last:
-                last = ii + offset
-            lo[ii] = ii - last + S - 1
-            hi[ii] = ii - a + S - 1
-        m = _window_max(b, lo, hi)
-        for ii in range(n):
-            if m[ii] > out[ii]:
-                out[ii] = m[ii]
-    return out
-
-
-def _key_runs(real):
-    """(runs, 2) int64: the maximal runs [a, c) of True in a boolean vector."""
-    d = np.diff(np.concatenate([[0], real.astype(np.int8), [0]]))
-    return np.stack([np.flatnonzero(d == 1), np.flatnonzero(d == -1)], axis=1).astype(np.int64)
-
-
-def bias_row_shift(bias, n, causal, n_keys=None, offset=0, key_mask=None):
-    """Largest visible bias of every query row: ``max_{t visible to i} b_t``.
-
-    Softmax is invariant to a constant per row, so the exact kernel adds
-    ``b_t − shift_i`` (<= 0 on the visible offsets): biases of any finite
-    magnitude (``finfo.min`` as a mask, a constant ``-1e30``) then cost no
-    accuracy. Query i (at position i + offset) sees key j at offset
-    ``t = i + offset − j``, stored at ``bias[i − j + S − 1]``, for the real keys j
-    in [0, S) (``key_mask``; with ``causal``, j <= i + offset); rows that see no
-    finite bias get 0. Taking the maximum over padded keys too would be wrong: a
-    padded key with bias 0 next to real keys at −1e30 would make every real weight
-    underflow.
-
-    Parameters
-    ----------
-    bias : (Bb, n + S − 1) ndarray of float64
-    n : int
-        Query rows L.
-    causal : bool
-    n_keys : int, optional
-        Key rows S (default n).
-    offset : int, optional
-        Position of query 0.
-    key_mask : (S,) ndarray of bool, optional
-        True = a real key (the same for every row of ``bias``); default all real.
-
-    Returns
-    -------
-    (Bb, n) ndarray of float64
-    """
-    S = n if n_keys is None else int(n_keys)
-    Bb = bias.shape[0]
-    shift = np.zeros((Bb, n))
-    if n == 0 or S == 0:
-        return shift
-    if key_mask is not None and not np.all(key_mask):
-        runs = _key_runs(np.asarray(key_mask, dtype=bool))
-        for r in range(Bb):
-            m = _masked_row_max(np.ascontiguousarray(bias[r]), runs, n, S, int(offset),
-                                bool(causal))
-            ok = np.isfinite(m)
-            shift[r, ok] = m[ok]
-        return shift
-    i = np.arange(n, dtype=np.int64)
-    hi = i + S - 1
-    lo = np.maximum(i, S - 1 - offset) if causal else i.copy()
-    for r in range(Bb):
-        m = _window_max(np.ascontiguousarray(bias[r]), lo, hi)
-        ok = np.isfinite(m)
-        shift[r, ok] = m[ok]
-    return shift
-
-
 def exact_blocks(B, n, nthreads, n_keys=None):
     """Row and key block sizes of the exact kernel for B heads of length n.
 
@@ -324,9 +500,78 @@ def exact_blocks(B, n, nthreads, n_keys=None):
     return rb, kb
 
 
-def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
-                    bidx=None, causal=False, workers=None, return_lse=False, offset=0,
-                    key_mask=None, kidx=None, kvidx=None, norms=None, window=None):
+def _check_ranges(key_ranges, B, n, S):
+    """``key_ranges`` as C-contiguous int64 ``(lo, hi, lidx)``, clipped to [0, S]."""
+    if len(key_ranges) == 2:
+        lo, hi = key_ranges
+        lidx = None
+    else:
+        lo, hi, lidx = key_ranges
+    lo = np.atleast_2d(np.asarray(lo, dtype=np.int64))
+    hi = np.atleast_2d(np.asarray(hi, dtype=np.int64))
+    if lo.ndim != 2 or lo.shape != hi.shape or lo.shape[1] != n:
+        raise ValueError(f"key_ranges: lo and hi must have shape (P, {n}), got "
+                         f"{lo.shape} and {hi.shape}")
+    P = lo.shape[0]
+    if lidx is None:
+        if P not in (1, B):
+            raise ValueError(f"key_ranges: {P} range rows for {B} heads need lidx")
+        lidx = np.zeros(B, np.int64) if P == 1 else np.arange(B, dtype=np.int64)
+    lidx = np.ascontiguousarray(lidx, dtype=np.int64).reshape(-1)
+    if lidx.shape != (B,) or (B and (lidx.min() < 0 or lidx.max() >= P)):
+        raise ValueError(f"key_ranges: lidx must be ({B},) indices into {P} range rows")
+    return (np.ascontiguousarray(np.clip(lo, 0, S)), np.ascontiguousarray(np.clip(hi, 0, S)),
+            lidx)
+
+
+def gather_key_ranges(ranges, n, S):
+    """One ``key_ranges=(lo, hi, lidx)`` argument from per-head ranges.
+
+    Parameters
+    ----------
+    ranges : sequence of ((L,), (L,)) or None
+        Per head, the ``(lo, hi)`` of :meth:`numbarope.bias.Structure.key_ranges`,
+        or None (every key).
+    n, S : int
+        Query rows L and keys S.
+
+    Returns
+    -------
+    (lo, hi, lidx) or None
+        Equal ranges share one row; None when no head has a range.
+    """
+    if all(r is None for r in ranges):
+        return None
+    rows, index, lidx = [], {}, np.empty(len(ranges), np.int64)
+    for b, r in enumerate(ranges):
+        if r is None:
+            r = (np.zeros(n, np.int64), np.full(n, S, np.int64))
+        lo = np.clip(np.asarray(r[0], dtype=np.int64).reshape(n), 0, S)
+        hi = np.clip(np.asarray(r[1], dtype=np.int64).reshape(n), 0, S)
+        key = lo.tobytes() + hi.tobytes()
+        if key not in index:
+            index[key] = len(rows)
+            rows.append((lo, hi))
+        lidx[b] = index[key]
+    return (np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]), lidx)
+
+
+def _block_work(lo, hi, n, rb, kb):
+    """(P, row blocks) keys each row block of each range row visits, and its rows."""
+    starts = np.arange(0, n, rb, dtype=np.int64)
+    rows = np.diff(np.append(starts, n))
+    mn = np.minimum.reduceat(lo, starts, axis=1)
+    mxh = np.maximum.reduceat(hi, starts, axis=1)
+    sees = np.maximum.reduceat((hi > lo).astype(np.int8), starts, axis=1) > 0
+    jbeg = mn - mn % kb
+    return np.where(sees, np.maximum(mxh - jbeg, 0), 0), rows
+
+
+# ------------------------------------------------------------------ the entry point
+
+def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx=None,
+                    key_ranges=None, key_mask=None, kidx=None, kvidx=None, norms=None,
+                    workers=None, return_lse=False):
     """Exact softmax attention of flattened heads (internal entry point).
 
     Parameters
@@ -341,25 +586,28 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
     scale : float
         Logit scale s > 0.
     relative : (Br, n+S−1, E, E) ndarray of the same dtype, optional
-        General relative matrices; head ``b`` uses ``relative[ridx[b]]``.
+        General relative matrices; head ``b`` uses ``relative[ridx[b]]``; the pair
+        (i, j) uses entry ``i − j + S − 1``.
     bias : (Bb, n+S−1) ndarray of float64, optional
-        Relative bias (−inf masks); head ``b`` uses ``bias[bidx[b]]``. Shifted
-        per row by :func:`bias_row_shift` (exact for softmax).
-    causal : bool
-        Mask keys after the query's position: j > i + offset.
-    offset : int
-        Position of query 0 (keys at 0..S-1): offset t = i + offset − j is stored
-        at index ``i − j + S − 1`` of ``relative`` and ``bias``.
+        Relative bias (−inf masks); head ``b`` uses ``bias[bidx[b]]``, the pair
+        (i, j) entry ``i − j + S − 1``. Shifted per row by :func:`bias_row_shift`
+        over the keys the row sees (exact for softmax).
+    key_ranges : (lo, hi, lidx), optional
+        ``lo``, ``hi``: (P, n) int64; ``lidx``: (B,) int64. Row i of head b sees at
+        most the keys ``lo[lidx[b], i] <= j < hi[lidx[b], i]`` (clipped to [0, S];
+        empty when hi <= lo). None: every key. Causal is ``lo = 0``, ``hi = clip(i +
+        offset + 1, 0, S)``; a window ``Window(left, right)`` is ``clip(i + offset −
+        left, 0, S) .. clip(i + offset + right + 1, 0, S)``
+        (:meth:`numbarope.bias.Structure.key_ranges`, :func:`gather_key_ranges`).
+        A block of rows visits the key blocks from the smallest ``lo`` to the largest
+        ``hi`` of its rows, empty rows included (give an empty row ``lo = hi`` within
+        its neighbours' span), none when no row of it sees a key. ``lidx`` may be
+        omitted for P = 1 or P = B.
+    key_mask : (Bk', S) ndarray of float64, optional
+        0 for real keys, −inf for padding; head ``b`` uses ``key_mask[kidx[b]]``.
     norms : (ndarray (B, n), ndarray (Bk, S)), optional
         Upper bounds of the row norms of (unscaled) q and of k, if the caller
         has them (:func:`row_norms`); computed otherwise.
-    key_mask : (Bk, S) ndarray of float64, optional
-        0 for real keys, −inf for padding; head ``b`` uses ``key_mask[kidx[b]]``.
-    window : (left, right), optional
-        A promise that the bias masks (−inf) every offset ``t = i + offset − j``
-        outside ``−right <= t <= left`` (None: unbounded side): key blocks wholly
-        outside are skipped, O(n·(left + right)) work instead of O(n·S). The bias
-        still applies inside.
     workers : int, optional
         Threads (scipy.fft's meaning; default all cores).
     return_lse : bool
@@ -368,7 +616,8 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
     Returns
     -------
     out : (B, n, Ev) ndarray of the compute dtype
-        ``softmax(s·logits + bias) @ v`` row by row; fully masked rows are 0.
+        ``softmax(s·logits + bias) @ v`` row by row over the keys each row sees;
+        fully masked rows are 0.
     lse : (B, n) ndarray of float64
         Only with ``return_lse``; −inf on fully masked rows.
     """
@@ -379,7 +628,8 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
     lse = np.empty((B, n))
     if B == 0 or n == 0:
         return (out, lse) if return_lse else out
-    if k.shape[1] == 0:              # no keys: every row is fully masked
+    S = k.shape[1]
+    if S == 0:                       # no keys: every row is fully masked
         out[...] = 0
         lse[...] = -np.inf
         return (out, lse) if return_lse else out
@@ -389,39 +639,46 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
     ri = np.ascontiguousarray(ridx, dtype=np.int64) if general else np.zeros(B, np.int64)
     bs = np.ascontiguousarray(bias, dtype=np.float64) if has_bias else _DUMMY_BIAS
     bi = np.ascontiguousarray(bidx, dtype=np.int64) if has_bias else np.zeros(B, np.int64)
-    S = k.shape[1]
     kvi = (np.arange(B, dtype=np.int64) if kvidx is None
            else np.ascontiguousarray(kvidx, dtype=np.int64))
     has_kmask = key_mask is not None
     km = np.ascontiguousarray(key_mask, dtype=np.float64) if has_kmask else _DUMMY_BIAS
     ki = np.ascontiguousarray(kidx, dtype=np.int64) if has_kmask else np.zeros(B, np.int64)
-    if has_bias and has_kmask:    # per (bias row, key mask row) pair: visible keys only
-        pairs_, sidx = np.unique(np.stack([bi, ki], axis=1), axis=0, return_inverse=True)
-        shift = np.concatenate([bias_row_shift(bs[pb:pb + 1], n, causal, S, offset,
-                                               np.isfinite(km[pk])) for pb, pk in pairs_])
+    has_ranges = key_ranges is not None
+    if has_ranges:
+        lo, hi, li = _check_ranges(key_ranges, B, n, S)
+    else:
+        lo = hi = _DUMMY_RANGE
+        li = np.zeros(B, np.int64)
+    if has_bias:     # per (key mask row, range row, bias row) triple: visible keys only
+        trip, sidx = np.unique(np.stack([ki, li, bi], axis=1), axis=0, return_inverse=True)
         sidx = np.ascontiguousarray(sidx.reshape(-1), dtype=np.int64)
-    elif has_bias:
-        shift = bias_row_shift(bs, n, causal, S, offset)
-        sidx = bi
+        shift = np.empty((trip.shape[0], n))
+        pairs_, which = np.unique(trip[:, :2], axis=0, return_inverse=True)
+        which = which.reshape(-1)
+        for g, (pk, pl) in enumerate(pairs_):
+            rows = np.flatnonzero(which == g)
+            shift[rows] = bias_row_shift(
+                bs[trip[rows, 2]], n, S, (lo[pl], hi[pl]) if has_ranges else None,
+                np.isfinite(km[pk]) if has_kmask else None)
     else:
         shift, sidx = _DUMMY_BIAS, np.zeros(B, np.int64)
-    wl = wr = -1
-    if window is not None:
-        if not has_bias:
-            raise ValueError("window= describes the −inf entries of a bias: pass the bias")
-        wl = -1 if window[0] is None else int(window[0])
-        wr = -1 if window[1] is None else int(window[1])
     nthreads = resolve_workers(workers)
     rb, kb = exact_blocks(B, n, nthreads, S)
     starts = np.arange(0, n, rb, dtype=np.int64)
     tasks = np.stack(np.broadcast_arrays(np.arange(B, dtype=np.int64)[:, None],
                                          starts[None, :]), axis=-1).reshape(-1, 2)
-    if causal:      # longest tasks first: dynamic scheduling then balances the tail
-        tasks = tasks[np.argsort(-tasks[:, 1], kind="stable")]
+    cost = E * E if general else E + Ev
+    if has_ranges:   # keys each task visits; longest tasks first: dynamic scheduling
+        span, rows = _block_work(lo, hi, n, rb, kb)     # then balances the tail
+        work = (span * rows)[li].reshape(-1).astype(np.float64)
+        tasks = tasks[np.argsort(-work, kind="stable")]
+        total = float(work.sum()) * cost
+    else:
+        total = float(B) * n * S * cost
     # enough chunks for dynamic balance, few enough that Python overhead stays small
-    pairs_per_task = rb * (S if not causal else S / 2) * (E * E if general else E + Ev)
-    per_chunk = max(1, int(4e6 // max(pairs_per_task, 1)))
-    inline = len(tasks) * pairs_per_task * min(1.0, n / rb) < _config.INLINE_WORK
+    per_chunk = max(1, int(4e6 // max(total / len(tasks), 1)))
+    inline = total < _config.INLINE_WORK
     if inline:      # a small call: handing it to threads costs more than it saves
         chunks = [tasks]
     else:
@@ -453,10 +710,9 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
             headroom = -np.inf          # always compute the maximum
 
     def run(chunk):
-        _exact_tasks(q, k, v, rel, ri, general, bs, bi, has_bias, shift, bool(causal),
-                     gscale, rb, kb, qnorm, knorm, headroom, int(offset), km, ki,
-                     has_kmask, kvi, wl, wr, sidx, np.ascontiguousarray(chunk),
-                     out, lse)
+        _exact_tasks(q, k, v, rel, ri, general, bs, bi, has_bias, shift, sidx,
+                     gscale, rb, kb, qnorm, knorm, headroom, km, ki, has_kmask, kvi,
+                     lo, hi, li, has_ranges, np.ascontiguousarray(chunk), out, lse)
 
     if inline:
         run(chunks[0])                       # the caller's thread; rows do not change
@@ -464,6 +720,205 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None,
         with blas_threads(1):
             run_tasks(run, chunks, nthreads)
     if return_lse and has_bias:              # undo the per-row bias shift
-        with np.errstate(invalid="ignore"):
-            lse += np.where(np.isfinite(shift[sidx]), shift[sidx], 0.0)
+        lse += shift[sidx]
     return (out, lse) if return_lse else out
+
+
+# ------------------------------------------------------------------ pairs, cost, bound
+
+def visible_pairs(n, S, key_range=None, *, causal=False, offset=0):
+    """(query, key) pairs inside the rows' key ranges: ``Σ_i max(hi_i − lo_i, 0)``.
+
+    ``key_range`` (lo, hi), each (n,), clipped to [0, S]; without it, the causal
+    pairs (``j <= i + offset``, in closed form) or all n·S.
+    """
+    n, S = int(n), int(S)
+    if key_range is not None:
+        lo = np.clip(np.asarray(key_range[0], dtype=np.int64), 0, S)
+        hi = np.clip(np.asarray(key_range[1], dtype=np.int64), 0, S)
+        return float(np.maximum(hi - lo, 0).sum())
+    if not causal:
+        return float(n) * S
+    # Σ_{i<n} clip(i + offset + 1, 0, S): rows [0, a) see no key, rows [a, c) the
+    # ramp i + offset + 1, rows [c, n) all S keys
+    offset = int(offset)
+    a = min(max(0, -offset - 1), n)
+    c = min(max(S - offset - 1, a), n)
+    return float((a + offset + 1 + c + offset) * (c - a) / 2 + float(S) * (n - c))
+
+
+#: The old name (numbarope.planner._pairs).
+_pairs = visible_pairs
+
+
+def visited_pairs(n, S, key_range=None, row_block=None, key_block=None):
+    """(query, key) pairs the kernel computes: per block of ``row_block`` rows, whole
+    key blocks from the smallest ``lo`` (aligned down to ``key_block``) to the largest
+    ``hi`` of its rows (none when no row of it sees a key) (defaults: ``_config.EXACT_ROW_BLOCK``, ``EXACT_KEY_BLOCK``).
+    Without ``key_range``, n·S. The predicted time of a window or a chunked structure
+    is in these pairs, not in :func:`visible_pairs`."""
+    n, S = int(n), int(S)
+    if key_range is None or n == 0:
+        return float(n) * S
+    rb = int(row_block or _config.EXACT_ROW_BLOCK)
+    kb = int(min(key_block or _config.EXACT_KEY_BLOCK, max(S, 1)))
+    lo = np.clip(np.asarray(key_range[0], dtype=np.int64).reshape(1, n), 0, S)
+    hi = np.clip(np.asarray(key_range[1], dtype=np.int64).reshape(1, n), 0, S)
+    span, rows = _block_work(lo, hi, n, rb, kb)
+    return float((span[0] * rows).sum())
+
+
+def pairs_visited(n, S, offset=0, key_ranges=None):
+    """The pipeline's ``HeadSpec.pairs``: :func:`visited_pairs` of the problem's
+    ``key_ranges`` (lo, hi) at the default blocks; ``offset`` is already in the ranges
+    (kept for the call's signature). Without ranges, n·S."""
+    return visited_pairs(n, S, key_ranges)
+
+
+def _gamma(k, u):
+    """Higham's γ_k = k·u / (1 − k·u) (Accuracy and Stability of Numerical Algorithms, §3.1)."""
+    ku = k * u
+    return ku / (1.0 - ku) if ku < 1 else np.inf
+
+
+def exact_error_bound(n, E, radius, radius1, vmax, precision="float64", general=False,
+                      has_bias=False, key_block=None, logit_error=0.0):
+    """Bound on ``max|out − o|`` of the exact kernel, o the mathematical value.
+
+    Parameters
+    ----------
+    n, E : int
+        Keys (S) and head_dim.
+    radius : float
+        Proven logit radius R >= max |s·q_iᵀW_t k_j| (not a caller's guess).
+    radius1 : float
+        ``s·max‖q‖·max‖W‖_F·max‖k‖`` (>= Σ_ab |s q_a W_ab k_b|); R for W = I.
+    vmax : float
+        max|V| of the head.
+    precision : {"float64", "float32"}
+        Compute precision of logits, exp and the P·V product (unit roundoff u).
+    general, has_bias : bool
+    key_block : int, optional
+        Keys per block (default ``_config.EXACT_KEY_BLOCK``).
+    logit_error : float, optional
+        Absolute error of the logits from the inputs' preparation before the
+        kernel, e.g. the float64 rotation (:func:`numbarope.rotary.rotation_logit_error`).
+
+    Returns
+    -------
+    float
+        ``2ρ/(1−ρ)·vmax + (γ_kb(u) + u + γ_{n/kb}(u₆₄) + 2u₆₄)·vmax``; ρ bounds the
+        error of the weights relative to their sum (see Notes). Excludes the final
+        rounding of a float32 result (added by the caller).
+
+    Notes
+    -----
+    With x_ij = L_ij − m_i (the logit, bias shifted per row, minus the running
+    maximum; |m_i| <= R because the shifted bias is 0 at the row's largest
+    visible bias and <= 0 elsewhere):
+
+    * the logit's dot product, the rounding of rotated inputs to the compute
+      dtype and the scale: ``|ΔL| <= γ_{E+3}(u)·R₁`` (Higham §3.1; general W:
+      γ_{2E+3}); the bias addition, the store and the subtraction of m:
+      ``<= 3u(|x| + R + H)``, H = :data:`EXACT_HEADROOM` (the running maximum
+      may trail the row's by up to H); the logits' own error from the inputs'
+      preparation, ``logit_error``, adds to ``|ΔL|``;
+    * exp: ``EXP_ULPS·u`` relative (:mod:`numbarope.ops._exp`);
+    * hence each weight ``e^x`` is computed within ``e^x·(ρ₀)`` plus
+      ``3u|x|e^x``; Σ_j |x_j|e^{x_j} <= 1.37·(ln n + 1)·Σ_j e^{x_j}, so the
+      weights' total error is ``<= ρ·Σ_j e^{x_j}`` with
+      ``ρ = ρ₀ + 4.2u(ln n + 1)(1 + ρ₀) + n·e^{EXP_FLUSH} + γ_{n+n/kb}(u₆₄) + 3(n/kb)u₆₄``
+      (flushed weights, float64 sums and block rescalings);
+    * the value product in the compute dtype adds ``γ_kb(u)·vmax`` per block,
+      the value rounding ``u·vmax``, the float64 accumulation ``γ_{n/kb}(u₆₄)``.
+
+    A perturbation of the weights by at most ``ρ`` times their sum moves a
+    ratio ``Σ w v / Σ w`` by at most ``2ρ/(1−ρ)·max|v|``. Key blocks or keys a
+    row does not see (key ranges, padding) give it weights exactly 0 and add
+    nothing.
+    """
+    if n == 0 or vmax == 0.0:
+        return 0.0
+    dt = np.dtype(precision)
+    u = 2.0 ** -24 if dt == np.float32 else 2.0 ** -53
+    u64 = 2.0 ** -53
+    kb = int(key_block or _config.EXACT_KEY_BLOCK)
+    nb = -(-n // kb)
+    R = min(float(radius), 1e300)
+    R1 = min(max(float(radius1), R), 1e300)
+    # the running maximum may trail the row's by up to EXACT_HEADROOM (blocks whose
+    # Cauchy–Schwarz bound is within it skip the maximum pass): 3u·headroom more
+    dlogit = (_gamma((2 * E if general else E) + 3, u) * R1 + 3 * u * (R + EXACT_HEADROOM[dt])
+              + float(logit_error))
+    if not math.isfinite(dlogit) or dlogit > 1.0:
+        return np.inf
+    # scalar math (not numpy): this runs once per head of every call
+    rho0 = math.expm1(2 * dlogit) + EXP_ULPS[dt] * u * math.exp(2 * dlogit)
+    rho = (rho0 + 4.2 * u * (math.log(n) + 1) * (1 + rho0) + n * math.exp(EXP_FLUSH[dt])
+           + _gamma(n + nb, u64) + 3 * nb * u64)
+    if not rho < 1:
+        return np.inf
+    return float(vmax * (2 * rho / (1 - rho) + _gamma(kb, u) + u + _gamma(nb, u64)
+                         + 2 * u64))
+
+
+class Streaming(Algorithm):
+    """The exact path: blocked online softmax, BLAS products (:func:`exact_attention`).
+
+    It serves every structure (any key ranges, bias, padding, general W_t); the
+    pipeline runs it through :func:`exact_attention`, not :meth:`run`.
+    """
+
+    name = "streaming"
+    fast = False
+    bound_kind = "exact"
+
+    def serves(self, structure) -> bool:
+        return True
+
+    def unavailable(self, h):
+        return []
+
+    def predict(self, h, degree=None):
+        """Seconds: ``h.pairs`` (the pairs the kernel visits; n·S when None) times the
+        per-pair and GEMM constants of :data:`numbarope.ops._cost.COST_CONSTANTS`."""
+        c = COST_CONSTANTS
+        sfx = "32" if h.compute_dtype == "float32" else ""
+        pairs = float(h.n) * h.S if h.pairs is None else h.pairs
+        t = pairs * (c["exact_pair" + sfx] + c["exact_flop" + sfx] * (h.E + h.Ev))
+        if h.general:
+            t += pairs * c["exact_general_flop"] * (h.E * h.E + h.E)
+        return t
+
+    def memory(self, h, degree=None):
+        """Bytes: float64 copies of q, k, v, the output, and per-thread row/key-block
+        buffers."""
+        cfg = _config
+        blocks = (cfg.EXACT_ROW_BLOCK * (cfg.EXACT_KEY_BLOCK + 2 * h.Ev + 2)
+                  + 2 * cfg.EXACT_KEY_BLOCK + h.E)
+        return 8 * (max(h.n, h.S) * (2 * h.E + 2 * h.Ev) + 2 * blocks)
+
+    def run(self, q, k, v, scale, coef=None, **_):
+        raise NotImplementedError("the exact path runs through "
+                                  "numbarope.ops.streaming.exact_attention")
+
+    def example(self, rng):
+        q, k, v = (rng.standard_normal((96, 4)) * 0.4 for _ in range(3))
+        return q, k, v, dict(is_causal=True, method="exact")
+
+
+def predict_exact(n, E, Ev, general=False, precision="float64", S=None, key_range=None):
+    """Predicted seconds of the exact kernel for one head (all threads): n query rows
+    against S key rows (default n), rows seeing at most ``key_range`` (lo, hi)."""
+    S = n if S is None else S
+    return Streaming().predict(HeadSpec((), n, S, E, Ev, 0.0, 0.0, 0.0, general=general,
+                                       compute_dtype=precision,
+                                       pairs=visited_pairs(n, S, key_range)))
+
+
+def exact_memory(n, E, Ev, S=None):
+    """Working memory (bytes) of the exact path for one head."""
+    return Streaming().memory(HeadSpec((), n, n if S is None else S, E, Ev, 0.0, 0.0, 0.0))
+
+
+register(Streaming())

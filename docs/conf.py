@@ -32,7 +32,7 @@ extensions = [
     "myst_nb",                      # Markdown pages (myst-parser) and .ipynb notebooks
 ]
 
-exclude_patterns = ["_build", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store", "examples"]
 
 # autodoc / autosummary: summary tables link to the entries on the API page; no stub
 # files are generated into the source tree

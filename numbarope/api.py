@@ -192,7 +192,7 @@ def rope_attention(query: Any, key: Any, value: Any, *, rotary: Rotary | bool | 
     ``precision``. ``info.error_bound`` bounds ``max|out − o|`` where ``o`` is
     the mathematical value of the formula for the given inputs, on every path:
     for the exact path it is the floating-point rounding of logits, exp, sums
-    and the final division (:func:`numbarope.planner.exact_error_bound`); float32
+    and the final division (:func:`numbarope.ops.streaming.exact_error_bound`); float32
     results add their final rounding (at most ``2^-24·max|V|``). The fast path's error bound is ``max|out − exact| <= 2δ'/(1−δ')·max|V|``
     where δ' is the certified relative error δ of the polynomial on ``[−R, R]``
     plus a floating-point allowance (Alman & Song 2025, §4; see

@@ -530,7 +530,7 @@ def to_markdown(result):
         + str(m.get("omp_wait_policy") or "unset")
         + (f", torch {m.get('torch_omp_wait_policy') or 'unset'}" if "torch_threads" in m
            else ""),
-        f"* torch SDPA backend: "
+        "* torch SDPA backend: "
         + (", ".join(dict.fromkeys(str(r.get("torch_backend")) for r in result["rows"]))
            if "torch_threads" in m else "—")
         + " (inputs given to torch as (1, heads, n, E))",

@@ -1066,6 +1066,14 @@ class Sum(RelativeBias):
         return any(x.causal for x in self.terms)
 
 
+    def canonical(self) -> Structure:
+        """``Causal()`` or ``NoBias()`` when every term is one of them (e.g.
+        ``Window(None, 0) + Decay(0, causal=True)``); else the sum itself."""
+        terms = [x.canonical() for x in self.terms]
+        if all(isinstance(x, (NoBias, Causal)) for x in terms):
+            return Causal() if any(isinstance(x, Causal) for x in terms) else NoBias()
+        return self
+
     def _key_ranges(self, pos, S):
         ranges = None
         for x in self.terms:
@@ -1106,10 +1114,16 @@ def _fold(a, b):
 
 
 def _add(a, b):
-    for x in (a, b):
-        if not x.relative and x._with_causal() is not x and not isinstance(x, NoBias):
-            raise TypeError(f"cannot add {x!r} to another structure: it is not a relative "
-                            f"bias (a function of i - j); pass it alone as bias=")
+    for x, y in ((a, b), (b, a)):
+        if not x.relative:          # a mask structure: only NoBias or the causal mask adds
+            if isinstance(y, NoBias):
+                return x
+            folded = x._with_causal() if isinstance(y, Causal) else None
+            if folded is None:
+                raise TypeError(f"cannot add {x!r} and {y!r}: {type(x).__name__} is not a "
+                                f"relative bias (a function of i - j); pass it alone as "
+                                f"bias=")
+            return folded
     terms = list(a.terms if isinstance(a, Sum) else (a,))
     for x in (b.terms if isinstance(b, Sum) else (b,)):
         for k, y in enumerate(terms):

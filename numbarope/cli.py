@@ -60,7 +60,7 @@ def _warm():
 #: Samples the demo offers (``numbarope.load_sample`` names), the default first.
 DEMO_SAMPLES = ("smollm2", "minilm")
 
-#: Codes of numbarope.algorithms.REASONS under which the fast path may serve a head (auto
+#: Codes of numbarope.ops.REASONS under which the fast path may serve a head (auto
 #: then chose by predicted cost; confirmed with method='fast', since auto's screen only
 #: has a lower bound of the degree); every other code means it cannot.
 _FEASIBLE_CODES = ("fast-cheaper", "exact-cheaper")

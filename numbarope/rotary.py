@@ -132,7 +132,7 @@ ANGLE_ERROR = 2.0 ** -52 + 2.0 ** -86
 #: summed over pairs in quadrature, ``<= √2·‖x‖·(ANGLE_ERROR + 6u)``.
 #: A logit s·q'ᵀk' of rotated q', k' then errs by at most
 #: ``(2η + η²)·R`` (η this constant, R = s‖q‖‖k‖): the rotation term of the
-#: certified bounds (``numbarope.planner``).
+#: certified bounds (``numbarope.ops.streaming.exact_error_bound``, ``numbarope._pipeline.plan``).
 ROTATION_ERROR = math.sqrt(2.0) * (ANGLE_ERROR + 6 * 2.0 ** -53)
 
 

@@ -13,6 +13,7 @@ import numbarope as nr
 from numbarope import bias as nb
 from numbarope.bias import (ALiBi, Causal, Decay, Dense, NoBias, Sum, T5Buckets, Window,
                             as_structure)
+from numbarope.ops import fast_algorithms
 
 NEG = -np.inf
 SHAPES = [(1, 1, 0), (2, 2, 0), (5, 5, 0), (3, 7, 4), (5, 2, -1), (4, 4, 2), (2, 6, -5)]
@@ -56,6 +57,15 @@ def _dense_loop(b, L, S, off):
             out[..., i - j + S - 1] = b(i + off - j)
     assert not np.isnan(out).any()
     return out
+
+
+def _serving(x):
+    """Names of the fast algorithms the planner offers a head of structure ``x`` without
+    relative matrices W_t: those serving its canonical form, most specific first (a
+    structure knows no algorithm; each algorithm declares the structure types it
+    serves). toeplitz-fft, which serves any relative bias, is for heads with W_t."""
+    c = x.canonical()
+    return tuple(a.name for a in fast_algorithms() if not a.general and a.serves(c))
 
 
 TABLE = np.random.default_rng(0).standard_normal((2, 8))
@@ -103,7 +113,7 @@ def test_offsets_in_storage_order(L, S, off):
 def test_dense_values_checks_length_and_copies():
     b = np.random.default_rng(1).standard_normal((2, 3, 9))
     d = Dense(b)
-    assert d.heads == 3 and d.kind == "dense" and d.algorithms == ("fft",)
+    assert d.heads == 3 and d.kind == "dense" and _serving(d) == ("fft",)
     assert not d.causal
     out = d.values(3, 7, 4)                          # 3 + 7 - 1 = 9; the offset is not used
     np.testing.assert_array_equal(out, b)
@@ -135,31 +145,36 @@ def test_causal_property_and_algorithms(x):
     masks_future = all(np.all(np.isneginf(b(t))) for t in range(-40, 0))
     if x.causal:
         assert masks_future
-    assert x.algorithms[-1] == "fft"
-    assert set(x.algorithms) <= {"gemm", "prefix", "decay", "window", "fft"}
-    if "gemm" in x.algorithms:
+    algorithms = _serving(x)
+    assert algorithms[-1] == "fft"
+    assert set(algorithms) <= {"gemm", "prefix", "decay", "window", "fft"}
+    if "gemm" in algorithms:
         assert all(np.all(np.asarray(b(t)) == 0) for t in range(-40, 41))
-    if "prefix" in x.algorithms:
+    if "prefix" in algorithms:
         assert x.causal and all(np.all(np.asarray(b(t)) == 0) for t in range(0, 41))
     assert isinstance(x.kind, str)
 
 
-def test_kinds_and_algorithms():
-    table = [("none", ("gemm", "fft"), NoBias()),
-             ("causal", ("prefix", "fft"), Causal()),
-             ("window", ("window", "fft"), Window(4, 2)),
-             ("window", ("prefix", "window", "fft"), Window(None, 0)),
-             ("window", ("gemm", "window", "fft"), Window(None, None)),
-             ("decay", ("decay", "fft"), Decay(0.5)),
-             ("decay", ("decay", "fft"), Decay([0.5, 0.0], causal=True)),
-             ("decay", ("gemm", "decay", "fft"), Decay(0.0)),
-             ("decay", ("prefix", "decay", "fft"), Decay([0.0, 0.0], causal=True)),
-             ("alibi", ("decay", "fft"), ALiBi.from_heads(4)),
-             ("t5", ("fft",), T5Buckets(np.zeros(8))),
-             ("dense", ("fft",), Dense(np.zeros(5))),
-             ("sum", ("fft",), Decay(0.5) + Window(3, 3))]
-    for kind, algorithms, x in table:
-        assert (x.kind, x.algorithms) == (kind, algorithms), x
+KINDS = [
+    ("none", ("gemm", "fft"), NoBias()),
+    ("causal", ("prefix", "fft"), Causal()),
+    ("window", ("window", "fft"), Window(4, 2)),
+    ("window", ("prefix", "fft"), Window(None, 0)),            # canonical: Causal()
+    ("window", ("gemm", "fft"), Window(None, None)),           # canonical: NoBias()
+    ("decay", ("decay", "fft"), Decay(0.5)),
+    ("decay", ("decay", "fft"), Decay([0.5, 0.0], causal=True)),
+    ("decay", ("gemm", "fft"), Decay(0.0)),                    # canonical: NoBias()
+    ("decay", ("prefix", "fft"), Decay([0.0, 0.0], causal=True)),   # canonical: Causal()
+    ("alibi", ("decay", "fft"), ALiBi.from_heads(4)),
+    ("t5", ("fft",), T5Buckets(np.zeros(8))),
+    ("dense", ("fft",), Dense(np.zeros(5))),
+    ("sum", ("fft",), Decay(0.5) + Window(3, 3)),
+]
+
+
+@pytest.mark.parametrize("kind, algorithms, x", KINDS, ids=[repr(r[2]) for r in KINDS])
+def test_kinds_and_algorithms(kind, algorithms, x):
+    assert (x.kind, _serving(x)) == (kind, algorithms), x
 
 
 def test_causal_flags():
@@ -178,6 +193,56 @@ def test_causal_flags():
     assert (T5Buckets(np.zeros(8)) + Causal()).causal
 
 
+# ---------------------------------------------------------------- key ranges, canonical form
+def _visible(x, L, S, off):
+    """(L, S) bool: key j takes part in row i (a finite b(i + off − j) on some head)."""
+    vals = np.asarray(x.values(L, S, off)).reshape(-1, max(L + S - 1, 0))
+    out = np.zeros((L, S), bool)
+    for i in range(L):
+        for j in range(S):
+            out[i, j] = np.isfinite(vals[:, i - j + S - 1]).any()
+    return out
+
+
+#: structures whose visible keys are exactly their key ranges (contiguous bands)
+BANDS = (Causal, Window, Decay)
+
+
+@pytest.mark.parametrize("x", STRUCTURES, ids=repr)
+@pytest.mark.parametrize("L, S, off", SHAPES + [(6, 3, 2), (3, 6, -4)])
+def test_key_ranges_hold_every_visible_key(x, L, S, off):
+    r = x.key_ranges(L, S, off)
+    vis = _visible(x, L, S, off)
+    if r is None:                                   # every key, as far as ranges go
+        assert not isinstance(x, (Causal, Window)) and not x.causal
+        return
+    lo, hi = (np.asarray(a) for a in r)
+    assert lo.shape == hi.shape == (L,) and lo.dtype.kind == hi.dtype.kind == "i"
+    assert np.all((0 <= lo) & (lo <= S) & (0 <= hi) & (hi <= S))
+    j = np.arange(S)
+    inside = (j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None])
+    assert not np.any(vis & ~inside), "a visible key outside its row's range"
+    if isinstance(x, BANDS):
+        np.testing.assert_array_equal(inside, vis)
+
+
+@pytest.mark.parametrize("x, canonical", [
+    (Decay(0.0), NoBias()), (Decay(0.0, causal=True), Causal()),
+    (Decay([0.0, 0.0]), NoBias()), (ALiBi(0.0), Causal()),
+    (Window(None, 0), Causal()), (Window(None, None), NoBias()),
+    (NoBias(), NoBias()), (Causal(), Causal()), (Window(2), Window(2)),
+    (Window(0, None), Window(0, None)), (Decay(0.3), Decay(0.3)),
+    (ALiBi([0.5, 0.25]), ALiBi([0.5, 0.25])),
+], ids=repr)
+def test_canonical_is_the_most_specific_equivalent(x, canonical):
+    c = x.canonical()
+    assert c == canonical and type(c) is type(canonical)
+    assert c.canonical() == c
+    for L, S, off in SHAPES:                        # the same values, broadcast over heads
+        a, b = x.values(L, S, off), c.values(L, S, off)
+        np.testing.assert_array_equal(a, np.broadcast_to(b, a.shape))
+
+
 # ---------------------------------------------------------------- composition
 def test_causal_composition():
     assert Decay(0.25) + Causal() == Decay(0.25, causal=True)
@@ -190,7 +255,7 @@ def test_causal_composition():
     assert type(a) is ALiBi and a == ALiBi([0.5, 0.25])
     t5 = T5Buckets(TABLE, max_distance=5)
     s = t5 + Causal()
-    assert isinstance(s, Sum) and s.causal and s.algorithms == ("fft",)
+    assert isinstance(s, Sum) and s.causal and _serving(s) == ("fft",)
     assert s == Causal() + t5                       # a Sum compares as a multiset
     np.testing.assert_array_equal(s.values(3, 7, 4),
                                   t5.values(3, 7, 4) + Causal().values(3, 7, 4))
@@ -209,17 +274,20 @@ def test_general_composition():
         Decay([0.5, 0.25]) + Decay([0.1, 0.2, 0.3])
     s = Decay(0.5) + Window(3, 3) + T5Buckets(np.arange(8.0))
     assert isinstance(s, Sum) and len(s.terms) == 3
-    assert s.algorithms == ("fft",)
+    assert _serving(s) == ("fft",)
     # -inf wins, values add
     x = np.array([NEG, 1.0, 2.0, NEG, 0.5])
     y = np.array([0.0, NEG, 1.0, NEG, 0.25])
     np.testing.assert_array_equal((Dense(x) + Dense(y)).materialize(3),
                                   [NEG, NEG, 3.0, NEG, 0.75])
-    # parameter-free algorithms shared by every term
-    assert (Window(None, 0) + Decay(0.0, causal=True)).algorithms == ("prefix", "fft")
-    assert Sum(NoBias(), Window(None, None)).algorithms == ("gemm", "fft")
-    assert Sum(Decay(0.5), Decay(0.25)).algorithms == ("fft",)   # a Sum has no rate
-    assert Sum(Window(2), Window(3)).algorithms == ("fft",)
+    assert _serving(Sum(Decay(0.5), Decay(0.25))) == ("fft",)   # a Sum has no rate
+    assert _serving(Sum(Window(2), Window(3))) == ("fft",)
+
+
+def test_sums_of_parameter_free_terms_keep_their_algorithms():
+    # parameter-free algorithms shared by every term (gemm, prefix, fft)
+    assert _serving(Window(None, 0) + Decay(0.0, causal=True)) == ("prefix", "fft")
+    assert _serving(Sum(NoBias(), Window(None, None))) == ("gemm", "fft")
 
 
 def test_plain_arrays_are_dense():

@@ -1,7 +1,9 @@
 """Command line: bad input ends with one line on stderr and exit code 2 (no
 traceback); ``run`` writes what ``rope_attention`` computes; ``plan`` prints
-a table; ``demo`` runs (kept cheap)."""
+a table; ``demo`` runs (kept cheap); ``--version``; help text on every option."""
 
+import argparse
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -10,9 +12,10 @@ import zipfile
 import numpy as np
 import pytest
 
+import naive
 import numbarope
 from numbarope import Rotary, rope_attention
-from numbarope.cli import main
+from numbarope.cli import _parser, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -250,7 +253,7 @@ def test_demo_smollm2_default(capsys):
         assert int(m[2]) == _fast_count(s, 0, scale)
     assert "all 9 run exact" in summaries[0]
     # reasons in plain words, grouped
-    from numbarope.algorithms import REASONS
+    from numbarope.ops import REASONS
     assert REASONS["feature-limit"] in flat
     assert re.search(r"\d+ heads: " + re.escape(REASONS["feature-limit"]), flat)
     # (b): synthetic, repeated timings, crossover line per mask
@@ -392,3 +395,131 @@ def test_demo_options_all_have_help():
     demo = p._subparsers._group_actions[0].choices["demo"]
     for action in demo._actions:
         assert action.help, action.option_strings
+
+
+# ---------------------------------------------------------------- version and help
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"numbarope {numbarope.__version__}"
+    try:
+        installed = importlib.metadata.version("numbarope")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("numbarope is not installed (only imported from the tree)")
+    assert installed == numbarope.__version__, (
+        "installed metadata differs from numbarope.__version__: reinstall (pip install -e .) "
+        "after changing the version")
+
+
+def _subparsers(parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices
+    return {}
+
+
+def test_every_cli_option_has_help():
+    parser = _parser()
+    commands = _subparsers(parser)
+    assert set(commands) == {"demo", "run", "plan"}
+    missing = []
+    for name, p in [("numbarope", parser), *commands.items()]:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            if not action.help or action.help == argparse.SUPPRESS:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert not missing, f"options without help text: {missing}"
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {c.dest: c.help for c in sub._choices_actions}
+    assert all(helps.get(name) for name in commands), helps
+    for name, p in commands.items():
+        assert p.description, name
+
+
+# ---------------------------------------------------------------- new-user findings
+def _nu_qkv(seed=0, n=64, E=8, s=0.3):
+    rng = np.random.default_rng(seed)
+    q, k = rng.standard_normal((2, 2, n, E)) * s
+    return q, k, rng.standard_normal((2, n, E))
+
+
+@pytest.fixture
+def npz(tmp_path):
+    q, k, v = _nu_qkv()
+    path = tmp_path / "in.npz"
+    np.savez(path, query=q, key=k, value=v)
+    rel = tmp_path / "rel.npz"
+    np.savez(rel, query=q, key=k, value=v,
+             relative=numbarope.rotary_relative_matrices(64, None, 8))
+    extra = tmp_path / "extra.npz"
+    np.savez(extra, query=q, key=k, value=v, foo=q)
+    return tmp_path, path, rel, extra
+
+
+def _one_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_cli_refuses_overwriting_input(npz, capsys):
+    """New-user findings."""
+    _, path, _, _ = npz
+    before = path.read_bytes()
+    assert main(["run", str(path), "-o", str(path)]) == 2
+    assert "is the input file" in _one_line(capsys)
+    assert path.read_bytes() == before
+
+
+def test_cli_rotary_flags_with_relative_refused(npz, capsys):
+    """New-user findings."""
+    tmp, _, rel, _ = npz
+    assert main(["run", str(rel), "-o", str(tmp / "o.npz"), "--layout", "interleaved"]) == 2
+    assert "do not apply" in _one_line(capsys)
+
+
+def test_cli_unknown_arrays_refused(npz, capsys):
+    """New-user findings."""
+    tmp, _, _, extra = npz
+    assert main(["run", str(extra), "-o", str(tmp / "o.npz")]) == 2
+    assert "foo" in _one_line(capsys)
+
+
+def test_cli_verify_is_saved_and_shown(npz, capsys):
+    """New-user findings."""
+    tmp, path, _, _ = npz
+    out = tmp / "o.npz"
+    assert main(["run", str(path), "-o", str(out), "--method", "fast", "--verify", "4"]) == 0
+    assert "observed" in capsys.readouterr().out
+    with np.load(out) as d:
+        assert np.all(d["info_observed_error"] <= d["info_error_bound"])
+
+
+@pytest.mark.parametrize("argv", [["run", "x.npz", "-o", "y.npz", "--eps", "abc"],
+                                  ["plan"], ["demo", "--layers", "7"], ["demo", "--eps", "0"]])
+def test_cli_usage_errors_are_one_line(argv):
+    """New-user findings."""
+    res = subprocess.run([sys.executable, "-m", "numbarope.cli", *argv], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "error" in lines[0], res.stderr
+    assert res.stdout == ""
+
+
+# ---------------------------------------------------------------- field reports
+def test_boolean_bias_through_the_cli(tmp_path):
+    """Field reports (issue 7), boolean masks: a boolean bias in the input file."""
+    t = np.arange(-5, 6)
+    keep = (t >= 0) & (t <= 1)
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((6, 4)) * 0.5 for _ in range(3))
+    np.savez(tmp_path / "in.npz", query=q, key=k, value=v, bias=keep)
+    assert main(["run", str(tmp_path / "in.npz"), "-o", str(tmp_path / "out.npz"),
+                 "--method", "exact", "--no-rotary", "-q"]) in (0, None)
+    with np.load(tmp_path / "out.npz") as d:
+        out = d["out"]
+    ref = naive.attention(q, k, v, bias=lambda tt: 0.0 if keep[tt + 5] else -np.inf)
+    np.testing.assert_allclose(out, ref, atol=1e-14)

@@ -55,7 +55,7 @@ def test_api_page_holds_the_docstrings(site):
                  "numbarope.HeadPlan", "numbarope.Rotary", "numbarope.exp_approximation",
                  "numbarope.calibrate", "numbarope.set_workers", "numbarope.get_workers",
                  "numbarope.load_sample", "numbarope.bias.Causal", "numbarope.bias.ALiBi",
-                 "numbarope.algorithms.register", "numbarope.algorithms.Algorithm"):
+                 "numbarope.ops.register", "numbarope.ops.Algorithm"):
         assert f'id="{name}"' in page.read_text(encoding="utf-8"), name
     # numpydoc rendered the sections (not left as plain text)
     assert "Parameters :" in text or "Parameters:" in text

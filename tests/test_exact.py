@@ -1,9 +1,11 @@
-"""Exact path of rope_attention against the loop references of tests/naive.py."""
+"""Exact path of rope_attention against the loop references of tests/naive.py, and its
+certified error bound against long-double references."""
 
 import numpy as np
 import pytest
 
 import naive
+import numbarope
 from numbarope import Rotary, rope_attention
 
 TOL = {np.float32: 2e-5, np.float64: 1e-12}
@@ -230,6 +232,93 @@ def test_huge_logits_with_auto_and_causal():
     ref = naive.rope_attention(q, k, v, causal=True)
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("setting", ["plain", "causal", "bias", "relative"])
+def test_huge_logits_exact(setting, dtype):
+    """Robustness suite."""
+    rng = np.random.default_rng(13)
+    n, e = 12, 4
+    q = rng.standard_normal((n, e))
+    k = rng.standard_normal((n, e))
+    q *= 100 / np.linalg.norm(q, axis=1, keepdims=True)
+    k *= 100 / np.linalg.norm(k, axis=1, keepdims=True)        # |s qᵀk| up to 1e4
+    v = rng.standard_normal((n, 3))
+    q, k, v = (a.astype(dtype) for a in (q, k, v))
+    kw, nkw = {}, {}
+    if setting == "causal":
+        kw, nkw = dict(is_causal=True), dict(causal=True)
+    elif setting == "bias":
+        b = rng.standard_normal(2 * n - 1) * 1e3
+        kw, nkw = dict(bias=b), dict(bias=lambda t: b[t + n - 1])
+    elif setting == "relative":
+        W = rng.standard_normal((2 * n - 1, e, e))
+        W /= np.linalg.norm(W, ord=2, axis=(1, 2), keepdims=True)
+        kw, nkw = dict(relative=W), dict(W=lambda t: W[t + n - 1])
+    out = rope_attention(q, k, v, method="exact", scale=1.0, **kw)
+    ref = naive.attention(q, k, v, scale=1.0, **nkw)
+    assert out.dtype == dtype and np.all(np.isfinite(out))
+    tol = 1e-6 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(out, ref, rtol=0, atol=tol)
+    # auto must not pick an uncertifiable fast path here
+    out_auto = rope_attention(q, k, v, method="auto", scale=1.0, **kw)
+    np.testing.assert_array_equal(out_auto, out)
+
+
+# ------------------------------------------------------------ the exact error bound
+@pytest.mark.parametrize("setting", ["plain", "rotary", "causal", "bias", "relative"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_exact_bound_holds_against_long_double(setting, dtype):
+    """Field reports (issue 7)."""
+    rng = np.random.default_rng(7)
+    n, E = 37, 8
+    worst = 0.0
+    for amp in (0.3, 1.5, 4.0):
+        q, k, v = (rng.standard_normal((n, E)) * amp for _ in range(3))
+        kw, rkw = {}, {}
+        if setting == "rotary":
+            q = numbarope.apply_rotary(q, numbarope.Rotary())
+            k = numbarope.apply_rotary(k, numbarope.Rotary())
+        elif setting == "causal":
+            kw, rkw = dict(is_causal=True), dict(causal=True)
+        elif setting == "bias":
+            b = rng.standard_normal(2 * n - 1) * 3
+            kw, rkw = dict(bias=b), dict(bias=b)
+        qd, kd, vd = (a.astype(dtype) for a in (q, k, v))
+        ref_q, ref_k = qd.astype(np.float64), kd.astype(np.float64)
+        if setting == "relative":
+            W = rng.standard_normal((2 * n - 1, E, E)) / np.sqrt(E)
+            kw = dict(relative=W.astype(dtype))
+            # reference: logits q W_t k computed in long double
+            ld = np.longdouble
+            j = np.arange(n)
+            out_ref = np.zeros((n, E))
+            for i in range(n):
+                Wi = W.astype(dtype).astype(ld)[i - j + n - 1]
+                lg = np.einsum("e,jef,jf->j", ref_q[i].astype(ld), Wi,
+                               ref_k.astype(ld)) / np.sqrt(ld(E))
+                w = np.exp(lg - lg.max())
+                out_ref[i] = (w @ vd.astype(ld)) / w.sum()
+        else:
+            out_ref = naive.attention_longdouble(ref_q, ref_k, vd, **rkw).astype(np.float64)
+        out, info = rope_attention(qd, kd, vd, method="exact", return_info=True, **kw)
+        err = np.abs(out.astype(np.float64) - out_ref).max()
+        bound = float(info.error_bound)
+        assert 0 < bound and err <= bound, (amp, err, bound)
+        worst = max(worst, err / bound)
+    assert worst > 1e-4       # the bound is not vacuous by orders of magnitude
+
+
+def test_exact_bound_reported_for_float64_readme_example():
+    """Field reports (issue 7)."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 256, 16)) * 0.4
+    k = rng.standard_normal((2, 256, 16)) * 0.4
+    v = rng.standard_normal((2, 256, 16))
+    out, info = rope_attention(q, k, v, rotary=True, method="exact", return_info=True)
+    assert np.all(info.error_bound > 0) and np.all(info.error_bound < 1e-11)
+
 
 
 # ------------------------------------------------------------------ edge cases

@@ -12,7 +12,8 @@ import pytest
 import numbarope
 from numbarope import (Rotary, exp_approximation, plan, rope_attention,
                        rotary_relative_matrices)
-from numbarope.ops.toeplitz_fft import fast_general
+from numbarope.ops._features import n_features
+from numbarope.ops.toeplitz_fft import fast_general, general_features
 
 #: allowance for the final rounding of the output to the input dtype (both the
 #: fast and the exact result are rounded; |out| <= max|V|)
@@ -237,10 +238,21 @@ def test_degree_is_used(algorithm, degree):
     q, k, v, kw = _problem(rng, algorithm, 13, 2, R=0.7)
     _, _, info, err = _check(q, k, v, kw, np.float64, algorithm=algorithm, degree=degree)
     assert info.degree == degree
-    assert info.features == (numbarope.planner.general_features(2, degree)
-                             if algorithm == "toeplitz-fft"
-                             else numbarope._monomials.n_features(2, degree))
+    assert info.features == (general_features(2, degree) if algorithm == "toeplitz-fft"
+                             else n_features(2, degree))
 
+
+
+def test_fast_with_degree_is_honoured_and_bound_reported():
+    """New-user findings."""
+    rng = np.random.default_rng(0)
+    q, k = rng.standard_normal((2, 2, 64, 8)) * 0.3
+    v = rng.standard_normal((2, 64, 8))
+    out, info = rope_attention(q, k, v, rotary=True, degree=0, method="fast",
+                                  return_info=True)
+    ex = rope_attention(q, k, v, rotary=True, method="exact")
+    assert (info.degree == 0).all()
+    assert np.abs(out - ex).max() <= info.error_bound.max()
 
 def test_higher_degree_is_more_accurate():
     rng = np.random.default_rng(7100)
@@ -364,8 +376,9 @@ def test_workers_do_not_change_results():
 
 
 def test_no_numba_parallel_left():
-    # numbarope runs its threads itself (numbarope._threads); numba's OpenMP/TBB
-    # layers slow down a process that also uses torch
+    # numbarope runs its threads itself (numbarope._runtime.threads); numba's OpenMP/TBB
+    # layers slow down a process that also uses torch. Every module of the package,
+    # subpackages (ops, _pipeline, _runtime, backends) included
     import importlib
     import pathlib
     import re
@@ -373,13 +386,19 @@ def test_no_numba_parallel_left():
     from numba.core.registry import CPUDispatcher
 
     pkg = pathlib.Path(numbarope.__file__).parent
-    for path in sorted(pkg.glob("*.py")):
+    paths = sorted(pkg.rglob("*.py"))
+    assert {"streaming.py", "gemm.py", "inputs.py", "threads.py"} <= {p.name for p in paths}
+    for path in paths:
         src = path.read_text()
-        assert not re.search(r"jit\([^)]*parallel\s*=\s*True|\bprange\b", src), path.name
+        rel = path.relative_to(pkg)
+        assert not re.search(r"jit\([^)]*parallel\s*=\s*True|\bprange\b", src), str(rel)
+        name = ".".join(("numbarope",) + rel.with_suffix("").parts)
+        name = name.removesuffix(".__init__")
         try:
-            mod = importlib.import_module(f"numbarope.{path.stem}")
+            mod = importlib.import_module(name)
         except ImportError:          # optional dependency (torch, transformers) missing
             continue
-        for name, obj in vars(mod).items():
+        for attr, obj in vars(mod).items():
             if isinstance(obj, CPUDispatcher):
-                assert not obj.targetoptions.get("parallel"), f"{path.stem}.{name}"
+                assert not obj.targetoptions.get("parallel"), f"{name}.{attr}"
+

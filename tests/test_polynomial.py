@@ -277,6 +277,44 @@ def test_bad_kind_and_both_targets():
         exp_approximation(1.0, eps=1e-3, degree=4)
 
 
+EXP_CASES = [
+    (dict(radius=np.nan), ValueError, r"radius.*finite"),
+    (dict(radius=-1.0), ValueError, r"radius.*>= 0"),
+    (dict(radius=np.inf), ValueError, r"radius.*finite"),
+    (dict(radius=351.0), ValueError, r"radius=351\.0.*350"),
+    (dict(radius="1"), TypeError, r"radius.*str"),
+    (dict(radius=True), TypeError, r"radius"),
+    (dict(radius=np.ones(2)), TypeError, r"radius"),
+    (dict(radius=1.0, eps=0.0), ValueError, r"eps.*\(0, 1\)"),
+    (dict(radius=1.0, eps=1.0), ValueError, r"eps.*\(0, 1\)"),
+    (dict(radius=1.0, eps=np.nan), ValueError, r"eps.*\(0, 1\)"),
+    (dict(radius=1.0, eps="0.1"), TypeError, r"eps.*str"),
+    (dict(radius=1.0, degree=-1), ValueError, r"degree.*MAX_DEGREE.*-1"),
+    (dict(radius=1.0, degree=_config.MAX_DEGREE + 1), ValueError,
+     rf"degree.*\[0, {_config.MAX_DEGREE}\]"),
+    (dict(radius=1.0, degree=2.0), TypeError, r"degree.*float"),
+    (dict(radius=1.0, eps=0.1, degree=2), TypeError, r"either eps or degree"),
+    (dict(radius=1.0, kind="pade"), ValueError, r"kind.*chebyshev.*pade|kind.*pade"),
+    (dict(radius=30.0, eps=1e-12), ValueError, r"cannot certify.*MAX_DEGREE"),
+]
+
+
+@pytest.mark.parametrize("kw, exc, pattern", EXP_CASES, ids=[str(i) for i in range(len(EXP_CASES))])
+def test_exp_approximation_bad_input(kw, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        exp_approximation(**kw)
+
+
+def test_exp_approximation_edge_values():
+    p0 = exp_approximation(0.0)
+    assert p0.degree == 0 and p0(0.3) == 1.0 and p0.error_bound == 0.0
+    p = exp_approximation(np.float32(1.0), eps=1e-6)
+    assert p.error_bound <= 1e-6
+    assert not p.coef.flags.writeable
+    x = np.linspace(-1, 1, 101)
+    assert np.all(np.abs(p(x) * np.exp(-x) - 1) <= p.error_bound)
+
+
 # --------------------------------------------------------------------------
 # the certified error never increases with the degree (regression: at
 # R = 12.9 the bound was 5.9e-3 at g = 18 but 9.3e2 at g = 19, the Remez

@@ -1,7 +1,7 @@
 """numbarope imported from a read-only install, with a read-only HOME.
 
 numba's ``cache=True`` needs a writable directory when a kernel is decorated;
-``numbarope._cache`` supplies one. The package is copied and bind-mounted
+``numbarope._runtime.cache`` supplies one. The package is copied and bind-mounted
 read-only (permissions alone do not stop root, and CI runs as root); the tests
 skip where mounting is not permitted. Each subprocess compiles only the exact
 and fast kernels of one tiny call.

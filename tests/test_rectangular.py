@@ -1,5 +1,5 @@
 """Rectangular attention: L queries at positions query_offset .. query_offset+L-1
-against S keys at 0 .. S-1 (decoding with a key/value cache), exact path."""
+against S keys at 0 .. S-1 (decoding with a key/value cache), exact and fast paths."""
 
 import numpy as np
 import pytest
@@ -170,3 +170,29 @@ def test_sequence_length_rope_uses_one_length_per_call(offset, scaling):
     assert np.abs(out - ref).max() <= info.error_bound.max()
     # and the logits are a function of i - j: shifting every position by 5 changes nothing
     # when the length does not change the frequencies (seq_len above the original length)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kind", ["plain", "bias"])
+def test_rectangular_padded_fast_within_bound(causal, kind):
+    # what a PyTorch/transformers user passes: a decoding block of 24 queries at the end
+    # of a 200-key cache, two batch rows, left padding in one; every head on the fast
+    # path, within its certified bound
+    rng = np.random.default_rng(5)
+    B, H, L, S, E = 2, 2, 24, 200, 4
+    q = rng.standard_normal((B, H, L, E)) * 0.5
+    k = rng.standard_normal((B, H, S, E)) * 0.5
+    v = rng.standard_normal((B, H, S, 3))
+    keep = np.ones((B, 1, S), bool)
+    keep[1, 0, :37] = False
+    kw = {}
+    if kind == "bias":           # ALiBi-like decay over t = i + off - j, off = S - L
+        kw["bias"] = -0.01 * np.abs(np.arange(L + S - 1) - (S - 1) + (S - L))
+    common = dict(rotary=True, is_causal=causal, causal_alignment="bottom_right",
+                  key_padding_mask=keep, **kw)
+    fast, info = rope_attention(q, k, v, method="fast", eps=1e-4, return_info=True,
+                                verify=L, **common)
+    exact = rope_attention(q, k, v, method="exact", **common)
+    assert (info.method == "fast").all()
+    assert (np.abs(fast - exact).max(axis=(-2, -1)) <= info.error_bound).all()
+    assert all(h.observed_error <= h.error_bound for h in info.heads)

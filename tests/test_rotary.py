@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import naive
-from numbarope import Rotary, apply_rotary, rotary_relative_matrices
+import numbarope
+from numbarope import Rotary, apply_rotary, rope_attention, rotary_relative_matrices
 from numbarope.rotary import (DynamicNTKScaling, Llama3Scaling, LinearScaling,
                               LongRopeScaling, YarnScaling, rotary_tables)
 
@@ -177,6 +178,32 @@ def test_input_not_modified(dtype):
     np.testing.assert_allclose(out2, _reference(xt_copy, np.arange(7)), atol=1e-13)
 
 
+def test_apply_rotary_returns_copy_and_keeps_input():
+    n = 6
+    q = np.random.default_rng(0).standard_normal((2, n, 4)) * 0.3
+    c = q.copy()
+    out = apply_rotary(q, Rotary(), positions=np.arange(n) + 7)
+    assert out is not q and not np.shares_memory(out, q)
+    np.testing.assert_array_equal(q, c)
+    pos = np.arange(n, dtype=np.float64)
+    pc = pos.copy()
+    apply_rotary(q, positions=pos)
+    np.testing.assert_array_equal(pos, pc)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_apply_rotary_keeps_dtype_and_matches_naive(dtype):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, 6)).astype(dtype)
+    for rot in (Rotary(), Rotary(dim=4, layout="interleaved"), Rotary(base=500000.0)):
+        out = apply_rotary(x, rot, positions=np.arange(5) + 3)
+        assert out.dtype == dtype
+        ref = np.stack([naive.rotation_matrix(p + 3, 6, rot.dim, rot.base, rot.layout)
+                        @ x[p].astype(np.float64) for p in range(5)])
+        tol = 1e-6 if dtype == np.float32 else 1e-14
+        np.testing.assert_allclose(out, ref, rtol=0, atol=tol * 10)
+
+
 # ----------------------------------------------------------------------- errors
 def test_error_odd_dim():
     with pytest.raises(ValueError, match="positive even integer"):
@@ -208,6 +235,78 @@ def test_error_positions_and_dtype():
         apply_rotary(np.ones((2, 4), dtype=np.int64))
     with pytest.raises(ValueError, match=r"shape \(\.\.\., n, E\)"):
         apply_rotary(np.ones(4))
+
+
+@pytest.mark.parametrize("dim", [3, 0, -2])
+def test_rotary_dim_not_positive_even(dim):
+    with pytest.raises(ValueError, match=rf"dim.*{dim}"):
+        Rotary(dim=dim)
+
+
+def test_rotary_dim_wrong_type():
+    with pytest.raises(TypeError, match="dim"):
+        Rotary(dim=4.0)
+
+
+@pytest.mark.parametrize("layout", ["full", "HALF", None])
+def test_unknown_layout_lists_valid_ones(layout):
+    with pytest.raises(ValueError, match=r"layout=.*'half', 'interleaved'"):
+        Rotary(layout=layout)
+
+
+@pytest.mark.parametrize("base", [1.0, 0.5, np.nan, np.inf])
+def test_bad_rotary_base(base):
+    with pytest.raises(ValueError, match="base"):
+        Rotary(base=base)
+
+
+def test_rotary_scaling_wrong_type_names_argument():
+    with pytest.raises((TypeError, ValueError), match="scaling"):
+        Rotary(scaling="a")
+
+
+APPLY_ROTARY_CASES = [
+    (dict(x=np.zeros((3, 4), np.int64)), TypeError, r"x must be float32 or float64.*int64"),
+    (dict(x=np.zeros((3, 4), np.float16)), TypeError, r"float16.*astype\(np\.float32\)"),
+    (dict(x=np.zeros((3, 4), np.complex128)), TypeError, r"complex128"),
+    (dict(x=np.zeros((3, 4), object)), TypeError, r"object"),
+    (dict(x=np.zeros((3, 4), bool)), TypeError, r"bool"),
+    (dict(x=np.zeros(4)), ValueError, r"\(\.\.\., n, E\).*\(4,\)"),
+    (dict(x=np.zeros((3, 3))), ValueError, r"even.*head_dim=3"),
+    (dict(x=np.zeros((3, 4)), rotary=Rotary(dim=6)), ValueError, r"dim=6.*head_dim=4"),
+    (dict(x=np.zeros((3, 4)), rotary="half"), TypeError, r"rotary must be a numbarope\.Rotary"),
+    (dict(x=np.zeros((3, 4)), positions=[0, 1]), ValueError, r"positions has 2 entries.*n=3"),
+    (dict(x=np.zeros((3, 4)), positions=[0, 1, np.nan]), ValueError, r"positions.*NaN or inf"),
+    (dict(x=np.zeros((3, 4)), positions=[0, np.inf, 1]), ValueError, r"positions.*NaN or inf"),
+]
+
+
+@pytest.mark.parametrize("kw, exc, pattern", APPLY_ROTARY_CASES,
+                         ids=[str(i) for i in range(len(APPLY_ROTARY_CASES))])
+def test_apply_rotary_bad_input(kw, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        apply_rotary(**kw)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_apply_rotary_non_finite_x_refused(bad):
+    x = np.zeros((3, 4))
+    x[1, 2] = bad
+    with pytest.raises(ValueError, match=r"x contains NaN or inf"):
+        apply_rotary(x)
+
+
+def test_rotary_false_means_none_and_base_string_refused():
+    """New-user findings."""
+    rng = np.random.default_rng(0)
+    q, k = rng.standard_normal((2, 2, 64, 8)) * 0.3
+    v = rng.standard_normal((2, 64, 8))
+    np.testing.assert_array_equal(numbarope.rope_attention(q, k, v, rotary=False),
+                                  numbarope.rope_attention(q, k, v))
+    with pytest.raises(TypeError, match="base"):
+        numbarope.Rotary(base="1e4")
+    with pytest.raises(ValueError, match="n must be an int"):
+        numbarope.rotary_relative_matrices(4.0, None, 4)
 
 
 # ------------------------------------------------------------- layout aliases
@@ -629,6 +728,29 @@ def test_positions_beyond_the_reduction_range_raise():
     with pytest.raises(ValueError, match="positions"):
         numbarope.rope_attention(np.ones((3, 4)), np.ones((3, 4)), np.ones((3, 4)),
                                  rotary=rot, positions=2.0**61 + np.arange(3))
+
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+@pytest.mark.parametrize("offset", [
+    1, 1000, 12345,
+    2 ** 20, 2 ** 24,
+])
+def test_shift_invariance(offset, layout):
+    rng = np.random.default_rng(17)
+    n, e = 16, 8
+    q, k, v = (rng.standard_normal((n, e)) for _ in range(3))
+    rot = Rotary(layout=layout)
+
+    def run(off):
+        pos = off + np.arange(n)
+        return rope_attention(apply_rotary(q, rot, positions=pos),
+                              apply_rotary(k, rot, positions=pos), v, method="exact")
+
+    base = run(0)
+    np.testing.assert_allclose(base, rope_attention(q, k, v, rotary=rot, method="exact"),
+                               rtol=0, atol=1e-14)
+    rel = np.abs(run(offset) - base).max() / np.abs(base).max()
+    assert rel < 1e-12, rel
 
 
 # ----------------------------------------------------- odd rotary dims (refused)

@@ -4,7 +4,8 @@ Field reports: (1) concurrent calls left numpy's and scipy's BLAS at one thread 
 the rest of the process (each call's BLAS limit was a save/set/restore of a
 process-wide setting, interleaved across threads); (2) a child forked after any
 call that used the thread pool hung in its first call (it inherited the pool
-object, not its threads). Both are tested with real threads and processes.
+object, not its threads). Both are tested with real threads and processes. Also:
+``workers=`` (identical results, its checks), numba's thread count, Ctrl-C.
 """
 
 import contextlib
@@ -13,13 +14,15 @@ import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 import pytest
 from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
 
 import numbarope
 import numbarope.bias
-from numbarope import _threads
+from numbarope import rope_attention, rotary_relative_matrices
+from numbarope._runtime import threads as _threads
 
 N, E = 1536, 8
 
@@ -86,11 +89,11 @@ def test_concurrent_calls_match_sequential_and_restore_blas(monkeypatch, user_li
             return run_tasks(chunk, chunks, workers)
         return run
 
-    import numbarope.exact
     import numbarope.ops._common
     import numbarope.ops.decay
+    import numbarope.ops.streaming
     import numbarope.ops.window
-    for mod in (numbarope.exact, numbarope.ops._common, numbarope.ops.decay,
+    for mod in (numbarope.ops.streaming, numbarope.ops._common, numbarope.ops.decay,
                 numbarope.ops.window):
         monkeypatch.setattr(mod, "run_tasks", spy(mod.run_tasks))
     with _baseline(user_limit):
@@ -190,7 +193,7 @@ def test_run_tasks_inside_a_task_does_not_wait_for_the_pool():
     import subprocess
     import sys
     code = r"""
-from numbarope._threads import run_tasks
+from numbarope._runtime.threads import run_tasks
 inner = lambda c: run_tasks(lambda x: x + c, range(4), 2)
 print(run_tasks(inner, [0, 10], 2))
 """
@@ -198,6 +201,106 @@ print(run_tasks(inner, [0, 10], 2))
                          timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "[[0, 1, 2, 3], [10, 11, 12, 13]]"
+
+
+# ---------------------------------------------------------------------------
+# workers= and numba's thread count
+
+@pytest.mark.parametrize("workers", [1, 2, -1, None])
+def test_workers_give_identical_exact_results(workers):
+    """Field reports (issue 7)."""
+    rng = np.random.default_rng(9)
+    q, k, v = (rng.standard_normal((3, 300, 8)) for _ in range(3))
+    ref = rope_attention(q, k, v, method="exact", workers=1, is_causal=True)
+    out = rope_attention(q, k, v, method="exact", workers=workers, is_causal=True)
+    np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("bad, exc, pat", [(0, ValueError, "workers=0"),
+                                           (-1000, ValueError, "workers=-1000"),
+                                           (1.5, TypeError, "workers must be an int")])
+def test_bad_workers_refused(bad, exc, pat):
+    """Field reports (issue 7)."""
+    q = np.zeros((4, 2))
+    with pytest.raises(exc, match=pat):
+        rope_attention(q, q, q, workers=bad)
+
+
+def test_set_workers_checks_its_argument_when_called():
+    """New-user findings, second round."""
+    with pytest.raises((TypeError, ValueError)):
+        numbarope.set_workers(0)
+    with pytest.raises(TypeError):
+        numbarope.set_workers("x")
+
+
+def _det_cases(rng, n, e):
+    return {
+        "exact": dict(method="exact", rotary=True),
+        "exact-relative": dict(method="exact", relative=rotary_relative_matrices(n, None, e),
+                               bias=rng.standard_normal(2 * n - 1), is_causal=True),
+        "gemm": dict(method="fast", rotary=True),
+        "prefix": dict(method="fast", rotary=True, is_causal=True),
+        "fft": dict(method="fast", rotary=True, bias=rng.standard_normal(2 * n - 1)),
+        "general": dict(method="fast", relative=rotary_relative_matrices(n, None, e)),
+    }
+
+
+def test_determinism_and_threads():
+    """Robustness suite."""
+    rng = np.random.default_rng(19)
+    n, e = 24, 4
+    q, k, v = (rng.standard_normal((3, n, e)) * 0.3 for _ in range(3))
+    saved = numba.get_num_threads()
+    try:
+        for name, kw in _det_cases(rng, n, e).items():
+            out, info = rope_attention(q, k, v, return_info=True, **kw)
+            expect = "exact" if kw["method"] == "exact" else "fast"
+            assert np.all(info.method == expect), name
+            if name not in ("exact", "exact-relative"):
+                assert np.all(info.algorithm == {"general": "toeplitz-fft"}.get(name, name))
+            again = rope_attention(q, k, v, **kw)
+            assert np.array_equal(out, again), f"{name}: two identical calls differ"
+            if numba.config.NUMBA_NUM_THREADS >= 2:
+                numba.set_num_threads(1)
+                one = rope_attention(q, k, v, **kw)
+                numba.set_num_threads(2)
+                two = rope_attention(q, k, v, **kw)
+                numba.set_num_threads(saved)
+                assert np.abs(one - two).max() <= 1e-12, name
+                assert np.abs(one - out).max() <= 1e-12, name
+    finally:
+        numba.set_num_threads(saved)
+    assert numba.get_num_threads() == saved
+
+
+# ---------------------------------------------------------------------------
+# Ctrl-C
+
+def test_ctrl_c_stops_the_call_and_frees_the_threads():
+    """Field reports (issue 7). SIGINT during a long exact call: KeyboardInterrupt comes
+    back once the running chunks finish, no kernel keeps running, and the next call works
+    (it used to hang)."""
+    import subprocess
+    import sys
+    code = r"""
+import os, signal, threading, time
+import numpy as np, numbarope
+q = np.random.default_rng(0).standard_normal((1, 200000, 16)).astype(np.float32)
+numbarope.rope_attention(q[:, :256], q[:, :256], q[:, :256], method="exact")   # compile
+threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+try:
+    numbarope.rope_attention(q, q, q, method="exact")
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted")
+out = numbarope.rope_attention(q[:, :1000], q[:, :1000], q[:, :1000], method="exact")
+print("next call ok", out.shape)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "interrupted" in res.stdout and "next call ok (1, 1000, 16)" in res.stdout
 
 
 # ---------------------------------------------------------------------------

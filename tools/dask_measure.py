@@ -1,4 +1,5 @@
-"""In-memory rope_attention vs the same call on a 2-process LocalCluster (numbarope._dask).
+"""In-memory rope_attention vs the same call on a 2-process LocalCluster (numbarope.backends:
+dask, long_sequence).
 
 python tools/dask_measure.py [--n-exact N] [--n-fast N] [--heads H] [--chunks C]
                              [--only fast|exact] [--section heads|long] [--reps R]
@@ -43,7 +44,8 @@ def main():
     import distributed
 
     import numbarope
-    from numbarope._dask import long_sequence_attention, rope_attention_dask
+    from numbarope.backends.dask import rope_attention_dask
+    from numbarope.backends.long_sequence import long_sequence_attention
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                        dashboard_address=None, silence_logs=40)
     client = distributed.Client(cluster)

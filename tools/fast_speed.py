@@ -49,16 +49,16 @@ def split(n, cf=None):
     then each side's fused kernel (features + products + the denominator sums)."""
     from numba import njit
 
-    from numbarope import _monomials, fast
-    from numbarope._threads import blas_threads
+    from numbarope._runtime.threads import blas_threads
+    from numbarope.ops import _common, _features
     q, k, v = (np.ascontiguousarray(a[0]) for a in inputs(n))
     E, g = 16, 3
     coef = np.array([1.0, 1.0, 0.5, 1 / 6])
-    wphi, _ = _monomials.feature_weights(coef, E, g)
-    _, parent, var, _ = _monomials.monomial_table(E, g)
+    wphi, _ = _features.feature_weights(coef, E, g)
+    _, parent, var, _ = _features.monomial_table(E, g)
     m = parent.size
-    cf = cf or fast.gemm_chunk(m)
-    ratio, w0, post = _monomials.feature_recurrence(wphi, parent)
+    cf = cf or _common.gemm_chunk(m)
+    ratio, w0, post = _features.feature_recurrence(wphi, parent)
     qt = np.ascontiguousarray(q.T)
     buf = np.empty(m * cf)
 
@@ -68,7 +68,7 @@ def split(n, cf=None):
         for i0 in range(r0, r1, cf):
             i1 = min(i0 + cf, r1)
             P = buf[:m * (i1 - i0)].reshape((m, i1 - i0))
-            _monomials._features_block(qt, i0, i1, parent, var, ratio, w0, post, weight, P, 0)
+            _features._features_block(qt, i0, i1, parent, var, ratio, w0, post, weight, P, 0)
 
     def best(f, r=5):
         f()
@@ -84,10 +84,10 @@ def split(n, cf=None):
     S2, s2 = np.zeros((m, 16)), np.zeros(m)
     with blas_threads(1):
         tf = best(lambda: feat_only(qt, 0, n, cf, parent, var, ratio, w0, post, wphi, buf))
-        tk = best(lambda: fast._key_state(qt, v, 0, n, cf, parent, var, ratio, w0, post, wphi,
-                                          buf, S2, s2))
-        tq = best(lambda: fast._query_rows(qt, S, s, 0, n, cf, parent, var, ratio, w0, post,
-                                           wphi, buf, num, den))
+        tk = best(lambda: _common._key_state(qt, v, 0, n, cf, parent, var, ratio, w0, post,
+                                             wphi, buf, S2, s2))
+        tq = best(lambda: _common._query_rows(qt, S, s, 0, n, cf, parent, var, ratio, w0,
+                                              post, wphi, buf, num, den))
     return {"rows_per_block": cf, "features_one_side_s": tf, "key_side_s": tk,
             "query_side_s": tq, "products_and_sums_s": tk + tq - 2 * tf}
 

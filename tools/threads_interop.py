@@ -86,8 +86,8 @@ def main(argv=None):
         vals = sorted(x[key] for x in runs[s])
         return vals[len(vals) // 2]
 
-    print(f"| measure | alone s | after the other library s | after/alone |")
-    print(f"|---|--:|--:|--:|")
+    print("| measure | alone s | after the other library s | after/alone |")
+    print("|---|--:|--:|--:|")
     for key, alone, after in (("sdpa_E64", "torch-alone", "torch-after"),
                               ("exact_E64", "numbarope-alone", "numbarope-after"),
                               ("fast_causal", "numbarope-alone", "numbarope-after")):

@@ -1,6 +1,6 @@
 """asv benchmarks per registered algorithm: exact and certified fast, n × E.
 
-Every algorithm of ``numbarope.algorithms.registry()`` (the fast ones and the
+Every algorithm of ``numbarope.ops.registry()`` (the fast ones and the
 exact ``"streaming"``) is measured on an input whose relative structure it
 serves:
 
@@ -43,7 +43,7 @@ import time
 import numpy as np
 
 import numbarope
-import numbarope.algorithms as _alg
+import numbarope.ops as _alg
 from numbarope.bias import ALiBi, Dense, Window
 
 #: Logit radius of the inputs (the fast path's regime) and tolerance.
@@ -349,7 +349,7 @@ _cache = tempfile.TemporaryDirectory(prefix="numbarope-asv-")
 os.environ["NUMBA_CACHE_DIR"] = _cache.name
 import numpy as np
 import numbarope
-import numbarope.algorithms as _alg
+import numbarope.ops as _alg
 if ALGORITHM == "streaming":
     q, k, v = (np.random.default_rng(0).standard_normal((1, 64, 4)) * 0.3 for _ in range(3))
     kw = dict(rotary=True)

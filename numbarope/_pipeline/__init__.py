@@ -2,7 +2,7 @@
 
 * :mod:`.inputs`: arrays and options in, a frozen :class:`~.inputs.Problem` out
   (:func:`~.inputs.check_shapes` is the shape-only validator every front end calls);
-* :mod:`.heads`: per-head facts and :class:`~numbarope.ops.HeadSpec`\ s;
+* :mod:`.heads`: per-head facts, one :class:`~numbarope.ops.HeadSpec` per head;
 * :mod:`.plan`: HeadSpecs to a frozen :class:`~.plan.Plan` through the registry;
 * :mod:`.run`: the plan run through :mod:`numbarope.ops`, ``verify=`` into the report;
 * :mod:`.report`: :class:`~.report.HeadPlan`, :class:`~.report.AttentionInfo`.

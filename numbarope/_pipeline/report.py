@@ -49,7 +49,7 @@ class HeadPlan:
     rounding: float = 0.0                  # floating-point part included in error_bound
     bound_kind: str = "exact"
     coef: np.ndarray | None = field(default=None, repr=False)   # p's monomial coefficients
-    code: str = ""                         # machine-readable reason (algorithms.REASONS)
+    code: str = ""                         # machine-readable reason (numbarope.ops.REASONS)
     shared_heads: int = 1                  # query heads sharing this head's fast key side
     radius_given: bool = False             # radius came from the caller (radius=)
     precision: str = "float64"             # compute precision of the exact path

@@ -1,45 +1,46 @@
-"""numbarope on Dask: the same attention, chunk by chunk, on a cluster (optional extra).
+"""numbarope on Dask: many heads or sequences, chunk by chunk, on a cluster (optional extra).
 
-Two entry points (``pip install numbarope[dask]``):
+:func:`rope_attention_dask` (``pip install numbarope[dask]``; what
+:func:`numbarope.rope_attention` hands dask inputs to): query, key, value are dask
+arrays chunked along the leading (batch, head) dims; every chunk is one task running
+the pipeline's call (:func:`numbarope._pipeline.attention`: the numba kernels, the
+per-head plan computed on the worker holding the chunk). Returns a lazy dask array
+(and, with ``return_info=True``, a ``dask.delayed`` AttentionInfo).
 
-* :func:`rope_attention_dask` — many heads / many sequences: query, key, value
-  are dask arrays chunked along the leading (batch, head) dims; every chunk runs
-  the ordinary :func:`numbarope.rope_attention` (the numba kernels, the per-head
-  plan computed on the worker holding the chunk). Returns a lazy dask array
-  (and, with ``return_info=True``, a ``dask.delayed`` AttentionInfo).
-* :func:`long_sequence_attention` — one long sequence across workers: one task
-  per (query block, key block) pair computes ``rope_attention(...,
-  return_lse=True, query_offset=...)``, and the partial results of a query
-  block are merged by their log-sum-exp in a binary tree.
+One long sequence across workers is :mod:`numbarope.backends.long_sequence`.
 
-This module imports dask only inside its functions: ``is_dask`` is cheap and
-safe to call without dask installed.
+Everything that can be checked without the data is checked before a graph exists,
+through the pipeline's validators (:func:`numbarope._pipeline.inputs.check_shapes`
+on the shapes, ``validate_options`` and friends on the options), with
+rope_attention's own messages. This module imports dask only inside its functions:
+``import numbarope`` works without dask, and :func:`is_dask`
+(:func:`numbarope._runtime.interop.is_dask`) is cheap and safe without it.
 """
 
 import dataclasses
-import numbers
-import uuid
-import warnings
 
 import numpy as np
 
+from .._pipeline import attention
+from .._pipeline.inputs import (KNOWN_KEYWORDS, _as_positions, _typed_bias, as_float_array,
+                                as_key_mask, check_shapes, query_offset_of, validate_flag,
+                                validate_options, validate_precision)
+from .._pipeline.report import AttentionInfo
+from .._runtime.interop import is_dask, unexpected_keywords
+from .._runtime.threads import resolve_workers
+from ..bias import Decay, RelativeBias, Structure
+from ..rotary import Rotary
+
 __all__ = ["is_dask", "rope_attention_dask"]
 
-#: More (query block, key block) pairs than this draws a warning: the scheduler's cost
-#: per task (~1 ms) would exceed the work of blocks that small.
-_MANY_PAIRS = 20000
+#: Options of the pipeline's call (:func:`numbarope._pipeline.attention`) and their
+#: defaults, those of :func:`numbarope.rope_attention`; every other keyword of
+#: rope_attention describes the arrays (make_problem's).
+_OPTIONS = dict(method="auto", eps=1e-3, degree=None, approx="chebyshev", radius=None,
+                verify=0, workers=None, return_lse=False, return_info=False)
 
-# keywords of rope_attention that plan() does not take (checked here instead)
-_CALL_ONLY = ("verify", "return_info", "workers", "return_lse")
-
-
-def is_dask(*xs):
-    """True if any argument is a dask collection (without importing dask)."""
-    for x in xs:
-        if x is not None and hasattr(x, "__dask_graph__") and \
-                type(x).__module__.split(".")[0] == "dask":
-            return True
-    return False
+#: Arrays that may come lazy, and the trailing dims that are not (batch, head) dims.
+_TAILS = {"bias": 1, "key_padding_mask": 1, "positions": 1, "relative": 3}
 
 
 def _require_dask():
@@ -51,8 +52,12 @@ def _require_dask():
                           "pip install 'numbarope[dask]'") from e
 
 
-def _meta_shape(x):
-    return tuple(int(d) for d in x.shape)
+def _fits_batch(lead, batch_shape):
+    """Whether leading dims broadcast to the batch dims without enlarging them."""
+    try:
+        return tuple(np.broadcast_shapes(tuple(lead), tuple(batch_shape))) == tuple(batch_shape)
+    except ValueError:
+        return False
 
 
 def _check_known_shape(x, name):
@@ -61,163 +66,141 @@ def _check_known_shape(x, name):
                          f"{name}.compute_chunk_sizes() first")
 
 
-def _batch_shape(q, k, v, extras, enable_gqa):
-    """Broadcast (batch, head) shape, by the rules of rope_attention."""
-    qs, ks, vs = q.shape[:-2], k.shape[:-2], v.shape[:-2]
-    group = 1
-    if enable_gqa:
-        if q.ndim < 3 or k.ndim < 3 or v.ndim < 3:
-            raise ValueError(f"enable_gqa needs a head axis (-3) on query, key and value; got "
-                             f"query {q.shape}, key {k.shape}, value {v.shape}")
-        Hq, Hk, Hv = q.shape[-3], k.shape[-3], v.shape[-3]
-        if Hk != Hv or Hk == 0 or Hq % Hk:
-            raise ValueError(f"enable_gqa: query heads Hq={Hq} must be a multiple of the "
-                             f"key/value heads (key {Hk}, value {Hv}, which must agree)")
-        group = Hq // Hk
-        ks, vs = k.shape[:-3] + (Hq,), v.shape[:-3] + (Hq,)
-    shapes = [qs, ks, vs] + [s for _, s in extras]
-    try:
-        return tuple(np.broadcast_shapes(*shapes)), group
-    except ValueError:
-        raise ValueError(
-            f"leading (batch, head) dims do not broadcast: query {q.shape}, key {k.shape}, "
-            f"value {v.shape}" + "".join(f", {n} lead {s}" for n, s in extras)) from None
+def _check_dtype(dtype, name):
+    """rope_attention's dtype errors for an array whose values are not read here."""
+    as_float_array(np.empty(0, dtype=dtype), name)
 
 
-def _tiny(shape, dtype):
-    """A zero-cost zero array of ``shape`` (broadcast view of one element)."""
-    return np.broadcast_to(np.zeros((), dtype=dtype), shape)
+def _as_rotary(rotary, E):
+    """``rotary=`` as rope_attention reads it: True is ``Rotary()``, False is None; a
+    Rotary is checked against the head_dim E. Raises rope_attention's errors."""
+    if rotary is True or rotary is np.True_:
+        rotary = Rotary()
+    elif rotary is False or rotary is np.False_:
+        rotary = None
+    if rotary is not None and not isinstance(rotary, Rotary):
+        raise TypeError(f"rotary must be a numbarope.Rotary, True (the default Rotary()) "
+                        f"or None/False (no rotation), got {type(rotary).__name__}")
+    if rotary is not None:
+        rotary.rotary_dim(E)
+    return rotary
 
 
-def _validate(query, key, value, kw):
-    """Refuse bad input with rope_attention's own errors, before any graph exists.
-
-    Checks every option, dtypes, the trailing shapes (L, S, E, Ev against bias,
-    relative, key_padding_mask, positions, query_offset) and the broadcast of the
-    leading dims. Not checkable without computing: NaN/inf inside lazy arrays, and
-    ``method="fast"`` refusals that depend on the data's logit radius; those are
-    raised by the task on the worker (dask re-raises them on compute).
-    """
-    from .attention import check_per_key_lead
-    import numbarope
-    from ._threads import resolve_workers
-    verify = kw.get("verify", 0)
+def _check_verify(verify):
     if isinstance(verify, bool) or not isinstance(verify, (int, np.integer)):
         raise TypeError(f"verify must be an int >= 0 (rows checked per head), got {verify!r}")
     if verify < 0:
         raise ValueError(f"verify must be >= 0 (rows checked per head), got {verify}")
-    for f in ("return_info", "return_lse"):
-        if not isinstance(kw.get(f, False), (bool, np.bool_)):
-            raise TypeError(f"{f} must be True or False, got {kw[f]!r}")
-    resolve_workers(kw.get("workers"))
+
+
+def _check_qkv(query, key, value):
+    """query, key, value: arrays (dask or numpy) of known shape and a float dtype."""
     for name, a in (("query", query), ("key", key), ("value", value)):
         if not hasattr(a, "shape") or not hasattr(a, "dtype"):
             raise TypeError(f"{name}: with dask inputs, pass dask or numpy arrays "
                             f"(got {type(a).__name__})")
         _check_known_shape(a, name)
-        if a.ndim < 2:
-            raise ValueError(f"{name} must have shape (..., n, features), got shape {a.shape}")
-    extras = []
-    tails = {"bias": 1, "key_padding_mask": 1, "positions": 1, "relative": 3}
-    from .bias import RelativeBias
-    for name, t in tails.items():
-        a = kw.get(name)
-        if a is None or isinstance(a, RelativeBias):
+        _check_dtype(a.dtype, name)
+
+
+def _validate(query, key, value, opts, arrays, structure):
+    """Refuse bad input with rope_attention's own errors, before any graph exists.
+
+    Checks every option (``validate_options``, ``validate_precision``,
+    ``validate_flag``, ``resolve_workers``), the dtypes, ``rotary``, the shapes of
+    every array (:func:`~numbarope._pipeline.inputs.check_shapes`: trailing dims,
+    the broadcast of the leading dims, per-key arrays), a typed bias against the
+    sizes, and the values of the small numpy per-key arrays. Not checkable without
+    computing: NaN/inf inside lazy arrays, and ``method="fast"`` refusals that
+    depend on the data's logit radius; those are raised by the task on the worker
+    (dask re-raises them on compute). Returns ``(Shapes, eps as a float)``.
+    """
+    _check_verify(opts["verify"])
+    validate_flag(opts["return_info"], "return_info")
+    validate_flag(opts["return_lse"], "return_lse")
+    resolve_workers(opts["workers"])
+    eps_f = validate_options(opts["method"], opts["eps"], opts["degree"], opts["approx"],
+                             arrays.get("scale"), opts["radius"],
+                             arrays.get("is_causal", False))
+    validate_precision(arrays.get("precision"))
+    validate_flag(arrays.get("enable_gqa", False), "enable_gqa")
+    shapes = {}
+    for name in _TAILS:
+        a = arrays.get(name)
+        if a is None or isinstance(a, Structure):
             continue
         if not hasattr(a, "shape"):
-            a = np.asarray(a)
-            kw[name] = a
+            a = arrays[name] = np.asarray(a)
         _check_known_shape(a, name)
-        if a.ndim < t:
-            extras.append((name, ()))      # plan() gives the error below
-        else:
-            extras.append((name, tuple(a.shape[:a.ndim - t])))
-    enable_gqa = kw.get("enable_gqa", False)
-    if enable_gqa is not True and enable_gqa is not False and not isinstance(enable_gqa, np.bool_):
-        raise TypeError(f"enable_gqa must be True or False, got {enable_gqa!r}")
-    batch_shape, group = _batch_shape(query, key, value,
-                                      [e for e in extras if e[0] in ("bias", "relative")],
-                                      bool(enable_gqa))
-    for name, lead in extras:
-        if name in ("key_padding_mask", "positions") and lead:
-            check_per_key_lead(lead + (key.shape[-2],), batch_shape, name)
-    # the commonest shape errors, with the caller's shapes (plan() below sees stand-ins)
-    if key.shape[-1] != query.shape[-1]:
-        raise ValueError(f"key has shape {tuple(key.shape)}; expected (..., S, "
-                         f"{query.shape[-1]}): the head_dim of query {tuple(query.shape)}")
-    if value.shape[-2] != key.shape[-2]:
-        raise ValueError(f"value has shape {tuple(value.shape)}; expected (..., "
-                         f"{key.shape[-2]}, Ev): one row per key of key {tuple(key.shape)}")
-    # the trailing rules: plan() on zero-stride zero arrays with unit leading dims
-    nl = len(batch_shape)
-    ones = (1,) * max(nl, query.ndim - 2)
-    qh = ones
-    kh = ones
-    if enable_gqa:
-        qh, kh = ones[:-1] + (group,), ones[:-1] + (1,)
-    L, E = query.shape[-2:]
-    S = key.shape[-2]
-    small = dict((k_, v_) for k_, v_ in kw.items() if k_ not in _CALL_ONLY)
-    for name, t in tails.items():
-        a = small.get(name)
-        if a is None or isinstance(a, RelativeBias) or a.ndim < t:
-            continue
-        tail = tuple(a.shape[a.ndim - t:])
-        if isinstance(a, np.ndarray) and a.ndim == t:
-            continue                                # numpy, no lead: the real thing
-        if isinstance(a, np.ndarray):
-            small[name] = a[(0,) * (a.ndim - t)][None]   # one leading row, real values
-        else:
-            small[name] = _tiny((1,) + tail, a.dtype)
-    numbarope.plan(_tiny(qh + (L, E), query.dtype), _tiny(kh + (S, key.shape[-1]), key.dtype),
-                   _tiny(kh + (value.shape[-2], value.shape[-1]), value.dtype), **small)
-    return batch_shape, group
+        if name in ("bias", "relative"):
+            _check_dtype(a.dtype, name)
+        shapes[name] = tuple(a.shape)
+    sh = check_shapes(query.shape, key.shape, value.shape,
+                      enable_gqa=bool(arrays.get("enable_gqa", False)),
+                      query_offset=arrays.get("query_offset"),
+                      causal_alignment=arrays.get("causal_alignment", "top_left"), **shapes)
+    rotary = arrays.get("rotary")
+    if rotary is not None and arrays.get("relative") is not None:
+        raise ValueError("rotary and relative are exclusive: pass a rotary embedding "
+                         "OR general relative matrices (rotary_relative_matrices gives "
+                         "the matrices of a rotary embedding)")
+    rotary = _as_rotary(rotary, sh.E)
+    kpm = arrays.get("key_padding_mask")
+    if kpm is not None:      # numpy: its values (S per row); dask: its dtype
+        as_key_mask(kpm if isinstance(kpm, np.ndarray) else np.empty((0, sh.S), kpm.dtype),
+                    sh.S)
+    pos = arrays.get("positions")
+    if pos is not None:
+        _as_positions(pos if isinstance(pos, np.ndarray) else np.empty((0, sh.S), pos.dtype),
+                      sh.S, sh.offset, sh.L, rotary)
+    if structure is not None:       # one head's structure: the causal form, its sizes
+        _typed_bias(structure.select(0), bool(arrays.get("is_causal", False)), sh.L, sh.S,
+                    sh.offset)
+        if structure._lead and not _fits_batch(structure._lead, sh.batch_shape):
+            raise ValueError(f"bias {structure!r} has per-head parameters of shape "
+                             f"{structure._lead}, which do not broadcast to the batch (head) "
+                             f"dims {sh.batch_shape}")
+    return sh, eps_f
 
 
-def _split_per_head(query, key, kw):
-    """Take a typed bias and a per-head radius out of ``kw`` for chunking.
+def _split_structure(query, key, arrays):
+    """Take a typed bias out of the keywords for chunking.
 
     A structure without per-head parameters, or a Decay/ALiBi with per-head rates
-    (sliced per chunk of heads), stays a structure (the planner keeps its algorithm);
-    any other per-head structure becomes its array over the offsets. The proxy
-    validation sees one head's structure and the largest radius. Returns
-    ``(structure or None, radius array or None)``."""
-    from .attention import _query_offset
-    from .bias import Decay, RelativeBias
-    structure = radius = None
-    b = kw.get("bias")
-    if isinstance(b, RelativeBias):
-        if b.heads is not None and not isinstance(b, Decay):
+    (sliced per chunk of heads), stays a structure (the planner keeps its algorithm):
+    returned and removed from ``arrays`` (each chunk gets its own). Any other per-head
+    structure becomes its array over the offsets in ``arrays`` (an array bias, chunked
+    like query); None is returned then."""
+    structure = None
+    b = arrays.get("bias")
+    if isinstance(b, Structure):
+        if isinstance(b, RelativeBias) and b.heads is not None and not isinstance(b, Decay) \
+                and query.ndim >= 2 and key.ndim >= 2:         # (else check_shapes refuses)
             L, S = query.shape[-2], key.shape[-2]
-            off = _query_offset(kw.get("query_offset"), kw.get("causal_alignment", "top_left"),
-                                L, S)
-            kw["bias"] = b.values(L, S, off)
+            off = query_offset_of(arrays.get("query_offset"),
+                                  arrays.get("causal_alignment", "top_left"), L, S)
+            arrays["bias"] = b.values(L, S, off)
         else:
-            structure = b
-            if b.heads is not None:
-                kw["bias"] = b._replace(float(np.asarray(b.rate).reshape(-1)[0]), b.causal)
-    r = kw.get("radius")
-    if r is not None and np.ndim(r) > 0:
-        radius = np.asarray(r, dtype=np.float64)
-        kw["radius"] = float(np.max(radius, initial=0.0)) if radius.size else 0.0
-    return structure, radius
+            structure = arrays.pop("bias")
+    return structure
 
 
-def _chunk_structure(structure, sl, batch_shape):
-    """The structure for one chunk of heads (per-head rates sliced on the head axis)."""
-    if structure.heads is None or structure.heads == 1:
+def _chunk_structure(structure, sl):
+    """The structure of one chunk of heads: per-head rates sliced on the batch axes they
+    have (aligned to the right; axes of size 1 are shared)."""
+    if structure.heads is None:
         return structure
     rate = np.asarray(structure.rate)
-    return structure._replace(rate[sl[-1]], structure.causal)
+    idx = tuple(slice(None) if n == 1 else s for n, s in zip(rate.shape, sl[-rate.ndim:]))
+    return structure._replace(rate[idx], structure.causal)
 
 
-def _block(q, k, v, extras, lo, kw):
-    """One chunk on a worker: the ordinary rope_attention (numpy in, numpy out)."""
-    import numbarope
-    kw = dict(kw, **{n: a for n, a in extras.items()})
-    res = numbarope.rope_attention(np.asarray(q), np.asarray(k), np.asarray(v),
-                                   return_info=True, **kw)
-    res = list(res)
+def _block(q, k, v, extras, lo, opts, arrays):
+    """One chunk on a worker: the pipeline's call (numpy in, numpy out); its heads'
+    reports re-indexed by the chunk's start ``lo`` in the batch dims."""
+    opts = dict(opts, return_info=True, workers=resolve_workers(opts["workers"]))
+    res = attention(np.asarray(q), np.asarray(k), np.asarray(v), **opts,
+                    **dict(arrays, **extras))
     info = res[-1]
     heads = [dataclasses.replace(h, head=tuple(int(a + b) for a, b in zip(lo, h.head)))
              for h in info.heads]
@@ -225,7 +208,6 @@ def _block(q, k, v, extras, lo, kw):
 
 
 def _assemble(batch_shape, eps, nblocks, *head_lists):
-    from .planner import AttentionInfo
     heads = sorted((h for hl in head_lists for h in hl), key=lambda h: h.head)
     return AttentionInfo(heads, tuple(batch_shape), eps,
                          extra={"dask_blocks": nblocks})
@@ -243,7 +225,12 @@ def rope_attention_dask(query, key, value, **kw):
     (L, E), (S, E), (S, Ev) are rechunked to single chunks: a chunk holds whole
     sequences. With ``enable_gqa`` each chunk of query heads must hold a whole
     number of groups (``Hq/Hkv`` heads); key/value heads are chunked to match.
+    A typed bias with per-head rates (:class:`~numbarope.bias.Decay`,
+    :class:`~numbarope.bias.ALiBi`) and a per-head ``radius`` are sliced per chunk
+    of heads; any other per-head structure is sent as its array over the offsets.
 
+    Each chunk is one task calling :func:`numbarope._pipeline.attention` (what
+    ``rope_attention`` calls after checking the options) on its numpy blocks.
     Everything that can be checked without the data is checked here, before a
     graph is built, with rope_attention's own errors (options, dtypes, shapes).
     NaN/inf inside lazy arrays and data-dependent ``method="fast"`` refusals
@@ -256,42 +243,41 @@ def rope_attention_dask(query, key, value, **kw):
         on the same data).
     lse : dask.array.Array, shape batch_shape + (L,), with ``return_lse=True``
     info : dask.delayed.Delayed, with ``return_info=True``
-        Computes to the :class:`AttentionInfo` of the whole call (heads indexed
-        in ``batch_shape``). Compute it together with ``out``
+        Computes to the :class:`~numbarope.AttentionInfo` of the whole call (heads
+        indexed in ``batch_shape``). Compute it together with ``out``
         (``dask.compute(out, info)``) so that each chunk runs once.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`numbarope.rope_attention`, before any task is scheduled (an
+        unknown keyword: rope_attention's message, with the right name where known).
     """
     _require_dask()
     import dask
     import dask.array as da
 
-    import numbarope
-
-    unknown = set(kw) - set(_known_keywords())
-    if unknown:   # rope_attention's message (it suggests the right name)
-        numbarope.rope_attention(np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((1, 1)),
-                                 **{u: kw[u] for u in unknown})
-    kw = dict(kw)
-    structure, radius = _split_per_head(query, key, kw)
-    batch_shape, group = _validate(query, key, value, kw)
-    if structure is not None:
-        kw.pop("bias")
-        if structure._lead and not _fits_batch(structure._lead, batch_shape):
-            raise ValueError(f"bias {structure!r} has per-head parameters of shape "
-                             f"{structure._lead}, which do not broadcast to the batch (head) "
-                             f"dims {batch_shape}")
-    if radius is not None:
+    unknown = [u for u in kw if u not in KNOWN_KEYWORDS]
+    if unknown:     # rope_attention's message (it suggests the right name)
+        raise unexpected_keywords("rope_attention", {u: kw[u] for u in unknown},
+                                  KNOWN_KEYWORDS)
+    opts = {k_: kw.get(k_, d) for k_, d in _OPTIONS.items()}
+    arrays = {k_: v_ for k_, v_ in kw.items() if k_ not in _OPTIONS}
+    _check_qkv(query, key, value)
+    structure = _split_structure(query, key, arrays)
+    sh, eps_f = _validate(query, key, value, opts, arrays, structure)
+    batch_shape, group = sh.batch_shape, sh.group
+    radius = None
+    if opts["radius"] is not None and np.ndim(opts["radius"]) > 0:   # per head: sliced
+        radius = np.asarray(opts["radius"], dtype=np.float64)
         if not _fits_batch(radius.shape, batch_shape):
             raise ValueError(f"radius has shape {radius.shape}, which does not broadcast to "
                              f"the batch (head) dims {batch_shape}; give one radius per head "
                              f"or a scalar")
         radius = np.broadcast_to(radius, batch_shape)
-        kw.pop("radius")
-    return_info = bool(kw.pop("return_info", False))
-    return_lse = bool(kw.pop("return_lse", False))
-    from .attention import _validate_options
-    eps_f = _validate_options(kw.get("method", "auto"), kw.get("eps", 1e-3), kw.get("degree"),
-                              kw.get("approx", "chebyshev"), kw.get("scale"), kw.get("radius"),
-                              kw.get("is_causal", False))
+    return_info = bool(opts.pop("return_info"))
+    opts["return_lse"] = return_lse = bool(opts["return_lse"])
+    opts["eps"] = eps_f
     nl = len(batch_shape)
     q = da.asarray(query)
     q = da.broadcast_to(q, batch_shape + q.shape[-2:])
@@ -323,8 +309,8 @@ def rope_attention_dask(query, key, value, **kw):
         k = like_q(key, 2)
         v = like_q(value, 2)
     extras = {}
-    for name, t in (("bias", 1), ("key_padding_mask", 1), ("positions", 1), ("relative", 3)):
-        a = kw.pop(name, None)
+    for name, t in _TAILS.items():
+        a = arrays.pop(name, None)
         if a is not None:
             extras[name] = like_q(a, t)
     qd, kd, vd = q.to_delayed(), k.to_delayed(), v.to_delayed()
@@ -342,13 +328,13 @@ def rope_attention_dask(query, key, value, **kw):
         shp = tuple(int(lead_chunks[d][i]) for d, i in enumerate(idx))
         bidx = idx + (0, 0)
         ex = {n: a[idx + (0,) * (a.ndim - nl)] for n, a in ed.items()}
-        ckw = dict(kw, return_lse=return_lse)
+        copts, carrays = dict(opts), dict(arrays)
         sl = tuple(slice(a, a + b) for a, b in zip(lo, shp))
         if structure is not None:
-            ckw["bias"] = _chunk_structure(structure, sl, batch_shape)
+            carrays["bias"] = _chunk_structure(structure, sl)
         if radius is not None:
-            ckw["radius"] = np.ascontiguousarray(radius[sl])
-        r = block(qd[bidx], kd[bidx], vd[bidx], ex, lo, ckw)
+            copts["radius"] = np.ascontiguousarray(radius[sl])
+        r = block(qd[bidx], kd[bidx], vd[bidx], ex, lo, copts, carrays)
         # da.block joins the innermost list levels along the last axes: one level
         # per trailing axis, holding the block alone
         outs[idx] = [[da.from_delayed(r[0], shape=shp + (L, Ev), dtype=dtype)]]
@@ -372,18 +358,3 @@ def _nested(blocks):
     if blocks.ndim == 0:
         return blocks[()]
     return [_nested(blocks[i]) for i in range(blocks.shape[0])]
-
-
-def _known_keywords():
-    import inspect
-
-    import numbarope
-    sig = inspect.signature(numbarope.rope_attention)
-    return [p.name for p in sig.parameters.values()
-            if p.kind == p.KEYWORD_ONLY]
-
-
-# ---------------------------------------------------------------------------
-# one long sequence: (query block, key block) pairs merged by log-sum-exp
-
-

@@ -1,25 +1,46 @@
 """One long sequence on Dask: blocks of rows across workers (optional extra).
 
-:func:`long_sequence_attention` splits one sequence into blocks of rows: exact,
-one task per (query block, key block) pair, partial results merged by their
-log-sum-exp; fast, key-side states of the key blocks summed in a tree and sent
-to the query blocks. Imports dask only when called.
+:func:`long_sequence_attention` splits one sequence into blocks of rows. Exact: one
+task per (query block, key block) pair runs the pipeline's call
+(:func:`numbarope._pipeline.attention`), the partial results of a query block are
+merged by their log-sum-exp (:func:`merge_partials`). Fast: the algorithms compose
+through their key-side states (:mod:`numbarope.ops.gemm`, :mod:`numbarope.ops.prefix`,
+:mod:`numbarope.ops.decay`: ``key_state``, ``add_states``, ``initial_state=``): one
+state per key block, summed in a tree and sent to the query blocks, planned for the
+whole sequence from the blocks' statistics
+(:func:`numbarope._pipeline.heads.separable_head_spec`,
+:func:`numbarope._pipeline.plan.plan_head`). Imports dask only when called.
 """
 
 import dataclasses
+import math
 import numbers
 import uuid
 import warnings
 
 import numpy as np
 
-from .dask import _require_dask, is_dask
+from .._pipeline import attention
+from .._pipeline.heads import separable_head_spec
+from .._pipeline.inputs import (KNOWN_KEYWORDS, _check_finite, as_float_array, as_key_mask,
+                                check_per_key_lead, check_shapes, validate_flag,
+                                validate_options, validate_precision)
+from .._pipeline.plan import plan_head
+from .._pipeline.run import _value_scale
+from .._runtime.interop import is_dask
+from .._runtime.threads import resolve_workers
+from ..bias import Causal, Decay, NoBias, RelativeBias, Window
+from ..ops import FastPathError, decay, gemm, prefix
+from ..ops.streaming import row_norms
+from ..rotary import rotary_tables, rotate
+from .dask import _as_rotary, _check_dtype, _check_known_shape, _fits_batch, _require_dask
 
 __all__ = ["long_sequence_attention", "merge_partials"]
 
 #: More (query block, key block) pairs than this draws a warning: the scheduler's cost
 #: per task (~1 ms) would exceed the work of blocks that small.
 _MANY_PAIRS = 20000
+
 
 def merge_partials(a, b):
     """Merge two partial results ``(out, lse)`` over disjoint key sets.
@@ -41,7 +62,6 @@ def _rotated(x, a, n_total, rotary):
     """Block ``x`` (..., b, E) rotated at global positions a .. a+b−1, float64, with the
     tables of the in-memory call (bitwise the same rotated values); a float64 copy
     without rotary."""
-    from .rotary import rotary_tables, rotate
     x = np.asarray(x)
     if rotary is None:
         return np.ascontiguousarray(x, dtype=np.float64)
@@ -51,11 +71,13 @@ def _rotated(x, a, n_total, rotary):
 
 
 def _pair(qb, kb, vb, qa, ka, n_total, rotary, kw, bias=None, mask=None, L=None, S=None):
-    """Attention of query rows qa.. against key rows ka.. (global positions).
+    """Attention of query rows qa.. against key rows ka.. (global positions): the
+    pipeline's call (:func:`numbarope._pipeline.attention`) at ``query_offset = qa − ka``.
 
-    ``bias``: a typed structure (evaluated by rope_attention at this pair's offset) or
-    the whole sequence's ``(..., L+S−1)`` array, sliced here to the pair's offsets."""
-    import numbarope
+    ``kw``: its options and is_causal, scale, precision. ``bias``: a typed structure
+    (evaluated by the call at this pair's offset) or the whole sequence's
+    ``(..., L+S−1)`` array, sliced here to the pair's offsets. Returns ``(out float64,
+    lse, the pair's bound per head, max|v| per head)``."""
     qb, kb, vb = np.asarray(qb), np.asarray(kb), np.asarray(vb)
     if rotary is not None:     # rotate at the global positions, as the in-memory call
         qb, kb = _rotated(qb, qa, n_total, rotary), _rotated(kb, ka, n_total, rotary)
@@ -69,8 +91,9 @@ def _pair(qb, kb, vb, qa, ka, n_total, rotary, kw, bias=None, mask=None, L=None,
         extra["bias"] = bias
     if mask is not None:
         extra["key_padding_mask"] = mask
-    out, lse, info = numbarope.rope_attention(qb, kb, vb, query_offset=off, return_lse=True,
-                                              return_info=True, **dict(kw), **extra)
+    kw = dict(kw, workers=resolve_workers(kw.get("workers")))
+    out, lse, info = attention(qb, kb, vb, query_offset=off, return_lse=True,
+                               return_info=True, **kw, **extra)
     vmax = np.broadcast_to(np.abs(vb).max(axis=(-2, -1), initial=0.0), out.shape[:-2])
     return (out.astype(np.float64, copy=False), lse, np.asarray(info.error_bound, float),
             np.asarray(vmax, dtype=np.float64))
@@ -89,7 +112,6 @@ def _merge_pairs(*parts, out_unit=0.0):
     the pairs' outputs with perturbed weights; Higham 2002 §3 for the float64 steps),
     plus ``out_unit·max|v|`` for a float32 result.
     """
-    import math
     items = [((o, l), b) for o, l, b, _ in parts]
     bmax = np.max(np.stack([b for _, b in items]), axis=0)
     vmax = np.max(np.stack([m for *_, m in parts]), axis=0)
@@ -115,14 +137,6 @@ def _merge_pairs(*parts, out_unit=0.0):
     return out, lse, bound
 
 
-def _fits_batch(lead, batch_shape):
-    """Whether leading dims broadcast to the batch dims without enlarging them."""
-    try:
-        return tuple(np.broadcast_shapes(tuple(lead), tuple(batch_shape))) == tuple(batch_shape)
-    except ValueError:
-        return False
-
-
 def _long_bias(bias, is_causal, L, S, batch_shape):
     """``(bias, is_causal, rates, window)`` of long_sequence_attention's ``bias``: None;
     a typed structure (Causal() becomes is_causal; a causal Decay/ALiBi gives per-head
@@ -131,8 +145,6 @@ def _long_bias(bias, is_causal, L, S, batch_shape):
     sequence's offsets); or an array over the offsets, ``(..., L+S−1)``, read as
     rope_attention reads it (a boolean array is a mask), validated here and sliced
     per pair."""
-    from .attention import _as_float_array
-    from .bias import Causal, Decay, NoBias, RelativeBias, Window
     if bias is None:
         return None, is_causal, None, None
     if isinstance(bias, RelativeBias):
@@ -157,7 +169,7 @@ def _long_bias(bias, is_causal, L, S, batch_shape):
     b = np.asarray(bias)
     if b.dtype == np.bool_:            # a mask, as rope_attention: True = takes part
         b = np.where(b, 0.0, -np.inf)
-    b = _as_float_array(b, "bias").astype(np.float64)
+    b = as_float_array(b, "bias").astype(np.float64)
     if b.ndim < 1 or b.shape[-1] != L + S - 1:
         raise ValueError(f"bias has shape {b.shape}; expected (..., {L + S - 1}): one value "
                          f"per offset t = i − j (index t + S − 1)")
@@ -170,12 +182,13 @@ def _long_bias(bias, is_causal, L, S, batch_shape):
 
 
 def _long_key_mask(kpm, S, batch_shape):
-    from .attention import _as_key_mask, check_per_key_lead
+    """The (..., S) bool key_padding_mask (a dask one computed: S booleans per sequence),
+    checked as rope_attention checks it; None without one."""
     if kpm is None:
         return None
     if is_dask(kpm):
         kpm = kpm.compute()          # S booleans per sequence
-    m = _as_key_mask(kpm, S)
+    m = as_key_mask(kpm, S)
     check_per_key_lead(m.shape, batch_shape, "key_padding_mask")
     return m
 
@@ -195,25 +208,31 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
     """Attention of ONE long sequence over a Dask cluster, by query and key blocks.
 
     **Exact** (``method="exact"``, or ``"auto"`` when some head needs it): every
-    (query block, key block) pair is one task computing ``rope_attention(q_i,
-    k_j, v_j, query_offset=start_i − start_j, return_lse=True)`` with the
-    ordinary kernels; the partial results of query block i are merged by their
+    (query block, key block) pair is one task computing the call of
+    ``rope_attention(q_i, k_j, v_j, query_offset=start_i − start_j,
+    return_lse=True)`` (:func:`numbarope._pipeline.attention`, the ordinary
+    kernels); the partial results of query block i are merged by their
     log-sum-exp, ``out = Σ_j e^{lse_j − lse} out_j``, ``lse = log Σ_j e^{lse_j}``
     (:func:`merge_partials`), in one merge task per query block. With
     ``is_causal`` the key blocks after a query block are not computed at all
     (about half the pairs). Work O(L·S), as in memory.
 
     **Fast** (``method="fast"``, or ``"auto"`` when every head is fast): the
-    polynomial method's separable form (Alman & Song 2025, §4). One task per key
-    block forms its key-side state ``(Σ_j ψ(k_j) v_jᵀ, Σ_j ψ(k_j))``, m·(Ev+1)
+    polynomial method's separable form (Alman & Song 2025, §4), composed from the
+    algorithms' key-side states. One task per key block forms its state ``(Σ_j
+    ψ(k_j) v_jᵀ, Σ_j ψ(k_j))`` (:func:`numbarope.ops.gemm.key_state`), m·(Ev+1)
     floats per head (m = C(E+g, g)); the states are added in a binary tree
-    (log₂ B levels for B key blocks); each query block receives, causal, the sum
-    of the O(log B) tree nodes covering the blocks before it and computes its
-    own block under the mask (the prefix algorithm, started at that state), or,
-    non-causal, the root (gemm's query side). Work O((L + S)·m·Ev), as in
-    memory. The plan (degree, polynomial, bound) is that of the whole sequence,
-    from the blocks' maxima (``s·max‖q‖·max‖k‖``, ``max|v|``): the same
-    HeadSpec, polynomial and certified bound as the in-memory call. With
+    (:func:`numbarope.ops.gemm.add_states`; log₂ B levels for B key blocks); each
+    query block receives, causal, the sum of the O(log B) tree nodes covering the
+    blocks before it and computes its own block under the mask started at that
+    state (:func:`numbarope.ops.prefix.prefix_attention`, ``initial_state=``), or,
+    non-causal, the root (gemm's query side,
+    :func:`numbarope.ops.gemm.apply_state`). Work O((L + S)·m·Ev), as in memory.
+    The plan (degree, polynomial, bound) is that of the whole sequence, from the
+    blocks' maxima (``s·max‖q‖·max‖k‖``, ``max|v|``): the same HeadSpec
+    (:func:`numbarope._pipeline.heads.separable_head_spec`), polynomial and
+    certified bound (:func:`numbarope._pipeline.plan.plan_head`) as the in-memory
+    call. With
     ``"fast"`` this is a lazy task (a head the fast path cannot serve raises
     :class:`~numbarope.FastPathError` at compute time); ``"auto"`` computes the
     maxima first (one pass, a few floats per block back) to choose the graph.
@@ -222,13 +241,17 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
 
     **Decay** (a causal :class:`~numbarope.bias.Decay` or
     :class:`~numbarope.bias.ALiBi` bias, fast): each block state is
-    ``Σ_j γ^{e − j} ψ(k_j)[v_j, 1]``, referenced at its last position e; joining
-    node a to node b decays a by ``γ^{e_b − e_a}``; a query block adds
-    ``γ^{r+1}·φ(q_r)ᵀP`` (P referenced at the position before it) to its own
-    block's decayed scan. Every factor spans two positions, so the factors of a
-    key's path telescope to ``γ^{i − j}`` exactly as in memory, through at most
-    ``2⌈log₂ B⌉ + 2`` of them: the in-memory bound (which counts one per chunk)
-    covers it when ``2⌈log₂ B⌉ <= ⌈S/C⌉``, checked (else ValueError at compute).
+    ``Σ_j γ^{e − j} ψ(k_j)[v_j, 1]``, referenced at its last position e
+    (:func:`numbarope.ops.decay.key_state`); joining node a to node b decays a by
+    ``γ^{e_b − e_a}`` (:func:`numbarope.ops.decay.add_states`); a query block runs
+    the decayed scan of its own block started at the state P of the keys before it,
+    referenced at the position before the block
+    (:func:`numbarope.ops.decay.decay_attention`, ``initial_state=P``). Every
+    factor spans two positions, so the factors of a key's path telescope to
+    ``γ^{i − j}`` exactly as in memory, through at most ``1 + 2⌊log₂(B−1)⌋ +
+    ⌈b/C⌉`` of them (blocks of b rows, chunks of C keys): the in-memory bound
+    (which counts ``⌈S/C⌉ + 2``) covers it when that is ``<= ⌈S/C⌉ + 2``, checked
+    (else ValueError at compute).
 
     With ``rotary`` each block is rotated at its global positions with the same
     tables as the in-memory call, so every task sees bitwise the same rotated
@@ -273,7 +296,8 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
     ------
     ValueError, TypeError
         Bad shapes, dtypes, blocks or options, before any task is scheduled
-        (the checks of ``rope_attention`` on a small proxy).
+        (rope_attention's checks of the shapes and options:
+        :func:`numbarope._pipeline.inputs.check_shapes`, ``validate_options``).
     numbarope.FastPathError
         At compute time, ``method="fast"`` for a head the fast path cannot serve.
 
@@ -288,12 +312,8 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
     import dask
     import dask.array as da
 
-    import numbarope
-    from .attention import _validate_options
-    from .rotary import Rotary
     if unknown:
-        known = set(_known_keywords())
-        here = sorted(set(unknown) & known)
+        here = sorted(set(unknown) & set(KNOWN_KEYWORDS))
         if here:      # rope_attention options this function does not implement: refuse
             raise TypeError(
                 f"long_sequence_attention does not take {', '.join(here)} (options of "
@@ -311,54 +331,28 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
         if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1:
             raise ValueError(f"{name} must be an int >= 1 (rows per block), got {b!r}")
     key_block = query_block if key_block is None else key_block
-    for f in (return_lse, return_info):
-        if not isinstance(f, (bool, np.bool_)):
-            raise TypeError(f"return_lse/return_info must be True or False, got {f!r}")
-    if rotary is True or rotary is np.True_:
-        rotary = Rotary()
-    elif rotary is False or rotary is np.False_:
-        rotary = None
-    kw = dict(is_causal=is_causal, scale=scale, method=method, eps=eps, precision=precision,
-              workers=workers)
+    validate_flag(return_lse, "return_lse")
+    validate_flag(return_info, "return_info")
+    # every check rope_attention makes without the data: options, dtypes, shapes, rotary
+    eps_f = validate_options(method, eps, None, "chebyshev", scale, None, is_causal)
+    validate_precision(precision)
+    resolve_workers(workers)
     for name, a in (("query", query), ("key", key), ("value", value)):
         if not hasattr(a, "shape") or not hasattr(a, "dtype"):
             raise TypeError(f"{name}: pass a numpy or dask array (got {type(a).__name__})")
-        if a.ndim < 2:
-            raise ValueError(f"{name} must have shape (..., n, features), got shape {a.shape}")
-    L, E = query.shape[-2:]
-    S = key.shape[-2]
-    # every check rope_attention makes without data: one small pair, full leading dims
-    # replaced by ones (their broadcast is checked here)
-    lead = [query.shape[:-2], key.shape[:-2], value.shape[:-2]]
-    try:
-        batch_shape = tuple(np.broadcast_shapes(*lead))
-    except ValueError:
-        raise ValueError(f"leading (batch, head) dims do not broadcast: query {query.shape}, "
-                         f"key {key.shape}, value {value.shape}") from None
-    if key.shape[-1] != E:
-        raise ValueError(f"key has shape {tuple(key.shape)}; expected (..., S, {E}): the "
-                         f"head_dim of query {tuple(query.shape)}")
-    if value.shape[-2] != S:
-        raise ValueError(f"value has shape {tuple(value.shape)}; expected (..., {S}, Ev)")
-    ones = (1,) * len(batch_shape)
-    qs, ks = min(L, query_block), min(S, key_block)
-    numbarope.plan(_tiny(ones + (qs, E), query.dtype), _tiny(ones + (ks, key.shape[-1]), key.dtype),
-                   _tiny(ones + (ks, value.shape[-1]), value.dtype), rotary=rotary,
-                   **{k_: v_ for k_, v_ in kw.items() if k_ != "workers"})
-    from ._threads import resolve_workers
-    resolve_workers(workers)
-    if key.shape[-2] != value.shape[-2]:
-        raise ValueError(f"value has shape {value.shape}; expected (..., {S}, Ev)")
-    eps_f = _validate_options(method, eps, None, "chebyshev", scale, None, is_causal)
-    del eps_f
+        _check_known_shape(a, name)
+        _check_dtype(a.dtype, name)
+    sh = check_shapes(query.shape, key.shape, value.shape)
+    batch_shape, L, S, E, Ev = sh.batch_shape, sh.L, sh.S, sh.E, sh.Ev
+    rotary = _as_rotary(rotary, E)
+    kw = dict(is_causal=is_causal, scale=scale, method=method, eps=eps_f, precision=precision,
+              workers=workers)
     dtype = np.result_type(query.dtype, key.dtype, value.dtype)
     if precision is None and dtype == np.float32:
         kw["precision"] = "float32"          # the pairs see float64 rotated inputs
-    from .attention import _check_finite
     for name, a in (("query", query), ("key", key), ("value", value)):
         if isinstance(a, np.ndarray):        # in memory: checked now (lazy: by the tasks)
             _check_finite(np.ascontiguousarray(a), name)
-    Ev = value.shape[-1]
     nrot = max(L, S)
     if rotary is not None and L != S:
         raise ValueError("long_sequence_attention with rotary needs L == S (self-attention)")
@@ -380,13 +374,6 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
             f"method='fast' with is_causal needs aligned blocks (key_block == query_block, "
             f"L == S); got query_block={query_block}, key_block={key_block}, L={L}, S={S}"
             + (": omit key_block" if L == S else ": use method='exact' for L != S"))
-    npairs = -(-L // query_block) * -(-S // key_block)
-    if npairs > _MANY_PAIRS:
-        warnings.warn(f"long_sequence_attention: {npairs} (query block, key block) pairs "
-                      f"for the exact graph (blocks of {query_block}/{key_block} rows): "
-                      f"a graph this size costs the scheduler more than the work; use "
-                      f"larger blocks (thousands of rows)", RuntimeWarning, stacklevel=2)
-
     call = uuid.uuid4().hex           # keys of this call's blocks (see below)
 
     def blocks(x, size, name):
@@ -419,10 +406,11 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
     if method in ("fast", "auto") and L and S and aligned and fast_ok:
         fast = _fast_plans(qparts, kparts, vparts, qcuts, kcuts, method,
                            dict(batch_shape=batch_shape, scale=s_val, causal=bool(is_causal),
-                                eps=float(eps), out_unit=2.0 ** -24 if dtype == np.float32
+                                eps=eps_f, out_unit=2.0 ** -24 if dtype == np.float32
                                 else 0.0, compute_dtype="float32"
                                 if kw.get("precision") == "float32" else "float64",
                                 rates=rates, nblocks=len(kcuts),
+                                block=min(query_block, L),
                                 rotated=rotary is not None),
                            L, S, E, Ev, nrot, rotary,
                            local=None if qlocal is None or klocal is None or vlocal is None
@@ -438,6 +426,13 @@ def long_sequence_attention(query, key, value, *, query_block, key_block=None, c
             lses.append(da.from_delayed(lo, shape=batch_shape + (Lb,), dtype=np.float64))
         bounds.append(da.from_delayed(bound, shape=batch_shape, dtype=np.float64))
     else:
+        npairs = -(-L // query_block) * -(-S // key_block)
+        if npairs > _MANY_PAIRS:
+            warnings.warn(f"long_sequence_attention: {npairs} (query block, key block) "
+                          f"pairs for the exact graph (blocks of {query_block}/{key_block} "
+                          f"rows): a graph this size costs the scheduler more than the "
+                          f"work; use larger blocks (thousands of rows)", RuntimeWarning,
+                          stacklevel=2)
         if method == "auto":
             kw["method"] = "exact"        # planned for the whole sequence: exact
         pair = dask.delayed(_pair, pure=True)
@@ -495,9 +490,9 @@ def _flat(x, batch_shape):
 
 def _row_max(xr, batch_shape, kind):
     """Per head of a block: the largest row norm (an upper bound, as the in-memory
-    call's) of rotated q or k (``kind="norm"``, ``xr`` = (block, start, n, rotary)),
-    or max|v| (``kind="abs"``, ``xr`` the block)."""
-    from .exact import row_norms
+    call's: :func:`numbarope.ops.streaming.row_norms`) of rotated q or k
+    (``kind="norm"``, ``xr`` = (block, start, n, rotary)), or max|v| (``kind="abs"``,
+    ``xr`` the block)."""
     x = _flat(_rotated(*xr) if kind == "norm" else xr, batch_shape)
     if kind == "norm":
         return row_norms(np.ascontiguousarray(x)).max(axis=1, initial=0.0)
@@ -507,13 +502,12 @@ def _row_max(xr, batch_shape, kind):
 def _long_plans(qn, kn, vm, n, S, E, Ev, info, method):
     """Per head the plan of the whole sequence from its block statistics (maxima).
 
-    The same HeadSpec as the in-memory call's (radius s·max‖q‖·max‖k‖, max|v|,
-    decay rate), so the same polynomial and certified bound; ``method="fast"``
-    raises :class:`~numbarope.FastPathError` for a head the fast path cannot serve.
+    The same HeadSpec as the in-memory call's
+    (:func:`numbarope._pipeline.heads.separable_head_spec`: radius s·max‖q‖·max‖k‖,
+    max|v|, decay rate), so :func:`numbarope._pipeline.plan.plan_head` gives the same
+    polynomial and certified bound; ``method="fast"`` raises
+    :class:`~numbarope.FastPathError` for a head the fast path cannot serve.
     """
-    from .algorithms import FastPathError
-    from .attention import _value_scale, separable_head_spec
-    from .planner import plan_head
     qn = np.max(np.stack(qn), axis=0)
     kn = np.max(np.stack(kn), axis=0)
     vm = np.max(np.stack(vm), axis=0)
@@ -538,32 +532,59 @@ def _long_plans(qn, kn, vm, n, S, E, Ev, info, method):
                     code="structure", head=head)
             pl = dataclasses.replace(pl, method="exact")   # "auto": the exact pairs
         if pl.method == "fast" and want == "decay":
-            _check_decay_tree(pl, info["nblocks"], S, E, Ev)
+            _check_decay_tree(pl, info["nblocks"], info["block"], S, E, Ev)
         plans.append(pl)
     # values above 2^1000 are scaled by a power of 2 (exact), as the in-memory call does
     factors = [_value_scale(None, vmax=float(x)) for x in vm.reshape(-1)]
     return {"plans": plans, "factors": factors, "rates": rates}
 
 
-def _check_decay_tree(pl, nblocks, S, E, Ev):
-    """The decay bound of the in-memory call (recurrence_rounding) counts nch + 2 decay
-    factors and nch + 4 additions on a key's path to a row, nch = ⌈S/C⌉ chunks. Here a
-    key of an earlier block passes its block state's factor, ≤ ⌈log2 B⌉ tree levels,
-    ≤ ⌈log2 B⌉ fold steps over the covering nodes and the row's factor (as many
-    additions, + 1 joining the row's own block): within that count when
-    2⌈log2 B⌉ <= nch. Otherwise refuse (blocks that small do not pay anyway)."""
-    import math
+def _decay_tree_factors(nblocks, S, block, C):
+    """The most decay factors on the path of a key to a row of a later block (0 for one
+    block: no state passes), blocks of ``block`` rows over S, chunks of C keys.
 
-    from ._monomials import n_features
-    from ._recurrence import decay_chunk
-    m = n_features(E, pl.degree)
-    nch = -(-S // decay_chunk(m, E, Ev, pl.degree))
-    if 2 * math.ceil(math.log2(max(nblocks, 1))) > nch:
+    Block i receives the sum of the covering tree nodes of blocks 0 .. i−1, one per set
+    bit of i: a key in the first (highest, level l₀ = ⌊log2 i⌋) node passes <= l₀ tree
+    additions as the earlier operand and popcount(i) − 1 <= l₀ fold steps; a key in a
+    later node t passes <= l₀ − t levels and popcount(i) − 1 − t steps. With its block
+    state's factor: <= 1 + 2⌊log2(B−1)⌋. Then the scan of the receiving block (state
+    in as a chunk ending before it): one factor per earlier task and chunk of the
+    block, and the row's factor: <= ⌈b/C⌉ for a receiving block of b rows (with two
+    blocks only the second, S − block rows, receives one)."""
+    if nblocks <= 1:
+        return 0
+    recv = min(block, S - block) if nblocks == 2 else block
+    return 1 + 2 * ((nblocks - 1).bit_length() - 1) + -(-recv // C)
+
+
+def _check_decay_tree(pl, nblocks, block, S, E, Ev):
+    """Refuse a decay graph whose rounding the in-memory bound does not cover.
+
+    The in-memory bound (:func:`numbarope.ops._bounds.recurrence_rounding`) counts
+    ``nch + 2`` decay factors and ``nch + 4`` additions on a key's path to a row,
+    nch = ⌈S/C⌉ chunks of C = :func:`numbarope.ops.decay.decay_chunk` keys. Here a
+    key of an earlier block passes its block state's factor
+    (:func:`numbarope.ops.decay.key_state`), tree levels and fold steps over the
+    covering nodes (:func:`numbarope.ops.decay.add_states`), then, as the
+    ``initial_state`` of its query block's scan
+    (:func:`numbarope.ops.decay.decay_attention`: a chunk ending at the position
+    before the block), one factor per chunk of the block before the row's and the
+    row's factor: at most :func:`_decay_tree_factors`, as many additions (+ 3 joining
+    the row's own chunk and the output division). Within the count when that is
+    <= nch + 2; otherwise refuse (blocks that small do not pay anyway).
+    """
+    C = decay.decay_chunk(pl.features, E, Ev, pl.degree)
+    nch = -(-S // C)
+    need = _decay_tree_factors(nblocks, S, block, C)
+    if need > nch + 2:
+        fits = [(-(-S // bs), bs) for bs in (-(-S // B) for B in range(nblocks - 1, 0, -1))
+                if _decay_tree_factors(-(-S // bs), S, bs, C) <= nch + 2]
+        fix = (f"use at most {fits[0][0]} blocks (query_block >= {fits[0][1]})" if fits
+               else "use fewer, larger blocks")
         raise ValueError(
             f"decay over {nblocks} blocks of a {S}-key sequence: the certified bound counts "
-            f"{nch} decay steps on a key's path and the tree needs "
-            f"{2 * math.ceil(math.log2(nblocks))}; use at most {2 ** (nch // 2)} blocks "
-            f"(a larger query_block) or method='exact'")
+            f"{nch + 2} decay steps on a key's path and the tree needs {need}; {fix} "
+            f"or method='exact'")
 
 
 def _rates_of(bias, batch_shape):
@@ -575,43 +596,34 @@ def _rates_of(bias, batch_shape):
 
 def _key_block_state(kr, vb, mb, ka, plans, batch_shape, scale, workers):
     """Key-side state of one key block (keys at ka ..), one (S, s) per head: m·(Ev+1)
-    floats each. Decay: ``Σ_j γ^{e − j} ψ(k_j)[v_j, 1]``, e = the block's last position
-    (the weight rides on the values, one multiplication, as in fast_decay's kernel).
-    Padded keys (``mb`` False) take no part."""
-    from ._recurrence import _decay_factors
-    from .fast import key_side_state
+    floats each (:func:`numbarope.ops.gemm.key_state`). Decay: ``Σ_j γ^{e − j}
+    ψ(k_j)[v_j, 1]``, referenced at the block's last position e
+    (:func:`numbarope.ops.decay.key_state`). Padded keys (``mb`` False) take no part."""
     k, v = _flat(_rotated(*kr), batch_shape), _flat(vb, batch_shape)
     msk = None if mb is None else _flat(np.asarray(mb)[..., None], batch_shape)[..., 0]
     P, F, rates = plans["plans"], plans["factors"], plans["rates"]
-    nb, Ev = v.shape[1], v.shape[2]
+    nw = resolve_workers(workers)
     out = []
     for b in range(len(P)):
-        kb, vv = k[b], v[b].astype(np.float64) * F[b]
-        if msk is not None:
-            kb, vv = kb[msk[b]], vv[msk[b]]
+        vv = v[b].astype(np.float64) * F[b]
+        mk = None if msk is None else msk[b]
         if rates is None:
-            out.append(key_side_state(kb, vv, scale, P[b].coef, workers))
-            continue
-        w = _decay_factors(rates[b], np.arange(nb)[::-1])        # γ^{e − j}
-        ext = np.empty((nb, Ev + 1))
-        ext[:, :Ev] = vv * w[:, None]
-        ext[:, Ev] = w
-        St, _ = key_side_state(kb, ext, scale, P[b].coef, workers)
-        out.append((np.ascontiguousarray(St[:, :Ev]), np.ascontiguousarray(St[:, Ev])))
-    return {"st": out, "e": int(ka + nb - 1)}
+            out.append(gemm.key_state(k[b], vv, scale, P[b].coef, key_mask=mk, workers=nw))
+        else:
+            out.append(decay.key_state(k[b], vv, scale, P[b].coef, rates[b], key_mask=mk,
+                                       workers=nw))
+    return {"st": out, "e": int(ka + v.shape[1] - 1)}
 
 
 def _add_states(a, b, rates=None):
     """Sum of two nodes (blocks a then b) of the tree reduction, referenced at b's last
-    position; decay: a's state first decays by ``γ^{e_b − e_a}``."""
-    from ._recurrence import _decay_factors
-    st = []
-    for h, ((sa, ta), (sb, tb)) in enumerate(zip(a["st"], b["st"])):
-        if rates is None:
-            st.append((sa + sb, ta + tb))
-        else:
-            f = float(_decay_factors(rates[h], np.array([b["e"] - a["e"]]))[0])
-            st.append((sa * f + sb, ta * f + tb))
+    position (:func:`numbarope.ops.gemm.add_states`); decay: a's state first decays by
+    ``γ^{e_b − e_a}`` (:func:`numbarope.ops.decay.add_states`)."""
+    if rates is None:
+        st = [gemm.add_states(x, y) for x, y in zip(a["st"], b["st"])]
+    else:
+        st = [decay.add_states(x, y, rates[h], b["e"] - a["e"])
+              for h, (x, y) in enumerate(zip(a["st"], b["st"]))]
     return {"st": st, "e": b["e"]}
 
 
@@ -625,48 +637,38 @@ def _sum_states(*nodes, rates=None):
 
 def _query_block(qr, kr, vb, mb, qa, state, plans, batch_shape, scale, causal, Ev, workers):
     """Output rows of one query block (rows at qa ..) from the combined key-side state
-    (and, causal, its own key block under the mask). Returns ``(out, lse)``.
+    ``state`` of the keys before it (non-causal: of every key). Returns ``(out, lse)``.
 
-    Decay: the block by fast_decay's scan (``_decay_pass``, den relative to the row's
-    own key), plus ``γ^{r + 1}·φ(q_r)ᵀP`` for the state P referenced at qa − 1."""
-    from ._recurrence import _decay_factors, _decay_pass, _Side
-    from ._threads import resolve_workers
-    from .fast import _finish, _query_apply, fast_separable
+    Non-causal: gemm's query side (:func:`numbarope.ops.gemm.apply_state`). Causal: its
+    own key block under the mask, started at the state
+    (:func:`numbarope.ops.prefix.prefix_attention` with ``initial_state``); decay:
+    :func:`numbarope.ops.decay.decay_attention` with ``initial_state`` the decayed state
+    referenced at qa − 1, the position before the block (den relative to the row's own
+    key, as in memory)."""
     q = _flat(_rotated(*qr), batch_shape)
     B, Lb, E = q.shape
     if causal:
         k, v = _flat(_rotated(*kr), batch_shape), _flat(vb, batch_shape)
     msk = None if mb is None else _flat(np.asarray(mb)[..., None], batch_shape)[..., 0]
     P, F, rates = plans["plans"], plans["factors"], plans["rates"]
+    assert rates is None or state is None or state["e"] == qa - 1    # aligned blocks
+    nw = resolve_workers(workers)
     out = np.empty((B, Lb, Ev))
     lse = np.empty((B, Lb))
     for b in range(B):
         f = F[b]
         st = None if state is None else state["st"][b]
         mk = None if msk is None else msk[b]
+        coef = P[b].coef
         if rates is not None:
-            nw = resolve_workers(workers)
-            Fs = _Side(P[b].coef, E)
-            sq = np.sqrt(scale)
-            qs = np.ascontiguousarray(q[b] * sq)
-            dec = _decay_factors(rates[b], np.arange(Lb + 1))
-            num, den = _decay_pass(qs, np.ascontiguousarray(k[b] * sq),
-                                   np.ascontiguousarray(v[b].astype(np.float64) * f),
-                                   np.arange(Lb, dtype=np.int64),
-                                   np.arange(1, Lb + 1, dtype=np.int64), dec, Fs, nw)
-            if st is not None:
-                ns, ds = _query_apply(qs, st[0], st[1], Fs.wphi, Fs.parent, Fs.var, nw)
-                fr = dec[1:]                                   # γ^{r+1}: from qa − 1
-                num += ns * fr[:, None]
-                den += ds * fr
-            o, den = _finish(num, Ev, den)
+            o, den = decay.decay_attention(q[b], k[b], v[b].astype(np.float64) * f, scale,
+                                           coef, rates[b], True, key_mask=mk, workers=nw,
+                                           initial_state=st)
         elif causal:
-            o, den = fast_separable(q[b], k[b], v[b].astype(np.float64) * f, scale,
-                                    P[b].coef, causal=True, workers=workers, state=st,
-                                    key_mask=mk)
+            o, den = prefix.prefix_attention(q[b], k[b], v[b].astype(np.float64) * f, scale,
+                                             coef, key_mask=mk, workers=nw, initial_state=st)
         else:
-            o, den = fast_separable(q[b], np.zeros((0, E)), np.zeros((0, Ev)), scale,
-                                    P[b].coef, workers=workers, state=st)
+            o, den = gemm.apply_state(q[b], st, scale, coef, workers=nw)
         out[b] = o / f if f != 1.0 else o
         with np.errstate(divide="ignore"):
             lse[b] = np.where(den > 0, np.log(np.where(den > 0, den, 1.0)), -np.inf)

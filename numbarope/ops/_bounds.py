@@ -73,7 +73,7 @@ def recurrence_rounding(algorithm, S, m, coef, radius, radius1, delta, chunk=Non
     With it, ``max|out − o| <= 2(δ+ρ)/(1−δ−ρ)·max|v|`` where o is the exact softmax
     attention with weights ``e^{s q_iᵀk_j}·T(t_ij)`` (δ the certified relative error
     of p on ``[−R, R]``): the form of the proven part of
-    :func:`numbarope.planner.rounding_term`, which it replaces for these paths.
+    :func:`rounding_term`, which it replaces for these paths.
 
     Parameters
     ----------
@@ -116,7 +116,7 @@ def recurrence_rounding(algorithm, S, m, coef, radius, radius1, delta, chunk=Non
     §3.1, §4.2; with fused multiply-adds fewer) is within ``γ_k Σ|term|`` of the
     exact sum.
 
-    *Polynomial part* (as planner.rounding_term): ``num_i = Σ_j Σ_α
+    *Polynomial part* (as rounding_term): ``num_i = Σ_j Σ_α
     φ_α(q_i)ψ_α(k_j)·w_ij·[v_j, 1]`` (inside a chunk, Horner on the logit, whose
     own rounding δ already certifies); features and the dot product φᵀS cost at
     most ``m + 2g + 2`` roundings and ``Σ_α |φ_αψ_α| <= P₁ = Σ_k |a_k| R₁^k``.
@@ -132,7 +132,7 @@ def recurrence_rounding(algorithm, S, m, coef, radius, radius1, delta, chunk=Non
     own chunk, the combination and the output division: ``nch + 4`` additions
     beyond the S above. Each factor is ``fl(exp(−fl(rate·d)))`` (exactly 1 at
     d = 0) ``= e^{−rate·d}·e^{−rate·d·ε}(1 + η)``, ``|ε| <= u``, ``|η| <= EXP_ULPS·u``
-    (numbarope.exact's kernel, proven: 64u), applied by one multiplication:
+    (numbarope.ops._exp, proven: 64u), applied by one multiplication:
     ``EXP_ULPS + 1`` roundings. The factors' distances telescope to
     ``|t| − t0 <= S − 1`` (t0 the row's nearest visible key: every factor spans
     two positions in 0..S−1), so the arguments' errors multiply the path by
@@ -167,7 +167,7 @@ def recurrence_rounding(algorithm, S, m, coef, radius, radius1, delta, chunk=Non
     *Underflow.* Decay factors are 0 or normal (>= e^{−700}). Gradual underflow
     of a product (a state entry times a factor, or a feature product, below
     2⁻¹⁰²²; absolute error <= 2⁻¹⁰⁷⁵ each, Higham (2.8)) is outside the model,
-    as in planner.rounding_term: it adds at most 2⁻¹⁰⁷⁵·(nch + m + C + 4)·
+    as in rounding_term: it adds at most 2⁻¹⁰⁷⁵·(nch + m + C + 4)·
     max(1, Σ_α|φ_α(q)|)·max|v| to a row whose mass is >= (1−δ)e^{−R} >= e^{−351}
     — negligible unless the features exceed ~10¹⁵⁰.
     """

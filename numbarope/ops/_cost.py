@@ -16,7 +16,7 @@ COST_CONSTANTS = {
     "exact_pair32": 1.3e-9,  # the same in float32
     "exact_flop32": 1.4e-11,
     "exact_general_flop": 1.2e-9,    # one multiply-add of the general-W bilinear forms
-    # fast path: medians of 5 calibrate() runs, 2 threads (numbarope._threads), 2026-11-30
+    # fast path: medians of 5 calibrate() runs, 2 threads (numbarope._runtime.threads), 2026-11-30
     "feature": 8.3e-10,      # one monomial feature value (features(): full arrays, all threads)
     "gemm_flop": 4.9e-11,    # one multiply-add of the gemm path's fused feature-block GEMMs
     "fft_flop": 9.9e-10,     # one unit of N·log2(N) in scipy.fft (per column)

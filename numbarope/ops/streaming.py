@@ -747,9 +747,6 @@ def visible_pairs(n, S, key_range=None, *, causal=False, offset=0):
     return float((a + offset + 1 + c + offset) * (c - a) / 2 + float(S) * (n - c))
 
 
-#: The old name (numbarope.planner._pairs).
-_pairs = visible_pairs
-
 
 def visited_pairs(n, S, key_range=None, row_block=None, key_block=None):
     """(query, key) pairs the kernel computes: per block of ``row_block`` rows, whole

@@ -454,7 +454,6 @@ def test_visible_pairs_causal_closed_form(n, S, off):
     r = nb.Causal().key_ranges(n, S, off)
     assert st.visible_pairs(n, S, r) == ref
     assert st.visible_pairs(n, S) == n * S
-    assert st._pairs is st.visible_pairs
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -1,10 +1,8 @@
-"""What people look at: ``AttentionInfo``'s repr, HTML table, per-field properties
-and exports on exact and fast heads; ``numbarope --version``; help text on every
-option of the command line."""
+"""numbarope._pipeline.report: what people look at — ``AttentionInfo``'s repr, HTML
+table, per-field properties and exports on exact and fast heads, and ``HeadPlan``.
+(``numbarope --version`` and the command line's help text: tests/test_cli.py.)"""
 
-import argparse
 import dataclasses
-import importlib.metadata
 import json
 import sys
 
@@ -13,7 +11,6 @@ import pytest
 
 import numbarope
 from numbarope import AttentionInfo, HeadPlan
-from numbarope.cli import _parser, main
 
 FIELDS = [f.name for f in dataclasses.fields(HeadPlan)]
 #: numeric fields that are None on heads without a fast-path value (or without verify)
@@ -154,43 +151,3 @@ def test_to_dataframe_without_pandas(mixed, monkeypatch):
     monkeypatch.setitem(sys.modules, "pandas", None)       # import pandas -> ImportError
     with pytest.raises(ImportError, match="pip install pandas"):
         mixed.to_dataframe()
-
-
-def test_version(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["--version"])
-    assert exc.value.code == 0
-    assert capsys.readouterr().out.strip() == f"numbarope {numbarope.__version__}"
-    try:
-        installed = importlib.metadata.version("numbarope")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("numbarope is not installed (only imported from the tree)")
-    assert installed == numbarope.__version__, (
-        "installed metadata differs from numbarope.__version__: reinstall (pip install -e .) "
-        "after changing the version")
-
-
-def _subparsers(parser):
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action.choices
-    return {}
-
-
-def test_every_cli_option_has_help():
-    parser = _parser()
-    commands = _subparsers(parser)
-    assert set(commands) == {"demo", "run", "plan"}
-    missing = []
-    for name, p in [("numbarope", parser), *commands.items()]:
-        for action in p._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                continue
-            if not action.help or action.help == argparse.SUPPRESS:
-                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
-    assert not missing, f"options without help text: {missing}"
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    helps = {c.dest: c.help for c in sub._choices_actions}
-    assert all(helps.get(name) for name in commands), helps
-    for name, p in commands.items():
-        assert p.description, name

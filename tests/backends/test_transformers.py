@@ -1,4 +1,5 @@
-"""numbarope as transformers' attention backend (``attn_implementation="numbarope"``).
+"""numbarope.backends.transformers (short name ``numbarope.integrations``): numbarope
+as transformers' attention backend (``attn_implementation="numbarope"``).
 
 A small random Llama (hidden 64, 4 query / 2 key-value heads of dim 16, 2 layers,
 rope_theta 50000, vocabulary 100; no download) against transformers' own "sdpa"
@@ -32,7 +33,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import numbarope.integrations as ni  # noqa: E402  (registers "numbarope")
+import numbarope.backends.transformers as backend  # noqa: E402  (registers "numbarope")
+import numbarope.integrations  # noqa: E402  (the short name of the backend)
 from transformers import (AttentionInterface, DynamicCache, LlamaConfig,  # noqa: E402
                           LlamaForCausalLM)
 from transformers.masking_utils import (AttentionMaskInterface,  # noqa: E402
@@ -46,9 +48,9 @@ EAGER = 1e-5       # against eager's float32 softmax, and any float32 model
 @pytest.fixture(autouse=True)
 def _exact_backend():
     """The comparisons to 1e-12 need the exact path: reset options after each test."""
-    ni.register(method="exact")
+    backend.register(method="exact")
     yield
-    ni.register()
+    backend.register()
 
 
 def _config(**kw):
@@ -97,8 +99,11 @@ def _maxdiff(a, b, where=None):
 def test_registered_with_both_interfaces_and_idempotent():
     assert "numbarope" in AttentionInterface()
     assert "numbarope" in AttentionMaskInterface()
-    assert ni.register() == ni.register() == "numbarope"
-    assert AttentionInterface()["numbarope"] is ni.attention_forward
+    assert backend.register() == backend.register() == "numbarope"
+    assert AttentionInterface()["numbarope"] is backend.attention_forward
+    # numbarope.integrations is the backend's short name
+    for name in ("register", "attention_forward", "mask_structure", "NAME"):
+        assert getattr(numbarope.integrations, name) is getattr(backend, name)
 
 
 def test_one_line_use_with_from_pretrained(model32, tmp_path, batch):
@@ -204,7 +209,7 @@ def test_generate_left_padded(model64, batch, cache):
     assert max(_maxdiff(a, b) for a, b in zip(ours.logits, ref.logits)) < TIGHT
 
 
-# -- what reaches rope_attention ----------------------------------------------
+# -- what reaches the pipeline (numbarope._pipeline.attention) -----------------
 
 class _Layer(torch.nn.Module):
     is_causal = True
@@ -217,7 +222,7 @@ def _spy(monkeypatch):
         seen.update(kw, L=q.shape[-2], S=k.shape[-2])
         return torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)
 
-    monkeypatch.setattr(ni, "rope_attention", fake)
+    monkeypatch.setattr(backend, "_attention", fake)
     return seen
 
 
@@ -230,8 +235,8 @@ def _qkv(L, S, hq=4, hk=2):
 
 def test_square_causal_without_padding_keeps_the_fast_path_open(monkeypatch):
     seen = _spy(monkeypatch)
-    ni.register()                                 # method "auto"
-    out, w = ni.attention_forward(_Layer(), *_qkv(37, 37), None, scaling=0.25)
+    backend.register()                                 # method "auto"
+    out, w = backend.attention_forward(_Layer(), *_qkv(37, 37), None, scaling=0.25)
     assert out.shape == (2, 37, 4, 16) and w is None
     assert seen["is_causal"] and seen["enable_gqa"] and seen["method"] == "auto"
     assert "key_padding_mask" not in seen and "causal_alignment" not in seen
@@ -245,16 +250,16 @@ def test_mask_structure_causal_offsets_and_padding():
     pad[1, :4] = False
     for off in (S - L, 2, 0):
         m = ((j <= i + off) & pad[:, None, None, :])
-        got, kpm = ni.mask_structure(m)
+        got, kpm = backend.mask_structure(m)
         assert got == off              # keys no query reaches may read as padding
         np.testing.assert_array_equal(torch.from_numpy(kpm)[:, :, None, :]
                                       & (j <= i + off), m)
-    got, kpm = ni.mask_structure(pad[:, None, None, :].expand(2, 1, L, S).clone())
+    got, kpm = backend.mask_structure(pad[:, None, None, :].expand(2, 1, L, S).clone())
     assert got is None and kpm is not None          # padding, no causal part
-    got, kpm = ni.mask_structure(torch.ones(2, 1, L, S, dtype=torch.bool))
+    got, kpm = backend.mask_structure(torch.ones(2, 1, L, S, dtype=torch.bool))
     assert got is None and kpm is None
     additive = torch.where(j <= i + S - L, 0.0, torch.finfo(torch.float32).min)
-    assert ni.mask_structure(additive.expand(2, 1, L, S).clone()) == (S - L, None)
+    assert backend.mask_structure(additive.expand(2, 1, L, S).clone()) == (S - L, None)
 
 
 # -- threads ------------------------------------------------------------------
@@ -286,9 +291,9 @@ def test_mask_structure_threads_get_their_own_padding(monkeypatch):
     padding, over and over: each must always get its own mask's padding (the shared
     cache handed one thread the other's, silently; with the yielding weakref about
     1 call in 5, naturally about 1 in 1.2 million)."""
-    monkeypatch.setattr(ni, "weakref", types.SimpleNamespace(ref=_YieldingRef))
+    monkeypatch.setattr(backend, "weakref", types.SimpleNamespace(ref=_YieldingRef))
     masks = [_padded_causal([0, 2]), _padded_causal([3, 0])]
-    expected = [ni._analyse(m) for m in masks]
+    expected = [backend._analyse(m) for m in masks]
     assert not np.array_equal(expected[0][1], expected[1][1])
     wrong, calls = [0, 0], [0, 0]
     stop = time.perf_counter() + 2.0
@@ -296,7 +301,7 @@ def test_mask_structure_threads_get_their_own_padding(monkeypatch):
     def serve(t):
         mask, (offset, kpm) = masks[t], expected[t]
         while time.perf_counter() < stop:
-            got, got_kpm = ni.mask_structure(mask)
+            got, got_kpm = backend.mask_structure(mask)
             calls[t] += 1
             if got != offset or not np.array_equal(got_kpm, kpm):
                 wrong[t] += 1
@@ -314,20 +319,20 @@ def test_mask_structure_reads_each_mask_once_per_thread(monkeypatch):
     """The cache still works: a mask is analysed once (per thread at most), and
     again after an in-place change (its version counter)."""
     analysed = []
-    analyse = ni._analyse
-    monkeypatch.setattr(ni, "_analyse", lambda m: analysed.append(m) or analyse(m))
+    analyse = backend._analyse
+    monkeypatch.setattr(backend, "_analyse", lambda m: analysed.append(m) or analyse(m))
     mask = _padded_causal([0, 2])
-    first = ni.mask_structure(mask)
-    assert ni.mask_structure(mask) is first and len(analysed) == 1
+    first = backend.mask_structure(mask)
+    assert backend.mask_structure(mask) is first and len(analysed) == 1
     other = []
-    t = threading.Thread(target=lambda: other.append(ni.mask_structure(mask)))
+    t = threading.Thread(target=lambda: other.append(backend.mask_structure(mask)))
     t.start()
     t.join(30)
     assert len(analysed) <= 2 and np.array_equal(other[0][1], first[1])
     n = len(analysed)
-    assert np.array_equal(ni.mask_structure(mask)[1], first[1]) and len(analysed) == n
+    assert np.array_equal(backend.mask_structure(mask)[1], first[1]) and len(analysed) == n
     mask[0, 0, :, 0] = False                  # in place: key 0 of row 0 now padding
-    offset, kpm = ni.mask_structure(mask)
+    offset, kpm = backend.mask_structure(mask)
     assert len(analysed) == n + 1 and not kpm[0, 0, 0] and first[1][0, 0, 0]
 
 
@@ -340,14 +345,14 @@ def test_register_in_one_thread_forward_in_another(monkeypatch):
         seen.append((kw["method"], kw["eps"], kw["precision"], kw["workers"]))
         return torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)
 
-    monkeypatch.setattr(ni, "rope_attention", fake)
+    monkeypatch.setattr(backend, "_attention", fake)
     sets = [("exact", 1e-3, "float64", 1), ("fast", 1e-2, None, 2)]
     stop = threading.Event()
 
     def registrar():
         while not stop.is_set():
             for method, eps, precision, workers in sets:
-                ni.register(method=method, eps=eps, precision=precision, workers=workers)
+                backend.register(method=method, eps=eps, precision=precision, workers=workers)
 
     t = threading.Thread(target=registrar)
     t.start()
@@ -355,7 +360,7 @@ def test_register_in_one_thread_forward_in_another(monkeypatch):
         q, k, v = _qkv(3, 3)
         deadline = time.perf_counter() + 0.5
         while time.perf_counter() < deadline:
-            ni.attention_forward(_Layer(), q, k, v, None)
+            backend.attention_forward(_Layer(), q, k, v, None)
     finally:
         stop.set()
         t.join(30)
@@ -379,7 +384,7 @@ def _sliding(L, S, window):
 ])
 def test_unsupported_mask_structure_raises(mask, match):
     with pytest.raises(NotImplementedError, match=match):
-        ni.attention_forward(_Layer(), *_qkv(37, 37), mask)
+        backend.attention_forward(_Layer(), *_qkv(37, 37), mask)
 
 
 def test_sliding_window_model_raises():
@@ -396,9 +401,9 @@ def test_sliding_window_model_raises():
 
 def test_dropout_and_backward_refused(model32):
     with pytest.raises(NotImplementedError, match="dropout"):
-        ni.attention_forward(_Layer(), *_qkv(5, 5), None, dropout=0.1)
+        backend.attention_forward(_Layer(), *_qkv(5, 5), None, dropout=0.1)
     q, k, v = (t.requires_grad_() for t in _qkv(5, 5))
-    out, _ = ni.attention_forward(_Layer(), q, k, v, None)
+    out, _ = backend.attention_forward(_Layer(), q, k, v, None)
     with pytest.raises(NotImplementedError, match="no backward"):
         out.sum().backward()
 
@@ -408,5 +413,5 @@ def test_register_checks_its_options():
                     (dict(workers="x"), TypeError), (dict(workers=0), ValueError),
                     (dict(precision="float16"), ValueError)):
         with pytest.raises(exc):
-            ni.register(**kw)
-    ni.register()
+            backend.register(**kw)
+    backend.register()

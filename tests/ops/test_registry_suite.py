@@ -1,4 +1,4 @@
-"""Every registered fast algorithm, on the example input it declares
+"""numbarope.ops: every registered fast algorithm, on the example input it declares
 (``Algorithm.example``), against the slow dense reference of tests/naive.py: the
 planner gives the head to that algorithm, the output is within the certified bound,
 the row log-sum-exp matches, and verify= finds no violation. A new algorithm gets
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import numbarope
-from numbarope import algorithms
+from numbarope import ops
 from numbarope.bias import RelativeBias
 
 import naive
@@ -30,10 +30,10 @@ def _reference(q, k, v, kw):
                            **common)
 
 
-@pytest.mark.parametrize("name", [a.name for a in algorithms.fast_algorithms()])
+@pytest.mark.parametrize("name", [a.name for a in ops.fast_algorithms()])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_every_algorithm_on_its_example(name, dtype):
-    alg = algorithms.get(name)
+    alg = ops.get(name)
     q, k, v, kw = alg.example(np.random.default_rng(7))
     q, k, v = (a.astype(dtype) for a in (q, k, v))
     out, lse, info = numbarope.rope_attention(q, k, v, method="fast", eps=1e-4,

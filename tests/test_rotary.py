@@ -567,7 +567,7 @@ P0S = [0, 2**20, 2**28, 2**32, 2**40, 2**50]
 
 
 def test_two_pi_constants():
-    # the three float64 pieces of 2π are the successive nearest roundings (see rotary.py)
+    # the three float64 pieces of 2π are the successive nearest roundings (see rotary/angles.py)
     from numbarope import rotary as R
     r = TWO_PI_EXACT
     for c in (R._C1, R._C2, R._C3):
@@ -846,7 +846,7 @@ def test_odd_rotary_dim_suggestion_matches_transformers(model, layout, case):
 def test_odd_rotary_dim_fails_in_transformers(model):
     """Why an odd dim is refused: these transformers 5.24 models fail on it (9 features
     against 10 cos/sin columns). If this test fails, transformers changed: revisit
-    _odd_dim_message in numbarope/rotary.py."""
+    _odd_dim_message in numbarope/rotary/embedding.py."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     if model in ("gptj", "codegen"):

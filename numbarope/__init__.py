@@ -13,7 +13,8 @@ The public surface, all of it:
 * RoPE: :class:`Rotary`, :func:`apply_rotary`, :func:`rotary_relative_matrices`;
 * the polynomial: :func:`exp_approximation`, :class:`ExpApproximation`;
 * structures: :mod:`numbarope.bias`; algorithms: :mod:`numbarope.ops`;
-* threads: :func:`set_workers`, :func:`get_workers`; the cost model: :func:`calibrate`;
+* threads: :func:`set_workers`, :func:`get_workers`, :func:`show_config`; the cost
+  model: :func:`calibrate`;
 * data: :func:`load_sample`, :class:`Sample`.
 
 The layout (``docs/architecture.md``): front-ends → :mod:`numbarope.api` →
@@ -41,13 +42,14 @@ from .datasets import Sample, load_sample  # noqa: E402
 from .ops import FastPathError  # noqa: E402
 from .polynomial import ExpApproximation, exp_approximation  # noqa: E402
 from .rotary import Rotary, apply_rotary, rotary_relative_matrices  # noqa: E402
-from ._runtime.threads import get_workers, set_workers  # noqa: E402
+from ._runtime.threads import get_workers, set_workers, show_config  # noqa: E402
 
 __all__ = [
     "rope_attention", "plan", "calibrate", "AttentionInfo", "HeadPlan",
     "Rotary", "apply_rotary", "rotary_relative_matrices",
     "exp_approximation", "ExpApproximation",
-    "load_sample", "Sample", "bias", "ops", "get_workers", "set_workers", "FastPathError",
+    "load_sample", "Sample", "bias", "ops", "get_workers", "set_workers", "show_config",
+    "FastPathError",
     "long_sequence_attention",
     "__version__",
 ]

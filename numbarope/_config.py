@@ -18,6 +18,18 @@ FASTMATH = frozenset({"reassoc", "contract", "nsz"})
 EXACT_ROW_BLOCK = 256
 #: Keys whose logits are formed at once in the exact streaming kernel.
 EXACT_KEY_BLOCK = 512
+#: The exact kernel's row blocks are halved (down to 32 rows) until one head has at
+#: least this many tasks. From the sequence length only, never the thread count or the
+#: number of heads: results do not depend on ``workers`` or on batching.
+EXACT_TASKS = 8
+#: Multiply-adds of one group of tasks of the exact kernel (one iteration of its
+#: parallel loop, sharing buffers).
+EXACT_GROUP_WORK = 2e7
+#: Multiply-adds per thread of one wave of a parallel section that Python hands to
+#: numba at once (~0.3–1 s on the development machine; and at least 8 task groups per
+#: thread, so that the tail of a wave idles little): between waves Python runs, so
+#: Ctrl-C stops a long call.
+WAVE_WORK = 4e9
 
 #: Rows per chunk of the causal prefix path of the fast path: the intra-chunk
 #: polynomial is formed on chunk x chunk blocks, one key-side state (m x (Ev+1))

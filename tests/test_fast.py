@@ -375,30 +375,3 @@ def test_workers_do_not_change_results():
         np.testing.assert_allclose(den, res[0][1], rtol=1e-13)
 
 
-def test_no_numba_parallel_left():
-    # numbarope runs its threads itself (numbarope._runtime.threads); numba's OpenMP/TBB
-    # layers slow down a process that also uses torch. Every module of the package,
-    # subpackages (ops, _pipeline, _runtime, backends) included
-    import importlib
-    import pathlib
-    import re
-
-    from numba.core.registry import CPUDispatcher
-
-    pkg = pathlib.Path(numbarope.__file__).parent
-    paths = sorted(pkg.rglob("*.py"))
-    assert {"streaming.py", "gemm.py", "inputs.py", "threads.py"} <= {p.name for p in paths}
-    for path in paths:
-        src = path.read_text()
-        rel = path.relative_to(pkg)
-        assert not re.search(r"jit\([^)]*parallel\s*=\s*True|\bprange\b", src), str(rel)
-        name = ".".join(("numbarope",) + rel.with_suffix("").parts)
-        name = name.removesuffix(".__init__")
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:          # optional dependency (torch, transformers) missing
-            continue
-        for attr, obj in vars(mod).items():
-            if isinstance(obj, CPUDispatcher):
-                assert not obj.targetoptions.get("parallel"), f"{name}.{attr}"
-

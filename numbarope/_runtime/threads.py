@@ -1,49 +1,48 @@
 """Threads of numbarope: one control, ``workers``, for numba kernels, BLAS and FFT.
 
-numbarope runs its parallel work on a pool of ordinary Python threads, each
-calling a serial numba kernel compiled with ``nogil=True`` (the GIL is released
-for the whole kernel), and never through numba's ``parallel=True`` threading
-layer. The reasons, measured on the development machine (2 cores):
-
-* numba's OpenMP layer and torch's (a second OpenMP runtime in the same
-  process) slow each other down 3-4x: whichever started second has its threads
-  competing with the other's spinning workers, and ``OMP_WAIT_POLICY`` cannot be
-  changed once a runtime has started. Python threads start no runtime.
-* numba's ``workqueue`` layer avoids that but aborts when two Python threads
-  call parallel kernels at once (Dask's threaded workers do); a pool of Python
-  threads running nogil kernels has no such limit.
-* Within each task, BLAS calls (the GEMMs of the exact kernel) run on a single
-  thread (threadpoolctl), so ``workers`` threads never become
-  ``workers × BLAS threads``.
+Every parallel loop of numbarope is a numba ``@njit(parallel=True)`` function: a
+thin ``prange`` over independent tasks (heads × row blocks, chunks, feature
+blocks), each calling a serial kernel. The partition into tasks depends on the
+sizes only, never on ``workers``, so results are bitwise the same for any number
+of threads. The loops run on numba's threading layer, by default **tbb**
+(:func:`threading_layer`): it serves several Python threads at once (Dask's
+threaded workers, a threaded server) and survives ``fork``; next to torch in one
+process neither slows the other (tools/threads_interop.py). If the process
+already started numba's ``omp`` layer, numbarope uses it (a forked child cannot);
+under ``workqueue`` it runs one parallel region at a time, because that layer
+aborts on concurrent ones. :func:`show_config` prints what runs.
 
 ``workers`` has scipy.fft's meaning: ``None`` uses the default (all cores, or
 what :func:`set_workers` set in this thread), a positive int that many threads,
-a negative int counts from ``os.cpu_count()`` (-1: all cores).
+a negative int counts from ``os.cpu_count()`` (-1: all cores); it maps onto
+numba's per-thread ``set_num_threads`` (at most ``NUMBA_NUM_THREADS``, the cores)
+and scipy.fft's ``workers``.
 
-Several Python threads may call numbarope at once: they share one pool (each
-call runs at most ``workers`` of its chunks at a time), and the BLAS limit is
-counted process-wide (:func:`blas_threads`: the first parallel section sets one
-BLAS thread, the last one restores the settings it found), so concurrent calls
-give the results of sequential ones and leave the BLAS settings as they were.
-In a child made by ``fork`` (which inherits the pool object but not its threads,
-and the locks as they were), :func:`os.register_at_fork` gives the child a new
-pool, new locks and the BLAS settings of the parent before its sections.
+Inside the tasks, BLAS (the GEMMs numba's ``np.dot`` hands to scipy's OpenBLAS)
+runs on one thread, so ``workers`` threads never become ``workers × BLAS
+threads``. The limit is counted process-wide (:func:`blas_threads`: the first
+parallel section sets one BLAS thread, the last one restores the settings it
+found), so concurrent calls give the results of sequential ones and leave the
+BLAS settings as they were. In a child made by ``fork`` (which copies the locks
+as they were), :func:`os.register_at_fork` gives the child new locks and the BLAS
+settings of the parent before its sections.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["get_workers", "set_workers", "resolve_workers", "run_tasks", "blas_threads"]
+import numba
+import numpy as np
+
+__all__ = ["get_workers", "set_workers", "resolve_workers", "blas_threads", "parallel",
+           "threading_layer", "task_array", "prange_loop", "show_config"]
 
 _local = threading.local()
-_pool_lock = threading.Lock()
-_pool = None
-_pool_size = 0
 
 
 def _cpu_count():
@@ -68,14 +67,10 @@ def resolve_workers(workers: int | None = None) -> int:
         if workers is None:
             return _cpu_count()
     if isinstance(workers, bool) or not isinstance(workers, int):
-        try:
-            import numpy as np
-            if isinstance(workers, np.integer):
-                workers = int(workers)
-            else:
-                raise TypeError
-        except TypeError:
-            raise TypeError(f"workers must be an int or None, got {workers!r}") from None
+        if isinstance(workers, np.integer):
+            workers = int(workers)
+        else:
+            raise TypeError(f"workers must be an int or None, got {workers!r}")
     ncpu = _cpu_count()
     if workers == 0:
         raise ValueError("workers=0 is not allowed; use a positive count, or a negative "
@@ -120,78 +115,187 @@ def _set_workers(n: int) -> Iterator[None]:
         _local.workers = old
 
 
-def _pool_thread_init():
-    # runs once in every thread of the pool: those threads run numbarope's kernels only
-    _local.in_pool = True
+# ---------------------------------------------------------------------------
+# numba's threading layer: tbb by default
+
+_layer_lock = threading.Lock()
+_layer = None
+_tbb_path = None
+#: Held around every parallel region when the layer is numba's workqueue, which aborts
+#: the process when two threads enter parallel regions at once.
+_serial = threading.Lock()
+
+
+def _tbb_candidates():
+    """Where pip's ``tbb`` puts ``libtbb.so.12``: ``<prefix>/lib`` of the venv (not on
+    the loader's path), or the files the distribution lists."""
+    names = ("libtbb.so.12", "libtbb.12.dylib", "tbb12.dll")
+    dirs = [os.path.join(sys.prefix, "lib"), os.path.join(sys.base_prefix, "lib"),
+            os.path.join(sys.prefix, "Library", "bin")]
+    for d in dirs:
+        for n in names:
+            yield os.path.join(d, n)
     try:
-        for get, set_ in _blas_libs()[1]:   # BLAS whose thread limit is per thread
-            if get() != 1:
-                set_(1)
-    except Exception:        # pragma: no cover - a failing initializer breaks the pool
-        pass
+        from importlib import metadata
+        for f in metadata.files("tbb") or ():
+            if os.path.basename(str(f)) in names:
+                yield str(f.locate())
+    except Exception:           # no tbb distribution: numba decides
+        return
 
 
-def _submit(fn, k):
-    """Submit ``fn`` ``k`` times to the shared pool (grown to at least ``k`` threads).
-
-    Under the pool's lock: a concurrent call that grows the pool shuts the old one
-    down (its queued work still runs), which must not fall between getting the pool
-    and submitting to it."""
-    global _pool, _pool_size
-    with _pool_lock:
-        if _pool is None or _pool_size < k:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=k, thread_name_prefix="numbarope",
-                                       initializer=_pool_thread_init)
-            _pool_size = k
-        return [_pool.submit(fn) for _ in range(k)]
-
-
-def run_tasks(fn, chunks, workers):
-    """Call ``fn(chunk)`` for every chunk on ``workers`` threads; returns the results.
-
-    ``fn`` should be (or call) a ``nogil`` numba kernel, so that the threads run
-    in parallel. With one worker or one chunk everything runs in the caller's
-    thread (so does a call from inside a task: waiting there for the pool's other
-    threads could deadlock). Exceptions propagate (the first one raised).
-    """
-    chunks = list(chunks)
-    if workers <= 1 or len(chunks) <= 1 or getattr(_local, "in_pool", False):
-        return [fn(c) for c in chunks]
-    # at most `workers` chunks in flight: a shared pool may be larger than this call
-    # asked for, and the call must not use more threads than it was given
-    results = [None] * len(chunks)
-    it = iter(range(len(chunks)))
-    lock = threading.Lock()
-    cancel = threading.Event()
-
-    def worker():
-        while not cancel.is_set():
-            with lock:
-                i = next(it, None)
-            if i is None:
-                return
-            results[i] = fn(chunks[i])
-
-    futs = _submit(worker, min(workers, len(chunks)))
-    try:
-        for f in futs:
-            f.result()
-    except BaseException:
-        # KeyboardInterrupt (or a worker's error): start no further chunk, and wait for
-        # the running ones, so that no kernel keeps a core busy after we return and
-        # the pool is free for the next call (a numba kernel cannot be interrupted)
-        cancel.set()
-        while True:
+def _load_tbb():
+    """Load libtbb by path (RTLD_GLOBAL) so that numba finds its tbb layer; the path or
+    None."""
+    import ctypes
+    for path in _tbb_candidates():
+        if os.path.exists(path):
             try:
-                for f in futs:
-                    f.exception()
-                break
-            except KeyboardInterrupt:      # a second Ctrl-C while the chunks finish
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                return path
+            except OSError:
                 continue
-        raise
-    return results
+    return None
+
+
+def threading_layer() -> str:
+    """The numba threading layer numbarope's parallel loops run on: ``"tbb"``,
+    ``"omp"`` or ``"workqueue"``.
+
+    Started on first use: unless the process already started a layer (numba
+    chooses one layer per process, at its first parallel region) or
+    ``NUMBA_THREADING_LAYER`` names one, numbarope makes the ``tbb`` package's
+    library loadable (pip installs it where the loader does not look) so that
+    numba's default choice, tbb first, finds it. tbb serves several Python threads
+    at once and survives ``fork``; ``omp`` works but a forked child cannot use it;
+    under ``workqueue`` numbarope runs one parallel region at a time (it aborts
+    on concurrent ones).
+    """
+    global _layer, _tbb_path
+    if _layer is None:
+        with _layer_lock:
+            if _layer is None:
+                from numba.np.ufunc import parallel as _par
+                if not _par._is_initialized and numba.config.THREADING_LAYER in (
+                        "default", "tbb", "safe"):
+                    _tbb_path = _load_tbb()
+                _par._launch_threads()       # what numba's first parallel region does
+                _layer = numba.threading_layer()
+    return _layer
+
+
+@contextlib.contextmanager
+def parallel(nthreads: int) -> Iterator[None]:
+    """Run numba parallel regions with ``nthreads`` threads (numba's per-thread
+    ``set_num_threads``, at most ``NUMBA_NUM_THREADS``), iterations handed out one at a
+    time (``set_parallel_chunksize(1)``: tasks of unequal sizes balance), BLAS at one
+    thread inside (:func:`blas_threads`); under the workqueue layer one region at a
+    time in the process. Restores the caller's settings."""
+    layer = threading_layer()
+    n = max(1, min(int(nthreads), numba.config.NUMBA_NUM_THREADS))
+    old = numba.get_num_threads()
+    numba.set_num_threads(n)
+    old_chunk = numba.set_parallel_chunksize(1)
+    lock = _serial if layer == "workqueue" else contextlib.nullcontext()
+    try:
+        with lock, _ONE_BLAS_THREAD:
+            yield
+    finally:
+        numba.set_parallel_chunksize(old_chunk)
+        numba.set_num_threads(old)
+
+
+class _PrangeLoop:
+    """A thin ``prange`` loop ``loop(kernel, *args)`` calling the serial numba ``kernel``
+    through its address (a first-class function, numba's ``FunctionType``).
+
+    Compiled per signature of its arguments, ``parallel=True``, ``cache=True``; the
+    kernel is compiled once on its own and only called from the loop. (Called
+    directly, numba would compile the kernel's code again into every loop that calls
+    it: the cold compile of the package doubled.) ``kernel_args(*args)`` gives the
+    arguments of one kernel call (task 0), from which the kernel's signature is
+    found.
+    """
+
+    def __init__(self, pyfunc, kernel_args):
+        self.pyfunc = pyfunc
+        self.kernel_args = kernel_args
+        self.dispatcher = numba.njit(parallel=True, cache=True)(pyfunc)
+        # no compile from the call's types (that would compile the kernel into the loop):
+        # only the explicit signatures of __call__ (disable_compile() wants one first)
+        self.dispatcher._can_compile = False
+        self.__name__ = pyfunc.__name__
+        self.__doc__ = pyfunc.__doc__
+        self.__wrapped__ = pyfunc
+
+    def __call__(self, kernel, *args):
+        try:
+            return self.dispatcher(kernel, *args)
+        except TypeError as exc:
+            if not str(exc).startswith("No matching definition"):
+                raise
+        ksig = tuple(numba.typeof(a) for a in self.kernel_args(*args))
+        kernel.compile(ksig)             # on its own (from the cache when there)
+        ret = kernel.overloads[ksig].signature.return_type
+        fn = numba.types.FunctionType(ret(*ksig))
+        with _layer_lock:
+            self.dispatcher._can_compile = True
+            try:
+                self.dispatcher.compile((fn,) + tuple(numba.typeof(a) for a in args))
+            finally:
+                self.dispatcher._can_compile = False
+        return self.dispatcher(kernel, *args)
+
+
+def prange_loop(kernel_args):
+    """Decorator of a thin prange loop ``loop(kernel, *args)`` (see :class:`_PrangeLoop`):
+    ``kernel_args(*args)`` gives the arguments of the kernel's call for task 0."""
+    def wrap(pyfunc):
+        return _PrangeLoop(pyfunc, kernel_args)
+    return wrap
+
+
+def task_array(tasks) -> np.ndarray:
+    """(n, 2) int64 array of ``(start, stop)`` pairs (a parallel driver's task list)."""
+    return np.asarray(list(tasks), dtype=np.int64).reshape(-1, 2)
+
+
+def show_config(file=None) -> dict:
+    """Print (and return) what numbarope runs on: numba's threading layer and where
+    tbb was loaded from, the default threads, numba's thread limit, and the BLAS
+    libraries (threadpoolctl) with their threads.
+
+    Examples
+    --------
+    >>> import numbarope
+    >>> import io
+    >>> cfg = numbarope.show_config(file=io.StringIO())
+    >>> cfg["threading_layer"] in ("tbb", "omp", "workqueue")
+    True
+    """
+    from threadpoolctl import threadpool_info
+    layer = threading_layer()
+    try:
+        from importlib import metadata
+        tbb_version = metadata.version("tbb")
+    except Exception:
+        tbb_version = None
+    cfg = dict(numba=numba.__version__, threading_layer=layer, tbb=tbb_version,
+               tbb_library=_tbb_path, workers=get_workers(),
+               numba_num_threads=numba.config.NUMBA_NUM_THREADS,
+               blas=[dict(library=d.get("internal_api"), version=d.get("version"),
+                          threads=d.get("num_threads"), threading=d.get("threading_layer"))
+                     for d in threadpool_info() if d.get("user_api") == "blas"])
+    lines = [f"numba {cfg['numba']}, threading layer {layer}"
+             + (f" (tbb {tbb_version}, {_tbb_path})" if layer == "tbb" and _tbb_path else
+                f" (tbb {tbb_version})" if layer == "tbb" else ""),
+             f"threads: workers={cfg['workers']} (default), NUMBA_NUM_THREADS="
+             f"{cfg['numba_num_threads']}"]
+    for b in cfg["blas"]:
+        lines.append(f"BLAS: {b['library']} {b['version']}, {b['threads']} threads"
+                     + (f" ({b['threading']})" if b['threading'] else ""))
+    print("\n".join(lines), file=file if file is not None else sys.stdout)
+    return cfg
 
 
 # ---------------------------------------------------------------------------
@@ -346,12 +450,11 @@ def blas_threads(n=1):
 
 
 def _after_fork_in_child():
-    global _pool, _pool_size, _pool_lock, _libs_lock
-    # the pool's threads did not come along (a submit to it would wait forever);
+    global _libs_lock, _layer_lock, _serial
     # a lock another thread held at the fork would stay held
-    _pool, _pool_size = None, 0
-    _pool_lock = threading.Lock()
     _libs_lock = threading.Lock()
+    _layer_lock = threading.Lock()
+    _serial = threading.Lock()
     try:
         _ONE_BLAS_THREAD._after_fork_in_child()
     except Exception:        # pragma: no cover - never fail the child's start

@@ -35,9 +35,10 @@ they share lives here:
   division (:func:`_finish`, :func:`_shaped`), :func:`visible_keys`;
 * :func:`key_side_state` (the state of a block of keys alone) and :func:`add_states`.
 
-Threads: serial ``nogil`` numba kernels run on Python threads
-(:func:`numbarope._runtime.threads.run_tasks`), each owning its outputs (a private
-state, or its own rows of the numerator); GEMMs are numba's ``np.dot`` (scipy's
+Threads: serial numba kernels, each owning its outputs (a private state, or its own
+rows of the numerator), run as the iterations of thin ``prange`` loops
+(``@njit(parallel=True)``, the ``_par_*`` functions, under
+:func:`numbarope._runtime.threads.parallel`); GEMMs are numba's ``np.dot`` (scipy's
 BLAS) at one BLAS thread inside the parallel sections. Every partition that changes
 a rounding depends on the sizes only (never on ``workers``), so results are bitwise
 the same for any number of threads.
@@ -58,10 +59,10 @@ N. J. Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed., SIAM
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .. import _config
-from .._runtime.threads import blas_threads, resolve_workers, run_tasks
+from .._runtime.threads import parallel, prange_loop, resolve_workers, task_array
 from ._features import (_features_block, _features_reduce, feature_recurrence,
                         feature_weights, monomial_table, n_features)
 
@@ -175,10 +176,9 @@ def scan_memory(n, S, E, Ev, degree, heads=1, chunk=None):
 
 
 # ------------------------------------------------------------------ serial kernels
-# Each runs on one Python thread with the GIL released (nogil) and owns its outputs:
-# a private state, or its own rows of the numerator. GEMMs are numba's np.dot (scipy's
-# BLAS) with one BLAS thread (the caller sets blas_threads(1) around the parallel
-# section).
+# Each is one task of a parallel loop and owns its outputs: a private state, or its
+# own rows of the numerator. GEMMs are numba's np.dot (scipy's BLAS) with one BLAS
+# thread (runtime.threads.parallel limits it around the parallel section).
 
 @njit(cache=True, nogil=True, fastmath=_FM)
 def _key_state(kt, v, r0, r1, cf, parent, var, ratio, w0, post, weight, buf, S, s):
@@ -254,6 +254,27 @@ def _task_keys(kt, v, kpos, dec, ref, r0, r1, cf, parent, var, ratio, w0, post, 
 def _task_queries(qt, S, s, r0, r1, cf, parent, var, ratio, w0, post, weight, num, den):
     buf = np.empty(parent.shape[0] * max(1, min(cf, r1 - r0)))
     _query_rows(qt, S, s, r0, r1, cf, parent, var, ratio, w0, post, weight, buf, num, den)
+
+
+# ------------------------------------------------------------------ parallel loops
+# Each a thin prange over independent tasks calling a serial kernel (tasks: (n, 2)
+# int64 ranges whose partition depends on the sizes only): results do not depend on
+# the number of threads.
+
+@prange_loop(lambda *a: a[:5] + (0, 0) + a[6:13] + (a[13][0], a[14][0]))
+def _par_task_keys(fn, kt, v, kpos, dec, ref, tasks, cf, parent, var, ratio, w0, post,
+                   weight, S_t, s_t):
+    for i in prange(tasks.shape[0]):
+        fn(kt, v, kpos, dec, ref, tasks[i, 0], tasks[i, 1], cf, parent, var, ratio, w0, post,
+           weight, S_t[i], s_t[i])
+
+
+@prange_loop(lambda qt, S, s, tasks, cf, *rest: (qt, S, s, 0, 0, cf, *rest))
+def _par_task_queries(fn, qt, S, s, tasks, cf, parent, var, ratio, w0, post, weight, num,
+                      den):
+    for i in prange(tasks.shape[0]):
+        fn(qt, S, s, tasks[i, 0], tasks[i, 1], cf, parent, var, ratio, w0, post, weight, num,
+           den)
 
 
 @njit(cache=True, nogil=True, fastmath=_FM)
@@ -397,6 +418,24 @@ def _scan_queries(qs, ks, qt, v, pc, lo, lim, xrow, kpos, dec, init, rstart, j0,
         else:
             S += states[j - base]
             s += sums[j - base]
+
+
+@prange_loop(lambda *a: a[:4] + (0, 0) + a[5:16] + (a[16][0], a[17][0]))
+def _par_chunk_states(fn, kt, v, kpos, dec, tasks, base, c, cf, parent, var, ratio, w0, post,
+                      weight, states, sums, S_t, s_t):
+    for i in prange(tasks.shape[0]):
+        fn(kt, v, kpos, dec, tasks[i, 0], tasks[i, 1], base, c, cf, parent, var, ratio, w0,
+           post, weight, states, sums, S_t[i], s_t[i])
+
+
+@prange_loop(lambda *a: a[:12] + (0, 0) + a[13:24] + (a[24][0], a[25][0]) + a[26:])
+def _par_scan_queries(fn, qs, ks, qt, v, pc, lo, lim, xrow, kpos, dec, init, rstart, tasks,
+                      base, c, cf, parent, var, ratio, w0, post, weight, states, sums, S_t,
+                      s_t, num, den):
+    for i in prange(tasks.shape[0]):
+        fn(qs, ks, qt, v, pc, lo, lim, xrow, kpos, dec, init, rstart, tasks[i, 0],
+           tasks[i, 1], base, c, cf, parent, var, ratio, w0, post, weight, states, sums,
+           S_t[i], s_t[i], num, den)
 
 
 # ------------------------------------------------------------------ inputs and outputs
@@ -554,10 +593,9 @@ def _key_states(ks, v, F, nw, kpos=None, dec=None, ref=0):
     tasks = _ranges(0, nk, _state_tasks(m, Ev + 1, -(-nk // cf)))
     S_t = np.zeros((max(1, len(tasks)), m, Ev))
     s_t = np.zeros((max(1, len(tasks)), m))
-    with blas_threads(1):
-        run_tasks(lambda i: _task_keys(kt, v, kpos, dec, ref, tasks[i][0], tasks[i][1], cf,
-                                       *F.keys(), S_t[i], s_t[i]),
-                  range(len(tasks)), nw)
+    with parallel(nw):
+        _par_task_keys(_task_keys, kt, v, kpos, dec, ref, task_array(tasks), cf, *F.keys(),
+                       S_t, s_t)
     S, s = S_t[0], s_t[0]
     for i in range(1, len(tasks)):
         S += S_t[i]
@@ -582,9 +620,9 @@ def _query_apply(qs, S, s, F, nw, num=None, den=None, r0=0, r1=None, cf=None):
     if r1 <= r0:
         return num, den
     qt = np.ascontiguousarray(qs.T)
-    with blas_threads(1):
-        run_tasks(lambda t: _task_queries(qt, S, s, t[0], t[1], cf, *F.queries(), num, den),
-                  _row_blocks(r0, r1, cf), resolve_workers(nw))
+    with parallel(resolve_workers(nw)):
+        _par_task_queries(_task_queries, qt, S, s, task_array(_row_blocks(r0, r1, cf)), cf,
+                          *F.queries(), num, den)
     return num, den
 
 
@@ -668,15 +706,14 @@ def _scan(qs, ks, v, lim, F, nw, c, kpos=None, dec=None, state=None):
     sums = np.empty((min(G, nch), m))
     # work of a chunk: its keys' side (c rows) and its query rows (query side + Horner)
     work = (c + np.diff(rstart)).astype(np.float64)
-    with blas_threads(1):
+    with parallel(nw):
         for g0 in range(0, nch, G):
             g1 = min(g0 + G, nch)
             tasks = _ranges(g0, g1, _state_tasks(m, Ev + 1, g1 - g0), work[g0:g1])
             S_t = np.zeros((len(tasks), m, Ev))
             s_t = np.zeros((len(tasks), m))
-            run_tasks(lambda i: _chunk_states(kt, v, kpos, dec, tasks[i][0], tasks[i][1], g0,
-                                              c, cf, *F.keys(), states, sums, S_t[i], s_t[i]),
-                      range(len(tasks)), nw)
+            _par_chunk_states(_chunk_states, kt, v, kpos, dec, task_array(tasks), g0, c, cf,
+                              *F.keys(), states, sums, S_t, s_t)
             for i, (a, b) in enumerate(tasks):            # exclusive scan, in place
                 tot, tsum = S_t[i].copy(), s_t[i].copy()
                 S_t[i], s_t[i] = S, s                     # decay: referenced at ends[a − 1]
@@ -686,11 +723,9 @@ def _scan(qs, ks, v, lim, F, nw, c, kpos=None, dec=None, state=None):
                     s *= f
                 S += tot
                 s += tsum
-            run_tasks(lambda i: _scan_queries(qs, ks, qt, v, F.pc, lo, lim, xrow, kpos, dec,
-                                              init, rstart, tasks[i][0], tasks[i][1], g0, c,
-                                              cf, *F.queries(), states, sums, S_t[i], s_t[i],
-                                              num, den),
-                      range(len(tasks)), nw)
+            _par_scan_queries(_scan_queries, qs, ks, qt, v, F.pc, lo, lim, xrow, kpos, dec,
+                              init, rstart, task_array(tasks), g0, c, cf, *F.queries(),
+                              states, sums, S_t, s_t, num, den)
     if full0 < nq:                    # S: every key (decay: referenced at kpos[nk − 1] = x_r)
         _query_apply(qs, S, s, F, nw, num, den, full0, nq, cf)
     if order is not None:

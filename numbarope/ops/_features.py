@@ -16,11 +16,11 @@ the E^k tensor power).
 from functools import lru_cache
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 from scipy.special import comb
 
 from .. import _config
-from .._runtime.threads import resolve_workers, run_tasks
+from .._runtime.threads import parallel, prange_loop, resolve_workers, task_array
 
 _FM = set(_config.FASTMATH)
 
@@ -166,9 +166,10 @@ def feature_recurrence(weight, parent):
     return np.ones_like(weight), 1.0, True
 
 
-def _row_tasks(rows, workers, least=256):
-    """Balanced ranges of rows (about 4 per worker, each >= ``least`` rows)."""
-    k = max(1, min(4 * workers, rows // max(1, least)))
+def _row_tasks(rows, least=256):
+    """Balanced ranges of rows (at most ``_config.MAX_TASKS``, each >= ``least`` rows),
+    by the sizes only: a row meets the same vectorised block for any ``workers``."""
+    k = max(1, min(_config.MAX_TASKS, rows // max(1, least)))
     bounds = np.linspace(0, rows, k + 1).astype(np.int64)
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
@@ -200,12 +201,17 @@ def features(x, E, g, weight, out=None, workers=None):
         xt = np.ascontiguousarray(np.asarray(x, dtype=np.float64).T)
         ratio, w0, post = feature_recurrence(weight, parent)
 
-        def run(task):
-            _features_block(xt, task[0], task[1], parent, var, ratio, w0, post, weight,
-                            out, task[0])
-
-        run_tasks(run, _row_tasks(rows, resolve_workers(workers)), resolve_workers(workers))
+        with parallel(resolve_workers(workers)):
+            _par_features(_features_block, xt, task_array(_row_tasks(rows)), parent, var,
+                          ratio, w0, post, weight, out)
     return out
+
+
+@prange_loop(lambda xt, tasks, *rest: (xt, 0, 0, *rest, 0))
+def _par_features(fn, xt, tasks, parent, var, ratio, w0, post, weight, out):
+    for i in prange(tasks.shape[0]):
+        fn(xt, tasks[i, 0], tasks[i, 1], parent, var, ratio, w0, post, weight, out,
+           tasks[i, 0])
 
 
 def feature_weights(coef, E, g):
@@ -266,6 +272,13 @@ def _sympow_step(W, Pprev, par_local, var_local, mul, t0, t1, out):
                         out[t, a, mul[bprev, e]] += cf * W[t, row, e]
 
 
+@prange_loop(lambda W, Pprev, par_local, var_local, mul, tasks, out:
+             (W, Pprev, par_local, var_local, mul, 0, 0, out))
+def _par_sympow_step(fn, W, Pprev, par_local, var_local, mul, tasks, out):
+    for i in prange(tasks.shape[0]):
+        fn(W, Pprev, par_local, var_local, mul, tasks[i, 0], tasks[i, 1], out)
+
+
 def symmetric_power(W, k, workers=None):
     """Symmetric power ``M_k(W_t)`` of a stack of matrices in the monomial basis.
 
@@ -293,15 +306,15 @@ def symmetric_power(W, k, workers=None):
         return P
     start, parent, var, multi = monomial_table(E, k)
     nw = resolve_workers(workers)
-    tasks = _row_tasks(T, nw, least=16)
+    tasks = task_array(_row_tasks(T, least=16))
     for d in range(1, k + 1):
         lo, hi = start[d], start[d + 1]
         par_local = np.ascontiguousarray(parent[lo:hi] - start[d - 1])
         var_local = np.ascontiguousarray(var[lo:hi])
         mul = _mul_table(E, d - 1)
         out = np.empty((T, hi - lo, hi - lo))
-        run_tasks(lambda tk, P=P, out=out: _sympow_step(W, P, par_local, var_local, mul,
-                                                         tk[0], tk[1], out), tasks, nw)
+        with parallel(nw):
+            _par_sympow_step(_sympow_step, W, P, par_local, var_local, mul, tasks, out)
         P = out
     P *= multi[start[k]:start[k + 1]][None, :, None]
     return P

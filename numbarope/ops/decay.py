@@ -51,11 +51,11 @@ N. J. Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed., SIAM
 """
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .. import _config
 from .. import bias as _bias
-from .._runtime.threads import blas_threads, resolve_workers, run_tasks
+from .._runtime.threads import parallel, prange_loop, resolve_workers, task_array
 from ._bounds import DECAY_CUT, recurrence_rounding
 from ._common import (_FM, _check_state, _example_qkv, _key_states, _ranges, _scan, _setup,
                       _shaped, _Side, gemm_chunk, recurrence_chunk, scan_memory)
@@ -263,6 +263,29 @@ def _both_queries(qs, ks, qt, v, kpos, dec, pc, lim, xf, xb, ff, fb, rstart, j0,
                 num[r0:r1] += np.dot(X, v[k0:k1])
 
 
+# parallel loops: thin pranges over independent tasks (partitions by the sizes only)
+@prange_loop(lambda kt, v, kpos, dec, tasks, *rest: (kt, v, kpos, dec, 0, 0, *rest))
+def _par_both_states(fn, kt, v, kpos, dec, tasks, c, cf, parent, var, ratio, w0, post,
+                     weight, st):
+    for i in prange(tasks.shape[0]):
+        fn(kt, v, kpos, dec, tasks[i, 0], tasks[i, 1], c, cf, parent, var, ratio, w0, post,
+           weight, st)
+
+
+@prange_loop(lambda kpos, dec, c, tasks, st: (kpos, dec, c, 0, 0, st))
+def _par_both_scan(fn, kpos, dec, c, tasks, st):
+    for i in prange(tasks.shape[0]):
+        fn(kpos, dec, c, tasks[i, 0], tasks[i, 1], st)
+
+
+@prange_loop(lambda *a: a[:13] + (0, 0) + a[14:])
+def _par_both_queries(fn, qs, ks, qt, v, kpos, dec, pc, lim, xf, xb, ff, fb, rstart, tasks,
+                      c, cf, parent, var, ratio, w0, post, weight, st, num, den):
+    for i in prange(tasks.shape[0]):
+        fn(qs, ks, qt, v, kpos, dec, pc, lim, xf, xb, ff, fb, rstart, tasks[i, 0],
+           tasks[i, 1], c, cf, parent, var, ratio, w0, post, weight, st, num, den)
+
+
 # ------------------------------------------------------------------ drivers
 def _both_fits(nk, m, Ev, c):
     """Two-sided decay in one pass keeps 2·nch states of m × (Ev+1): within STATE_BYTES?"""
@@ -295,16 +318,16 @@ def _decay_both(qs, ks, v, kpos, lim, ff, fb, dec, F, nw):
     num = np.empty((nq, Ev))
     den = np.empty(nq)
     ntask = min(nch, _config.MAX_TASKS)
-    with blas_threads(1):
-        run_tasks(lambda t: _both_states(kt, v, kpos, dec, t[0], t[1], c, cf, *F.keys(), st),
-                  _ranges(0, nch, ntask), nw)
-        run_tasks(lambda t: _both_scan(kpos, dec, c, t[0], t[1], st),
-                  _ranges(0, m, min(m, _config.MAX_TASKS)), nw)
+    with parallel(nw):
+        _par_both_states(_both_states, kt, v, kpos, dec, task_array(_ranges(0, nch, ntask)),
+                         c, cf, *F.keys(), st)
+        _par_both_scan(_both_scan, kpos, dec, c,
+                       task_array(_ranges(0, m, min(m, _config.MAX_TASKS))), st)
         work = (c + np.diff(rstart)).astype(np.float64)
-        run_tasks(lambda t: _both_queries(qs, ks, qt, v, kpos, dec, F.pc, lim, xf, xb, ff, fb,
-                                          rstart, t[0], t[1], c, cf, *F.queries(), st, num,
-                                          den),
-                  _ranges(0, nch, ntask, work), nw)
+        _par_both_queries(_both_queries, qs, ks, qt, v, kpos, dec, F.pc, lim, xf, xb, ff, fb,
+                          rstart,
+                          task_array(_ranges(0, nch, ntask, work)), c, cf, *F.queries(), st,
+                          num, den)
     out_num = np.empty_like(num)
     out_den = np.empty_like(den)
     out_num[order], out_den[order] = num, den

@@ -5,8 +5,9 @@ certified error bound (:func:`exact_error_bound`) and its registry entry
 (:class:`Streaming`, which serves every structure) live in this one file.
 
 The work is cut into tasks, one per (head, block of ``_config.EXACT_ROW_BLOCK``
-query rows), run on ``workers`` Python threads (:mod:`numbarope._runtime.threads`),
-each task a serial numba kernel that releases the GIL. Query row i of head b sees
+query rows; blocks from the sizes only, :func:`exact_blocks`), the iterations of a
+thin ``prange`` loop (:func:`_par_exact`, numba's threading layer, ``workers``
+threads: :mod:`numbarope._runtime.threads`), each a serial numba kernel. Query row i of head b sees
 at most the keys ``lo_i <= j < hi_i`` of its range row (``key_ranges``: the causal
 mask, a window, chunked local attention, packed sequences; all keys without).
 A task walks the key blocks (``_config.EXACT_KEY_BLOCK`` keys, aligned) from
@@ -50,10 +51,10 @@ key block per thread.
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .. import _config
-from .._runtime.threads import blas_threads, resolve_workers, run_tasks
+from .._runtime.threads import parallel, prange_loop, resolve_workers
 from ._cost import COST_CONSTANTS
 from ._exp import EXP_FLUSH, EXP_ULPS, _exp_block
 from .registry import Algorithm, HeadSpec, register
@@ -210,6 +211,18 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
                 for c in range(Ev):
                     out[b, i0 + r, c] = 0.0
                 lse[b, i0 + r] = -np.inf
+
+
+@prange_loop(lambda *a: a[:25] + (a[25][a[26][0]:a[26][1]],) + a[27:])
+def _par_exact(fn, q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshift, sidx,
+               gscale, row_block, key_block, qnorm, knorm, headroom, kmask, kidx, has_kmask,
+               kvidx, lo, hi, lidx, has_ranges, tasks, starts, out, lse):
+    # the parallel loop of the exact path: one iteration per group of tasks
+    # tasks[starts[g]:starts[g+1]] (each task writes its own rows of out, lse)
+    for g in prange(starts.shape[0] - 1):
+        fn(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshift, sidx, gscale,
+           row_block, key_block, qnorm, knorm, headroom, kmask, kidx, has_kmask, kvidx, lo, hi,
+           lidx, has_ranges, tasks[starts[g]:starts[g + 1]], out, lse)
 
 
 _DUMMY_REL = np.zeros((1, 1, 1, 1))
@@ -485,16 +498,19 @@ def row_norms(x):
     return out
 
 
-def exact_blocks(B, n, nthreads, n_keys=None):
+def exact_blocks(B, n, n_keys=None):
     """Row and key block sizes of the exact kernel for B heads of length n.
 
     ``_config.EXACT_ROW_BLOCK`` rows per task (large blocks keep the GEMMs
-    efficient), halved down to 32 until there are at least 4 tasks per thread
-    (so that every thread is busy and the last tasks balance);
-    ``_config.EXACT_KEY_BLOCK`` keys, fewer when n is shorter.
+    efficient), halved down to 32 until one head has at least
+    ``_config.EXACT_TASKS`` tasks (so that one long head keeps several threads busy
+    and the last tasks balance); ``_config.EXACT_KEY_BLOCK`` keys, fewer when n is
+    shorter. From n alone (not B, not the threads): a row's blocks, hence its
+    rounding, are the same for any number of threads and any batching of the heads
+    (a Dask chunk of heads gives the bits of the whole call).
     """
     rb = int(_config.EXACT_ROW_BLOCK)
-    while rb > 32 and B * -(-n // rb) < 4 * nthreads:
+    while rb > 32 and -(-n // rb) < _config.EXACT_TASKS:
         rb //= 2
     kb = int(min(_config.EXACT_KEY_BLOCK, max(n if n_keys is None else n_keys, 1)))
     return rb, kb
@@ -664,7 +680,7 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx
     else:
         shift, sidx = _DUMMY_BIAS, np.zeros(B, np.int64)
     nthreads = resolve_workers(workers)
-    rb, kb = exact_blocks(B, n, nthreads, S)
+    rb, kb = exact_blocks(B, n, S)
     starts = np.arange(0, n, rb, dtype=np.int64)
     tasks = np.stack(np.broadcast_arrays(np.arange(B, dtype=np.int64)[:, None],
                                          starts[None, :]), axis=-1).reshape(-1, 2)
@@ -676,14 +692,7 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx
         total = float(work.sum()) * cost
     else:
         total = float(B) * n * S * cost
-    # enough chunks for dynamic balance, few enough that Python overhead stays small
-    per_chunk = max(1, int(4e6 // max(total / len(tasks), 1)))
     inline = total < _config.INLINE_WORK
-    if inline:      # a small call: handing it to threads costs more than it saves
-        chunks = [tasks]
-    else:
-        nchunks = max(min(len(tasks), 8 * nthreads), -(-len(tasks) // per_chunk))
-        chunks = np.array_split(tasks, min(nchunks, len(tasks)))
     if general:
         gscale = float(scale)
         qnorm = knorm = np.zeros((1, 1))
@@ -709,16 +718,27 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx
         if headroom < 1.0:
             headroom = -np.inf          # always compute the maximum
 
-    def run(chunk):
-        _exact_tasks(q, k, v, rel, ri, general, bs, bi, has_bias, shift, sidx,
-                     gscale, rb, kb, qnorm, knorm, headroom, km, ki, has_kmask, kvi,
-                     lo, hi, li, has_ranges, np.ascontiguousarray(chunk), out, lse)
-
-    if inline:
-        run(chunks[0])                       # the caller's thread; rows do not change
+    args = (q, k, v, rel, ri, general, bs, bi, has_bias, shift, sidx, gscale, rb, kb, qnorm,
+            knorm, headroom, km, ki, has_kmask, kvi, lo, hi, li, has_ranges)
+    if inline:      # a small call: a parallel region costs more than it saves
+        _exact_tasks(*args, np.ascontiguousarray(tasks), out, lse)
     else:
-        with blas_threads(1):
-            run_tasks(run, chunks, nthreads)
+        # tasks in groups (each group one prange iteration, reusing its buffers: a row
+        # does not depend on its group), groups in waves of about WAVE_WORK multiply-adds
+        # per thread: between waves Python runs, so Ctrl-C stops a long call
+        per_task = total / len(tasks)
+        group = max(1, min(int(_config.EXACT_GROUP_WORK // max(per_task, 1)),
+                           -(-len(tasks) // (4 * nthreads))))
+        starts = np.arange(0, len(tasks) + group, group, dtype=np.int64)
+        starts[-1] = len(tasks)
+        starts = np.unique(starts)
+        wave = max(8 * nthreads, int(_config.WAVE_WORK * nthreads // max(per_task * group, 1)))
+        tasks = np.ascontiguousarray(tasks)
+        with parallel(nthreads):
+            for w0 in range(0, len(starts) - 1, wave):
+                w1 = min(w0 + wave, len(starts) - 1)
+                _par_exact(_exact_tasks, *args, tasks, np.ascontiguousarray(starts[w0:w1 + 1]),
+                           out, lse)
     if return_lse and has_bias:              # undo the per-row bias shift
         lse += shift[sidx]
     return (out, lse) if return_lse else out

@@ -25,11 +25,11 @@ N. J. Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed. (2002), 
 """
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .. import _config
 from .. import bias as _bias
-from .._runtime.threads import blas_threads, resolve_workers, run_tasks
+from .._runtime.threads import parallel, prange_loop, resolve_workers, task_array
 from ._bounds import recurrence_rounding
 from ._common import (_FM, _chunk_states, _example_qkv, _horner_block, _query_rows, _ranges,
                       _setup, _shaped, _Side, gemm_chunk, recurrence_chunk, scan_memory)
@@ -134,6 +134,24 @@ def _window_queries(qs, ks, qt, v, pc, lo, hi, ra, rb, gstart, gcl, gch, g0, g1,
                           den)
 
 
+# parallel loops: thin pranges over independent tasks (any partition: the same rows)
+@prange_loop(lambda kt, v, kpos, dec, tasks, *rest: (kt, v, kpos, dec, 0, 0, 0, *rest))
+def _par_leaves(fn, kt, v, kpos, dec, tasks, c, cf, parent, var, ratio, w0, post, weight,
+                nodes, nsums, notot, nosum):
+    for i in prange(tasks.shape[0]):
+        fn(kt, v, kpos, dec, tasks[i, 0], tasks[i, 1], 0, c, cf, parent, var, ratio, w0, post,
+           weight, nodes, nsums, notot, nosum)
+
+
+@prange_loop(lambda *a: a[:12] + (0, 0) + a[13:])
+def _par_window_queries(fn, qs, ks, qt, v, pc, lo, hi, ra, rb, gstart, gcl, gch, tasks, c,
+                        cf, parent, var, ratio, w0, post, weight, nodes, nsums, loff, num,
+                        den):
+    for i in prange(tasks.shape[0]):
+        fn(qs, ks, qt, v, pc, lo, hi, ra, rb, gstart, gcl, gch, tasks[i, 0], tasks[i, 1], c,
+           cf, parent, var, ratio, w0, post, weight, nodes, nsums, loff, num, den)
+
+
 # ------------------------------------------------------------------ driver
 def _window_pass(qs, ks, v, lo, hi, F, nw):
     """Row r sees the keys ``lo[r] <= j < hi[r]`` (indices of the real keys, unit
@@ -179,12 +197,11 @@ def _window_pass(qs, ks, v, lo, hi, F, nw):
     nodec = np.empty(0)
     nopos = np.empty(0, np.int64)
     notot, nosum = np.empty((0, 0)), np.empty(0)      # no task totals
-    with blas_threads(1):
+    with parallel(nw):
         if covered:
-            parts = _ranges(0, nch, min(nch, 4 * nw))       # chunks are independent
-            run_tasks(lambda t: _chunk_states(kt, v, nopos, nodec, t[0], t[1], 0, c, cf,
-                                              *F.keys(), nodes, nsums, notot, nosum),
-                      parts, nw)
+            parts = _ranges(0, nch, min(nch, _config.MAX_TASKS))    # chunks are independent
+            _par_leaves(_chunk_states, kt, v, nopos, nodec, task_array(parts), c, cf,
+                        *F.keys(), nodes, nsums, notot, nosum)
             for lev in range(1, len(sizes)):
                 a0, n0, a1 = loff[lev - 1], sizes[lev - 1], loff[lev]
                 pairs = n0 // 2
@@ -197,11 +214,11 @@ def _window_pass(qs, ks, v, lo, hi, F, nw):
                     nsums[a1 + pairs] = nsums[a0 + n0 - 1]
         # groups are independent (any partition gives the same rows); balanced by rows
         work = (np.diff(gstart) + 8).astype(np.float64)
-        tasks = _ranges(0, ng, min(ng, 4 * nw), work)
-        run_tasks(lambda t: _window_queries(qg, ks, qt, v, F.pc, lo, hi, ra, rb, gstart, gcl,
-                                            gch, t[0], t[1], c, cf, *F.queries(), nodes,
-                                            nsums, loff, gnum, gden),
-                  tasks, nw)
+        tasks = _ranges(0, ng, min(ng, _config.MAX_TASKS), work)
+        _par_window_queries(_window_queries, qg, ks, qt, v, F.pc, lo, hi, ra, rb, gstart, gcl,
+                            gch,
+                            task_array(tasks), c, cf, *F.queries(), nodes, nsums, loff, gnum,
+                            gden)
     num[rows] = gnum
     den[rows] = gden
     return num, den

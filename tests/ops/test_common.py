@@ -152,17 +152,41 @@ def test_layering_of_the_algorithm_modules(name):
                         "numbarope"), (name, fn.name)
 
 
-@pytest.mark.parametrize("name", SEPARABLE)
-def test_no_numba_parallel_left(name):
-    # numbarope runs its threads itself (numbarope._runtime.threads); numba's OpenMP/TBB
-    # layers slow down a process that also uses torch
+PARALLEL = SEPARABLE + ("streaming", "toeplitz_fft", "_features")
+
+
+@pytest.mark.parametrize("name", PARALLEL)
+def test_parallel_loops_are_thin_pranges(name):
+    # issue 20: every parallel loop is a numba parallel=True function whose body is one
+    # prange over tasks calling one serial kernel (results independent of the threads;
+    # compile time small); no Python thread pool
     from numba.core.registry import CPUDispatcher
     src = _module_path(name).read_text()
-    assert not re.search(r"jit\([^)]*parallel\s*=\s*True|\bprange\b", src), name
+    assert "run_tasks" not in src and "ThreadPool" not in src, name
     mod = importlib.import_module(f"numbarope.ops.{name}")
+    tree = ast.parse(src)
+    funcs = {f.name: f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
+    from numbarope._runtime.threads import _PrangeLoop
+    loops = 0
     for attr, obj in vars(mod).items():
-        if isinstance(obj, CPUDispatcher):
-            assert not obj.targetoptions.get("parallel"), f"{name}.{attr}"
+        if isinstance(obj, _PrangeLoop) and obj.pyfunc.__module__ == mod.__name__:
+            assert obj.dispatcher.targetoptions.get("parallel"), f"{name}.{attr}"
+            loops += 1
+        elif isinstance(obj, CPUDispatcher) and obj.py_func.__module__ == mod.__name__:
+            assert not obj.targetoptions.get("parallel"), f"{name}.{attr}: use prange_loop"
+            assert "prange" not in ast.unparse(funcs[attr]), f"{name}.{attr}"
+            continue
+        else:
+            continue
+        fn = funcs[attr]
+        body = [b for b in fn.body if not isinstance(b, ast.Expr)
+                or not isinstance(b.value, ast.Constant)]          # docstring aside
+        assert len(body) == 1 and isinstance(body[0], ast.For), f"{name}.{attr}"
+        loop = body[0]
+        assert isinstance(loop.iter, ast.Call) and ast.unparse(loop.iter.func) == "prange"
+        assert len(loop.body) == 1 and isinstance(loop.body[0], ast.Expr) \
+            and isinstance(loop.body[0].value, ast.Call), f"{name}.{attr}"
+    assert loops or name in ("gemm", "prefix", "fft", "toeplitz_fft"), name
 
 
 def test_each_algorithm_registers_itself():

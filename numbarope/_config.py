@@ -22,6 +22,16 @@ EXACT_KEY_BLOCK = 512
 #: least this many tasks. From the sequence length only, never the thread count or the
 #: number of heads: results do not depend on ``workers`` or on batching.
 EXACT_TASKS = 8
+#: Query rows per key/value head (a query head's rows, times the query heads of a
+#: grouped-query group) up to which the exact path takes its decoding kernel: rows
+#: stacked, keys split into chunks (flash-decoding), logits and value products as
+#: loops rather than BLAS calls.
+DECODE_ROWS = 16
+#: Keys per chunk (one task) of the decoding kernel, a multiple of DECODE_BLOCK; from
+#: the sizes only: results do not depend on the threads or on batching.
+DECODE_CHUNK = 512
+#: Keys whose logits the decoding kernel forms at once (its key block).
+DECODE_BLOCK = 256
 #: Multiply-adds of one group of tasks of the exact kernel (one iteration of its
 #: parallel loop, sharing buffers).
 EXACT_GROUP_WORK = 2e7

@@ -27,7 +27,7 @@ _COMMON_DOC = """
     query : (..., L, E) array_like of float32 or float64
         Queries (L = n for self-attention); leading (batch, head) dims broadcast with those of key, value,
         relative and bias. torch CPU tensors are accepted (float16 and bfloat16
-        too: computed in float64, returned in their dtype, the final rounding in
+        too: computed as float32 inputs, returned in their dtype, the final rounding in
         ``info.error_bound``); when any of query, key, value is a torch tensor, the
         result is a torch tensor of the dtype torch promotes the three to
         (``torch.promote_types``, numpy inputs taken by their dtype: a float16

@@ -18,6 +18,7 @@ import warnings
 import numpy as np
 
 from .._runtime.interop import is_torch, output_like, requires_grad
+from .fastlane import try_fast_exact
 from .heads import Heads, head_facts
 from .inputs import Problem, check_shapes, make_problem
 from .plan import Plan, plan_heads
@@ -77,7 +78,14 @@ def attention(query, key, value, *, method, eps, degree=None, approx="chebyshev"
     their options, ``arrays``: rotary, relative, bias, is_causal, scale, precision,
     enable_gqa, query_offset, causal_alignment, key_padding_mask, positions) through
     the pipeline, the result packaged as the inputs came (numpy, or torch of torch's
-    promoted dtype). What the API and every backend call."""
+    promoted dtype). What the API and every backend call. Calls the fast lane serves
+    (:mod:`.fastlane`: exact, with what was derived for their shapes reused) skip
+    the per-call planning."""
+    if not (return_info or verify or degree is not None or radius is not None):
+        res = try_fast_exact(query, key, value, method=method, eps=eps, approx=approx,
+                             workers=workers, return_lse=return_lse, **arrays)
+        if res is not None:
+            return res
     p, out_torch = make_problem(query, key, value, **arrays)
     out, lse, info = attend(p, method=method, eps=eps, degree=degree, approx=approx,
                             radius=radius, verify=verify, workers=workers,

@@ -505,8 +505,9 @@ def make_problem(query, key, value, *, rotary=None, relative=None, bias=None,
         query, key, value, relative, None if structure is not None else bias)
     kpm = to_numpy(key_padding_mask, "key_padding_mask", allow_int=True)[0]
     pos = to_numpy(positions, "positions", allow_int=True)[0]
-    if low_unit is not None and precision is None:
-        precision = "float64"        # float16/bfloat16 inputs: computed in float64
+    # float16/bfloat16 inputs arrive widened (exactly) to float32 and are computed as
+    # float32 inputs are (float32, float64 where the logits need it), as torch does;
+    # the result's rounding to their dtype is in the bound (out_unit below)
     q = as_float_array(q, "query")
     k = as_float_array(k, "key")
     v = as_float_array(v, "value")

@@ -5,7 +5,8 @@ is already imported). Everything numbarope computes stays numpy inside.
 
 * torch CPU tensors are read without a copy where numpy can view them
   (float32/float64); float16 and bfloat16 are widened exactly to float32 and
-  computed in float64, and the result is returned in the input dtype with its
+  computed as float32 inputs are (float32 accumulation, float64 where the logits
+  need it, as torch computes them in float32), and the result is returned in the input dtype with its
   rounding (``2⁻¹¹`` or ``2⁻⁸`` times max|V|) added to ``info.error_bound``;
   tensors on another device are refused (numbarope computes on the CPU).
   There is no backward pass: given tensors that require grad (grad mode on), the
@@ -129,6 +130,9 @@ def output_like(out, torch_dtypes, grad_inputs=()):
     if not names:
         return out
     import torch
+    if len(names) == 1 and not grad_inputs and names[0] == out.dtype.name and \
+            out.flags.c_contiguous:
+        return torch.from_numpy(out)         # the common case, without conversions
     dt = getattr(torch, names[0])
     for d in names[1:]:
         dt = torch.promote_types(dt, getattr(torch, d))

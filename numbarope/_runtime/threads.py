@@ -184,25 +184,53 @@ def threading_layer() -> str:
     return _layer
 
 
-@contextlib.contextmanager
-def parallel(nthreads: int) -> Iterator[None]:
-    """Run numba parallel regions with ``nthreads`` threads (numba's per-thread
-    ``set_num_threads``, at most ``NUMBA_NUM_THREADS``), iterations handed out one at a
-    time (``set_parallel_chunksize(1)``: tasks of unequal sizes balance), BLAS at one
-    thread inside (:func:`blas_threads`); under the workqueue layer one region at a
-    time in the process. Restores the caller's settings."""
-    layer = threading_layer()
-    n = max(1, min(int(nthreads), numba.config.NUMBA_NUM_THREADS))
-    old = numba.get_num_threads()
-    numba.set_num_threads(n)
-    old_chunk = numba.set_parallel_chunksize(1)
-    lock = _serial if layer == "workqueue" else contextlib.nullcontext()
-    try:
-        with lock, _ONE_BLAS_THREAD:
-            yield
-    finally:
-        numba.set_parallel_chunksize(old_chunk)
-        numba.set_num_threads(old)
+class parallel:
+    """``with parallel(nthreads):`` numba parallel regions with ``nthreads`` threads
+    (numba's per-thread ``set_num_threads``, at most ``NUMBA_NUM_THREADS``), iterations
+    handed out one at a time (``set_parallel_chunksize(1)``: tasks of unequal sizes
+    balance; ``balance=False`` for equal tasks), BLAS at one thread inside
+    (:func:`blas_threads`; ``blas=False`` for loops that call no BLAS); under the
+    workqueue layer one region at a time in the process. Restores the caller's
+    settings. Entering costs a few microseconds (decoding calls take tens)."""
+
+    __slots__ = ("n", "blas", "balance", "old", "old_chunk", "lock")
+
+    def __init__(self, nthreads: int, blas: bool = True, balance: bool = True):
+        self.n = max(1, min(int(nthreads), _MAX_THREADS))
+        self.blas = blas
+        self.balance = balance
+
+    def __enter__(self):
+        layer = _layer if _layer is not None else threading_layer()
+        self.lock = _serial if layer == "workqueue" else None
+        if self.lock is not None:
+            self.lock.acquire()
+        self.old = _get_num_threads()
+        if self.old != self.n:
+            _set_num_threads(self.n)
+        self.old_chunk = _set_chunksize(1) if self.balance else None
+        if self.blas:
+            _ONE_BLAS_THREAD.__enter__()
+        return None
+
+    def __exit__(self, *exc):
+        try:
+            if self.blas:
+                _ONE_BLAS_THREAD.__exit__(*exc)
+        finally:
+            if self.old_chunk is not None:
+                _set_chunksize(self.old_chunk)
+            if self.old != self.n:
+                _set_num_threads(self.old)
+            if self.lock is not None:
+                self.lock.release()
+        return False
+
+
+_MAX_THREADS = numba.config.NUMBA_NUM_THREADS
+_get_num_threads = numba.get_num_threads
+_set_num_threads = numba.set_num_threads
+_set_chunksize = numba.set_parallel_chunksize
 
 
 class _PrangeLoop:

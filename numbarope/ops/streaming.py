@@ -50,6 +50,8 @@ key block per thread.
 
 import math
 
+import functools
+
 import numpy as np
 from numba import njit, prange
 
@@ -666,6 +668,12 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx
     else:
         lo = hi = _DUMMY_RANGE
         li = np.zeros(B, np.int64)
+    if not general and not has_bias:
+        g = _decode_stack(B, n, kvi, k.shape[0], ki, has_kmask, li, has_ranges)
+        if g:
+            out, lse = _decode(q, k, v, scale, g, km, ki, has_kmask, lo, hi, li, has_ranges,
+                               resolve_workers(workers))
+            return (out, lse) if return_lse else out
     if has_bias:     # per (key mask row, range row, bias row) triple: visible keys only
         trip, sidx = np.unique(np.stack([ki, li, bi], axis=1), axis=0, return_inverse=True)
         sidx = np.ascontiguousarray(sidx.reshape(-1), dtype=np.int64)
@@ -742,6 +750,262 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx
     if return_lse and has_bias:              # undo the per-row bias shift
         lse += shift[sidx]
     return (out, lse) if return_lse else out
+
+
+# ------------------------------------------------------------------ few rows (decoding)
+#
+# Decoding asks for one query per head (a few with grouped-query heads, or a few new
+# tokens onto a cache) against a long cache: the rows of one key/value head are
+# stacked (R <= DECODE_ROWS), and the keys are split into chunks of DECODE_CHUNK
+# (flash-decoding): one task per (key/value head, chunk), each the online softmax of
+# the main kernel over its keys in blocks of DECODE_BLOCK, with the logits and the
+# value products as loops (vectorised over E; BLAS packs its operands, which for a
+# few rows costs more than the product). The partial (max, sum, numerator) of the
+# chunks are merged in float64, in chunk order. Every chunk boundary is a block
+# boundary, so each weight passes the roundings of the main kernel's analysis
+# (exact_error_bound with key_block = DECODE_BLOCK); the merge is one more
+# rescale-and-add per chunk, within the float64 terms there.
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _decode_task(q, k, v, zero, kmask, kidx, has_kmask, lo, hi, lidx, has_ranges, block,
+                 b, c0, c1, m_out, l_out, acc_out, bad_out):
+    # rows r of key/value head b (q[b, r], already scaled) against keys c0 .. c1 - 1;
+    # writes the chunk's running maximum, sum and numerator (float64)
+    R, E = q.shape[1], q.shape[2]
+    Ev = v.shape[2]
+    S = np.empty((R, block), q.dtype)
+    tmp = np.empty((R, Ev), q.dtype)
+    acc = np.zeros((R, Ev))
+    mx = np.full(R, -np.inf)
+    den = np.zeros(R)
+    lr = lidx[b]
+    bad = False
+    for j0 in range(c0, c1, block):
+        j1 = min(j0 + block, c1)
+        nb = j1 - j0
+        jj = 0                      # four keys at a time: four independent dot chains
+        while jj + 4 <= nb:
+            k0 = k[b, j0 + jj]
+            k1 = k[b, j0 + jj + 1]
+            k2 = k[b, j0 + jj + 2]
+            k3 = k[b, j0 + jj + 3]
+            for r in range(R):
+                qr = q[b, r]
+                x0 = zero
+                x1 = zero
+                x2 = zero
+                x3 = zero
+                for e in range(E):
+                    qe = qr[e]
+                    x0 += qe * k0[e]
+                    x1 += qe * k1[e]
+                    x2 += qe * k2[e]
+                    x3 += qe * k3[e]
+                S[r, jj] = x0
+                S[r, jj + 1] = x1
+                S[r, jj + 2] = x2
+                S[r, jj + 3] = x3
+            jj += 4
+        for j in range(jj, nb):
+            kr = k[b, j0 + j]
+            for r in range(R):
+                qr = q[b, r]
+                x = zero
+                for e in range(E):
+                    x += qr[e] * kr[e]
+                S[r, j] = x
+        any_row = False
+        for r in range(R):
+            row = S[r]
+            for jj in range(nb):        # a non-finite logit: NaN/inf in q or k (any key,
+                bad |= not np.isfinite(row[jj])     # padded or not) or beyond the dtype
+            ja = 0
+            jb = nb
+            if has_ranges:
+                ja = min(max(lo[lr, r] - j0, 0), nb)
+                jb = max(min(hi[lr, r] - j0, nb), ja)
+            for jj in range(ja):
+                row[jj] = -np.inf
+            for jj in range(jb, nb):
+                row[jj] = -np.inf
+            if has_kmask:
+                km = kmask[kidx[b]]
+                for jj in range(ja, jb):
+                    row[jj] += km[j0 + jj]
+            bm = -np.inf
+            for jj in range(ja, jb):
+                y = row[jj]
+                bm = y if y > bm else bm
+            mnew = max(mx[r], bm)
+            if mnew == -np.inf:
+                for jj in range(nb):
+                    row[jj] = 0.0
+                continue
+            any_row = True
+            if mnew > mx[r]:
+                corr = np.exp(mx[r] - mnew)
+                if corr < 1e-308:
+                    corr = 0.0
+                den[r] *= corr
+                for c in range(Ev):
+                    acc[r, c] *= corr
+                mx[r] = mnew
+            den[r] += _exp_block(row, nb, mx[r])
+        if not any_row:
+            continue
+        tmp[:, :] = 0.0
+        jj = 0                      # four keys at a time: one update of tmp per four
+        while jj + 4 <= nb:
+            v0 = v[b, j0 + jj]
+            v1 = v[b, j0 + jj + 1]
+            v2 = v[b, j0 + jj + 2]
+            v3 = v[b, j0 + jj + 3]
+            for r in range(R):
+                p0 = S[r, jj]
+                p1 = S[r, jj + 1]
+                p2 = S[r, jj + 2]
+                p3 = S[r, jj + 3]
+                tr = tmp[r]
+                for c in range(Ev):
+                    tr[c] += p0 * v0[c] + p1 * v1[c] + p2 * v2[c] + p3 * v3[c]
+            jj += 4
+        for j in range(jj, nb):
+            vr = v[b, j0 + j]
+            for r in range(R):
+                p = S[r, j]
+                tr = tmp[r]
+                for c in range(Ev):
+                    tr[c] += p * vr[c]
+        for r in range(R):
+            for c in range(Ev):
+                acc[r, c] += tmp[r, c]
+    m_out[:] = mx
+    l_out[:] = den
+    acc_out[:, :] = acc
+    bad_out[0] = bad
+
+
+@njit(cache=True, parallel=True)
+def _par_decode(q, k, v, zero, kmask, kidx, has_kmask, lo, hi, lidx, has_ranges, block,
+                tasks, M, L, A, F):
+    # the decoding kernel's parallel loop. It calls its kernel directly (compiled into
+    # the loop, not through prange_loop's function pointer): decoding calls take
+    # microseconds, and the pointer's conversion on every call cost ~50 µs; this is
+    # the kernel's only entry point, so it is compiled once all the same.
+    for t in prange(tasks.shape[0]):
+        _decode_task(q, k, v, zero, kmask, kidx, has_kmask, lo, hi, lidx, has_ranges, block,
+                     tasks[t, 0], tasks[t, 1], tasks[t, 2], M[t], L[t], A[t], F[t:t + 1])
+
+
+@njit(cache=True, nogil=True)
+def _consecutive(kvidx, g):
+    # kvidx[b] == b // g for every b
+    for b in range(kvidx.shape[0]):
+        if kvidx[b] != b // g:
+            return False
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _decode_merge(M, L, A, F, first, out, lse):
+    # the chunks first[b] .. first[b+1] - 1 of key/value head b, merged in order; a head
+    # with a non-finite logit (F) gets NaN rows (NaN/inf inputs: the callers refuse)
+    Bk, R, Ev = out.shape
+    for b in range(Bk):
+        bad = False
+        for t in range(first[b], first[b + 1]):
+            bad |= F[t]
+        if bad:
+            for r in range(R):
+                for c in range(Ev):
+                    out[b, r, c] = np.nan
+                lse[b, r] = np.nan
+            continue
+        for r in range(R):
+            m = -np.inf
+            for t in range(first[b], first[b + 1]):
+                m = max(m, M[t, r])
+            if m == -np.inf:
+                for c in range(Ev):
+                    out[b, r, c] = 0.0
+                lse[b, r] = -np.inf
+                continue
+            den = 0.0
+            num = np.zeros(Ev)
+            for t in range(first[b], first[b + 1]):
+                if M[t, r] == -np.inf:
+                    continue
+                f = np.exp(M[t, r] - m)
+                den += L[t, r] * f
+                for c in range(Ev):
+                    num[c] += A[t, r, c] * f
+            inv = 1.0 / den
+            for c in range(Ev):
+                out[b, r, c] = num[c] * inv
+            lse[b, r] = m + np.log(den)
+
+
+def _decode_stack(B, n, kvidx, Bk, kidx, has_kmask, lidx, has_ranges):
+    """Group size g when the query heads of each key/value head are g consecutive heads
+    with one key mask and one range row each, and g·n <= DECODE_ROWS; else 0."""
+    if B % Bk:
+        return 0
+    g = B // Bk
+    if g * n > _config.DECODE_ROWS or not _consecutive(kvidx, g):
+        return 0
+    for idx, has in ((kidx, has_kmask), (lidx, has_ranges)):
+        if has and not np.all(idx.reshape(Bk, g) == idx[::g, None]):
+            return 0
+    return g
+
+
+def _decode(q, k, v, scale, g, km, ki, has_kmask, lo, hi, li, has_ranges, nthreads):
+    """Few rows per key/value head (see the comment above ``_decode_task``): ``(out,
+    lse)`` of q (B, n, E) with B = Bk·g query heads, g consecutive per key/value head."""
+    B, n, E = q.shape
+    Bk, S, _ = k.shape
+    Ev = v.shape[2]
+    dt = q.dtype
+    R = g * n
+    qs = np.ascontiguousarray((q * dt.type(scale)).reshape(Bk, R, E))
+    kib = np.ascontiguousarray(ki[::g]) if has_kmask else ki[:Bk]
+    if has_ranges:          # a range row per stacked row: rows of g heads share lidx
+        lr = li[::g]
+        lo2 = np.ascontiguousarray(np.tile(lo[lr], (1, g)))
+        hi2 = np.ascontiguousarray(np.tile(hi[lr], (1, g)))
+        li2 = np.arange(Bk, dtype=np.int64)
+    else:
+        lo2, hi2, li2 = lo, hi, np.zeros(Bk, np.int64)
+    block, tasks, first = _decode_plan(Bk, S, int(_config.DECODE_BLOCK),
+                                       int(_config.DECODE_CHUNK))
+    T = tasks.shape[0]
+    M, L, A = np.empty((T, R)), np.empty((T, R)), np.empty((T, R, Ev))
+    F = np.zeros(T, np.bool_)
+    args = (qs, k, v, dt.type(0.0), km, kib, has_kmask, lo2, hi2, li2, has_ranges, block,
+            tasks, M, L, A, F)
+    small = float(Bk) * R * S * (E + Ev) < _config.INLINE_WORK
+    with parallel(1 if small or T == 1 else nthreads, blas=False, balance=False):
+        _par_decode(*args)                   # no BLAS inside; equal tasks: no balancing
+    out = np.empty((Bk, R, Ev), dt)
+    lse = np.empty((Bk, R))
+    _decode_merge(M, L, A, F, first, out, lse)
+    return out.reshape(B, n, Ev), lse.reshape(B, n)
+
+
+@functools.lru_cache(maxsize=256)
+def _decode_plan(Bk, S, block, chunk):
+    """``(block, tasks, first)`` of the decoding kernel: chunks of ``chunk`` keys (a
+    multiple of the block), one task ``(head, start, stop)`` each, ``first[b]`` the
+    first task of head b; read-only, shared by every call of these sizes."""
+    chunk = max(block, chunk // block * block)
+    nch = -(-S // chunk)
+    c0 = np.arange(nch, dtype=np.int64) * chunk
+    tasks = np.stack([np.repeat(np.arange(Bk, dtype=np.int64), nch), np.tile(c0, Bk),
+                      np.tile(np.minimum(c0 + chunk, S), Bk)], axis=1)
+    first = np.arange(0, Bk * nch + 1, nch, dtype=np.int64)
+    for a in (tasks, first):
+        a.setflags(write=False)
+    return block, tasks, first
 
 
 # ------------------------------------------------------------------ pairs, cost, bound

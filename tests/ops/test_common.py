@@ -173,9 +173,12 @@ def test_parallel_loops_are_thin_pranges(name):
             assert obj.dispatcher.targetoptions.get("parallel"), f"{name}.{attr}"
             loops += 1
         elif isinstance(obj, CPUDispatcher) and obj.py_func.__module__ == mod.__name__:
-            assert not obj.targetoptions.get("parallel"), f"{name}.{attr}: use prange_loop"
-            assert "prange" not in ast.unparse(funcs[attr]), f"{name}.{attr}"
-            continue
+            if not obj.targetoptions.get("parallel"):
+                assert "prange" not in ast.unparse(funcs[attr]), f"{name}.{attr}"
+                continue
+            # a direct parallel loop (the decoding kernel's: microsecond calls cannot
+            # pay prange_loop's function-pointer conversion): thin all the same
+            loops += 1
         else:
             continue
         fn = funcs[attr]

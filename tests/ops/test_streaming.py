@@ -564,3 +564,64 @@ def test_streaming_predict_and_memory():
     r = nb.Window(50, 0).key_ranges(8000, 8000, 0)     # whole key blocks near the band
     assert st.predict_exact(8000, 16, 16, key_range=r) < st.predict_exact(8000, 16, 16) / 8
     assert st.exact_memory(1000, 16, 16) == alg.memory(h)
+
+
+# ---------------------------------------------------------------- the decoding kernel
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("g, n, S", [(1, 1, 1), (3, 1, 5), (3, 1, 700), (1, 4, 1030),
+                                     (4, 4, 257), (2, 2, 3000)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_decoding_kernel_against_dense(dtype, g, n, S, masked):
+    # few rows per key/value head (g stacked query heads × n rows <= DECODE_ROWS) take
+    # the decoding kernel (chunks of keys, merged in order); every row against the
+    # dense float64 reference, with key padding and bottom-right causal ranges
+    assert g * n <= _config.DECODE_ROWS
+    rng = np.random.default_rng(zlib.crc32(f"{g}{n}{S}{masked}".encode()))
+    Bk, E, Ev = 2, 16, 8
+    B = Bk * g
+    q = rng.standard_normal((B, n, E)).astype(dtype)
+    k = rng.standard_normal((Bk, S, E)).astype(dtype)
+    v = rng.standard_normal((Bk, S, Ev)).astype(dtype)
+    kvidx = np.repeat(np.arange(Bk), g)
+    kw, real = {}, np.ones((Bk, S), bool)
+    if masked:
+        real = rng.random((Bk, S)) < 0.8
+        real[:, 0] = True
+        kw["key_mask"] = np.where(real, 0.0, -np.inf)
+        kw["kidx"] = kvidx.copy()
+        lo = np.zeros(n, np.int64)
+        hi = np.arange(S - n + 1, S + 1, dtype=np.int64)             # causal, bottom right
+        kw["key_ranges"] = (lo[None], hi[None], np.zeros(B, np.int64))
+    assert st._decode_stack(B, n, kvidx, Bk, kw.get("kidx", np.zeros(B, np.int64)),
+                            masked, np.zeros(B, np.int64), masked) == g
+    out, lse = st.exact_attention(q, k, v, 0.3, kvidx=kvidx, return_lse=True, **kw)
+    assert out.dtype == dtype and out.shape == (B, n, Ev)
+    tol = 5e-6 if dtype == np.float32 else 1e-13
+    for b in range(B):
+        lo_, hi_ = (lo, hi) if masked else (None, None)
+        ref, rl = dense(q[b], k[kvidx[b]], v[kvidx[b]], 0.3, lo_, hi_, real=real[kvidx[b]])
+        np.testing.assert_allclose(out[b], ref, atol=tol, rtol=0)
+        np.testing.assert_allclose(lse[b], rl, atol=tol * 10, rtol=0)
+
+
+def test_decoding_kernel_is_bitwise_independent_of_workers():
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((6, 1, 64)).astype(np.float32)
+    k = rng.standard_normal((2, 5000, 64)).astype(np.float32)
+    v = rng.standard_normal((2, 5000, 64)).astype(np.float32)
+    kvidx = np.repeat(np.arange(2), 3)
+    one = st.exact_attention(q, k, v, 0.125, kvidx=kvidx, workers=1)
+    two = st.exact_attention(q, k, v, 0.125, kvidx=kvidx, workers=2)
+    np.testing.assert_array_equal(one, two)
+
+
+def test_decoding_kernel_flags_non_finite_logits():
+    # the kernel has no finiteness pass: a NaN/inf logit makes its head's rows NaN,
+    # which the callers see and send to the full checks
+    q = np.ones((1, 1, 4))
+    k = np.ones((1, 40, 4))
+    v = np.ones((1, 40, 2))
+    k[0, 17, 2] = np.inf
+    out = st.exact_attention(q, k, v, 0.5)
+    assert np.isnan(out).all()

@@ -1,0 +1,255 @@
+"""The fast lane: exact calls with a reused plan, for decoding steps and model layers.
+
+A transformers model calls attention once per layer with the same shapes (every
+layer of a decoding step, every step), and nearly always on the exact path: its
+logit radii are far above what a polynomial serves cheaply. For such calls the
+full pipeline (a Problem, per-head facts, a plan per head, the certified bound per
+head) costs milliseconds of Python around a kernel of microseconds. This lane
+keeps, per shape signature (shapes, dtype, mask kind, options), what the full
+pipeline derived once (:class:`_Entry`): the flattened layout, the key ranges, and
+the largest logit radius ``R*`` at which the planner would choose the fast path
+for these shapes (the planner's choice is monotone in R). A call then costs: a
+lower bound of each head's radius (one key row), the comparison with ``R*``, the
+kernel, and the checks.
+
+It serves only what it can decide alike: no bias array, no relative matrices, no
+rotary, no positions, no ``radius=``/``degree=``/``verify=``, ``return_info=False``
+(the per-head certified bound is the report's job), float32/float64 inputs of one
+dtype without broadcasting. Anything else, a head whose radius might be below
+``R*``, or a non-finite result (NaN/inf inputs, logits beyond float32) goes to the
+full pipeline, which then decides, refuses or computes exactly as it would have:
+the lane returns nothing it could not have returned, and the same bits (it runs
+the same kernel on the same arrays).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from .. import _config
+from ..bias import Causal, NoBias
+from ..ops.streaming import exact_attention
+from .._runtime.interop import is_torch, output_like
+from .heads import head_facts
+from .inputs import _all_finite, make_problem
+from .plan import RADIUS_GRID, plan_head
+
+__all__ = ["try_fast_exact", "clear"]
+
+_cache: dict = {}
+_lock = threading.Lock()
+#: Shape signatures kept (a model has a handful: prefill, decode, a few batch sizes).
+MAX_ENTRIES = 64
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """What the full pipeline derived once for a shape signature."""
+
+    batch_shape: tuple
+    B: int
+    Bk: int
+    L: int
+    S: int
+    E: int
+    Ev: int
+    kvidx: np.ndarray
+    lo: np.ndarray | None          # key ranges (L,), or None
+    hi: np.ndarray | None
+    r_star: float                  # largest radius at which "auto" may pick fast (0: never)
+    compute: np.dtype
+    scale: float
+
+
+def clear():
+    """Forget every reused plan (tests; after ``numbarope.calibrate``)."""
+    with _lock:
+        _cache.clear()
+
+
+def _numpy(x):
+    """A float32/float64 numpy view of x, its torch dtype name, or None (not for us)."""
+    if isinstance(x, np.ndarray):
+        return (x, None) if x.dtype in (np.float32, np.float64) and x.dtype.isnative \
+            else None
+    if is_torch(x):
+        name = _TORCH_FLOATS.get(str(x.dtype))
+        if name is None or x.requires_grad or x.device.type != "cpu":
+            return None
+        return x.numpy(), name
+    return None
+
+
+_TORCH_FLOATS = {"torch.float32": "float32", "torch.float64": "float64"}
+
+
+@njit(cache=True, nogil=True)
+def _result_ok(out, lse):
+    # every output finite and no log-sum-exp NaN or +inf; -1 if some lse is -inf (a row
+    # that saw nothing: checked against its keys), 1 otherwise, 0 when something is off
+    o = out.reshape(-1)
+    for i in range(o.size):
+        if not np.isfinite(o[i]):
+            return 0
+    neg = False
+    ls = lse.reshape(-1)
+    for i in range(ls.size):
+        x = ls[i]
+        if np.isnan(x) or x == np.inf:
+            return 0
+        neg |= x == -np.inf
+    return -1 if neg else 1
+
+
+def _threshold(spec, method, eps, approx):
+    """Largest grid radius at which ``plan_head`` picks fast for this head, 0 when it
+    never does (even at a radius of 1e-12)."""
+    if method == "exact":
+        return 0.0
+    opts = dict(method="auto", eps=eps, degree=None, approx=approx)
+
+    def fast(r):
+        from dataclasses import replace
+        return plan_head(replace(spec, radius=r, radius1=r), **opts).method == "fast"
+
+    lo_k, hi_k = int(np.floor(np.log(1e-12) / np.log(RADIUS_GRID))), \
+        int(np.ceil(np.log(400.0) / np.log(RADIUS_GRID)))
+    if not fast(RADIUS_GRID ** lo_k):
+        return 0.0
+    while hi_k - lo_k > 1:          # fast at lo_k; bisect for the last grid point that is
+        mid = (lo_k + hi_k) // 2
+        if fast(RADIUS_GRID ** mid):
+            lo_k = mid
+        else:
+            hi_k = mid
+    return float(RADIUS_GRID ** hi_k)        # an upper side: heads at or below go back
+
+
+def _entry(key, query, key_, value, method, eps, approx, arrays):
+    """Run the full pipeline's preparation once and keep what a call reuses."""
+    p, _ = make_problem(query, key_, value, **arrays)
+    sh = p.shapes
+    facts = head_facts(p, None, fast=False)
+    if method == "exact":
+        r_star = 0.0
+    else:
+        specs = {(type(h.structure), h.general) for h in facts.specs}
+        if len(specs) != 1:
+            return None
+        r_star = _threshold(facts.specs[0], method, eps, approx)
+    lo, hi = (None, None) if p.key_ranges is None else p.key_ranges
+    e = _Entry(batch_shape=sh.batch_shape, B=sh.heads, Bk=p.k.shape[0], L=sh.L, S=sh.S,
+               E=sh.E, Ev=sh.Ev, kvidx=p.kvidx, lo=lo, hi=hi, r_star=r_star,
+               compute=facts.compute_dtype, scale=p.scale)
+    with _lock:
+        if len(_cache) >= MAX_ENTRIES:
+            _cache.pop(next(iter(_cache)))
+        _cache[key] = e
+    return e
+
+
+def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_lse,
+                   rotary=None, relative=None, bias=None, is_causal=False, scale=None,
+                   precision=None, enable_gqa=False, query_offset=None,
+                   causal_alignment="top_left", key_padding_mask=None, positions=None):
+    """The result the full pipeline would give, or None where this lane does not serve
+    the call (see the module docstring)."""
+    if method not in ("auto", "exact"):
+        return None                  # "fast" computes or refuses in the full pipeline
+    if rotary not in (None, False) or relative is not None or positions is not None:
+        return None
+    if bias is not None and not isinstance(bias, (NoBias, Causal)):
+        return None
+    causal = bool(is_causal) or isinstance(bias, Causal)
+    conv = [_numpy(x) for x in (query, key, value)]
+    if any(c is None for c in conv):
+        return None
+    (q, tq), (k, tk), (v, tv) = conv
+    if not (q.dtype == k.dtype == v.dtype) or len({tq, tk, tv}) != 1:
+        return None
+    if q.ndim < 2 or k.ndim < 2 or v.ndim < 2 or 0 in q.shape or 0 in k.shape \
+            or 0 in v.shape:
+        return None                  # empty: the full pipeline's answer or message
+    kpm = key_padding_mask
+    if kpm is not None:
+        kpm = kpm.numpy() if is_torch(kpm) else np.asarray(kpm)
+        if kpm.dtype != np.bool_:
+            return None
+    sig = (q.shape, k.shape, v.shape, q.dtype.str, bool(enable_gqa), causal, query_offset,
+           causal_alignment, None if kpm is None else kpm.shape, scale, method, eps, approx,
+           precision)
+    e = _cache.get(sig)
+    if e is None:
+        try:
+            e = _entry(sig, q, k, v, method, eps, approx,
+                       dict(bias=bias, is_causal=is_causal, scale=scale, precision=precision,
+                            enable_gqa=enable_gqa, query_offset=query_offset,
+                            causal_alignment=causal_alignment, key_padding_mask=kpm))
+        except (ValueError, TypeError):
+            return None          # the full pipeline raises it, with its message
+        if e is None:
+            return None
+    if q.shape[:-2] != e.batch_shape or k.shape[:-2] != (e.batch_shape[:-1] + (k.shape[-3],)
+                                                         if enable_gqa else e.batch_shape):
+        return None                          # broadcast leading dims: the full pipeline
+    qf = np.ascontiguousarray(q.reshape(e.B, e.L, e.E), dtype=e.compute)
+    kf = np.ascontiguousarray(k.reshape(e.Bk, e.S, e.E), dtype=e.compute)
+    vf = np.ascontiguousarray(v.reshape(e.Bk, e.S, e.Ev), dtype=e.compute)
+    kmask = kidx = None
+    if kpm is not None and not kpm.all():
+        rows = kpm.reshape(-1, e.S)
+        kmask = np.where(rows, 0.0, -np.inf)
+        lead = kpm.shape[:-1]
+        ids = np.arange(rows.shape[0]).reshape(lead)
+        kidx = np.ascontiguousarray(np.broadcast_to(ids, e.batch_shape).reshape(-1))
+    if e.r_star > 0.0:            # auto: every head's radius above R* means exact
+        qn = np.sqrt(np.einsum("bie,bie->b", qf, qf, dtype=np.float64) if e.L == 1 else
+                     np.einsum("bie,bie->bi", qf, qf, dtype=np.float64).max(axis=1))
+        j = e.S - 1                # one key per key/value head: a lower bound of max‖k‖
+        if kmask is not None and not np.isfinite(kmask[:, j]).all():
+            return None
+        kn = np.sqrt(np.einsum("be,be->b", kf[:, j], kf[:, j], dtype=np.float64))
+        r_low = e.scale * qn * kn[e.kvidx] * (1 - 1e-6)
+        if not np.all(r_low > e.r_star):
+            return None
+    if e.L * (e.B // e.Bk) > _config.DECODE_ROWS:
+        # the main kernel masks what a row cannot see before any check: NaN/inf are
+        # refused as the full pipeline does (the decoding kernel flags them itself, at
+        # no extra pass: a non-finite logit or value makes its output NaN)
+        for x in (qf, kf, vf):
+            if not _all_finite(x):
+                return None
+    ranges = None if e.lo is None else (e.lo[None], e.hi[None],
+                                        np.zeros(e.B, np.int64))
+    with np.errstate(all="ignore"):
+        out, lse = exact_attention(qf, kf, vf, e.scale, kvidx=e.kvidx, key_ranges=ranges,
+                                   key_mask=kmask, kidx=kidx, workers=workers,
+                                   return_lse=True)
+    ok = _result_ok(out, lse)
+    if ok == 0:
+        return None              # NaN/inf inputs or logits beyond float32: full pipeline
+    if ok < 0 and _sees_some_key(e, kmask, kidx, lse):
+        return None              # a row with keys lost them (underflow): full pipeline
+    out = out.reshape(e.batch_shape + (e.L, e.Ev)).astype(q.dtype, copy=False)
+    out = output_like(out, (tq,))
+    if return_lse:
+        return out, output_like(lse.reshape(e.batch_shape + (e.L,)),
+                                ("float64",) if tq is not None else ())
+    return out
+
+
+def _sees_some_key(e, kmask, kidx, lse):
+    """Whether a row with lse = −inf has a visible key (then something underflowed)."""
+    b, i = np.nonzero(np.isneginf(lse))
+    for bb, ii in zip(b, i):
+        lo = 0 if e.lo is None else e.lo[ii]
+        hi = e.S if e.hi is None else e.hi[ii]
+        if hi <= lo:
+            continue
+        if kmask is None or np.isfinite(kmask[kidx[bb], lo:hi]).any():
+            return True
+    return False

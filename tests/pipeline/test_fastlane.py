@@ -1,0 +1,110 @@
+"""The fast lane (numbarope._pipeline.fastlane): exact calls with the plan of their
+shapes reused return exactly what the full pipeline returns (the same bits), send
+everything they cannot decide alike to it, and keep its errors."""
+
+import numpy as np
+import pytest
+
+from numbarope import rope_attention
+from numbarope.bias import Causal
+from numbarope._pipeline import fastlane
+
+try:
+    import torch
+except ImportError:          # pragma: no cover
+    torch = None
+
+
+def _full(*a, **kw):
+    # return_info=True never takes the lane: the full pipeline's answer
+    return rope_attention(*a, return_info=True, **kw)[0]
+
+
+def _qkv(rng, B, Bk, L, S, E=16, Ev=8, dtype=np.float32, s=1.0):
+    return (rng.standard_normal((B, L, E)).astype(dtype) * s,
+            rng.standard_normal((Bk, S, E)).astype(dtype) * s,
+            rng.standard_normal((Bk, S, Ev)).astype(dtype))
+
+
+CASES = [
+    dict(B=2, Bk=2, L=7, S=7),
+    dict(B=6, Bk=2, L=1, S=300, enable_gqa=True),
+    dict(B=6, Bk=2, L=1, S=300, enable_gqa=True, causal_alignment="bottom_right",
+         is_causal=True),
+    dict(B=4, Bk=4, L=40, S=40, is_causal=True),
+    dict(B=9, Bk=3, L=33, S=33, enable_gqa=True, bias=Causal()),
+    dict(B=3, Bk=3, L=5, S=70, is_causal=True, query_offset=65),
+    dict(B=2, Bk=2, L=2, S=90, dtype=np.float64),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("method", ["auto", "exact"])
+def test_same_bits_as_the_full_pipeline(case, padded, method):
+    kw = dict(CASES[case])
+    rng = np.random.default_rng(case)
+    q, k, v = _qkv(rng, kw.pop("B"), kw.pop("Bk"), kw.pop("L"), kw.pop("S"),
+                   dtype=kw.pop("dtype", np.float32), s=2.0)
+    if padded:
+        m = rng.random((k.shape[0], k.shape[1])) < 0.7
+        m[:, -1] = True
+        kw["key_padding_mask"] = np.repeat(m, q.shape[0] // k.shape[0], axis=0)
+    fastlane.clear()
+    for _ in range(2):                                  # the entry made, then reused
+        out, lse = rope_attention(q, k, v, method=method, return_lse=True, **kw)
+        ref, rl = rope_attention(q, k, v, method=method, return_lse=True,
+                                 return_info=True, **kw)[:2]
+        np.testing.assert_array_equal(out, ref)
+        np.testing.assert_array_equal(lse, rl)
+    assert len(fastlane._cache) == 1
+
+
+def test_small_radius_auto_goes_to_the_full_pipeline():
+    # a head the planner would serve with the polynomial: the lane must not compute
+    # it exactly (the result would differ from the full pipeline's)
+    rng = np.random.default_rng(3)
+    q, k, v = _qkv(rng, 2, 2, 512, 512, E=4, s=0.05)
+    fastlane.clear()
+    out = rope_attention(q, k, v, eps=1e-2)
+    full, info = rope_attention(q, k, v, eps=1e-2, return_info=True)
+    assert set(info.method.ravel()) == {"fast"}
+    np.testing.assert_array_equal(out, full)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("L", [1, 30])
+def test_non_finite_inputs_keep_the_full_pipelines_error(bad, L):
+    rng = np.random.default_rng(0)
+    q, k, v = _qkv(rng, 2, 2, L, 30)
+    v[1, 4, 3] = bad
+    with pytest.raises(ValueError) as lane:
+        rope_attention(q, k, v)
+    with pytest.raises(ValueError) as full:
+        rope_attention(q, k, v, return_info=True)
+    assert str(lane.value) == str(full.value)
+
+
+def test_what_the_lane_does_not_serve():
+    rng = np.random.default_rng(1)
+    q, k, v = _qkv(rng, 2, 2, 6, 6)
+    assert fastlane.try_fast_exact(q, k, v, method="fast", eps=1e-3, approx="chebyshev",
+                                   workers=None, return_lse=False) is None
+    for kw in (dict(rotary=True), dict(positions=np.arange(6)),
+               dict(bias=np.zeros(11, np.float32))):
+        assert fastlane.try_fast_exact(q, k, v, method="exact", eps=1e-3,
+                                       approx="chebyshev", workers=None,
+                                       return_lse=False, **kw) is None
+    assert fastlane.try_fast_exact(q, k, v.astype(np.float64), method="exact", eps=1e-3,
+                                   approx="chebyshev", workers=None,
+                                   return_lse=False) is None
+
+
+@pytest.mark.skipif(torch is None, reason="torch not installed")
+def test_torch_tensors_same_bits():
+    rng = np.random.default_rng(2)
+    q, k, v = (torch.from_numpy(a) for a in _qkv(rng, 6, 2, 1, 200))
+    out = rope_attention(q, k, v, enable_gqa=True)
+    ref = _full(q, k, v, enable_gqa=True)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    assert torch.equal(out, ref)

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from .. import _config
 from ..bias import Causal, NoBias
-from ..ops.streaming import exact_attention
+from ..ops.streaming import decode_plan, decode_run, exact_attention
 from .._runtime.interop import is_torch, output_like
+from .._runtime.threads import resolve_workers
 from .heads import head_facts
 from .inputs import _all_finite, make_problem
 from .plan import RADIUS_GRID, plan_head
@@ -41,6 +41,7 @@ from .plan import RADIUS_GRID, plan_head
 __all__ = ["try_fast_exact", "clear"]
 
 _cache: dict = {}
+_NO_MASK = np.zeros((1, 1))
 _lock = threading.Lock()
 #: Shape signatures kept (a model has a handful: prefill, decode, a few batch sizes).
 MAX_ENTRIES = 64
@@ -63,6 +64,9 @@ class _Entry:
     r_star: float                  # largest radius at which "auto" may pick fast (0: never)
     compute: np.dtype
     scale: float
+    kidx: np.ndarray | None        # key-mask row of each head (with a padding mask)
+    decode: tuple                  # DecodePlan (or None) without, with a key mask
+    ranges: tuple | None           # key_ranges of exact_attention (read-only)
 
 
 def clear():
@@ -72,19 +76,20 @@ def clear():
 
 
 def _numpy(x):
-    """A float32/float64 numpy view of x, its torch dtype name, or None (not for us)."""
+    """A float32/float64 numpy view of x and its torch dtype name (None for a numpy
+    array), or None (not for this lane)."""
     if isinstance(x, np.ndarray):
-        return (x, None) if x.dtype in (np.float32, np.float64) and x.dtype.isnative \
-            else None
+        return (x, None) if x.dtype in _FLOATS and x.dtype.isnative else None
     if is_torch(x):
-        name = _TORCH_FLOATS.get(str(x.dtype))
-        if name is None or x.requires_grad or x.device.type != "cpu":
+        try:     # raises for tensors that require grad, live elsewhere, or are bfloat16
+            a = x.numpy()
+        except (RuntimeError, TypeError):
             return None
-        return x.numpy(), name
+        return (a, a.dtype.name) if a.dtype in _FLOATS else None
     return None
 
 
-_TORCH_FLOATS = {"torch.float32": "float32", "torch.float64": "float64"}
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 @njit(cache=True, nogil=True)
@@ -142,9 +147,30 @@ def _entry(key, query, key_, value, method, eps, approx, arrays):
             return None
         r_star = _threshold(facts.specs[0], method, eps, approx)
     lo, hi = (None, None) if p.key_ranges is None else p.key_ranges
-    e = _Entry(batch_shape=sh.batch_shape, B=sh.heads, Bk=p.k.shape[0], L=sh.L, S=sh.S,
-               E=sh.E, Ev=sh.Ev, kvidx=p.kvidx, lo=lo, hi=hi, r_star=r_star,
-               compute=facts.compute_dtype, scale=p.scale)
+    B, Bk, L, S = sh.heads, p.k.shape[0], sh.L, sh.S
+    kpm = arrays["key_padding_mask"]
+    kidx = None
+    if kpm is not None:
+        lead = kpm.shape[:-1]
+        ids = np.arange(int(np.prod(lead, dtype=np.int64))).reshape(lead)
+        kidx = np.ascontiguousarray(np.broadcast_to(ids, sh.batch_shape).reshape(-1))
+    kvidx = np.ascontiguousarray(p.kvidx, dtype=np.int64)
+    has_r = lo is not None
+    rl, rh = (lo[None], hi[None]) if has_r else (None, None)
+    ranges = None
+    if has_r:    # read-only, the same objects every call: the kernel's layout is kept
+        ranges = (np.array(rl), np.array(rh), np.zeros(B, np.int64))
+        for a in ranges:
+            a.setflags(write=False)
+    decode = tuple(
+        decode_plan(B, L, Bk, S, sh.E, sh.Ev, kvidx,
+                    kidx if masked else np.zeros(B, np.int64), masked, rl, rh,
+                    np.zeros(B, np.int64), has_r)
+        for masked in ((False, True) if kidx is not None else (False,)))
+    e = _Entry(batch_shape=sh.batch_shape, B=B, Bk=Bk, L=L, S=S,
+               E=sh.E, Ev=sh.Ev, kvidx=kvidx, lo=lo, hi=hi, r_star=r_star,
+               compute=facts.compute_dtype, scale=p.scale, kidx=kidx, decode=decode,
+               ranges=ranges)
     with _lock:
         if len(_cache) >= MAX_ENTRIES:
             _cache.pop(next(iter(_cache)))
@@ -201,11 +227,8 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
     vf = np.ascontiguousarray(v.reshape(e.Bk, e.S, e.Ev), dtype=e.compute)
     kmask = kidx = None
     if kpm is not None and not kpm.all():
-        rows = kpm.reshape(-1, e.S)
-        kmask = np.where(rows, 0.0, -np.inf)
-        lead = kpm.shape[:-1]
-        ids = np.arange(rows.shape[0]).reshape(lead)
-        kidx = np.ascontiguousarray(np.broadcast_to(ids, e.batch_shape).reshape(-1))
+        kmask = np.where(kpm.reshape(-1, e.S), 0.0, -np.inf)
+        kidx = e.kidx
     if e.r_star > 0.0:            # auto: every head's radius above R* means exact
         qn = np.sqrt(np.einsum("bie,bie->b", qf, qf, dtype=np.float64) if e.L == 1 else
                      np.einsum("bie,bie->bi", qf, qf, dtype=np.float64).max(axis=1))
@@ -216,26 +239,34 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
         r_low = e.scale * qn * kn[e.kvidx] * (1 - 1e-6)
         if not np.all(r_low > e.r_star):
             return None
-    if e.L * (e.B // e.Bk) > _config.DECODE_ROWS:
+    dp = e.decode[kmask is not None]
+    if dp is not None:       # the decoding kernel flags NaN/inf itself, at no extra
+        # pass (a non-finite logit or value makes its head's output NaN)
+        with np.errstate(all="ignore"):
+            out, lse = decode_run(dp, qf, kf, vf, e.scale,
+                                  _NO_MASK if kmask is None else kmask,
+                                  resolve_workers(workers))
+    else:
         # the main kernel masks what a row cannot see before any check: NaN/inf are
-        # refused as the full pipeline does (the decoding kernel flags them itself, at
-        # no extra pass: a non-finite logit or value makes its output NaN)
+        # refused as the full pipeline does
         for x in (qf, kf, vf):
             if not _all_finite(x):
                 return None
-    ranges = None if e.lo is None else (e.lo[None], e.hi[None],
-                                        np.zeros(e.B, np.int64))
-    with np.errstate(all="ignore"):
-        out, lse = exact_attention(qf, kf, vf, e.scale, kvidx=e.kvidx, key_ranges=ranges,
-                                   key_mask=kmask, kidx=kidx, workers=workers,
-                                   return_lse=True)
+        with np.errstate(all="ignore"):
+            out, lse = exact_attention(qf, kf, vf, e.scale, kvidx=e.kvidx,
+                                       key_ranges=e.ranges, key_mask=kmask, kidx=kidx,
+                                       workers=workers, return_lse=True)
     ok = _result_ok(out, lse)
     if ok == 0:
         return None              # NaN/inf inputs or logits beyond float32: full pipeline
     if ok < 0 and _sees_some_key(e, kmask, kidx, lse):
         return None              # a row with keys lost them (underflow): full pipeline
     out = out.reshape(e.batch_shape + (e.L, e.Ev)).astype(q.dtype, copy=False)
-    out = output_like(out, (tq,))
+    if tq is not None and out.flags.c_contiguous:
+        import torch                      # already imported: the inputs are tensors
+        out = torch.from_numpy(out)       # of one dtype (tq), out's own
+    else:
+        out = output_like(out, (tq,))
     if return_lse:
         return out, output_like(lse.reshape(e.batch_shape + (e.L,)),
                                 ("float64",) if tq is not None else ())

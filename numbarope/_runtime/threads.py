@@ -37,6 +37,7 @@ import threading
 from collections.abc import Iterator
 
 import numba
+from numba.core.types.function_type import CompileResultWAP
 import numpy as np
 
 __all__ = ["get_workers", "set_workers", "resolve_workers", "blas_threads", "parallel",
@@ -71,6 +72,8 @@ def resolve_workers(workers: int | None = None) -> int:
             workers = int(workers)
         else:
             raise TypeError(f"workers must be an int or None, got {workers!r}")
+    if workers > 0:
+        return workers
     ncpu = _cpu_count()
     if workers == 0:
         raise ValueError("workers=0 is not allowed; use a positive count, or a negative "
@@ -252,27 +255,42 @@ class _PrangeLoop:
         # no compile from the call's types (that would compile the kernel into the loop):
         # only the explicit signatures of __call__ (disable_compile() wants one first)
         self.dispatcher._can_compile = False
+        self._waps = {}                  # kernel -> address of its last overload used
         self.__name__ = pyfunc.__name__
         self.__doc__ = pyfunc.__doc__
         self.__wrapped__ = pyfunc
 
     def __call__(self, kernel, *args):
+        # the kernel goes in as the address of its compiled overload (numba's wrapper
+        # address protocol, typed exactly as the loop's FunctionType argument): passed
+        # as a dispatcher, numba converts it on every call (~100 µs, more than a small
+        # call's work). The last address per kernel is tried first; a loop compiled for
+        # other argument types does not match it, and the address is looked up again.
+        wap = self._waps.get(kernel)
+        if wap is not None:
+            try:
+                return self.dispatcher(wap, *args)
+            except TypeError as exc:
+                if not str(exc).startswith("No matching definition"):
+                    raise
+        ksig = tuple(numba.typeof(a) for a in self.kernel_args(*args))
+        kernel.compile(ksig)             # on its own (from the cache when there)
+        wap = CompileResultWAP(kernel.overloads[ksig])
+        fn = numba.types.FunctionType(wap.signature())
         try:
-            return self.dispatcher(kernel, *args)
+            out = self.dispatcher(wap, *args)
         except TypeError as exc:
             if not str(exc).startswith("No matching definition"):
                 raise
-        ksig = tuple(numba.typeof(a) for a in self.kernel_args(*args))
-        kernel.compile(ksig)             # on its own (from the cache when there)
-        ret = kernel.overloads[ksig].signature.return_type
-        fn = numba.types.FunctionType(ret(*ksig))
-        with _layer_lock:
-            self.dispatcher._can_compile = True
-            try:
-                self.dispatcher.compile((fn,) + tuple(numba.typeof(a) for a in args))
-            finally:
-                self.dispatcher._can_compile = False
-        return self.dispatcher(kernel, *args)
+            with _layer_lock:
+                self.dispatcher._can_compile = True
+                try:
+                    self.dispatcher.compile((fn,) + tuple(numba.typeof(a) for a in args))
+                finally:
+                    self.dispatcher._can_compile = False
+            out = self.dispatcher(wap, *args)
+        self._waps[kernel] = wap
+        return out
 
 
 def prange_loop(kernel_args):

@@ -332,7 +332,11 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None,
                 args["query_offset"] = offset
         if kpm is not None:
             args["key_padding_mask"] = kpm
-    out = _NoBackward.apply(query, key, value, args)
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
+                                    or value.requires_grad):
+        out = _NoBackward.apply(query, key, value, args)
+    else:                    # inference: no autograd node to build (~10 µs a call)
+        out = _attention(query, key, value, **args)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -51,6 +51,7 @@ key block per thread.
 import math
 
 import functools
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
@@ -478,17 +479,31 @@ def bias_row_shift(bias, n, n_keys=None, key_range=None, key_mask=None):
 
 # ------------------------------------------------------------------ helpers
 
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _sum_squares(x):
+    # (rows,) float64 sums of the squares of each row (inf when they overflow)
+    out = np.empty(x.shape[0])
+    for i in range(x.shape[0]):
+        acc = 0.0
+        for e in range(x.shape[1]):
+            y = np.float64(x[i, e])
+            acc += y * y
+        out[i] = acc
+    return out
+
+
 def row_norms(x):
     """Upper bounds of the row norms ‖x[b, i]‖₂ of a (B, n, E) array, as float64.
 
-    The squares are summed in x's dtype (no float64 copy of x), then enlarged by
-    ``1 + 2(E+1)u`` (u its unit roundoff), which covers the rounding of a sum of E
-    squares (Higham 2002, §3.1): the result is never below the true norm.
+    The squares are summed in float64 (one pass, no copy of x), then enlarged by
+    ``1 + 2(E+1)u`` (u the unit roundoff of x's dtype, >= float64's), which covers
+    the rounding of a sum of E squares (Higham 2002, §3.1): the result is never below
+    the true norm.
     """
     E = x.shape[-1]
     u = np.finfo(x.dtype).eps / 2
-    with np.errstate(over="ignore"):
-        sq = np.einsum("bne,bne->bn", x, x).astype(np.float64)
+    sq = _sum_squares(x.reshape(-1, E) if x.flags.c_contiguous else
+                      np.ascontiguousarray(x).reshape(-1, E)).reshape(x.shape[:-1])
     out = np.sqrt(sq * (1 + 2 * (E + 1) * u))
     bad = ~np.isfinite(out)
     if bad.any():           # the squares overflowed x's dtype: rows scaled by max|x|, float64
@@ -585,6 +600,74 @@ def _block_work(lo, hi, n, rb, kb):
     return np.where(sees, np.maximum(mxh - jbeg, 0), 0), rows
 
 
+class _Layout(NamedTuple):
+    rb: int
+    kb: int
+    lo: np.ndarray
+    hi: np.ndarray
+    li: np.ndarray
+    tasks: np.ndarray        # (T, 2) (head, first row), longest first
+    inline: bool             # too small for a parallel region
+    waves: tuple             # per wave, the group starts (each group one prange iteration)
+
+
+_layouts: dict = {}
+
+
+def _layout(B, n, S, cost, key_ranges, nthreads):
+    """The exact kernel's blocks, tasks, groups and waves for these sizes (a function of
+    the sizes, the ranges and the threads only). Kept for read-only range arrays (the
+    fast lane's, reused call after call: the same objects, which cannot change) and
+    calls without ranges; computed afresh otherwise."""
+    key = None
+    if key_ranges is None or all(not getattr(a, "flags", None) or not a.flags.writeable
+                                 for a in key_ranges):
+        key = (B, n, S, cost, nthreads) + (() if key_ranges is None else
+                                          tuple(id(a) for a in key_ranges))
+        hit = _layouts.get(key)
+        if hit is not None and (key_ranges is None or
+                                all(a is b for a, b in zip(hit[0], key_ranges))):
+            return hit[1]
+    rb, kb = exact_blocks(B, n, S)
+    if key_ranges is not None:
+        lo, hi, li = _check_ranges(key_ranges, B, n, S)
+    else:
+        lo = hi = _DUMMY_RANGE
+        li = np.zeros(B, np.int64)
+    starts = np.arange(0, n, rb, dtype=np.int64)
+    tasks = np.stack(np.broadcast_arrays(np.arange(B, dtype=np.int64)[:, None],
+                                         starts[None, :]), axis=-1).reshape(-1, 2)
+    if key_ranges is not None:   # keys each task visits; longest tasks first: dynamic
+        span, rows = _block_work(lo, hi, n, rb, kb)     # scheduling then balances the tail
+        work = (span * rows)[li].reshape(-1).astype(np.float64)
+        tasks = tasks[np.argsort(-work, kind="stable")]
+        total = float(work.sum()) * cost
+    else:
+        total = float(B) * n * S * cost
+    tasks = np.ascontiguousarray(tasks)
+    inline = total < _config.INLINE_WORK
+    waves = ()
+    if not inline and len(tasks):
+        # tasks in groups (each group one prange iteration, reusing its buffers: a row
+        # does not depend on its group), groups in waves of about WAVE_WORK multiply-adds
+        # per thread: between waves Python runs, so Ctrl-C stops a long call
+        per_task = total / len(tasks)
+        group = max(1, min(int(_config.EXACT_GROUP_WORK // max(per_task, 1)),
+                           -(-len(tasks) // (4 * nthreads))))
+        gs = np.arange(0, len(tasks) + group, group, dtype=np.int64)
+        gs[-1] = len(tasks)
+        gs = np.unique(gs)
+        wave = max(8 * nthreads, int(_config.WAVE_WORK * nthreads // max(per_task * group, 1)))
+        waves = tuple(np.ascontiguousarray(gs[w0:min(w0 + wave, len(gs) - 1) + 1])
+                      for w0 in range(0, len(gs) - 1, wave))
+    lay = _Layout(rb, kb, lo, hi, li, tasks, inline, waves)
+    if key is not None:      # (writable arrays, as the kernels are compiled for; no
+        if len(_layouts) >= 64:
+            _layouts.pop(next(iter(_layouts)))
+        _layouts[key] = (key_ranges, lay)      # caller sees them)
+    return lay
+
+
 # ------------------------------------------------------------------ the entry point
 
 def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx=None,
@@ -663,16 +746,14 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx
     km = np.ascontiguousarray(key_mask, dtype=np.float64) if has_kmask else _DUMMY_BIAS
     ki = np.ascontiguousarray(kidx, dtype=np.int64) if has_kmask else np.zeros(B, np.int64)
     has_ranges = key_ranges is not None
-    if has_ranges:
-        lo, hi, li = _check_ranges(key_ranges, B, n, S)
-    else:
-        lo = hi = _DUMMY_RANGE
-        li = np.zeros(B, np.int64)
+    nthreads = resolve_workers(workers)
+    lay = _layout(B, n, S, E * E if relative is not None else E + Ev, key_ranges, nthreads)
+    lo, hi, li = lay.lo, lay.hi, lay.li
     if not general and not has_bias:
-        g = _decode_stack(B, n, kvi, k.shape[0], ki, has_kmask, li, has_ranges)
-        if g:
-            out, lse = _decode(q, k, v, scale, g, km, ki, has_kmask, lo, hi, li, has_ranges,
-                               resolve_workers(workers))
+        dp = decode_plan(B, n, k.shape[0], S, E, Ev, kvi, ki, has_kmask, lo, hi, li,
+                         has_ranges)
+        if dp is not None:
+            out, lse = decode_run(dp, q, k, v, scale, km, nthreads)
             return (out, lse) if return_lse else out
     if has_bias:     # per (key mask row, range row, bias row) triple: visible keys only
         trip, sidx = np.unique(np.stack([ki, li, bi], axis=1), axis=0, return_inverse=True)
@@ -687,20 +768,7 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx
                 np.isfinite(km[pk]) if has_kmask else None)
     else:
         shift, sidx = _DUMMY_BIAS, np.zeros(B, np.int64)
-    nthreads = resolve_workers(workers)
-    rb, kb = exact_blocks(B, n, S)
-    starts = np.arange(0, n, rb, dtype=np.int64)
-    tasks = np.stack(np.broadcast_arrays(np.arange(B, dtype=np.int64)[:, None],
-                                         starts[None, :]), axis=-1).reshape(-1, 2)
-    cost = E * E if general else E + Ev
-    if has_ranges:   # keys each task visits; longest tasks first: dynamic scheduling
-        span, rows = _block_work(lo, hi, n, rb, kb)     # then balances the tail
-        work = (span * rows)[li].reshape(-1).astype(np.float64)
-        tasks = tasks[np.argsort(-work, kind="stable")]
-        total = float(work.sum()) * cost
-    else:
-        total = float(B) * n * S * cost
-    inline = total < _config.INLINE_WORK
+    rb, kb = lay.rb, lay.kb
     if general:
         gscale = float(scale)
         qnorm = knorm = np.zeros((1, 1))
@@ -728,25 +796,12 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx
 
     args = (q, k, v, rel, ri, general, bs, bi, has_bias, shift, sidx, gscale, rb, kb, qnorm,
             knorm, headroom, km, ki, has_kmask, kvi, lo, hi, li, has_ranges)
-    if inline:      # a small call: a parallel region costs more than it saves
-        _exact_tasks(*args, np.ascontiguousarray(tasks), out, lse)
+    if lay.inline:      # a small call: a parallel region costs more than it saves
+        _exact_tasks(*args, lay.tasks, out, lse)
     else:
-        # tasks in groups (each group one prange iteration, reusing its buffers: a row
-        # does not depend on its group), groups in waves of about WAVE_WORK multiply-adds
-        # per thread: between waves Python runs, so Ctrl-C stops a long call
-        per_task = total / len(tasks)
-        group = max(1, min(int(_config.EXACT_GROUP_WORK // max(per_task, 1)),
-                           -(-len(tasks) // (4 * nthreads))))
-        starts = np.arange(0, len(tasks) + group, group, dtype=np.int64)
-        starts[-1] = len(tasks)
-        starts = np.unique(starts)
-        wave = max(8 * nthreads, int(_config.WAVE_WORK * nthreads // max(per_task * group, 1)))
-        tasks = np.ascontiguousarray(tasks)
         with parallel(nthreads):
-            for w0 in range(0, len(starts) - 1, wave):
-                w1 = min(w0 + wave, len(starts) - 1)
-                _par_exact(_exact_tasks, *args, tasks, np.ascontiguousarray(starts[w0:w1 + 1]),
-                           out, lse)
+            for wave in lay.waves:
+                _par_exact(_exact_tasks, *args, lay.tasks, wave, out, lse)
     if return_lse and has_bias:              # undo the per-row bias shift
         lse += shift[sidx]
     return (out, lse) if return_lse else out
@@ -959,36 +1014,71 @@ def _decode_stack(B, n, kvidx, Bk, kidx, has_kmask, lidx, has_ranges):
     return g
 
 
-def _decode(q, k, v, scale, g, km, ki, has_kmask, lo, hi, li, has_ranges, nthreads):
-    """Few rows per key/value head (see the comment above ``_decode_task``): ``(out,
-    lse)`` of q (B, n, E) with B = Bk·g query heads, g consecutive per key/value head."""
-    B, n, E = q.shape
-    Bk, S, _ = k.shape
-    Ev = v.shape[2]
-    dt = q.dtype
-    R = g * n
-    qs = np.ascontiguousarray((q * dt.type(scale)).reshape(Bk, R, E))
-    kib = np.ascontiguousarray(ki[::g]) if has_kmask else ki[:Bk]
+class DecodePlan(NamedTuple):
+    """What the decoding kernel needs beyond the arrays, fixed by the shapes and the
+    index arrays (:func:`decode_plan`); a caller that sees the same shapes again (a
+    model's layers and steps) keeps it and calls :func:`decode_run`."""
+
+    B: int
+    n: int
+    Bk: int
+    g: int
+    kib: np.ndarray           # (Bk,) key-mask row of each key/value head
+    has_kmask: bool
+    lo: np.ndarray            # (rows, g·n) key ranges of the stacked rows
+    hi: np.ndarray
+    lidx: np.ndarray          # (Bk,)
+    has_ranges: bool
+    block: int
+    tasks: np.ndarray         # (T, 3) (head, start, stop)
+    first: np.ndarray         # (Bk + 1,)
+    threads: bool             # worth more than one thread
+
+
+def decode_plan(B, n, Bk, S, E, Ev, kvidx, kidx, has_kmask, lo, hi, lidx, has_ranges):
+    """The :class:`DecodePlan` of q (B, n, E) on k (Bk, S, E), v (Bk, S, Ev) with the
+    index arrays of :func:`exact_attention` (int64, ``lo``/``hi`` (rows, n)), or None
+    when the call is not for the decoding kernel (too many rows per key/value head,
+    heads not grouped consecutively, or masks that differ inside a group)."""
+    g = _decode_stack(B, n, kvidx, Bk, kidx, has_kmask, lidx, has_ranges)
+    if not g:
+        return None
+    kib = np.ascontiguousarray(kidx[::g]) if has_kmask else np.zeros(Bk, np.int64)
     if has_ranges:          # a range row per stacked row: rows of g heads share lidx
-        lr = li[::g]
+        lr = lidx[::g]
         lo2 = np.ascontiguousarray(np.tile(lo[lr], (1, g)))
         hi2 = np.ascontiguousarray(np.tile(hi[lr], (1, g)))
         li2 = np.arange(Bk, dtype=np.int64)
     else:
-        lo2, hi2, li2 = lo, hi, np.zeros(Bk, np.int64)
+        lo2, hi2, li2 = _DUMMY_RANGE, _DUMMY_RANGE, np.zeros(Bk, np.int64)
     block, tasks, first = _decode_plan(Bk, S, int(_config.DECODE_BLOCK),
                                        int(_config.DECODE_CHUNK))
-    T = tasks.shape[0]
+    # the parallel region costs a few microseconds: worth it from a few thousand
+    # row-key products of work per thread
+    work = float(Bk) * g * n * S * (E + Ev)
+    return DecodePlan(B, n, Bk, g, kib, has_kmask, lo2, hi2, li2, has_ranges, block,
+                      tasks, first, tasks.shape[0] > 1 and work >= _config.DECODE_PARALLEL)
+
+
+def decode_run(plan, q, k, v, scale, km, nthreads):
+    """``(out (B, n, Ev), lse (B, n) float64)`` of the decoding kernel under ``plan``
+    (:func:`decode_plan`); q (B, n, E), k, v C-contiguous of one dtype, ``km`` the
+    (rows, S) float64 key mask (0 / −inf) or a dummy when the plan has none."""
+    B, n, E = q.shape
+    Bk = plan.Bk
+    Ev = v.shape[2]
+    dt = q.dtype
+    R = plan.g * n
+    qs = (q * dt.type(scale)).reshape(Bk, R, E)
+    T = plan.tasks.shape[0]
     M, L, A = np.empty((T, R)), np.empty((T, R)), np.empty((T, R, Ev))
     F = np.zeros(T, np.bool_)
-    args = (qs, k, v, dt.type(0.0), km, kib, has_kmask, lo2, hi2, li2, has_ranges, block,
-            tasks, M, L, A, F)
-    small = float(Bk) * R * S * (E + Ev) < _config.INLINE_WORK
-    with parallel(1 if small or T == 1 else nthreads, blas=False, balance=False):
-        _par_decode(*args)                   # no BLAS inside; equal tasks: no balancing
+    with parallel(nthreads if plan.threads else 1, blas=False, balance=False):
+        _par_decode(qs, k, v, dt.type(0.0), km, plan.kib, plan.has_kmask, plan.lo,
+                    plan.hi, plan.lidx, plan.has_ranges, plan.block, plan.tasks, M, L, A, F)
     out = np.empty((Bk, R, Ev), dt)
     lse = np.empty((Bk, R))
-    _decode_merge(M, L, A, F, first, out, lse)
+    _decode_merge(M, L, A, F, plan.first, out, lse)
     return out.reshape(B, n, Ev), lse.reshape(B, n)
 
 

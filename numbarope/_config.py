@@ -36,6 +36,9 @@ DECODE_BLOCK = 256
 #: chunks on several threads (a parallel region costs a few microseconds; at S = 1024,
 #: 9 heads, head_dim 64 two threads took 52–73 µs against 88–94 µs for one).
 DECODE_PARALLEL = 2e5
+#: Rows and keys of one block of the exact backward (each task: one row block of a
+#: query head, or one key block of a key/value head).
+BWD_BLOCK = 128
 #: Multiply-adds of one group of tasks of the exact kernel (one iteration of its
 #: parallel loop, sharing buffers).
 EXACT_GROUP_WORK = 2e7

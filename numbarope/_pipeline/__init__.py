@@ -17,8 +17,9 @@ import warnings
 
 import numpy as np
 
-from .._runtime.interop import is_torch, output_like, requires_grad
+from .._runtime.interop import output_like, requires_grad
 from .fastlane import try_fast_exact
+from .grad import attention_with_grad
 from .heads import Heads, head_facts
 from .inputs import Problem, check_shapes, make_problem
 from .plan import Plan, plan_heads
@@ -81,6 +82,12 @@ def attention(query, key, value, *, method, eps, degree=None, approx="chebyshev"
     promoted dtype). What the API and every backend call. Calls the fast lane serves
     (:mod:`.fastlane`: exact, with what was derived for their shapes reused) skip
     the per-call planning."""
+    if requires_grad(query, key, value, arrays.get("relative"), arrays.get("bias")):
+        return attention_with_grad(query, key, value, method=method, eps=eps, degree=degree,
+                                   approx=approx, radius=radius, verify=verify,
+                                   workers=workers, return_lse=return_lse,
+                                   return_info=return_info, attend=attend,
+                                   stacklevel=stacklevel + 1, **arrays)
     if not (return_info or verify or degree is not None or radius is not None):
         res = try_fast_exact(query, key, value, method=method, eps=eps, approx=approx,
                              workers=workers, return_lse=return_lse, **arrays)
@@ -91,11 +98,7 @@ def attention(query, key, value, *, method, eps, degree=None, approx="chebyshev"
                             radius=radius, verify=verify, workers=workers,
                             stacklevel=stacklevel + 1)
     out = out.reshape(p.batch_shape + (p.n, p.Ev)).astype(p.dtype, copy=False)
-    others = (arrays.get("relative"), arrays.get("bias"))
-    grads = [x for x in (query, key, value) + others
-             if is_torch(x) and x.requires_grad] if requires_grad(query, key, value,
-                                                                  *others) else []
-    out = output_like(out, (out_torch,), grads)
+    out = output_like(out, (out_torch,))
     res = (out,)
     if return_lse:
         res += (output_like(lse.reshape(p.batch_shape + (p.n,)),

@@ -622,9 +622,12 @@ def make_problem(query, key, value, *, rotary=None, relative=None, bias=None,
     return p, out_torch
 
 
-def _rotate(q, k, rotary, pos, n, S, E, off):
+def _rotate(q, k, rotary, pos, n, S, E, off, inverse=False):
     """q, k rotated at their default positions (keys 0 .. S−1, queries off .. off+L−1),
-    in float64; unchanged without rotary or with per-row positions (done later)."""
+    in float64; unchanged without rotary or with per-row positions (done later).
+    ``inverse``: by the transposed rotations instead (sin → −sin: each 2×2 block
+    ``[[c, −s], [s, c]]``, scaled or not, transposes to ``[[c, s], [−s, c]]``), which
+    takes gradients with respect to the rotated q, k back to the inputs."""
     if rotary is None or pos is not None:
         return q, k
     # one table over both, so that RoPE scalings that depend on the sequence length
@@ -635,9 +638,18 @@ def _rotate(q, k, rotary, pos, n, S, E, off):
     else:
         cos, sin = rotary_tables(rotary, hi - lo, E, positions=np.arange(lo, hi),
                                  seq_len=hi)
+    if inverse:
+        sin = -sin
     k = rotate(k, rotary, cos[-lo:S - lo], sin[-lo:S - lo])
     q = rotate(q, rotary, cos[off - lo:off - lo + n], sin[off - lo:off - lo + n])
     return q, k
+
+
+def rotate_back(dq, dk, rotary, n, S, E, off):
+    """Gradients with respect to rotated queries and keys (float64, leading dims any)
+    as gradients with respect to the inputs before rotation (the transposed rotations,
+    at the positions :func:`make_problem` rotated them)."""
+    return _rotate(dq, dk, rotary, None, n, S, E, off, inverse=True)
 
 
 def _rotate_rows(q64, k64, kvidx, rotary, pos, batch_shape, n, S, E, off):

@@ -9,8 +9,8 @@ is already imported). Everything numbarope computes stays numpy inside.
   need it, as torch computes them in float32), and the result is returned in the input dtype with its
   rounding (``2⁻¹¹`` or ``2⁻⁸`` times max|V|) added to ``info.error_bound``;
   tensors on another device are refused (numbarope computes on the CPU).
-  There is no backward pass: given tensors that require grad (grad mode on), the
-  result carries an autograd node whose backward raises.
+  Tensors that require grad (grad mode on) get a differentiable result
+  (:mod:`numbarope._pipeline.grad`).
 * Other objects with ``__dlpack__`` go through ``np.from_dlpack``; anything
   else through ``np.asarray`` (``__array__``).
 """
@@ -86,31 +86,6 @@ def to_numpy(x, name, allow_int=False):
     return x, 0.0, None
 
 
-_NO_BACKWARD = None
-
-
-def _no_backward():
-    """A torch autograd Function whose backward raises (built once, on first use)."""
-    global _NO_BACKWARD
-    if _NO_BACKWARD is None:
-        import torch
-
-        class NoBackward(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, out, *inputs):
-                return out.clone()
-
-            @staticmethod
-            def backward(ctx, *grads):
-                raise NotImplementedError(
-                    "numbarope computes attention without a backward pass (inference "
-                    "only): use torch.nn.functional.scaled_dot_product_attention to "
-                    "train, or call numbarope under torch.no_grad()/inference_mode()")
-
-        _NO_BACKWARD = NoBackward
-    return _NO_BACKWARD
-
-
 def requires_grad(*xs):
     """True when a torch input requires grad and grad mode is on."""
     if not any(is_torch(x) and x.requires_grad for x in xs):
@@ -119,18 +94,14 @@ def requires_grad(*xs):
     return torch.is_grad_enabled()
 
 
-def output_like(out, torch_dtypes, grad_inputs=()):
-    """Return ``out`` as a torch tensor of the promoted input dtype if any input was one.
-
-    When ``grad_inputs`` (torch tensors that require grad, grad mode on) are given, the
-    result carries an autograd node whose backward raises: a training step fails
-    loudly instead of receiving zero gradients through attention.
-    """
+def output_like(out, torch_dtypes):
+    """Return ``out`` as a torch tensor of the promoted input dtype if any input was one
+    (without autograd: :mod:`numbarope._pipeline.grad` makes results differentiable)."""
     names = [d for d in torch_dtypes if d is not None]
     if not names:
         return out
     import torch
-    if len(names) == 1 and not grad_inputs and names[0] == out.dtype.name and \
+    if len(names) == 1 and names[0] == out.dtype.name and \
             out.flags.c_contiguous:
         return torch.from_numpy(out)         # the common case, without conversions
     dt = getattr(torch, names[0])
@@ -138,10 +109,7 @@ def output_like(out, torch_dtypes, grad_inputs=()):
         dt = torch.promote_types(dt, getattr(torch, d))
     if dt == torch.bool:                     # only a boolean bias was a tensor
         dt = torch.from_numpy(np.empty(0, out.dtype)).dtype
-    res = torch.from_numpy(np.ascontiguousarray(out)).to(dt)
-    if grad_inputs:
-        res = _no_backward().apply(res, *grad_inputs)
-    return res
+    return torch.from_numpy(np.ascontiguousarray(out)).to(dt)
 
 
 #: Names users bring from torch SDPA, flash-attn and transformers, and what to pass.

@@ -37,10 +37,13 @@ Grouped-query attention goes to ``enable_gqa=True``. Rows whose every key is
 masked (the queries of left padding) return 0, as torch SDPA >= 2.5; eager
 attention returns other values there, which no real token reads.
 
+Training: with tensors that require grad the layer's result is differentiable
+(numbarope's exact backward, :mod:`numbarope._pipeline.grad`; ``method="auto"``
+computes exactly then, ``method="fast"`` is refused), so ``loss.backward()`` gives
+the gradients ``"sdpa"`` gives.
+
 Not supported (``NotImplementedError``): dropout > 0, ``softcap``, attention
-sinks (``s_aux``), a ``position_bias`` (T5-style); a backward pass (the result
-carries an autograd node whose backward raises, so a training step fails
-loudly instead of silently dropping the attention's gradient).
+sinks (``s_aux``), a ``position_bias`` (T5-style).
 """
 
 import threading
@@ -237,23 +240,6 @@ def _describe(m, pad, offset):
 # The attention function transformers calls
 
 
-class _NoBackward(torch.autograd.Function):
-    """Forward through numbarope; a backward pass raises instead of losing the gradient."""
-
-    @staticmethod
-    def forward(ctx, query, key, value, kwargs):
-        # the pipeline directly (options were checked by register()): the public
-        # rope_attention would check them again on every layer of every step
-        return _attention(query.detach(), key.detach(), value.detach(), **kwargs)
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise NotImplementedError(
-            "numbarope's attention has no backward pass: train with "
-            "attn_implementation='sdpa' or 'eager', or run inference under "
-            "torch.inference_mode()")
-
-
 def attention_forward(module, query, key, value, attention_mask, scaling=None,
                       dropout=0.0, is_causal=None, **kwargs):
     """The ``"numbarope"`` attention of transformers' ``AttentionInterface``.
@@ -288,8 +274,9 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None,
         than key padding with an optional causal part (see :func:`mask_structure`).
     """
     if dropout:
-        raise NotImplementedError(f"dropout={dropout}: numbarope's attention is for "
-                                  f"inference (dropout 0); call model.eval()")
+        raise NotImplementedError(f"dropout={dropout}: numbarope's attention has no "
+                                  f"dropout; set the model's attention_dropout to 0 "
+                                  f"(or call model.eval() for inference)")
     for name in ("softcap", "s_aux", "position_bias"):
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"{name} is not supported by numbarope's "
@@ -332,11 +319,10 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None,
                 args["query_offset"] = offset
         if kpm is not None:
             args["key_padding_mask"] = kpm
-    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
-                                    or value.requires_grad):
-        out = _NoBackward.apply(query, key, value, args)
-    else:                    # inference: no autograd node to build (~10 µs a call)
-        out = _attention(query, key, value, **args)
+    # the pipeline directly (options were checked by register()): the public
+    # rope_attention would check them again on every layer of every step; inputs that
+    # require grad get a differentiable result there
+    out = _attention(query, key, value, **args)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -399,13 +399,43 @@ def test_sliding_window_model_raises():
         m(input_ids=torch.randint(0, 100, (1, 20)))
 
 
-def test_dropout_and_backward_refused(model32):
+def test_dropout_refused_and_the_layer_differentiable(model32):
     with pytest.raises(NotImplementedError, match="dropout"):
         backend.attention_forward(_Layer(), *_qkv(5, 5), None, dropout=0.1)
     q, k, v = (t.requires_grad_() for t in _qkv(5, 5))
     out, _ = backend.attention_forward(_Layer(), q, k, v, None)
-    with pytest.raises(NotImplementedError, match="no backward"):
-        out.sum().backward()
+    out.sum().backward()
+    assert all(t.grad is not None and t.grad.shape == t.shape for t in (q, k, v))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_training_gives_sdpas_gradients_and_losses(dtype, tol, batch):
+    # issue 22: loss.backward() through attn_implementation="numbarope" on a small
+    # Llama (left-padded batch, GQA) gives the gradients "sdpa" gives, and a few
+    # optimizer steps the same losses
+    ids, mask = batch
+    labels = ids.masked_fill(mask == 0, -100)      # no loss on the padding
+    losses, grads = {}, {}
+    for impl in ("sdpa", "numbarope"):
+        torch.manual_seed(0)
+        m = LlamaForCausalLM(_config()).to(dtype).train()
+        m.set_attn_implementation(impl)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        losses[impl] = []
+        for step in range(3):
+            opt.zero_grad()
+            loss = m(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            if step == 0:
+                grads[impl] = {n: p.grad.clone() for n, p in m.named_parameters()
+                               if p.grad is not None}
+            opt.step()
+            losses[impl].append(loss.item())
+    assert grads["sdpa"].keys() == grads["numbarope"].keys()
+    for name, g in grads["sdpa"].items():
+        d = (grads["numbarope"][name] - g).abs().max().item()
+        assert d <= tol * max(1.0, g.abs().max().item()), name
+    np.testing.assert_allclose(losses["numbarope"], losses["sdpa"], rtol=tol * 10, atol=0)
 
 
 def test_register_checks_its_options():

@@ -1,0 +1,179 @@
+"""Gradients (issue 22): the exact backward against torch autograd through a dense
+float64 reference, torch.autograd.gradcheck, and what has no backward is refused
+before any work."""
+
+import numpy as np
+import pytest
+
+import numbarope
+from numbarope import rope_attention
+from numbarope.bias import ALiBi, Causal, Window
+from numbarope.ops import streaming as st
+
+torch = pytest.importorskip("torch")
+
+
+def dense(q, k, v, *, scale, causal_offset=None, real=None, bias=None):
+    """torch float64 softmax attention of (B, n, E) against (B, S, E) keys with
+    explicit masks (a fully masked row gives 0): the reference whose autograd the
+    backward must match."""
+    B, n, E = q.shape
+    S = k.shape[1]
+    x = scale * q @ k.transpose(-1, -2)
+    keep = torch.ones(B, n, S, dtype=torch.bool)
+    j = torch.arange(S)
+    i = torch.arange(n)[:, None]
+    if causal_offset is not None:
+        keep &= j[None, :] <= i + causal_offset
+    if real is not None:
+        keep &= real[:, None, :]
+    if bias is not None:
+        x = x + bias
+    x = x.masked_fill(~keep, -torch.inf)
+    return torch.softmax(x, -1).nan_to_num(0.0) @ v
+
+
+def _grads(fn, q, k, v, dout):
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(dout)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_backward_against_dense_reference(dtype, tol, causal, padded):
+    # GQA (3 query heads per key/value head), L != S, bottom-right causal, key padding
+    g = torch.Generator().manual_seed(int(causal) * 2 + int(padded))
+    H, Hk, L, S, E, Ev = 6, 2, 70, 150, 16, 8
+    q = torch.randn(2, H, L, E, generator=g, dtype=dtype)
+    k = torch.randn(2, Hk, S, E, generator=g, dtype=dtype)
+    v = torch.randn(2, Hk, S, Ev, generator=g, dtype=dtype)
+    dout = torch.randn(2, H, L, Ev, generator=g, dtype=dtype)
+    kpm = None
+    if padded:
+        kpm = torch.rand(2, 1, S, generator=g) < 0.8
+        kpm[..., -1] = True
+    kw = dict(enable_gqa=True, is_causal=causal, causal_alignment="bottom_right",
+              key_padding_mask=None if kpm is None else kpm.numpy(), scale=0.3)
+
+    def ours(q, k, v):
+        return rope_attention(q, k, v, **kw)
+
+    def ref(q, k, v):
+        q64, k64, v64 = (t.double() for t in (q, k, v))
+        k64 = k64.repeat_interleave(3, dim=1)
+        v64 = v64.repeat_interleave(3, dim=1)
+        real = None if kpm is None else kpm.expand(2, H, S).reshape(2 * H, S)
+        return dense(q64.reshape(-1, L, E), k64.reshape(-1, S, E), v64.reshape(-1, S, Ev),
+                     scale=0.3, causal_offset=S - L if causal else None,
+                     real=real).reshape(2, H, L, Ev)
+
+    a = _grads(ours, q, k, v, dout)
+    b = _grads(ref, q, k, v, dout.double())
+    for x, y in zip(a, b):
+        assert x.dtype == dtype
+        assert _rel(x, y) < tol
+
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_gradients_go_back_through_the_rotation(layout):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(3, 40, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    rot = numbarope.Rotary(layout=layout, dim=6)
+    from numbarope.rotary import apply_rotary
+
+    def rotate(x):
+        # the rotation as a dense linear map, so that torch differentiates through it
+        basis = torch.eye(8, dtype=torch.float64)
+        cols = [torch.from_numpy(apply_rotary(np.broadcast_to(basis[c].numpy(), (40, 8)),
+                                              rot)) for c in range(8)]
+        R = torch.stack(cols, dim=-1)                                   # (40, 8, 8)
+        return torch.einsum("nfe,bne->bnf", R, x)
+
+    a = _grads(lambda q, k, v: rope_attention(q, k, v, rotary=rot, is_causal=True), q, k, v,
+               torch.ones(3, 40, 8, dtype=torch.float64))
+    b = _grads(lambda q, k, v: dense(rotate(q), rotate(k), v, scale=8 ** -0.5,
+                                     causal_offset=0), q, k, v,
+               torch.ones(3, 40, 8, dtype=torch.float64))
+    for x, y in zip(a, b):
+        assert _rel(x, y) < 1e-11
+
+
+def test_gradcheck_exact_float64():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    kpm = np.ones((2, 9), bool)
+    kpm[1, 2] = False
+    for kw in (dict(), dict(is_causal=True), dict(rotary=True, key_padding_mask=kpm),
+               dict(bias=ALiBi(slopes=[0.5, 0.25])), dict(bias=Window(3) + Causal())):
+        assert torch.autograd.gradcheck(lambda q, k, v: rope_attention(q, k, v, **kw),
+                                        (q, k, v), eps=1e-6, atol=1e-8)
+
+
+def test_broadcast_leading_dims_sum_their_gradients():
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(4, 10, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 12, 8, generator=g, dtype=torch.float64)       # broadcast over 4
+    v = torch.randn(12, 8, generator=g, dtype=torch.float64)          # and with fewer dims
+    dout = torch.randn(4, 10, 8, generator=g, dtype=torch.float64)
+    a = _grads(lambda q, k, v: rope_attention(q, k, v), q, k, v, dout)
+    b = _grads(lambda q, k, v: dense(q, k.expand(4, 12, 8), v.expand(4, 12, 8),
+                                     scale=8 ** -0.5), q, k, v, dout)
+    for x, y in zip(a, b):
+        assert x.shape == y.shape and _rel(x, y) < 1e-12
+
+
+def test_bias_array_is_in_the_backward():
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 20, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    bias = np.random.default_rng(0).normal(size=39) * 4
+    B = torch.tensor(bias)[torch.arange(20)[:, None] - torch.arange(20)[None, :] + 19]
+    a = _grads(lambda q, k, v: rope_attention(q, k, v, bias=bias), q, k, v,
+               torch.ones(2, 20, 4, dtype=torch.float64))
+    b = _grads(lambda q, k, v: dense(q, k, v, scale=0.5, bias=B), q, k, v,
+               torch.ones(2, 20, 4, dtype=torch.float64))
+    for x, y in zip(a, b):
+        assert _rel(x, y) < 1e-12
+
+
+def test_low_precision_gradients_in_their_dtype():
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 30, 8, generator=g).to(torch.bfloat16).requires_grad_(True)
+               for _ in range(3))
+    out = rope_attention(q, k, v, is_causal=True)
+    assert out.dtype == torch.bfloat16 and out.requires_grad
+    out.float().sum().backward()
+    assert all(t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+
+
+def test_what_has_no_backward_is_refused_before_work():
+    q = torch.randn(8, 4, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="method='fast' has no backward"):
+        rope_attention(q, q, q, method="fast")
+    with pytest.raises(NotImplementedError, match="bias requires grad"):
+        rope_attention(q, q, q, bias=torch.zeros(15, requires_grad=True))
+    with pytest.raises(NotImplementedError, match="positions= has no backward"):
+        rope_attention(q, q, q, rotary=True, positions=np.arange(8))
+    with torch.no_grad():                       # no grad mode: no refusal
+        rope_attention(q, q, q, method="fast", eps=0.5)
+
+
+def test_backward_bitwise_independent_of_threads():
+    rng = np.random.default_rng(8)
+    q = rng.standard_normal((4, 300, 16)).astype(np.float32)
+    k = rng.standard_normal((2, 300, 16)).astype(np.float32)
+    v = rng.standard_normal((2, 300, 16)).astype(np.float32)
+    kvidx = np.repeat(np.arange(2), 2)
+    out, lse = st.exact_attention(q, k, v, 0.25, kvidx=kvidx, return_lse=True)
+    dout = rng.standard_normal(out.shape)
+    one = st.exact_backward(q, k, v, out, lse, dout, 0.25, kvidx=kvidx, workers=1)
+    two = st.exact_backward(q, k, v, out, lse, dout, 0.25, kvidx=kvidx, workers=2)
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)

@@ -1128,10 +1128,13 @@ def _decode_plan(Bk, S, block, chunk):
 def _grad_block(P, D, b, i0, j0, nk, lse, delta, bias, bidx, has_bias, rowshift, sidx,
                 kmask, kidx, has_kmask, lo, hi, lr, has_ranges):
     # P holds s·q_iᵀk_j and D holds dO_i·v_j of rows i0.., keys j0..; on return
-    # P_ij = exp(x_ij − lse_i) (0 where row i does not see key j) and D = dS
+    # P_ij = exp(x_ij − lse_i) (0 where row i does not see key j; by the forward's
+    # exp kernel, vectorised, in P's dtype) and D = dS
     rb, kb = P.shape
+    dt = P.dtype
     for r in range(rb):
         i = i0 + r
+        row = P[r]
         ja = 0
         jb = kb
         if has_ranges:
@@ -1140,25 +1143,30 @@ def _grad_block(P, D, b, i0, j0, nk, lse, delta, bias, bidx, has_bias, rowshift,
         li = lse[b, i]
         if li == -np.inf:
             ja = jb = 0                                     # the row sees nothing
+        for jj in range(ja):
+            row[jj] = -np.inf
+        for jj in range(jb, kb):
+            row[jj] = -np.inf
+        if has_kmask:
+            km = kmask[kidx[b]]
+            for jj in range(ja, jb):
+                row[jj] += km[j0 + jj]
         if has_bias:
             sh = rowshift[sidx[b], i]
             li = li - sh                                    # both sides shifted alike
-        dl = delta[b, i]
-        for jj in range(ja):
-            P[r, jj] = 0.0
-            D[r, jj] = 0.0
-        for jj in range(ja, jb):
-            x = np.float64(P[r, jj])
-            if has_kmask:
-                x += kmask[kidx[b], j0 + jj]
-            if has_bias:
-                x += bias[bidx[b], i - (j0 + jj) + nk - 1] - sh
-            p = np.exp(x - li)                              # 0 for a masked key (−inf)
-            P[r, jj] = p
-            D[r, jj] = p * (np.float64(D[r, jj]) - dl)
-        for jj in range(jb, kb):
-            P[r, jj] = 0.0
-            D[r, jj] = 0.0
+            bb = bias[bidx[b]]
+            off = i + nk - 1 - j0
+            for jj in range(ja, jb):
+                row[jj] = row[jj] + (bb[off - jj] - sh)
+        if jb > ja:
+            _exp_block(row, kb, li)                         # −inf → 0
+        else:
+            for jj in range(kb):
+                row[jj] = 0.0
+        dl = dt.type(delta[b, i])
+        drow = D[r]
+        for jj in range(kb):
+            drow[jj] = row[jj] * (drow[jj] - dl)
 
 
 @njit(cache=True, nogil=True)

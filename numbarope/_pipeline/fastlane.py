@@ -31,16 +31,17 @@ import numpy as np
 from numba import njit
 
 from ..bias import Causal, NoBias
-from ..ops.streaming import decode_plan, decode_run, exact_attention
+from ..ops.streaming import decode_plan, decode_run, exact_attention, pairs_visited
 from .._runtime.interop import is_torch, output_like
 from .._runtime.threads import resolve_workers
 from .heads import head_facts
-from .inputs import _all_finite, make_problem
+from .inputs import _all_finite, check_shapes, make_problem
 from .plan import RADIUS_GRID, plan_head
 
 __all__ = ["try_fast_exact", "clear"]
 
 _cache: dict = {}
+_families: dict = {}          # the last entry of each family (see _family)
 _NO_MASK = np.zeros((1, 1))
 _lock = threading.Lock()
 #: Shape signatures kept (a model has a handful: prefill, decode, a few batch sizes).
@@ -67,12 +68,15 @@ class _Entry:
     kidx: np.ndarray | None        # key-mask row of each head (with a padding mask)
     decode: tuple                  # DecodePlan (or None) without, with a key mask
     ranges: tuple | None           # key_ranges of exact_attention (read-only)
+    spec: object = None            # head 0's HeadSpec (the planner's probe of a family)
+    causal: bool = False
 
 
 def clear():
     """Forget every reused plan (tests; after ``numbarope.calibrate``)."""
     with _lock:
         _cache.clear()
+        _families.clear()
 
 
 def _numpy(x):
@@ -134,27 +138,68 @@ def _threshold(spec, method, eps, approx):
     return float(RADIUS_GRID ** hi_k)        # an upper side: heads at or below go back
 
 
+def _family(sig):
+    """The signature without the number of keys (a decoding cache grows by one key a
+    step: every step is a new signature of one family)."""
+    q, k, v, dt, gqa, causal, qo, align, kpm, *rest = sig
+    return (q, k[:-2] + (k[-1],), v[:-2] + (v[-1],), dt, gqa, causal, qo, align,
+            None if kpm is None else kpm[:-1], *rest)
+
+
 def _entry(key, query, key_, value, method, eps, approx, arrays):
     """Run the full pipeline's preparation once and keep what a call reuses."""
     p, _ = make_problem(query, key_, value, **arrays)
     sh = p.shapes
     facts = head_facts(p, None, fast=False)
+    natural = np.dtype(p.precision if p.precision is not None else p.dtype)
+    if facts.compute_dtype != natural:
+        return None          # these data need another precision: not a reusable plan
+    spec = facts.specs[0] if facts.specs else None
     if method == "exact":
         r_star = 0.0
     else:
         specs = {(type(h.structure), h.general) for h in facts.specs}
         if len(specs) != 1:
             return None
-        r_star = _threshold(facts.specs[0], method, eps, approx)
+        r_star = _threshold(spec, method, eps, approx)
     lo, hi = (None, None) if p.key_ranges is None else p.key_ranges
-    B, Bk, L, S = sh.heads, p.k.shape[0], sh.L, sh.S
+    return _store(key, sh, p.k.shape[0], p.kvidx, lo, hi, r_star, facts.compute_dtype,
+                  p.scale, arrays["key_padding_mask"], spec, p.causal)
+
+
+def _derive(key, fam, query, key_, value, method, eps, approx, arrays):
+    """The entry of a new number of keys from its family's (``fam``): shapes, key
+    ranges and kernel plans computed for the new sizes, nothing read from the data.
+    Only where the family never serves the fast path (R* = 0) and the planner's probe
+    at the smallest radius says so for the new sizes too; else None (a full entry)."""
+    if fam.r_star != 0.0 or fam.spec is None:
+        return None
     kpm = arrays["key_padding_mask"]
+    sh = check_shapes(query.shape, key_.shape, value.shape,
+                      enable_gqa=arrays["enable_gqa"], query_offset=arrays["query_offset"],
+                      causal_alignment=arrays["causal_alignment"],
+                      key_padding_mask=None if kpm is None else kpm.shape)
+    ranges = Causal().key_ranges(sh.L, sh.S, sh.offset) if fam.causal else None
+    if method != "exact":
+        from dataclasses import replace
+        probe = replace(fam.spec, n=sh.L, S=sh.S, offset=sh.offset, radius=1e-12,
+                        radius1=1e-12, pairs=pairs_visited(sh.L, sh.S, sh.offset, ranges))
+        if plan_head(probe, method="auto", eps=eps, degree=None,
+                     approx=approx).method == "fast":
+            return None
+    lo, hi = (None, None) if ranges is None else ranges
+    return _store(key, sh, fam.Bk, fam.kvidx, lo, hi, 0.0, fam.compute, fam.scale, kpm,
+                  fam.spec, fam.causal)
+
+
+def _store(key, sh, Bk, kvidx, lo, hi, r_star, compute, scale, kpm, spec, causal):
+    B, L, S = sh.heads, sh.L, sh.S
     kidx = None
     if kpm is not None:
         lead = kpm.shape[:-1]
         ids = np.arange(int(np.prod(lead, dtype=np.int64))).reshape(lead)
         kidx = np.ascontiguousarray(np.broadcast_to(ids, sh.batch_shape).reshape(-1))
-    kvidx = np.ascontiguousarray(p.kvidx, dtype=np.int64)
+    kvidx = np.ascontiguousarray(kvidx, dtype=np.int64)
     has_r = lo is not None
     rl, rh = (lo[None], hi[None]) if has_r else (None, None)
     ranges = None
@@ -169,12 +214,13 @@ def _entry(key, query, key_, value, method, eps, approx, arrays):
         for masked in ((False, True) if kidx is not None else (False,)))
     e = _Entry(batch_shape=sh.batch_shape, B=B, Bk=Bk, L=L, S=S,
                E=sh.E, Ev=sh.Ev, kvidx=kvidx, lo=lo, hi=hi, r_star=r_star,
-               compute=facts.compute_dtype, scale=p.scale, kidx=kidx, decode=decode,
-               ranges=ranges)
+               compute=compute, scale=scale, kidx=kidx, decode=decode,
+               ranges=ranges, spec=spec, causal=causal)
     with _lock:
-        if len(_cache) >= MAX_ENTRIES:
-            _cache.pop(next(iter(_cache)))
-        _cache[key] = e
+        for c, k_ in ((_cache, key), (_families, _family(key))):
+            if len(c) >= MAX_ENTRIES:
+                c.pop(next(iter(c)))
+            c[k_] = e
     return e
 
 
@@ -210,11 +256,15 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
            precision)
     e = _cache.get(sig)
     if e is None:
+        arrays = dict(bias=bias, is_causal=is_causal, scale=scale, precision=precision,
+                      enable_gqa=enable_gqa, query_offset=query_offset,
+                      causal_alignment=causal_alignment, key_padding_mask=kpm)
         try:
-            e = _entry(sig, q, k, v, method, eps, approx,
-                       dict(bias=bias, is_causal=is_causal, scale=scale, precision=precision,
-                            enable_gqa=enable_gqa, query_offset=query_offset,
-                            causal_alignment=causal_alignment, key_padding_mask=kpm))
+            fam = _families.get(_family(sig))
+            if fam is not None:
+                e = _derive(sig, fam, q, k, v, method, eps, approx, arrays)
+            if e is None:
+                e = _entry(sig, q, k, v, method, eps, approx, arrays)
         except (ValueError, TypeError):
             return None          # the full pipeline raises it, with its message
         if e is None:

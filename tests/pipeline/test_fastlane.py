@@ -108,3 +108,23 @@ def test_torch_tensors_same_bits():
     ref = _full(q, k, v, enable_gqa=True)
     assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("method", ["auto", "exact"])
+def test_a_growing_cache_derives_its_plans(method, monkeypatch):
+    # a decoding cache grows by one key a step: each step's plan is derived from the
+    # previous one's (no pass over the data), with the full pipeline's bits
+    rng = np.random.default_rng(9)
+    fastlane.clear()
+    built = []
+    real = fastlane._entry
+    monkeypatch.setattr(fastlane, "_entry", lambda *a, **k: built.append(1) or real(*a, **k))
+    for S in range(200, 206):
+        q, k, v = _qkv(rng, 6, 2, 1, S, E=64, Ev=64, s=2.0)   # as SmolLM2: auto is exact
+        pad = np.ones((6, S), bool)
+        pad[:, :3] = False                                  # left padding
+        kw = dict(enable_gqa=True, is_causal=True, causal_alignment="bottom_right",
+                  key_padding_mask=pad, method=method)
+        np.testing.assert_array_equal(rope_attention(q, k, v, **kw), _full(q, k, v, **kw))
+    assert len(built) == 1
+    assert all(e.r_star == 0.0 for e in fastlane._cache.values())

@@ -36,6 +36,10 @@ DECODE_BLOCK = 256
 #: chunks on several threads (a parallel region costs a few microseconds; at S = 1024,
 #: 9 heads, head_dim 64 two threads took 52–73 µs against 88–94 µs for one).
 DECODE_PARALLEL = 2e5
+#: Query rows × keys of a head up to which the exact kernel computes every block's
+#: row maximum instead of skipping it by the norms' bound (the norms' pass costs more
+#: than it saves on small heads).
+EXACT_ALWAYS_MAX = 65536
 #: Rows and keys of one block of the exact backward (each task: one row block of a
 #: query head, or one key block of a key/value head).
 BWD_BLOCK = 128

@@ -29,10 +29,18 @@ from numbarope._runtime import threads as _threads
 N, E = 1536, 8
 
 
+def _limited():
+    """Paths of the BLAS libraries numbarope limits: scipy's (numba's np.dot), when it
+    can be told apart from numpy's and others."""
+    _threads._blas_libs()
+    return set(_threads._blas_paths)
+
+
 def _blas_info():
-    """(filepath, num_threads) of every BLAS library threadpoolctl sees."""
+    """(filepath, num_threads) of every BLAS library numbarope limits."""
+    lim = _limited()
     return sorted((i["filepath"], i["num_threads"]) for i in threadpool_info()
-                  if i["user_api"] == "blas")
+                  if i["user_api"] == "blas" and i["filepath"] in lim)
 
 
 def _cases():
@@ -79,7 +87,8 @@ def test_concurrent_calls_match_sequential_and_restore_blas(monkeypatch, user_li
     exactly as before once the last call returns (they stayed at 1 for good)."""
     cases = _cases()
     ctl = ThreadpoolController()
-    blas = [lc for lc in ctl.lib_controllers if lc.user_api == "blas"]
+    blas = [lc for lc in ctl.lib_controllers if lc.user_api == "blas"
+            and lc.filepath in _limited()]
     assert blas, "no BLAS library found by threadpoolctl"
     inside = []           # BLAS threads seen inside every parallel section
 
@@ -471,3 +480,16 @@ def test_torch_and_numbarope_in_one_process_either_order(first):
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split()[-1] == "tbb"
+
+
+def test_only_scipys_blas_is_limited():
+    # numba's np.dot calls scipy's BLAS; numpy's (and torch's) are left alone: setting
+    # each costs microseconds per call and their users' threads are not ours to change
+    lim = _limited()
+    assert lim and all("scipy" in p for p in lim)
+    others = [i for i in threadpool_info() if i["user_api"] == "blas"
+              and i["filepath"] not in lim]
+    with _threads.parallel(2):
+        inside = {i["filepath"]: i["num_threads"] for i in threadpool_info()}
+    for i in others:
+        assert inside[i["filepath"]] == i["num_threads"]

@@ -31,6 +31,7 @@ settings of the parent before its sections.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import sys
 import threading
@@ -205,6 +206,8 @@ class parallel:
 
     def __enter__(self):
         layer = _layer if _layer is not None else threading_layer()
+        if _raw is None:
+            _bind_raw()
         self.lock = _serial if layer == "workqueue" else None
         if self.lock is not None:
             self.lock.acquire()
@@ -234,6 +237,22 @@ _MAX_THREADS = numba.config.NUMBA_NUM_THREADS
 _get_num_threads = numba.get_num_threads
 _set_num_threads = numba.set_num_threads
 _set_chunksize = numba.set_parallel_chunksize
+_raw = None
+
+
+def _bind_raw():
+    """After the layer is up: numba's C functions for the thread count and chunk size
+    in place of its Python wrappers, which take numba's process-wide launch lock on
+    every call (~10-30 µs each inside a model's forward, several per section). The
+    arguments are checked by :class:`parallel` itself (1 <= n <= NUMBA_NUM_THREADS,
+    chunk 0 or 1)."""
+    global _raw, _get_num_threads, _set_num_threads, _set_chunksize
+    from numba.np.ufunc import parallel as _p
+    raw = tuple(getattr(_p, name, None) for name in
+                ("_get_num_threads", "_set_num_threads", "_set_parallel_chunksize"))
+    if all(callable(f) for f in raw):
+        _get_num_threads, _set_num_threads, _set_chunksize = raw
+    _raw = raw
 
 
 class _PrangeLoop:
@@ -364,8 +383,9 @@ def _blas_libs():
     Found once (threadpoolctl scans the loaded libraries: too slow for every call).
     ``shared``: a limit of the whole process; ``per_thread``: a limit of the calling
     thread only (OpenBLAS built with OpenMP, limited through ``omp_set_num_threads``).
-    scipy's BLAS, the one numba's ``np.dot`` calls, is loaded first; libraries loaded
-    after the first parallel call are not limited (numbarope's kernels call neither).
+    Only scipy's BLAS, the one numba's ``np.dot`` calls, when it can be told apart
+    (every BLAS library found otherwise); libraries loaded after the first parallel
+    call are not limited (numbarope's kernels call none of them).
     """
     global _libs
     libs = _libs
@@ -384,19 +404,45 @@ def _find_blas_libs():
     except ImportError:      # pragma: no cover - threadpoolctl is a dependency
         return (), ()
     shared, per_thread = [], []
-    for lc in ThreadpoolController().lib_controllers:
-        if lc.user_api != "blas" or lc.get_num_threads() is None:
-            continue
+    blas = [lc for lc in ThreadpoolController().lib_controllers
+            if lc.user_api == "blas" and lc.get_num_threads() is not None]
+    # scipy's own (wheels: scipy.libs/ or the scipy-openblas32 package): numpy's and
+    # torch's BLAS run no numbarope kernel, and setting each costs microseconds a call
+    import scipy
+    root = os.path.dirname(os.path.dirname(os.path.abspath(scipy.__file__)))
+    own = [lc for lc in blas
+           if os.path.abspath(lc.filepath).startswith(os.path.join(root, "scipy"))
+           or "scipy_openblas32" in lc.filepath]
+    for lc in own or blas:      # (a system scipy on a system BLAS: every BLAS found)
         # threadpoolctl >= 3.8 lets only one Python thread at a time set OpenBLAS's
         # (pthreads) threads, and silently ignores the others: numbarope's first
         # section and its last may run in different threads, and numbarope's lock
         # already makes its changes one at a time, so the library is set directly
         set_ = getattr(lc, "_real_set_num_threads", lc.set_num_threads)
-        if lc.internal_api == "openblas" and getattr(lc, "threading_layer", "") == "openmp":
-            per_thread.append((lc.get_num_threads, set_))
-        else:
-            shared.append((lc.get_num_threads, set_))
+        get_ = lc.get_num_threads
+        layer = getattr(lc, "threading_layer", "")
+        if lc.internal_api == "openblas" and layer == "openmp":
+            per_thread.append((get_, set_))
+            _blas_paths.append(lc.filepath)
+            continue
+        if lc.internal_api == "openblas" and layer == "pthreads":
+            # its C functions, resolved once: threadpoolctl's wrappers look the symbols
+            # up on every call (~50-100 µs a parallel section inside a model's forward)
+            try:
+                get_ = lc.dynlib.openblas_get_num_threads
+                set_ = lc.dynlib.openblas_set_num_threads
+                get_.restype, get_.argtypes = ctypes.c_int, []
+                set_.restype, set_.argtypes = None, [ctypes.c_int]
+            except AttributeError:          # pragma: no cover - not an OpenBLAS build
+                get_ = lc.get_num_threads
+                set_ = getattr(lc, "_real_set_num_threads", lc.set_num_threads)
+        shared.append((get_, set_))
+        _blas_paths.append(lc.filepath)
     return tuple(shared), tuple(per_thread)
+
+
+#: Paths of the BLAS libraries limited (for tests and show_config).
+_blas_paths: list = []
 
 
 class _OneBlasThread:

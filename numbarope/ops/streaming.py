@@ -781,6 +781,15 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx
         gscale = float(scale)
         qnorm = knorm = np.zeros((1, 1))
         headroom = -np.inf
+    elif n * S <= _config.EXACT_ALWAYS_MAX:
+        # small heads: every block's maximum is computed (a pass over a few logits),
+        # no norms are needed (their pass costs more than the maxima it saves);
+        # decided by n and S alone, so a head's bits do not depend on its batch
+        q = q * q.dtype.type(scale)
+        gscale = 1.0
+        qnorm = np.zeros((B, n))                 # read by the kernel, never decisive:
+        knorm = np.zeros((k.shape[0], -(-S // kb)))          # headroom −inf
+        headroom = -np.inf
     else:           # fold the scale into q: the GEMM then gives the logits (one rounding)
         q = q * q.dtype.type(scale)
         gscale = 1.0

@@ -19,19 +19,23 @@ built with ``sdpa_mask`` (the mask function registered here): ``None`` where
 torch SDPA's ``is_causal`` would do (no padding, and L = S, L = 1 or an empty
 cache), else a boolean ``(B, 1, L, S)`` mask (True = the pair takes part).
 
-The mask is read, never trusted blindly: per batch row it must equal a key
-padding vector AND either nothing or a causal mask with one offset for the
-whole batch (query i sees keys j <= i + offset; offset = S - L is decoding with
-a key/value cache, transformers' bottom-right alignment). That structure is
-passed as ``is_causal``, ``causal_alignment="bottom_right"`` (or
-``query_offset=``) and ``key_padding_mask=``; all of these stay eligible for
-the fast path (``method="auto"`` takes it where it is certified and cheaper). Any other structure (a sliding window, chunks,
-packed sequences, a bidirectional block, an arbitrary mask or a float bias)
-raises ``NotImplementedError`` naming it: nothing is computed wrongly. The
-analysis costs O(B·L·S) boolean operations once per mask (transformers passes
-the same mask object to every layer; the result is kept for it, per thread, and
-used again only for the same object with an unchanged version counter, so
-threads serving different batches at once each get their own mask's reading).
+The mask is read, never trusted blindly (:func:`read_mask`): per batch row it
+must equal a key padding vector AND either nothing, a causal mask with one offset
+for the whole batch (query i sees keys j <= i + offset; offset = S - L is
+decoding with a key/value cache, transformers' bottom-right alignment), or such a
+causal mask cut to a sliding window of W keys (Mistral, Qwen2/3's sliding layers,
+Gemma 2/3's local layers: ``sliding_window=W``, the query's own key included).
+That structure is passed as ``is_causal``, ``causal_alignment="bottom_right"``
+(or ``query_offset=``), ``bias=numbarope.bias.Window(W − 1, 0)`` and
+``key_padding_mask=``; all of these stay eligible for the fast path
+(``method="auto"`` takes it where it is certified and cheaper). Any other
+structure (chunks, packed sequences, a bidirectional block, an arbitrary mask or
+a float bias) raises ``NotImplementedError`` naming it: nothing is computed
+wrongly. The analysis costs O(B·L·S) boolean operations once per mask
+(transformers passes the same mask object to every layer, or two alternating
+ones; the last few are kept, per thread, and used again only for the same object
+with an unchanged version counter, so threads serving different batches at once
+each get their own mask's reading).
 
 Grouped-query attention goes to ``enable_gqa=True``. Rows whose every key is
 masked (the queries of left padding) return 0, as torch SDPA >= 2.5; eager
@@ -56,10 +60,11 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .._pipeline import attention as _attention
+from ..bias import Window
 from .._pipeline.inputs import validate_options, validate_precision
 from .._runtime.threads import resolve_workers
 
-__all__ = ["register", "attention_forward", "mask_structure", "NAME"]
+__all__ = ["register", "attention_forward", "mask_structure", "read_mask", "NAME"]
 
 #: The name passed as ``attn_implementation=``.
 NAME = "numbarope"
@@ -161,13 +166,48 @@ def mask_structure(mask):
         message names what it found (sliding window, chunks, packed sequences,
         a float bias, an arbitrary mask).
     """
+    offset, kpm, window = read_mask(mask)
+    if window is not None:
+        raise NotImplementedError(_describe_window(mask, window))
+    return offset, kpm
+
+
+#: Masks kept per thread (models with alternating sliding and full layers, such as
+#: Gemma 2/3 or Qwen2 with max_window_layers, hand over two masks per forward).
+_KEPT = 4
+
+
+def read_mask(mask):
+    """Causal offset, key padding and sliding window of a transformers attention mask,
+    or raise: :func:`mask_structure` plus windows.
+
+    Returns
+    -------
+    offset : int or None
+        As :func:`mask_structure`.
+    key_padding_mask : (B, 1 or H, S) ndarray of bool or None
+        As :func:`mask_structure`.
+    window : int or None
+        None, or W: query i sees at most the W keys ``i + offset − W < j <= i +
+        offset`` (transformers' ``sliding_window=W``, the query's own key included;
+        numbarope's ``Window(W − 1, 0)``).
+
+    Raises
+    ------
+    NotImplementedError
+        Any other mask (see :func:`mask_structure`).
+    """
     # inference tensors keep no version counter (and are rarely edited in place)
     version = None if mask.is_inference() else mask._version
-    entry = getattr(_cache, "last", None)
-    if entry is not None and entry[0]() is mask and entry[1] == version:
-        return entry[2]
+    kept = getattr(_cache, "kept", None)
+    if kept is None:
+        kept = _cache.kept = []
+    for entry in kept:
+        if entry[0]() is mask and entry[1] == version:
+            return entry[2]
     result = _analyse(mask)
-    _cache.last = (weakref.ref(mask), version, result)
+    kept.insert(0, (weakref.ref(mask), version, result))
+    del kept[_KEPT:]
     return result
 
 
@@ -191,7 +231,7 @@ def _analyse(mask):
     L, S = m.shape[-2:]
     pad = m.any(dim=-2)                                     # (B, h, S)
     if bool(torch.equal(m, pad[..., None, :].expand_as(m))):
-        return None, _padding_or_none(pad)
+        return None, _padding_or_none(pad), None
     # causal with one offset: the last visible key of row i is i + offset
     # wherever key i + offset is real (every real query's own key)
     rows = m.any(dim=-1)                                     # (B, h, L)
@@ -201,8 +241,22 @@ def _analyse(mask):
     offset = int((last - i)[rows].max()) if bool(rows.any()) else 0
     causal = j[None, :] <= i[:, None] + offset              # (L, S)
     if bool(torch.equal(m, pad[..., None, :] & causal)):
-        return offset, _padding_or_none(pad)
+        return offset, _padding_or_none(pad), None
+    # a sliding window: the first visible key of a row with a full window is
+    # i + offset − W + 1 (rows near the start, or after padding, see fewer)
+    first = torch.where(m, j, S).amin(dim=-1)                # (B, h, L)
+    width = int((i + offset - first + 1)[rows].max()) if bool(rows.any()) else S
+    window = causal & (j[None, :] > i[:, None] + offset - width)
+    if 0 < width and bool(torch.equal(m, pad[..., None, :] & window)):
+        return offset, _padding_or_none(pad), width
     raise NotImplementedError(_describe(m, pad, offset))
+
+
+def _describe_window(mask, width):
+    return (f"attention_mask of shape {tuple(mask.shape)} is a causal mask with a "
+            f"sliding window of {width} keys; mask_structure reads key padding and "
+            f"causal masks only: read_mask reads windows too (the backend passes "
+            f"bias=numbarope.bias.Window({width - 1}, 0))")
 
 
 def _padding_or_none(pad):
@@ -310,8 +364,12 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None,
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; "
                              f"expected (B, 1, {L}, {S}) for query {tuple(query.shape)} "
                              f"and key {tuple(key.shape)}")
-        offset, kpm = mask_structure(attention_mask)
-        if offset is not None:
+        offset, kpm, window = read_mask(attention_mask)
+        if window is not None:         # a sliding window (causal), at query_offset
+            args["bias"] = Window(window - 1, 0)
+            if offset:
+                args["query_offset"] = offset
+        elif offset is not None:
             args["is_causal"] = True
             if offset == S - L:
                 args["causal_alignment"] = "bottom_right"

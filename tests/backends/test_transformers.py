@@ -299,7 +299,7 @@ def test_mask_structure_threads_get_their_own_padding(monkeypatch):
     stop = time.perf_counter() + 2.0
 
     def serve(t):
-        mask, (offset, kpm) = masks[t], expected[t]
+        mask, (offset, kpm, _) = masks[t], expected[t]
         while time.perf_counter() < stop:
             got, got_kpm = backend.mask_structure(mask)
             calls[t] += 1
@@ -322,8 +322,8 @@ def test_mask_structure_reads_each_mask_once_per_thread(monkeypatch):
     analyse = backend._analyse
     monkeypatch.setattr(backend, "_analyse", lambda m: analysed.append(m) or analyse(m))
     mask = _padded_causal([0, 2])
-    first = backend.mask_structure(mask)
-    assert backend.mask_structure(mask) is first and len(analysed) == 1
+    first = backend.read_mask(mask)
+    assert backend.read_mask(mask) is first and len(analysed) == 1
     other = []
     t = threading.Thread(target=lambda: other.append(backend.mask_structure(mask)))
     t.start()
@@ -376,7 +376,6 @@ def _sliding(L, S, window):
 
 
 @pytest.mark.parametrize("mask, match", [
-    (_sliding(37, 37, 8), "sliding window"),
     (torch.rand(2, 1, 37, 37, generator=torch.Generator().manual_seed(3)) < 0.7,
      "keys after the query"),
     (torch.ones(2, 1, 37, 37).tril() - torch.ones(2, 1, 37, 37).triu(1) * 3.0,
@@ -387,16 +386,56 @@ def test_unsupported_mask_structure_raises(mask, match):
         backend.attention_forward(_Layer(), *_qkv(37, 37), mask)
 
 
-def test_sliding_window_model_raises():
+@pytest.mark.parametrize("L, S, W", [(37, 37, 8), (1, 50, 8), (5, 50, 12), (10, 10, 30)])
+def test_read_mask_reads_sliding_windows(L, S, W):
+    # what read_mask returns rebuilds the mask exactly (a key no query sees may come
+    # back as padding: the same pairs take part)
+    m = _sliding(L, S, W)
+    m[1, :, :, :3] = False                               # row 1 left-padded
+    offset, kpm, window = backend.read_mask(m)
+    i, j = torch.arange(L)[:, None], torch.arange(S)[None]
+    rebuilt = torch.ones(L, S, dtype=torch.bool) if offset is None else j <= i + offset
+    if window is not None:
+        rebuilt = rebuilt & (j > i + offset - window)
+    if kpm is not None:
+        rebuilt = rebuilt & torch.from_numpy(kpm)[:, :, None, :]
+    assert torch.equal(rebuilt.expand_as(m), m)
+    if L == S == 37:
+        assert (offset, window) == (0, 8)
+        with pytest.raises(NotImplementedError, match="sliding window of 8 keys"):
+            backend.mask_structure(m)
+
+
+def _mistral(window, layers=2):
     cfg = transformers.MistralConfig(hidden_size=64, intermediate_size=128,
                                      num_attention_heads=4, num_key_value_heads=2,
-                                     head_dim=16, num_hidden_layers=1, vocab_size=100,
-                                     sliding_window=8)
+                                     head_dim=16, num_hidden_layers=layers, vocab_size=100,
+                                     sliding_window=window)
     torch.manual_seed(0)
-    m = transformers.MistralForCausalLM(cfg).eval()
-    m.set_attn_implementation("numbarope")
-    with torch.inference_mode(), pytest.raises(NotImplementedError, match="sliding window"):
-        m(input_ids=torch.randint(0, 100, (1, 20)))
+    return transformers.MistralForCausalLM(cfg).double().eval()
+
+
+def test_sliding_window_model_gives_sdpas_logits():
+    # issue 23: Mistral (sliding_window=6) on a left-padded batch, prefill and cached
+    # greedy decoding past the window, against "sdpa"
+    m = _mistral(6)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 100, (2, 20), generator=g)
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :4] = 0
+    out = {}
+    for impl in ("sdpa", "numbarope"):
+        m.set_attn_implementation(impl)
+        with torch.inference_mode():
+            logits = m(input_ids=ids, attention_mask=mask).logits
+            gen = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8,
+                             do_sample=False)
+        out[impl] = (logits, gen)
+    m.set_attn_implementation("sdpa")
+    real = mask.bool()
+    d = (out["numbarope"][0] - out["sdpa"][0])[real].abs().max().item()
+    assert d < 1e-10
+    assert torch.equal(out["numbarope"][1], out["sdpa"][1])
 
 
 def test_dropout_refused_and_the_layer_differentiable(model32):

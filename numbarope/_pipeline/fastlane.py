@@ -12,8 +12,8 @@ for these shapes (the planner's choice is monotone in R). A call then costs: a
 lower bound of each head's radius (one key row), the comparison with ``R*``, the
 kernel, and the checks.
 
-It serves only what it can decide alike: no bias array, no relative matrices, no
-rotary, no positions, no ``radius=``/``degree=``/``verify=``, ``return_info=False``
+It serves only what it can decide alike: no bias array (typed ``Causal`` and
+``Window`` structures only), no relative matrices, no rotary, no positions, no ``radius=``/``degree=``/``verify=``, ``return_info=False``
 (the per-head certified bound is the report's job), float32/float64 inputs of one
 dtype without broadcasting. Anything else, a head whose radius might be below
 ``R*``, or a non-finite result (NaN/inf inputs, logits beyond float32) goes to the
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from ..bias import Causal, NoBias
+from ..bias import Causal, NoBias, Window
 from ..ops.streaming import decode_plan, decode_run, exact_attention, pairs_visited
 from .._runtime.interop import is_torch, output_like
 from .._runtime.threads import resolve_workers
@@ -70,6 +70,8 @@ class _Entry:
     ranges: tuple | None           # key_ranges of exact_attention (read-only)
     spec: object = None            # head 0's HeadSpec (the planner's probe of a family)
     causal: bool = False
+    bias: np.ndarray | None = None  # a typed window's values (with bidx), as the full
+    bidx: np.ndarray | None = None  # pipeline passes them to the kernel
 
 
 def clear():
@@ -164,7 +166,7 @@ def _entry(key, query, key_, value, method, eps, approx, arrays):
         r_star = _threshold(spec, method, eps, approx)
     lo, hi = (None, None) if p.key_ranges is None else p.key_ranges
     return _store(key, sh, p.k.shape[0], p.kvidx, lo, hi, r_star, facts.compute_dtype,
-                  p.scale, arrays["key_padding_mask"], spec, p.causal)
+                  p.scale, arrays["key_padding_mask"], spec, p.causal, p.bias, p.bidx)
 
 
 def _derive(key, fam, query, key_, value, method, eps, approx, arrays):
@@ -172,8 +174,8 @@ def _derive(key, fam, query, key_, value, method, eps, approx, arrays):
     ranges and kernel plans computed for the new sizes, nothing read from the data.
     Only where the family never serves the fast path (R* = 0) and the planner's probe
     at the smallest radius says so for the new sizes too; else None (a full entry)."""
-    if fam.r_star != 0.0 or fam.spec is None:
-        return None
+    if fam.r_star != 0.0 or fam.spec is None or fam.bias is not None:
+        return None                  # (a window's bias values depend on the sizes)
     kpm = arrays["key_padding_mask"]
     sh = check_shapes(query.shape, key_.shape, value.shape,
                       enable_gqa=arrays["enable_gqa"], query_offset=arrays["query_offset"],
@@ -192,7 +194,8 @@ def _derive(key, fam, query, key_, value, method, eps, approx, arrays):
                   fam.spec, fam.causal)
 
 
-def _store(key, sh, Bk, kvidx, lo, hi, r_star, compute, scale, kpm, spec, causal):
+def _store(key, sh, Bk, kvidx, lo, hi, r_star, compute, scale, kpm, spec, causal,
+           bias=None, bidx=None):
     B, L, S = sh.heads, sh.L, sh.S
     kidx = None
     if kpm is not None:
@@ -211,11 +214,12 @@ def _store(key, sh, Bk, kvidx, lo, hi, r_star, compute, scale, kpm, spec, causal
         decode_plan(B, L, Bk, S, sh.E, sh.Ev, kvidx,
                     kidx if masked else np.zeros(B, np.int64), masked, rl, rh,
                     np.zeros(B, np.int64), has_r)
-        for masked in ((False, True) if kidx is not None else (False,)))
+        for masked in ((False, True) if kidx is not None else (False,))) \
+        if bias is None else (None, None)          # the decoding kernel takes no bias
     e = _Entry(batch_shape=sh.batch_shape, B=B, Bk=Bk, L=L, S=S,
                E=sh.E, Ev=sh.Ev, kvidx=kvidx, lo=lo, hi=hi, r_star=r_star,
                compute=compute, scale=scale, kidx=kidx, decode=decode,
-               ranges=ranges, spec=spec, causal=causal)
+               ranges=ranges, spec=spec, causal=causal, bias=bias, bidx=bidx)
     with _lock:
         for c, k_ in ((_cache, key), (_families, _family(key))):
             if len(c) >= MAX_ENTRIES:
@@ -234,7 +238,7 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
         return None                  # "fast" computes or refuses in the full pipeline
     if rotary not in (None, False) or relative is not None or positions is not None:
         return None
-    if bias is not None and not isinstance(bias, (NoBias, Causal)):
+    if bias is not None and not isinstance(bias, (NoBias, Causal, Window)):
         return None
     causal = bool(is_causal) or isinstance(bias, Causal)
     conv = [_numpy(x) for x in (query, key, value)]
@@ -253,7 +257,7 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
             return None
     sig = (q.shape, k.shape, v.shape, q.dtype.str, bool(enable_gqa), causal, query_offset,
            causal_alignment, None if kpm is None else kpm.shape, scale, method, eps, approx,
-           precision)
+           precision, bias if isinstance(bias, Window) else None)
     e = _cache.get(sig)
     if e is None:
         arrays = dict(bias=bias, is_causal=is_causal, scale=scale, precision=precision,
@@ -305,7 +309,8 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
         with np.errstate(all="ignore"):
             out, lse = exact_attention(qf, kf, vf, e.scale, kvidx=e.kvidx,
                                        key_ranges=e.ranges, key_mask=kmask, kidx=kidx,
-                                       workers=workers, return_lse=True)
+                                       bias=e.bias, bidx=e.bidx, workers=workers,
+                                       return_lse=True)
     ok = _result_ok(out, lse)
     if ok == 0:
         return None              # NaN/inf inputs or logits beyond float32: full pipeline

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from numbarope import rope_attention
-from numbarope.bias import Causal
+from numbarope.bias import Causal, Window
 from numbarope._pipeline import fastlane
 
 try:
@@ -35,6 +35,8 @@ CASES = [
     dict(B=9, Bk=3, L=33, S=33, enable_gqa=True, bias=Causal()),
     dict(B=3, Bk=3, L=5, S=70, is_causal=True, query_offset=65),
     dict(B=2, Bk=2, L=2, S=90, dtype=np.float64),
+    dict(B=6, Bk=2, L=40, S=40, enable_gqa=True, bias=Window(7, 0)),
+    dict(B=6, Bk=2, L=3, S=60, enable_gqa=True, bias=Window(9, 0), query_offset=57),
 ]
 
 

@@ -84,7 +84,7 @@ def clear():
 def _numpy(x):
     """A float32/float64 numpy view of x and its torch dtype name (None for a numpy
     array), or None (not for this lane)."""
-    if isinstance(x, np.ndarray):
+    if type(x) is np.ndarray:         # (subclasses, np.matrix: the full pipeline)
         return (x, None) if x.dtype in _FLOATS and x.dtype.isnative else None
     if is_torch(x):
         try:     # raises for tensors that require grad, live elsewhere, or are bfloat16

@@ -49,6 +49,9 @@ def as_float_array(x, name):
     if dt.kind == "f" and dt.itemsize in (4, 8) and not dt.isnative:
         arr = arr.astype(dt.newbyteorder("="))       # non-native byte order: same values
         dt = arr.dtype
+    if isinstance(arr, np.matrix):      # always 2-D, * is a product: its plain array
+        arr = np.asarray(arr)
+        dt = arr.dtype
     if isinstance(arr, np.ma.MaskedArray):
         raise TypeError(f"{name} is a masked array; numbarope ignores no entries: pass "
                         f"np.ma.getdata({name}) and express the mask as bias=-inf")

@@ -445,3 +445,15 @@ def test_make_problem_flattens_the_batch_and_is_frozen():
     assert p.causal and p.bias is None and p.scale == 1 / np.sqrt(8)
     with pytest.raises(AttributeError):
         p.causal = False
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")     # numpy's, on np.matrix
+def test_np_matrix_inputs_are_plain_arrays():
+    # issue 24: np.matrix (always 2-D, * is a product) crashed inside numba
+    import numbarope
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((16, 4))
+    m = np.matrix(a)
+    out = numbarope.rope_attention(m, m, m, is_causal=True)
+    assert type(out) is np.ndarray
+    np.testing.assert_array_equal(out, numbarope.rope_attention(a, a, a, is_causal=True))

@@ -13,8 +13,9 @@ import numpy as np
 
 from ._pipeline import AttentionInfo, attention, make_problem, plan_problem
 from ._pipeline.inputs import (KNOWN_KEYWORDS, validate_flag, validate_options,
+                               validate_softcap,
                                validate_precision)
-from ._runtime.interop import is_dask, unexpected_keywords
+from ._runtime.interop import is_dask, requires_grad, unexpected_keywords
 from ._runtime.threads import resolve_workers
 from .rotary import Rotary
 
@@ -137,7 +138,8 @@ def rope_attention(query: Any, key: Any, value: Any, *, rotary: Rotary | bool | 
                    query_offset: int | None = None,
                    causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
                    key_padding_mask: Any = None, positions: Any = None,
-                   return_lse: bool = False, **unknown: Any) -> Any:
+                   return_lse: bool = False, softcap: float | None = None,
+                   **unknown: Any) -> Any:
     """RoPE / relative-position softmax attention, exact or certified fast.
 
     ``A[i, j] = exp(s·q_iᵀ W_{i−j} k_j + b_{i−j})``, ``out = D⁻¹ A V`` with
@@ -153,6 +155,14 @@ def rope_attention(query: Any, key: Any, value: Any, *, rotary: Rotary | bool | 
         degree, features, logit radius, certified error bound, predicted times).
     return_lse : bool, optional
         Also return the row log-sum-exp (see Returns), to merge partial results.
+    softcap : float > 0, optional
+        Logit soft-capping (Gemma 2, Grok): each logit ``x = s·q_iᵀW k_j`` becomes
+        ``c·tanh(x/c)`` before the bias is added. Exact path only (``"auto"``
+        computes exactly; ``"fast"`` is refused: its polynomial of
+        ``exp(c·tanh(x/c))`` is not built yet); differentiable through the backward
+        (``d/dx c·tanh(x/c) = 1 − tanh²(x/c)``). The error bound adds
+        ``6·c·u`` per logit (u the compute dtype's unit roundoff; libm's tanh is
+        taken to be within 4 ulp, which glibc's is).
     workers : int, optional
         Threads used by the kernels, BLAS and scipy.fft, with scipy.fft's
         meaning: None (default) all cores or what :func:`numbarope.set_workers`
@@ -223,7 +233,8 @@ def rope_attention(query: Any, key: Any, value: Any, *, rotary: Rotary | bool | 
             precision=precision, workers=workers, enable_gqa=enable_gqa,
             query_offset=query_offset, causal_alignment=causal_alignment,
             key_padding_mask=key_padding_mask, positions=positions,
-            return_lse=return_lse, **unknown)
+            return_lse=return_lse, **({} if softcap is None else {"softcap": softcap}),
+            **unknown)
     if unknown:
         raise unexpected_keywords("rope_attention", unknown, KNOWN_KEYWORDS)
     eps_f = validate_options(method, eps, degree, approx, scale, radius, is_causal)
@@ -242,7 +253,8 @@ def rope_attention(query: Any, key: Any, value: Any, *, rotary: Rotary | bool | 
                      rotary=rotary, relative=relative, bias=bias, is_causal=is_causal,
                      scale=scale, precision=precision, enable_gqa=enable_gqa,
                      query_offset=query_offset, causal_alignment=causal_alignment,
-                     key_padding_mask=key_padding_mask, positions=positions)
+                     key_padding_mask=key_padding_mask, positions=positions,
+                     softcap=validate_softcap(softcap))
 
 
 def plan(query: Any, key: Any, value: Any, *, rotary: Rotary | bool | None = None,
@@ -284,7 +296,8 @@ def plan(query: Any, key: Any, value: Any, *, rotary: Rotary | bool | None = Non
     if unknown:
         raise unexpected_keywords("plan", unknown,
                                   [k for k in KNOWN_KEYWORDS if k not in (
-                                      "verify", "return_info", "workers", "return_lse")])
+                                      "verify", "return_info", "workers", "return_lse",
+                                      "softcap")])
     eps_f = validate_options(method, eps, degree, approx, scale, radius, is_causal)
     validate_precision(precision)
     validate_flag(enable_gqa, "enable_gqa")
@@ -294,7 +307,7 @@ def plan(query: Any, key: Any, value: Any, *, rotary: Rotary | bool | None = Non
                         causal_alignment=causal_alignment,
                         key_padding_mask=key_padding_mask, positions=positions)
     _, pl = plan_problem(p, method=method, eps=eps_f, degree=degree, approx=approx,
-                         radius=radius)
+                         radius=radius, grad=requires_grad(query, key, value))
     return AttentionInfo(list(pl.heads), p.batch_shape, eps_f)
 
 

@@ -680,7 +680,8 @@ def _attention_kwargs(args, arrays):
 
 def run(args):
     if os.path.abspath(args.output) == os.path.abspath(args.input) or (
-            os.path.exists(args.output) and os.path.samefile(args.output, args.input)):
+            os.path.exists(args.output) and os.path.exists(args.input)
+            and os.path.samefile(args.output, args.input)):
         raise CLIError(f"the output {args.output!r} is the input file; choose another name "
                        f"(it would be overwritten)")
     arrays = _load_npz(args.input)

@@ -80,6 +80,8 @@ def _assert_clean_error(code, err, pattern):
 BAD = [
     ("missing", ["run", "{missing}", "-o", "{out}"], r"missing\.npz.*does not exist"),
     ("missing plan", ["plan", "{missing}"], r"missing\.npz.*does not exist"),
+    ("missing, output exists", ["run", "{missing}", "-o", "{good.npz}"],
+     r"missing\.npz.*does not exist"),
     ("text", ["run", "{text.npz}", "-o", "{out}"], r"cannot read .*text\.npz.*npz"),
     ("empty", ["run", "{empty.npz}", "-o", "{out}"], r"cannot read .*empty\.npz.*npz"),
     ("directory", ["run", "{dir}", "-o", "{out}"], r"cannot read"),

@@ -177,3 +177,93 @@ def test_backward_bitwise_independent_of_threads():
     two = st.exact_backward(q, k, v, out, lse, dout, 0.25, kvidx=kvidx, workers=2)
     for a, b in zip(one, two):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_softcap_forward_and_backward(dtype, tol, causal):
+    # issue 23: logit soft-capping c·tanh(x/c) (Gemma 2), exact, with its gradient
+    g = torch.Generator().manual_seed(10 + causal)
+    q, k, v = (torch.randn(2, 3, 60, 16, generator=g, dtype=dtype) * 2 for _ in range(3))
+    dout = torch.randn(2, 3, 60, 16, generator=g, dtype=dtype)
+    c = 4.0
+
+    def ours(q, k, v):
+        return rope_attention(q, k, v, is_causal=causal, softcap=c, scale=0.5)
+
+    def ref(q, k, v):
+        x = 0.5 * q.double() @ k.double().transpose(-1, -2)
+        x = c * torch.tanh(x / c)
+        if causal:
+            x = x.masked_fill(torch.ones(60, 60, dtype=torch.bool).triu(1), -torch.inf)
+        return torch.softmax(x, -1) @ v.double()
+
+    a = _grads(ours, q, k, v, dout)
+    b = _grads(ref, q, k, v, dout.double())
+    for x, y in zip(a, b):
+        assert _rel(x, y) < tol
+    out, info = rope_attention(q.numpy(), k.numpy(), v.numpy(), is_causal=causal,
+                               softcap=c, scale=0.5, return_info=True)
+    assert set(info.method.ravel()) == {"exact"}
+    assert np.all(np.abs(out - b[0].numpy()).max(axis=(-2, -1)) <= info.error_bound)
+
+
+def test_softcap_refusals():
+    q = np.zeros((8, 4))
+    for bad in (0.0, -1.0, np.inf, np.nan):
+        with pytest.raises(ValueError, match="softcap"):
+            rope_attention(q, q, q, softcap=bad)
+    with pytest.raises(TypeError, match="softcap"):
+        rope_attention(q, q, q, softcap="50")
+    with pytest.raises(NotImplementedError, match="softcap=50 has no fast path"):
+        rope_attention(q, q, q, softcap=50.0, method="fast")
+
+
+def test_lse_is_differentiable():
+    # the returned log-sum-exp carries its gradient (∂lse_i/∂x_ij = P_ij)
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 30, 8, generator=g, dtype=torch.float64) for _ in range(3))
+
+    def ours(q, k, v):
+        out, lse = rope_attention(q, k, v, is_causal=True, return_lse=True)
+        return out.sum() + (lse * torch.arange(30, dtype=torch.float64)).sum()
+
+    def ref(q, k, v):
+        x = q @ k.transpose(-1, -2) / np.sqrt(8)
+        x = x.masked_fill(torch.ones(30, 30, dtype=torch.bool).triu(1), -torch.inf)
+        out = torch.softmax(x, -1) @ v
+        return out.sum() + (torch.logsumexp(x, -1) * torch.arange(30, dtype=torch.float64)).sum()
+
+    a = _grads(ours, q, k, v, torch.tensor(1.0, dtype=torch.float64))
+    b = _grads(ref, q, k, v, torch.tensor(1.0, dtype=torch.float64))
+    for x, y in zip(a[1:], b[1:]):
+        assert _rel(x, y) < 1e-12
+    # the lse alone
+    qq = q.clone().requires_grad_()
+    rope_attention(qq, k, v, return_lse=True)[1].sum().backward()
+    assert qq.grad is not None and qq.grad.abs().sum() > 0
+
+
+def test_in_place_change_after_forward_and_second_derivatives_raise():
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(2, 10, 4, generator=g, requires_grad=True) for _ in range(3))
+    v2 = v * 1
+    out = rope_attention(q, k, v2)
+    v2.add_(1)                                  # changed after the forward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    out = rope_attention(q, k, v)
+    (gq,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        gq.pow(2).sum().backward()
+
+
+def test_plan_and_info_say_why_gradients_compute_exactly():
+    g = torch.Generator().manual_seed(13)
+    q = (torch.randn(1, 1, 2048, 16, generator=g) * 0.1).requires_grad_()
+    assert set(numbarope.plan(q.detach(), q.detach(), q.detach()).method.ravel()) == {"fast"}
+    info = numbarope.plan(q, q, q)
+    assert set(info.method.ravel()) == {"exact"}
+    assert set(info.code.ravel()) == {"exact-for-gradients"}
+    _, info2 = rope_attention(q, q, q, return_info=True)
+    assert set(info2.code.ravel()) == {"exact-for-gradients"}

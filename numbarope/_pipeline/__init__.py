@@ -23,6 +23,7 @@ from .grad import attention_with_grad
 from .heads import Heads, head_facts
 from .inputs import Problem, check_shapes, make_problem
 from .plan import Plan, plan_heads
+from ..ops.registry import Reason
 from .report import AttentionInfo, HeadPlan
 from .run import run_plan, verify_rows
 
@@ -34,11 +35,28 @@ __all__ = ["Problem", "Heads", "Plan", "HeadPlan", "AttentionInfo", "check_shape
 LONG_CALL_SECONDS = 3600.0
 
 
-def plan_problem(p, *, method, eps, degree, approx, radius=None):
-    """``(Heads, Plan)`` of a problem: per-head facts, then the registry's choice."""
+def plan_problem(p, *, method, eps, degree, approx, radius=None, grad=False):
+    """``(Heads, Plan)`` of a problem: per-head facts, then the registry's choice
+    (``grad``: the inputs require grad, so the exact path, which has a backward)."""
+    why = None
+    if p.softcap is not None:        # soft-capped logits: the exact path only (for now)
+        if method == "fast":
+            raise NotImplementedError(
+                f"softcap={p.softcap:g} has no fast path yet (its polynomial of "
+                f"exp(c·tanh(x/c)) is not built): use method='exact' or 'auto' (which "
+                f"then computes exactly)")
+        if method == "auto":
+            why = Reason("exact-for-softcap", "softcap=: the exact path only (no fast "
+                                              "path for capped logits yet)")
+        method = "exact"
+    if grad:
+        if method == "auto":
+            why = Reason("exact-for-gradients", "inputs require grad: the exact path "
+                                                "(the fast path has no backward yet)")
+        method = "exact"
     facts = head_facts(p, radius, fast=method != "exact")
     plan = plan_heads(facts.specs, facts.groups, method=method, eps=eps, degree=degree,
-                      approx=approx, compute_dtype=facts.compute_dtype.name)
+                      approx=approx, compute_dtype=facts.compute_dtype.name, why_exact=why)
     return facts, plan
 
 
@@ -55,10 +73,10 @@ def _warn_long(heads, stacklevel):
 
 
 def attend(p, *, method, eps, degree, approx, radius=None, verify=0, workers=None,
-           stacklevel=3):
+           stacklevel=3, grad=False):
     """Plan and run one problem: ``(out (B, L, Ev) float64, lse (B, L), AttentionInfo)``."""
     facts, plan = plan_problem(p, method=method, eps=eps, degree=degree, approx=approx,
-                               radius=radius)
+                               radius=radius, grad=grad)
     _warn_long(plan.heads, stacklevel + 1)
     for h in plan.heads:
         if h.method == "fast" and not np.isfinite(h.error_bound):

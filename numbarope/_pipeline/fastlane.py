@@ -231,10 +231,11 @@ def _store(key, sh, Bk, kvidx, lo, hi, r_star, compute, scale, kpm, spec, causal
 def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_lse,
                    rotary=None, relative=None, bias=None, is_causal=False, scale=None,
                    precision=None, enable_gqa=False, query_offset=None,
-                   causal_alignment="top_left", key_padding_mask=None, positions=None):
+                   causal_alignment="top_left", key_padding_mask=None, positions=None,
+                   softcap=None):
     """The result the full pipeline would give, or None where this lane does not serve
     the call (see the module docstring)."""
-    if method not in ("auto", "exact"):
+    if method not in ("auto", "exact") or softcap is not None:
         return None                  # "fast" computes or refuses in the full pipeline
     if rotary not in (None, False) or relative is not None or positions is not None:
         return None

@@ -9,8 +9,11 @@ reach query, key and value as given: back through the rotation numbarope applied
 (its transpose), summed over the query heads of a key/value head (grouped-query) and
 over broadcast leading dims, in each input's dtype.
 
-Not differentiated (refused with a message when they require grad): bias arrays,
-relative matrices. Without a backward (refused when an input requires grad):
+The returned log-sum-exp (``return_lse=True``) is differentiable too
+(``∂lse_i/∂x_ij = P_ij``: its gradient joins Δ). Not differentiated (refused with
+a message when they require grad): bias arrays, relative matrices. Second
+derivatives raise (``once_differentiable``); an input changed in place after the
+forward makes backward raise, as torch's own operations do. Without a backward (refused when an input requires grad):
 ``method="fast"``, general relative matrices, rotary with per-row ``positions``.
 """
 
@@ -61,9 +64,9 @@ def attention_with_grad(query, key, value, *, method, eps, degree, approx, radiu
     _refuse(method, arrays)
     detached = [x.detach() if is_torch(x) else x for x in (query, key, value)]
     p, out_torch = make_problem(*detached, **arrays)
-    out64, lse, info = attend(p, method="exact", eps=eps, degree=None, approx=approx,
+    out64, lse, info = attend(p, method=method, eps=eps, degree=None, approx=approx,
                               radius=radius, verify=verify, workers=workers,
-                              stacklevel=stacklevel + 1)
+                              stacklevel=stacklevel + 1, grad=True)
     rotary = arrays.get("rotary")
     rotary = Rotary() if rotary is True or rotary is np.True_ else (
         None if rotary is False or rotary is np.False_ else rotary)
@@ -73,25 +76,33 @@ def attention_with_grad(query, key, value, *, method, eps, degree, approx, radiu
                  shapes=tuple(tuple(x.shape) for x in (query, key, value)))
     out = out64.reshape(p.batch_shape + (p.n, p.Ev)).astype(p.dtype, copy=False)
     out_t = output_like(out, (out_torch,))
-    result = _ExactAttention.apply(query, key, value, out_t, saved)
+    lse_t = output_like(lse.reshape(p.batch_shape + (p.n,)), ("float64",))
+    result, lse_r = _ExactAttention.apply(query, key, value, out_t, lse_t, saved)
     res = (result,)
     if return_lse:
-        res += (output_like(lse.reshape(p.batch_shape + (p.n,)), ("float64",)),)
+        res += (lse_r,)
     if return_info:
         res += (info,)
     return res[0] if len(res) == 1 else res
 
 
-def _backward(saved, grad, needs):
+def _backward(saved, grad, grad_lse, needs):
     """(dquery, dkey, dvalue) numpy float64 arrays shaped like the inputs (None where
-    not needed)."""
+    not needed); ``grad_lse``: the gradient with respect to the returned lse, or None."""
     import torch
 
     p, cd = saved["p"], saved["cd"]
     B = p.q.shape[0]
-    g = grad.detach().to(device="cpu", dtype=torch.float64).numpy()
-    dout = np.ascontiguousarray(
-        np.broadcast_to(g, p.batch_shape + (p.n, p.Ev)).reshape(B, p.n, p.Ev))
+    if grad is None:
+        dout = np.zeros((B, p.n, p.Ev))
+    else:
+        g = grad.detach().to(device="cpu", dtype=torch.float64).numpy()
+        dout = np.ascontiguousarray(
+            np.broadcast_to(g, p.batch_shape + (p.n, p.Ev)).reshape(B, p.n, p.Ev))
+    dlse = None
+    if grad_lse is not None:
+        dlse = np.ascontiguousarray(grad_lse.detach().to(device="cpu", dtype=torch.float64)
+                                    .numpy().reshape(B, p.n))
     ranges = None
     if p.key_ranges is not None:
         lo, hi = p.key_ranges
@@ -100,7 +111,7 @@ def _backward(saved, grad, needs):
         np.ascontiguousarray(p.q, dtype=cd), np.ascontiguousarray(p.k, dtype=cd),
         np.ascontiguousarray(p.v, dtype=cd), saved["out"], saved["lse"], dout, p.scale,
         bias=p.bias, bidx=p.bidx, key_ranges=ranges, key_mask=p.kmask, kidx=p.kidx,
-        kvidx=p.kvidx, workers=saved["workers"])
+        kvidx=p.kvidx, workers=saved["workers"], softcap=p.softcap, dlse=dlse)
     sh = p.shapes
     kv_shape = sh.kv_shape if sh.group > 1 else sh.batch_shape
     dq = dq.reshape(sh.batch_shape + (p.n, p.E))
@@ -123,27 +134,37 @@ def _sum_to(a, shape):
 
 def _function():
     import torch
+    from torch.autograd.function import once_differentiable
 
     class ExactAttention(torch.autograd.Function):
         """numbarope's exact attention with its backward (see the module docstring)."""
 
         @staticmethod
-        def forward(ctx, query, key, value, out, saved):
+        def forward(ctx, query, key, value, out, lse, saved):
             ctx.saved = saved
             ctx.dtypes = (query.dtype if is_torch(query) else None,
                           key.dtype if is_torch(key) else None,
                           value.dtype if is_torch(value) else None)
-            return out.clone()
+            # the inputs, for torch's in-place check only: numbarope's own arrays may
+            # share their memory (float32 inputs are read without a copy), so an input
+            # changed in place after the forward must make backward raise, as torch's
+            ctx.save_for_backward(*[x for x in (query, key, value) if is_torch(x)])
+            ctx.set_materialize_grads(False)
+            return out.clone(), lse.clone()
 
         @staticmethod
-        def backward(ctx, grad):
+        @once_differentiable           # a second derivative raises (none is built yet)
+        def backward(ctx, grad, grad_lse):
+            ctx.saved_tensors          # raises if an input was changed in place since
             needs = ctx.needs_input_grad[:3]
-            grads = _backward(ctx.saved, grad, needs)
+            if grad is None and grad_lse is None:
+                return (None,) * 6
+            grads = _backward(ctx.saved, grad, grad_lse, needs)
             res = []
             for gr, dt in zip(grads, ctx.dtypes):
                 res.append(None if gr is None or dt is None else
                            torch.from_numpy(np.ascontiguousarray(gr)).to(dt))
-            return (*res, None, None)
+            return (*res, None, None, None)
 
     return ExactAttention
 

@@ -32,7 +32,7 @@ APPROXES = ("chebyshev", "taylor")
 KNOWN_KEYWORDS = ("rotary", "relative", "bias", "is_causal", "scale", "method", "eps",
                   "degree", "approx", "radius", "verify", "return_info", "precision",
                   "workers", "enable_gqa", "query_offset", "causal_alignment",
-                  "key_padding_mask", "positions", "return_lse")
+                  "key_padding_mask", "positions", "return_lse", "softcap")
 
 
 def as_float_array(x, name):
@@ -137,6 +137,18 @@ def validate_precision(precision):
                                   or precision not in PRECISIONS[1:]):
         raise ValueError(f"precision={precision!r} is unknown; use None (float32 for "
                          f"float32 inputs, else float64), 'float32' or 'float64'")
+
+
+def validate_softcap(softcap):
+    """``softcap`` as a float > 0, or None; raises naming the argument."""
+    if softcap is None:
+        return None
+    c = _real(softcap, "softcap", "a real number > 0 (the logit cap c of c·tanh(x/c))")
+    if not (np.isfinite(c) and c > 0.0):
+        raise ValueError(f"softcap={softcap!r} must be a finite number > 0 (the logit cap "
+                         f"c of c·tanh(x/c), e.g. Gemma 2's attn_logit_softcapping=50.0); "
+                         f"None for no capping")
+    return c
 
 
 def validate_options(method, eps, degree, approx, scale, radius, is_causal=False):
@@ -440,6 +452,7 @@ class Problem:
     out_unit: float
     precision: str | None
     rotated: bool
+    softcap: float | None = None
 
     @property
     def batch_shape(self):
@@ -487,7 +500,7 @@ def _typed_bias(bias, is_causal, L, S, off):
 def make_problem(query, key, value, *, rotary=None, relative=None, bias=None,
                  is_causal=False, scale=None, precision=None, enable_gqa=False,
                  query_offset=None, causal_alignment="top_left", key_padding_mask=None,
-                 positions=None):
+                 positions=None, softcap=None):
     """Validate and prepare one call: ``(Problem, torch dtype name of the result or
     None)``. Options other than arrays are checked by the caller
     (:func:`validate_options`); raises as :func:`numbarope.rope_attention`."""
@@ -621,7 +634,7 @@ def make_problem(query, key, value, *, rotary=None, relative=None, bias=None,
                 causal=bool(is_causal), key_ranges=ranges, scale=s, shapes=sh,
                 dtype=np.dtype(dtype), out_unit=float(out_unit),
                 precision=None if precision is None else str(precision),
-                rotated=rotary is not None)
+                rotated=rotary is not None, softcap=validate_softcap(softcap))
     return p, out_torch
 
 

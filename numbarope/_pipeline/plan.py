@@ -144,7 +144,7 @@ def _evaluate(alg, h, approx_obj, eps, degree, method):
     return fields_, why
 
 
-def plan_head(h, *, method, eps, degree, approx):
+def plan_head(h, *, method, eps, degree, approx, why_exact=None):
     """Choose the method and algorithm of one head; returns a :class:`HeadPlan`.
 
     Parameters
@@ -186,7 +186,7 @@ def plan_head(h, *, method, eps, degree, approx):
         return exact_only(Reason("no-visible-key", "no query sees a key (causal, "
                                                    "query_offset < -L + 1)"))
     if method == "exact":
-        return exact_only(Reason("exact-requested", "method='exact' requested"))
+        return exact_only(why_exact or Reason("exact-requested", "method='exact' requested"))
     candidates, refused = [], []
     for alg in ops.fast_algorithms():
         why = alg.unavailable(h)
@@ -328,7 +328,8 @@ class Plan:
         return tuple(h.method for h in self.heads)
 
 
-def plan_heads(specs, groups, *, method, eps, degree, approx, compute_dtype):
+def plan_heads(specs, groups, *, method, eps, degree, approx, compute_dtype,
+               why_exact=None):
     """A :class:`Plan` for the head specs of one call.
 
     Parameters
@@ -344,7 +345,7 @@ def plan_heads(specs, groups, *, method, eps, degree, approx, compute_dtype):
         The exact path's precision.
     """
     opts = dict(method=method, eps=eps, degree=degree, approx=approx)
-    heads = [plan_head(h, **opts) for h in specs]
+    heads = [plan_head(h, **opts, why_exact=why_exact) for h in specs]
     share_key_sides(heads, specs, groups, opts)
     return Plan(heads=tuple(heads), batches=fast_batches(heads, groups),
                 exact=tuple(b for b, h in enumerate(heads) if h.method == "exact"),

@@ -116,7 +116,7 @@ def run_plan(p, facts, plan, workers=None):
                 qg, np.ascontiguousarray(p.k, dtype=cd), v, p.scale, workers=workers,
                 key_mask=p.kmask, norms=(facts.qnorms.reshape(Bk, group), facts.knorms),
                 kidx=None if p.kidx is None else np.ascontiguousarray(p.kidx[::group]),
-                return_lse=True)
+                return_lse=True, softcap=p.softcap)
             out[:] = og.reshape(B, 1, p.Ev)
             lse[:] = lg.reshape(B, 1)
             if f != 1.0:
@@ -133,7 +133,7 @@ def run_plan(p, facts, plan, workers=None):
             key_ranges=_exact_ranges(p, exact_ids), workers=workers,
             key_mask=p.kmask, kidx=None if p.kidx is None else p.kidx[exact_ids],
             norms=(facts.qnorms if every else facts.qnorms[exact_ids], facts.knorms),
-            return_lse=True)
+            return_lse=True, softcap=p.softcap)
         if f != 1.0:
             out[exact_ids] /= f
     for members in plan.batches:

@@ -46,8 +46,9 @@ Training: with tensors that require grad the layer's result is differentiable
 computes exactly then, ``method="fast"`` is refused), so ``loss.backward()`` gives
 the gradients ``"sdpa"`` gives.
 
-Not supported (``NotImplementedError``): dropout > 0, ``softcap``, attention
-sinks (``s_aux``), a ``position_bias`` (T5-style).
+Logit soft-capping (``softcap``, Gemma 2) goes to ``softcap=`` (exact path).
+Not supported (``NotImplementedError``): dropout > 0, attention sinks
+(``s_aux``), a ``position_bias`` (T5-style).
 """
 
 import threading
@@ -324,14 +325,14 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None,
     Raises
     ------
     NotImplementedError
-        dropout > 0, ``softcap``, ``s_aux``, ``position_bias``, or a mask other
-        than key padding with an optional causal part (see :func:`mask_structure`).
+        dropout > 0, ``s_aux``, ``position_bias``, or a mask other than key padding
+        with an optional causal part and sliding window (see :func:`read_mask`).
     """
     if dropout:
         raise NotImplementedError(f"dropout={dropout}: numbarope's attention has no "
                                   f"dropout; set the model's attention_dropout to 0 "
                                   f"(or call model.eval() for inference)")
-    for name in ("softcap", "s_aux", "position_bias"):
+    for name in ("s_aux", "position_bias"):
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"{name} is not supported by numbarope's "
                                       f"transformers backend; use 'eager' or 'sdpa'")
@@ -348,6 +349,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None,
                 method=options["method"], eps=float(options["eps"]),
                 precision=options["precision"],
                 workers=resolve_workers(options["workers"]))
+    if kwargs.get("softcap") is not None:      # Gemma 2's attn_logit_softcapping
+        args["softcap"] = float(kwargs["softcap"])
     if attention_mask is None:
         # transformers skips the mask exactly where torch SDPA's is_causal is right
         # (top-left alignment); mirror its sdpa backend

@@ -49,6 +49,10 @@ REASONS = {
                      "needs (or, screened before certifying, at a lower bound of it)",
     "fast-requested": "method='fast' was requested",
     "exact-requested": "method='exact' was requested",
+    "exact-for-gradients": "the inputs require grad and only the exact path has a "
+                           "backward so far",
+    "exact-for-softcap": "the logits are soft-capped (softcap=) and only the exact "
+                         "path computes them so far",
     "empty": "nothing to compute (no queries, no keys or no value columns)",
     "no-visible-key": "no query sees any key; every output row is 0",
     # why the fast path cannot serve a head

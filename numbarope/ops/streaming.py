@@ -80,11 +80,13 @@ EXACT_HEADROOM = {np.dtype(np.float64): 60.0, np.dtype(np.float32): 30.0}
 @njit(cache=True, nogil=True, fastmath=_FM)
 def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshift, sidx,
                  gscale, row_block, key_block, qnorm, knorm, headroom,
-                 kmask, kidx, has_kmask, kvidx, lo, hi, lidx, has_ranges, tasks, out, lse):
+                 kmask, kidx, has_kmask, kvidx, lo, hi, lidx, has_ranges, softcap, tasks,
+                 out, lse):
     # q arrives multiplied by the scale s, except with general W (then gscale = s;
     # with no general W and a bias, gscale = 1). Row i of head b sees at most the keys
     # lo[lidx[b], i] <= j < hi[lidx[b], i] (all keys without ranges); the bias and W
-    # of the pair (i, j) are stored at i - j + nk - 1.
+    # of the pair (i, j) are stored at i - j + nk - 1. softcap > 0: the logits
+    # (before the bias) are soft-capped, c·tanh(x/c) (then headroom = −inf).
     B, n, E = q.shape            # n query rows
     nk = k.shape[1]              # keys 0 .. nk-1
     Ev = v.shape[2]
@@ -158,6 +160,11 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
                 # bias <= 0). Within `headroom` of the running maximum no new maximum
                 # is needed: weights e^{x−m} <= e^headroom cannot overflow.
                 skip_max = (not general) and qnorm[b, i] * kbound <= mx[r] + headroom
+                gs = gscale
+                if softcap > 0.0:       # logit soft-capping (Gemma 2): c·tanh(s·qᵀk / c)
+                    for jj in range(ja, jb):
+                        row[jj] = softcap * np.tanh(row[jj] * gscale / softcap)
+                    gs = 1.0
                 bm = -np.inf
                 for jj in range(ja):
                     row[jj] = -np.inf
@@ -170,12 +177,12 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
                     sh = rowshift[sidx[b], i]
                     off = i + nk - 1 - j0
                     for jj in range(ja, jb):
-                        x = row[jj] * gscale + (bb[off - jj] - sh)
+                        x = row[jj] * gs + (bb[off - jj] - sh)
                         row[jj] = x
                         bm = x if x > bm else bm
                 elif general:
                     for jj in range(ja, jb):
-                        x = row[jj] * gscale
+                        x = row[jj] * gs
                         row[jj] = x
                         bm = x if x > bm else bm
                 elif not skip_max:          # q was scaled: the GEMM gave the logits
@@ -216,16 +223,16 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
                 lse[b, i0 + r] = -np.inf
 
 
-@prange_loop(lambda *a: a[:25] + (a[25][a[26][0]:a[26][1]],) + a[27:])
+@prange_loop(lambda *a: a[:26] + (a[26][a[27][0]:a[27][1]],) + a[28:])
 def _par_exact(fn, q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshift, sidx,
                gscale, row_block, key_block, qnorm, knorm, headroom, kmask, kidx, has_kmask,
-               kvidx, lo, hi, lidx, has_ranges, tasks, starts, out, lse):
+               kvidx, lo, hi, lidx, has_ranges, softcap, tasks, starts, out, lse):
     # the parallel loop of the exact path: one iteration per group of tasks
     # tasks[starts[g]:starts[g+1]] (each task writes its own rows of out, lse)
     for g in prange(starts.shape[0] - 1):
         fn(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshift, sidx, gscale,
            row_block, key_block, qnorm, knorm, headroom, kmask, kidx, has_kmask, kvidx, lo, hi,
-           lidx, has_ranges, tasks[starts[g]:starts[g + 1]], out, lse)
+           lidx, has_ranges, softcap, tasks[starts[g]:starts[g + 1]], out, lse)
 
 
 _DUMMY_REL = np.zeros((1, 1, 1, 1))
@@ -689,7 +696,7 @@ def _row_shifts(n, S, bs, bi, km, ki, has_kmask, lo, hi, li, has_ranges):
 
 def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx=None,
                     key_ranges=None, key_mask=None, kidx=None, kvidx=None, norms=None,
-                    workers=None, return_lse=False):
+                    workers=None, return_lse=False, softcap=None):
     """Exact softmax attention of flattened heads (internal entry point).
 
     Parameters
@@ -730,6 +737,9 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx
         Threads (scipy.fft's meaning; default all cores).
     return_lse : bool
         Also return the row log-sum-exp ``log Σ_j exp(s·logit_ij + b_ij)``.
+    softcap : float > 0, optional
+        Logit soft-capping (Gemma 2): the logit ``x = s·q_iᵀk_j`` (times W with
+        general matrices) becomes ``c·tanh(x/c)`` before the bias is added.
 
     Returns
     -------
@@ -766,7 +776,8 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx
     nthreads = resolve_workers(workers)
     lay = _layout(B, n, S, E * E if relative is not None else E + Ev, key_ranges, nthreads)
     lo, hi, li = lay.lo, lay.hi, lay.li
-    if not general and not has_bias:
+    softcap = 0.0 if softcap is None else float(softcap)
+    if not general and not has_bias and not softcap:
         dp = decode_plan(B, n, k.shape[0], S, E, Ev, kvi, ki, has_kmask, lo, hi, li,
                          has_ranges)
         if dp is not None:
@@ -811,8 +822,10 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx
         if headroom < 1.0:
             headroom = -np.inf          # always compute the maximum
 
+    if softcap:
+        headroom = -np.inf           # capped logits: every block's maximum is computed
     args = (q, k, v, rel, ri, general, bs, bi, has_bias, shift, sidx, gscale, rb, kb, qnorm,
-            knorm, headroom, km, ki, has_kmask, kvi, lo, hi, li, has_ranges)
+            knorm, headroom, km, ki, has_kmask, kvi, lo, hi, li, has_ranges, softcap)
     if lay.inline:      # a small call: a parallel region costs more than it saves
         _exact_tasks(*args, lay.tasks, out, lse)
     else:
@@ -1135,10 +1148,11 @@ def _decode_plan(Bk, S, block, chunk):
 
 @njit(cache=True, nogil=True, fastmath=_FM)
 def _grad_block(P, D, b, i0, j0, nk, lse, delta, bias, bidx, has_bias, rowshift, sidx,
-                kmask, kidx, has_kmask, lo, hi, lr, has_ranges):
+                kmask, kidx, has_kmask, lo, hi, lr, has_ranges, softcap, tb):
     # P holds s·q_iᵀk_j and D holds dO_i·v_j of rows i0.., keys j0..; on return
     # P_ij = exp(x_ij − lse_i) (0 where row i does not see key j; by the forward's
-    # exp kernel, vectorised, in P's dtype) and D = dS
+    # exp kernel, vectorised, in P's dtype) and D = dS. softcap > 0: x_ij is
+    # c·tanh(s·q_iᵀk_j / c) + b_ij, and dS carries its derivative 1 − tanh² (in tb)
     rb, kb = P.shape
     dt = P.dtype
     for r in range(rb):
@@ -1156,6 +1170,11 @@ def _grad_block(P, D, b, i0, j0, nk, lse, delta, bias, bidx, has_bias, rowshift,
             row[jj] = -np.inf
         for jj in range(jb, kb):
             row[jj] = -np.inf
+        if softcap > 0.0:
+            for jj in range(ja, jb):
+                t = np.tanh(row[jj] / softcap)
+                tb[jj] = 1.0 - t * t
+                row[jj] = softcap * t
         if has_kmask:
             km = kmask[kidx[b]]
             for jj in range(ja, jb):
@@ -1176,11 +1195,14 @@ def _grad_block(P, D, b, i0, j0, nk, lse, delta, bias, bidx, has_bias, rowshift,
         drow = D[r]
         for jj in range(kb):
             drow[jj] = row[jj] * (drow[jj] - dl)
+        if softcap > 0.0:
+            for jj in range(ja, jb):
+                drow[jj] *= tb[jj]
 
 
 @njit(cache=True, nogil=True)
 def _grad_q_task(qs, k, v, do, lse, delta, bias, bidx, has_bias, rowshift, sidx, kmask,
-                 kidx, has_kmask, kvidx, lo, hi, lidx, has_ranges, block, task, dq):
+                 kidx, has_kmask, kvidx, lo, hi, lidx, has_ranges, softcap, block, task, dq):
     # pass 1, one task (query head b, rows i0 .. i0+block): dq[b, rows] = Σ_j dS_ij k_j
     B, n, E = qs.shape
     nk = k.shape[1]
@@ -1194,6 +1216,7 @@ def _grad_q_task(qs, k, v, do, lse, delta, bias, bidx, has_bias, rowshift, sidx,
     Pb = np.empty(rb * block, dt)
     Db = np.empty(rb * block, dt)
     G = np.empty((rb, E), dt)
+    tb = np.empty(block, dt)
     jbeg = 0
     jend = nk
     if has_ranges:
@@ -1211,7 +1234,7 @@ def _grad_q_task(qs, k, v, do, lse, delta, bias, bidx, has_bias, rowshift, sidx,
         np.dot(qs[b, i0:i1], k[hk, j0:j1].T, P)
         np.dot(do[b, i0:i1], v[hk, j0:j1].T, D)
         _grad_block(P, D, b, i0, j0, nk, lse, delta, bias, bidx, has_bias, rowshift, sidx,
-                    kmask, kidx, has_kmask, lo, hi, lr, has_ranges)
+                    kmask, kidx, has_kmask, lo, hi, lr, has_ranges, softcap, tb)
         np.dot(D, k[hk, j0:j1], G)
         for r in range(rb):
             for e in range(E):
@@ -1220,8 +1243,8 @@ def _grad_q_task(qs, k, v, do, lse, delta, bias, bidx, has_bias, rowshift, sidx,
 
 @njit(cache=True, nogil=True)
 def _grad_kv_task(qs, k, v, do, lse, delta, bias, bidx, has_bias, rowshift, sidx, kmask,
-                  kidx, has_kmask, heads, hstart, lo, hi, lidx, has_ranges, block, task,
-                  dk, dv):
+                  kidx, has_kmask, heads, hstart, lo, hi, lidx, has_ranges, softcap, block,
+                  task, dk, dv):
     # pass 2, one task (key/value head hk, keys j0 .. j0+block), over the query heads
     # heads[hstart[hk]:hstart[hk+1]] in order: dk = Σ dSᵀ·(s q), dv = Σ Pᵀ·dO
     B, n, E = qs.shape
@@ -1236,6 +1259,7 @@ def _grad_kv_task(qs, k, v, do, lse, delta, bias, bidx, has_bias, rowshift, sidx
     Db = np.empty(block * kb, dt)
     GK = np.empty((kb, E), dt)
     GV = np.empty((kb, Ev), dt)
+    tb = np.empty(kb, dt)
     for t in range(hstart[hk], hstart[hk + 1]):
         b = heads[t]
         lr = lidx[b]
@@ -1255,7 +1279,7 @@ def _grad_kv_task(qs, k, v, do, lse, delta, bias, bidx, has_bias, rowshift, sidx
             np.dot(qs[b, i0:i1], k[hk, j0:j1].T, P)
             np.dot(do[b, i0:i1], v[hk, j0:j1].T, D)
             _grad_block(P, D, b, i0, j0, nk, lse, delta, bias, bidx, has_bias, rowshift,
-                        sidx, kmask, kidx, has_kmask, lo, hi, lr, has_ranges)
+                        sidx, kmask, kidx, has_kmask, lo, hi, lr, has_ranges, softcap, tb)
             np.dot(P.T, do[b, i0:i1], GV)
             np.dot(D.T, qs[b, i0:i1], GK)
             for jj in range(kb):
@@ -1265,27 +1289,29 @@ def _grad_kv_task(qs, k, v, do, lse, delta, bias, bidx, has_bias, rowshift, sidx
                     dv[hk, j0 + jj, c] += GV[jj, c]
 
 
-@prange_loop(lambda *a: a[:19] + (a[19], a[20][0]) + a[21:])
+@prange_loop(lambda *a: a[:21] + (a[21][0],) + a[22:])
 def _par_grad_q(fn, qs, k, v, do, lse, delta, bias, bidx, has_bias, rowshift, sidx, kmask,
-                kidx, has_kmask, kvidx, lo, hi, lidx, has_ranges, block, tasks, dq):
+                kidx, has_kmask, kvidx, lo, hi, lidx, has_ranges, softcap, block, tasks, dq):
     # pass 1's parallel loop: one iteration per (query head, row block)
     for t in prange(tasks.shape[0]):
         fn(qs, k, v, do, lse, delta, bias, bidx, has_bias, rowshift, sidx, kmask, kidx,
-           has_kmask, kvidx, lo, hi, lidx, has_ranges, block, tasks[t], dq)
+           has_kmask, kvidx, lo, hi, lidx, has_ranges, softcap, block, tasks[t], dq)
 
 
-@prange_loop(lambda *a: a[:20] + (a[20], a[21][0]) + a[22:])
+@prange_loop(lambda *a: a[:22] + (a[22][0],) + a[23:])
 def _par_grad_kv(fn, qs, k, v, do, lse, delta, bias, bidx, has_bias, rowshift, sidx, kmask,
-                 kidx, has_kmask, heads, hstart, lo, hi, lidx, has_ranges, block, tasks, dk,
-                 dv):
+                 kidx, has_kmask, heads, hstart, lo, hi, lidx, has_ranges, softcap, block,
+                 tasks, dk, dv):
     # pass 2's parallel loop: one iteration per (key/value head, key block)
     for t in prange(tasks.shape[0]):
         fn(qs, k, v, do, lse, delta, bias, bidx, has_bias, rowshift, sidx, kmask, kidx,
-           has_kmask, heads, hstart, lo, hi, lidx, has_ranges, block, tasks[t], dk, dv)
+           has_kmask, heads, hstart, lo, hi, lidx, has_ranges, softcap, block, tasks[t],
+           dk, dv)
 
 
 def exact_backward(q, k, v, out, lse, dout, scale, *, bias=None, bidx=None,
-                   key_ranges=None, key_mask=None, kidx=None, kvidx=None, workers=None):
+                   key_ranges=None, key_mask=None, kidx=None, kvidx=None, workers=None,
+                   softcap=None, dlse=None):
     """Gradients of :func:`exact_attention` with respect to q, k and v.
 
     FlashAttention-2's backward (Dao 2023, §3.2), in two passes that each write their
@@ -1294,7 +1320,7 @@ def exact_backward(q, k, v, out, lse, dout, scale, *, bias=None, bidx=None,
 
     Parameters
     ----------
-    q, k, v, scale, bias, bidx, key_ranges, key_mask, kidx, kvidx, workers
+    q, k, v, scale, bias, bidx, key_ranges, key_mask, kidx, kvidx, workers, softcap
         As given to :func:`exact_attention` (no general relative matrices): q (B, n, E),
         k (Bk, S, E), v (Bk, S, Ev) of one dtype, C-contiguous, the precision of the
         recomputed logits and of the block products.
@@ -1304,6 +1330,9 @@ def exact_backward(q, k, v, out, lse, dout, scale, *, bias=None, bidx=None,
         The forward's row log-sum-exps (−inf on rows that see no key).
     dout : (B, n, Ev) ndarray
         Gradient of the loss with respect to ``out``.
+    dlse : (B, n) ndarray, optional
+        Gradient of the loss with respect to ``lse``: since ``∂lse_i/∂x_ij = P_ij``
+        it enters as ``Δ_i − dlse_i`` (``dS_ij = P_ij (dP_ij − Δ_i + dlse_i)``).
 
     Returns
     -------
@@ -1348,7 +1377,10 @@ def exact_backward(q, k, v, out, lse, dout, scale, *, bias=None, bidx=None,
     lse = np.ascontiguousarray(lse, dtype=np.float64)
     delta = np.einsum("bic,bic->bi", np.asarray(dout, np.float64),
                       np.asarray(out, np.float64))
+    if dlse is not None:
+        delta = delta - np.where(np.isneginf(lse), 0.0, np.asarray(dlse, np.float64))
     blk = int(_config.BWD_BLOCK)
+    cap = 0.0 if softcap is None else float(softcap)
     common = (qs, k, v, do, lse, delta, bs, bi, has_bias, shift, sidx, km, ki, has_kmask)
     nthreads = resolve_workers(workers)
     tq = np.stack(np.broadcast_arrays(np.arange(B, dtype=np.int64)[:, None],
@@ -1361,10 +1393,10 @@ def exact_backward(q, k, v, out, lse, dout, scale, *, bias=None, bidx=None,
                                        np.arange(0, S, blk, dtype=np.int64)[None, :]),
                    axis=-1).reshape(-1, 2)
     with parallel(nthreads):
-        _par_grad_q(_grad_q_task, *common, kvi, lo, hi, li, has_ranges, blk,
+        _par_grad_q(_grad_q_task, *common, kvi, lo, hi, li, has_ranges, cap, blk,
                     np.ascontiguousarray(tq), dq)
-        _par_grad_kv(_grad_kv_task, *common, heads, hstart, lo, hi, li, has_ranges, blk,
-                     np.ascontiguousarray(tkv), dk, dv)
+        _par_grad_kv(_grad_kv_task, *common, heads, hstart, lo, hi, li, has_ranges, cap,
+                     blk, np.ascontiguousarray(tkv), dk, dv)
     dq *= scale
     return dq, dk, dv
 

@@ -484,3 +484,28 @@ def test_register_checks_its_options():
         with pytest.raises(exc):
             backend.register(**kw)
     backend.register()
+
+
+def test_gemma2_softcap_and_alternating_windows_give_eagers_logits():
+    # issue 23: Gemma 2 (logit soft-capping, sliding and full layers alternating)
+    # against transformers' "eager" (sdpa has no soft-capping; eager turns a padded
+    # row into NaN, so the batch has no padding here)
+    cfg = transformers.Gemma2Config(hidden_size=64, intermediate_size=128,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    num_hidden_layers=2, vocab_size=100, sliding_window=6,
+                                    attn_logit_softcapping=1.0, query_pre_attn_scalar=16)
+    torch.manual_seed(0)
+    m = transformers.Gemma2ForCausalLM(cfg).double().eval()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 100, (2, 20), generator=g)
+    mask = torch.ones(2, 20, dtype=torch.long)
+    out = {}
+    for impl in ("eager", "numbarope"):
+        m.set_attn_implementation(impl)
+        with torch.inference_mode():
+            out[impl] = m(input_ids=ids, attention_mask=mask).logits
+    m.set_attn_implementation("eager")
+    # Gemma 2's eager attention takes its softmax in float32 (dtype=torch.float32): its
+    # logits are within ~1e-7 of float64 ones; a misread window or cap errs by ~1e-2
+    d = (out["numbarope"] - out["eager"])[mask.bool()].abs().max().item()
+    assert d < 1e-6

@@ -5,10 +5,12 @@ positions, and a query sees the keys of its own chunk only, causally (key j is
 seen by the query at position p when ⌊j/c⌋ = ⌊p/c⌋ and j <= p). It is not a
 relative bias (it depends on the positions, not only on i − j), so it is a
 :class:`numbarope.bias.Structure` that gives, per query row, the range of keys it
-may see; the exact path serves it from that alone. The fast path gets a new
-algorithm, a causal prefix scan that restarts at every chunk, built from the
-registered ``"prefix"`` algorithm, and registered with one call. Nothing in
-numbarope is edited: this file is all there is (docs/extending.md).
+may see: :class:`numbarope.bias.Chunked` (its whole definition is a ``_key_ranges``
+method; a structure of your own is written the same way, docs/extending.md); the
+exact path serves it from that alone. The fast path gets a new algorithm, a
+causal prefix scan that restarts at every chunk, built from the registered
+``"prefix"`` algorithm, and registered with one call. Nothing in numbarope is
+edited: this file is all there is.
 
 Use::
 
@@ -20,40 +22,11 @@ Use::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 import numbarope
 from numbarope import ops
-from numbarope.bias import Causal, Structure
-
-
-@dataclass(frozen=True, eq=False, repr=False)
-class Chunked(Structure):
-    """Chunked local attention: the query at position p sees the keys j with
-    ``c·⌊p/c⌋ <= j <= p`` (its own chunk of ``size`` positions, causally)."""
-
-    size: int
-    kind = "chunked"
-    _fields = ("size",)
-
-    def __post_init__(self):
-        if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) \
-                or self.size < 1:
-            raise ValueError(f"Chunked: size must be an int >= 1, got {self.size!r}")
-
-    @property
-    def causal(self) -> bool:
-        return True
-
-    def _with_causal(self):
-        return self
-
-    def _key_ranges(self, pos, S):
-        lo = np.clip(pos // self.size * self.size, 0, S)
-        hi = np.clip(pos + 1, 0, S)
-        return lo, hi
+from numbarope.bias import Causal, Chunked  # noqa: F401  (Chunked: the structure served)
 
 
 class ChunkedPrefix(ops.Algorithm):

@@ -12,8 +12,8 @@ for these shapes (the planner's choice is monotone in R). A call then costs: a
 lower bound of each head's radius (one key row), the comparison with ``R*``, the
 kernel, and the checks.
 
-It serves only what it can decide alike: no bias array (typed ``Causal`` and
-``Window`` structures only), no relative matrices, no rotary, no positions, no ``radius=``/``degree=``/``verify=``, ``return_info=False``
+It serves only what it can decide alike: no bias array (typed ``Causal``,
+``Window`` and ``Chunked`` structures only), no relative matrices, no rotary, no positions, no ``radius=``/``degree=``/``verify=``, ``return_info=False``
 (the per-head certified bound is the report's job), float32/float64 inputs of one
 dtype without broadcasting. Anything else, a head whose radius might be below
 ``R*``, or a non-finite result (NaN/inf inputs, logits beyond float32) goes to the
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from ..bias import Causal, NoBias, Window
+from ..bias import Causal, Chunked, NoBias, Window
 from ..ops.streaming import decode_plan, decode_run, exact_attention, pairs_visited
 from .._runtime.interop import is_torch, output_like
 from .._runtime.threads import resolve_workers
@@ -69,7 +69,7 @@ class _Entry:
     decode: tuple                  # DecodePlan (or None) without, with a key mask
     ranges: tuple | None           # key_ranges of exact_attention (read-only)
     spec: object = None            # head 0's HeadSpec (the planner's probe of a family)
-    causal: bool = False
+    structure: object = None       # the typed structure of the key ranges (or None)
     bias: np.ndarray | None = None  # a typed window's values (with bidx), as the full
     bidx: np.ndarray | None = None  # pipeline passes them to the kernel
 
@@ -165,8 +165,9 @@ def _entry(key, query, key_, value, method, eps, approx, arrays):
             return None
         r_star = _threshold(spec, method, eps, approx)
     lo, hi = (None, None) if p.key_ranges is None else p.key_ranges
+    structure = p.structure if p.structure is not None else Causal() if p.causal else None
     return _store(key, sh, p.k.shape[0], p.kvidx, lo, hi, r_star, facts.compute_dtype,
-                  p.scale, arrays["key_padding_mask"], spec, p.causal, p.bias, p.bidx)
+                  p.scale, arrays["key_padding_mask"], spec, structure, p.bias, p.bidx)
 
 
 def _derive(key, fam, query, key_, value, method, eps, approx, arrays):
@@ -181,7 +182,8 @@ def _derive(key, fam, query, key_, value, method, eps, approx, arrays):
                       enable_gqa=arrays["enable_gqa"], query_offset=arrays["query_offset"],
                       causal_alignment=arrays["causal_alignment"],
                       key_padding_mask=None if kpm is None else kpm.shape)
-    ranges = Causal().key_ranges(sh.L, sh.S, sh.offset) if fam.causal else None
+    ranges = (fam.structure.key_ranges(sh.L, sh.S, sh.offset)
+              if fam.structure is not None else None)
     if method != "exact":
         from dataclasses import replace
         probe = replace(fam.spec, n=sh.L, S=sh.S, offset=sh.offset, radius=1e-12,
@@ -191,10 +193,10 @@ def _derive(key, fam, query, key_, value, method, eps, approx, arrays):
             return None
     lo, hi = (None, None) if ranges is None else ranges
     return _store(key, sh, fam.Bk, fam.kvidx, lo, hi, 0.0, fam.compute, fam.scale, kpm,
-                  fam.spec, fam.causal)
+                  fam.spec, fam.structure)
 
 
-def _store(key, sh, Bk, kvidx, lo, hi, r_star, compute, scale, kpm, spec, causal,
+def _store(key, sh, Bk, kvidx, lo, hi, r_star, compute, scale, kpm, spec, structure,
            bias=None, bidx=None):
     B, L, S = sh.heads, sh.L, sh.S
     kidx = None
@@ -219,7 +221,7 @@ def _store(key, sh, Bk, kvidx, lo, hi, r_star, compute, scale, kpm, spec, causal
     e = _Entry(batch_shape=sh.batch_shape, B=B, Bk=Bk, L=L, S=S,
                E=sh.E, Ev=sh.Ev, kvidx=kvidx, lo=lo, hi=hi, r_star=r_star,
                compute=compute, scale=scale, kidx=kidx, decode=decode,
-               ranges=ranges, spec=spec, causal=causal, bias=bias, bidx=bidx)
+               ranges=ranges, spec=spec, structure=structure, bias=bias, bidx=bidx)
     with _lock:
         for c, k_ in ((_cache, key), (_families, _family(key))):
             if len(c) >= MAX_ENTRIES:
@@ -239,7 +241,7 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
         return None                  # "fast" computes or refuses in the full pipeline
     if rotary not in (None, False) or relative is not None or positions is not None:
         return None
-    if bias is not None and not isinstance(bias, (NoBias, Causal, Window)):
+    if bias is not None and not isinstance(bias, (NoBias, Causal, Window, Chunked)):
         return None
     causal = bool(is_causal) or isinstance(bias, Causal)
     conv = [_numpy(x) for x in (query, key, value)]
@@ -258,7 +260,7 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
             return None
     sig = (q.shape, k.shape, v.shape, q.dtype.str, bool(enable_gqa), causal, query_offset,
            causal_alignment, None if kpm is None else kpm.shape, scale, method, eps, approx,
-           precision, bias if isinstance(bias, Window) else None)
+           precision, bias if isinstance(bias, (Window, Chunked)) else None)
     e = _cache.get(sig)
     if e is None:
         arrays = dict(bias=bias, is_causal=is_causal, scale=scale, precision=precision,

@@ -24,13 +24,14 @@ must equal a key padding vector AND either nothing, a causal mask with one offse
 for the whole batch (query i sees keys j <= i + offset; offset = S - L is
 decoding with a key/value cache, transformers' bottom-right alignment), or such a
 causal mask cut to a sliding window of W keys (Mistral, Qwen2/3's sliding layers,
-Gemma 2/3's local layers: ``sliding_window=W``, the query's own key included).
-That structure is passed as ``is_causal``, ``causal_alignment="bottom_right"``
-(or ``query_offset=``), ``bias=numbarope.bias.Window(W − 1, 0)`` and
-``key_padding_mask=``; all of these stay eligible for the fast path
+Gemma 2/3's local layers: ``sliding_window=W``, the query's own key included) or
+to chunks of c positions (Llama 4's ``attention_chunk_size``). That structure is
+passed as ``is_causal``, ``causal_alignment="bottom_right"`` (or
+``query_offset=``), ``bias=numbarope.bias.Window(W − 1, 0)`` or
+``bias=numbarope.bias.Chunked(c)``, and ``key_padding_mask=``; all of these stay eligible for the fast path
 (``method="auto"`` takes it where it is certified and cheaper). Any other
-structure (chunks, packed sequences, a bidirectional block, an arbitrary mask or
-a float bias) raises ``NotImplementedError`` naming it: nothing is computed
+structure (packed sequences, a bidirectional block, an arbitrary mask or a float
+bias) raises ``NotImplementedError`` naming it: nothing is computed
 wrongly. The analysis costs O(B·L·S) boolean operations once per mask
 (transformers passes the same mask object to every layer, or two alternating
 ones; the last few are kept, per thread, and used again only for the same object
@@ -61,7 +62,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .._pipeline import attention as _attention
-from ..bias import Window
+from ..bias import Chunked, Window
 from .._pipeline.inputs import validate_options, validate_precision
 from .._runtime.threads import resolve_workers
 
@@ -167,9 +168,9 @@ def mask_structure(mask):
         message names what it found (sliding window, chunks, packed sequences,
         a float bias, an arbitrary mask).
     """
-    offset, kpm, window = read_mask(mask)
-    if window is not None:
-        raise NotImplementedError(_describe_window(mask, window))
+    offset, kpm, window, chunk = read_mask(mask)
+    if window is not None or chunk is not None:
+        raise NotImplementedError(_describe_local(mask, window, chunk))
     return offset, kpm
 
 
@@ -192,6 +193,10 @@ def read_mask(mask):
         None, or W: query i sees at most the W keys ``i + offset − W < j <= i +
         offset`` (transformers' ``sliding_window=W``, the query's own key included;
         numbarope's ``Window(W − 1, 0)``).
+    chunk : int or None
+        None, or c: query i sees the keys of its own chunk of c positions, causally,
+        ``c·⌊(i + offset)/c⌋ <= j <= i + offset`` (Llama 4's
+        ``attention_chunk_size``; numbarope's ``Chunked(c)``).
 
     Raises
     ------
@@ -232,7 +237,7 @@ def _analyse(mask):
     L, S = m.shape[-2:]
     pad = m.any(dim=-2)                                     # (B, h, S)
     if bool(torch.equal(m, pad[..., None, :].expand_as(m))):
-        return None, _padding_or_none(pad), None
+        return None, _padding_or_none(pad), None, None
     # causal with one offset: the last visible key of row i is i + offset
     # wherever key i + offset is real (every real query's own key)
     rows = m.any(dim=-1)                                     # (B, h, L)
@@ -242,22 +247,30 @@ def _analyse(mask):
     offset = int((last - i)[rows].max()) if bool(rows.any()) else 0
     causal = j[None, :] <= i[:, None] + offset              # (L, S)
     if bool(torch.equal(m, pad[..., None, :] & causal)):
-        return offset, _padding_or_none(pad), None
+        return offset, _padding_or_none(pad), None, None
     # a sliding window: the first visible key of a row with a full window is
     # i + offset − W + 1 (rows near the start, or after padding, see fewer)
     first = torch.where(m, j, S).amin(dim=-1)                # (B, h, L)
     width = int((i + offset - first + 1)[rows].max()) if bool(rows.any()) else S
     window = causal & (j[None, :] > i[:, None] + offset - width)
     if 0 < width and bool(torch.equal(m, pad[..., None, :] & window)):
-        return offset, _padding_or_none(pad), width
+        return offset, _padding_or_none(pad), width, None
+    # chunks of c positions: the last row of a whole chunk sees c keys (width)
+    if 0 < width:
+        p = i[:, None] + offset
+        chunked = causal & (j[None, :] // width == p // width)
+        if bool(torch.equal(m, pad[..., None, :] & chunked)):
+            return offset, _padding_or_none(pad), None, width
     raise NotImplementedError(_describe(m, pad, offset))
 
 
-def _describe_window(mask, width):
-    return (f"attention_mask of shape {tuple(mask.shape)} is a causal mask with a "
-            f"sliding window of {width} keys; mask_structure reads key padding and "
-            f"causal masks only: read_mask reads windows too (the backend passes "
-            f"bias=numbarope.bias.Window({width - 1}, 0))")
+def _describe_local(mask, window, chunk):
+    what = (f"a sliding window of {window} keys (numbarope.bias.Window({window - 1}, 0))"
+            if window is not None else f"chunks of {chunk} positions "
+                                       f"(numbarope.bias.Chunked({chunk}))")
+    return (f"attention_mask of shape {tuple(mask.shape)} is a causal mask with {what}; "
+            f"mask_structure reads key padding and causal masks only: read_mask reads "
+            f"windows and chunks too")
 
 
 def _padding_or_none(pad):
@@ -367,9 +380,9 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None,
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; "
                              f"expected (B, 1, {L}, {S}) for query {tuple(query.shape)} "
                              f"and key {tuple(key.shape)}")
-        offset, kpm, window = read_mask(attention_mask)
-        if window is not None:         # a sliding window (causal), at query_offset
-            args["bias"] = Window(window - 1, 0)
+        offset, kpm, window, chunk = read_mask(attention_mask)
+        if window is not None or chunk is not None:   # causal and local, at the offset
+            args["bias"] = Window(window - 1, 0) if window is not None else Chunked(chunk)
             if offset:
                 args["query_offset"] = offset
         elif offset is not None:

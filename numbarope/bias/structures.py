@@ -268,6 +268,57 @@ class Causal(RelativeBias):
 
 
 @dataclass(frozen=True, eq=False, repr=False)
+class Chunked(Structure):
+    """Chunked local attention (Llama 4's ``attention_chunk_size``): the query at
+    position p sees the keys j with ``c·⌊p/c⌋ <= j <= p`` — its own chunk of ``size``
+    positions, causally.
+
+    Not a relative bias (which keys a query sees depends on its absolute position,
+    not only on ``i − j``): computed by the exact path on per-row key ranges; an
+    algorithm for its fast path can be added from outside (``docs/extending.md``,
+    ``docs/examples/chunked_attention.py``).
+
+    Parameters
+    ----------
+    size : int >= 1
+        Positions per chunk.
+
+    Raises
+    ------
+    ValueError
+        ``size`` is not an int >= 1.
+
+    Examples
+    --------
+    >>> from numbarope.bias import Chunked
+    >>> lo, hi = Chunked(4).key_ranges(6)
+    >>> lo.tolist(), hi.tolist()
+    ([0, 0, 0, 0, 4, 4], [1, 2, 3, 4, 5, 6])
+    """
+
+    size: int
+    kind = "chunked"
+    _fields = ("size",)
+
+    def __post_init__(self):
+        if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) \
+                or self.size < 1:
+            raise ValueError(f"Chunked: size must be an int >= 1, got {self.size!r}")
+
+    @property
+    def causal(self) -> bool:
+        return True
+
+    def _with_causal(self):
+        return self
+
+    def _key_ranges(self, pos, S):
+        lo = np.clip(pos // self.size * self.size, 0, S)
+        hi = np.clip(pos + 1, 0, S)
+        return lo, hi
+
+
+@dataclass(frozen=True, eq=False, repr=False)
 class Dense(RelativeBias):
     """Any relative bias, given as the array a call takes.
 

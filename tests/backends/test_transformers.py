@@ -299,7 +299,7 @@ def test_mask_structure_threads_get_their_own_padding(monkeypatch):
     stop = time.perf_counter() + 2.0
 
     def serve(t):
-        mask, (offset, kpm, _) = masks[t], expected[t]
+        mask, (offset, kpm, _, _) = masks[t], expected[t]
         while time.perf_counter() < stop:
             got, got_kpm = backend.mask_structure(mask)
             calls[t] += 1
@@ -392,7 +392,8 @@ def test_read_mask_reads_sliding_windows(L, S, W):
     # back as padding: the same pairs take part)
     m = _sliding(L, S, W)
     m[1, :, :, :3] = False                               # row 1 left-padded
-    offset, kpm, window = backend.read_mask(m)
+    offset, kpm, window, chunk = backend.read_mask(m)
+    assert chunk is None
     i, j = torch.arange(L)[:, None], torch.arange(S)[None]
     rebuilt = torch.ones(L, S, dtype=torch.bool) if offset is None else j <= i + offset
     if window is not None:
@@ -404,6 +405,38 @@ def test_read_mask_reads_sliding_windows(L, S, W):
         assert (offset, window) == (0, 8)
         with pytest.raises(NotImplementedError, match="sliding window of 8 keys"):
             backend.mask_structure(m)
+
+
+def _chunked(L, S, c):
+    i, j = torch.arange(L)[:, None] + (S - L), torch.arange(S)[None]
+    return ((j <= i) & (j // c == i // c)).expand(2, 1, L, S).clone()
+
+
+@pytest.mark.parametrize("L, S, c", [(37, 37, 8), (1, 50, 8), (5, 50, 16), (40, 40, 40)])
+def test_read_mask_reads_chunks_and_the_backend_computes_them(L, S, c):
+    # Llama 4's chunked attention (attention_chunk_size = c), prefill and decoding,
+    # row 1 left-padded: read back exactly, and computed as the dense reference
+    m = _chunked(L, S, c)
+    m[1, :, :, :3] = False
+    offset, kpm, window, chunk = backend.read_mask(m)
+    i, j = torch.arange(L)[:, None], torch.arange(S)[None]
+    rebuilt = torch.ones(L, S, dtype=torch.bool) if offset is None else j <= i + offset
+    if chunk is not None:
+        rebuilt = rebuilt & (j // chunk == (i + offset) // chunk)
+    if window is not None:
+        rebuilt = rebuilt & (j > i + offset - window)
+    if kpm is not None:
+        rebuilt = rebuilt & torch.from_numpy(kpm)[:, :, None, :]
+    assert torch.equal(rebuilt.expand_as(m), m)
+    if L == S == 37:
+        assert (offset, window, chunk) == (0, None, 8)
+    q, k, v = _qkv(L, S)
+    out, _ = backend.attention_forward(_Layer(), q, k, v, m, scaling=0.25)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=m, scale=0.25)
+    seen = m.any(-1).expand(2, 4, L)                       # rows with a visible key
+    d = (out.transpose(1, 2) - ref)[seen].abs().max().item()
+    assert d < 1e-12
 
 
 def _mistral(window, layers=2):

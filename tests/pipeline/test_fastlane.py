@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from numbarope import rope_attention
-from numbarope.bias import Causal, Window
+from numbarope.bias import Causal, Chunked, Window
 from numbarope._pipeline import fastlane
 
 try:
@@ -37,6 +37,7 @@ CASES = [
     dict(B=2, Bk=2, L=2, S=90, dtype=np.float64),
     dict(B=6, Bk=2, L=40, S=40, enable_gqa=True, bias=Window(7, 0)),
     dict(B=6, Bk=2, L=3, S=60, enable_gqa=True, bias=Window(9, 0), query_offset=57),
+    dict(B=6, Bk=2, L=50, S=50, enable_gqa=True, bias=Chunked(16)),
 ]
 
 
@@ -112,8 +113,9 @@ def test_torch_tensors_same_bits():
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("bias", [None, Chunked(64)])
 @pytest.mark.parametrize("method", ["auto", "exact"])
-def test_a_growing_cache_derives_its_plans(method, monkeypatch):
+def test_a_growing_cache_derives_its_plans(method, bias, monkeypatch):
     # a decoding cache grows by one key a step: each step's plan is derived from the
     # previous one's (no pass over the data), with the full pipeline's bits
     rng = np.random.default_rng(9)
@@ -126,7 +128,7 @@ def test_a_growing_cache_derives_its_plans(method, monkeypatch):
         pad = np.ones((6, S), bool)
         pad[:, :3] = False                                  # left padding
         kw = dict(enable_gqa=True, is_causal=True, causal_alignment="bottom_right",
-                  key_padding_mask=pad, method=method)
+                  key_padding_mask=pad, method=method, bias=bias)
         np.testing.assert_array_equal(rope_attention(q, k, v, **kw), _full(q, k, v, **kw))
     assert len(built) == 1
     assert all(e.r_star == 0.0 for e in fastlane._cache.values())

@@ -518,3 +518,42 @@ def test_window_structure_skips_blocks_and_equals_its_dense_bias(st):
     assert np.abs(typed - dense).max() <= info.error_bound.max()
     assert info.time_exact.max() < nr.plan(q, k, v, bias=structure.values(L, S, off),
                                                   query_offset=off).time_exact.max()
+
+
+# -- packed sequences and chunks (issue 23) -------------------------------------
+
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_packed_sequences_are_each_sequence_alone(is_causal):
+    from numbarope.bias import Packed
+    rng = np.random.default_rng(21)
+    cu = (0, 4, 4, 13, 20)                      # an empty sequence in the middle
+    q, k, v = (rng.standard_normal((3, 20, 8)) for _ in range(3))
+    packed = Packed(cu, is_causal)
+    out = nr.rope_attention(q, k, v, bias=packed, rotary=True,
+                                   positions=packed.positions())
+    for a, b in zip(cu, cu[1:]):
+        if b > a:
+            alone = nr.rope_attention(q[:, a:b], k[:, a:b], v[:, a:b], rotary=True,
+                                             is_causal=is_causal)
+            np.testing.assert_allclose(out[:, a:b], alone, rtol=0, atol=1e-13)
+    assert packed.positions().tolist() == [0, 1, 2, 3] + list(range(9)) + list(range(7))
+
+
+@pytest.mark.parametrize("bad", [(1, 3), (0, 5, 3), (0, 2.5), "abc", ()])
+def test_packed_refuses_bad_cu_seqlens(bad):
+    from numbarope.bias import Packed
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        Packed(bad)
+
+
+def test_chunked_is_causal_chunks():
+    from numbarope.bias import Chunked
+    rng = np.random.default_rng(22)
+    q, k, v = (rng.standard_normal((2, 20, 4)) for _ in range(3))
+    out = nr.rope_attention(q, k, v, bias=Chunked(8))
+    for a in (0, 8, 16):
+        b = min(a + 8, 20)
+        np.testing.assert_allclose(out[:, a:b], nr.rope_attention(
+            q[:, a:b], k[:, a:b], v[:, a:b], is_causal=True), rtol=0, atol=1e-13)
+    with pytest.raises(ValueError, match="size must be an int >= 1"):
+        Chunked(0)

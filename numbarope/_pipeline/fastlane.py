@@ -13,7 +13,7 @@ lower bound of each head's radius (one key row), the comparison with ``R*``, the
 kernel, and the checks.
 
 It serves only what it can decide alike: no bias array (typed ``Causal``,
-``Window`` and ``Chunked`` structures only), no relative matrices, no rotary, no positions, no ``radius=``/``degree=``/``verify=``, ``return_info=False``
+``Window``, ``Chunked`` and ``Packed`` structures only), no relative matrices, no rotary, no positions, no ``radius=``/``degree=``/``verify=``, ``return_info=False``
 (the per-head certified bound is the report's job), float32/float64 inputs of one
 dtype without broadcasting. Anything else, a head whose radius might be below
 ``R*``, or a non-finite result (NaN/inf inputs, logits beyond float32) goes to the
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from ..bias import Causal, Chunked, NoBias, Window
+from ..bias import Causal, Chunked, NoBias, Packed, Window
 from ..ops.streaming import decode_plan, decode_run, exact_attention, pairs_visited
 from .._runtime.interop import is_torch, output_like
 from .._runtime.threads import resolve_workers
@@ -241,7 +241,7 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
         return None                  # "fast" computes or refuses in the full pipeline
     if rotary not in (None, False) or relative is not None or positions is not None:
         return None
-    if bias is not None and not isinstance(bias, (NoBias, Causal, Window, Chunked)):
+    if bias is not None and not isinstance(bias, (NoBias, Causal, Window, Chunked, Packed)):
         return None
     causal = bool(is_causal) or isinstance(bias, Causal)
     conv = [_numpy(x) for x in (query, key, value)]
@@ -260,7 +260,7 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
             return None
     sig = (q.shape, k.shape, v.shape, q.dtype.str, bool(enable_gqa), causal, query_offset,
            causal_alignment, None if kpm is None else kpm.shape, scale, method, eps, approx,
-           precision, bias if isinstance(bias, (Window, Chunked)) else None)
+           precision, bias if isinstance(bias, (Window, Chunked, Packed)) else None)
     e = _cache.get(sig)
     if e is None:
         arrays = dict(bias=bias, is_causal=is_causal, scale=scale, precision=precision,

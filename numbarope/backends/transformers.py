@@ -25,13 +25,13 @@ for the whole batch (query i sees keys j <= i + offset; offset = S - L is
 decoding with a key/value cache, transformers' bottom-right alignment), or such a
 causal mask cut to a sliding window of W keys (Mistral, Qwen2/3's sliding layers,
 Gemma 2/3's local layers: ``sliding_window=W``, the query's own key included) or
-to chunks of c positions (Llama 4's ``attention_chunk_size``). That structure is
-passed as ``is_causal``, ``causal_alignment="bottom_right"`` (or
-``query_offset=``), ``bias=numbarope.bias.Window(W − 1, 0)`` or
-``bias=numbarope.bias.Chunked(c)``, and ``key_padding_mask=``; all of these stay eligible for the fast path
+to chunks of c positions (Llama 4's ``attention_chunk_size``), or to packed
+sequences (padding-free batches). That structure is passed as ``is_causal``,
+``causal_alignment="bottom_right"`` (or ``query_offset=``),
+``bias=numbarope.bias.Window(W − 1, 0)``, ``Chunked(c)`` or
+``Packed(cu_seqlens)``, and ``key_padding_mask=``; all of these stay eligible for the fast path
 (``method="auto"`` takes it where it is certified and cheaper). Any other
-structure (packed sequences, a bidirectional block, an arbitrary mask or a float
-bias) raises ``NotImplementedError`` naming it: nothing is computed
+structure (a bidirectional block, an arbitrary mask or a float bias) raises ``NotImplementedError`` naming it: nothing is computed
 wrongly. The analysis costs O(B·L·S) boolean operations once per mask
 (transformers passes the same mask object to every layer, or two alternating
 ones; the last few are kept, per thread, and used again only for the same object
@@ -62,7 +62,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .._pipeline import attention as _attention
-from ..bias import Chunked, Window
+from ..bias import Chunked, Packed, Window
 from .._pipeline.inputs import validate_options, validate_precision
 from .._runtime.threads import resolve_workers
 
@@ -168,10 +168,21 @@ def mask_structure(mask):
         message names what it found (sliding window, chunks, packed sequences,
         a float bias, an arbitrary mask).
     """
-    offset, kpm, window, chunk = read_mask(mask)
-    if window is not None or chunk is not None:
-        raise NotImplementedError(_describe_local(mask, window, chunk))
+    offset, kpm, local = read_mask(mask)
+    if local is not None:
+        raise NotImplementedError(
+            f"attention_mask of shape {tuple(mask.shape)} is a causal mask with "
+            f"{_name(local)}; mask_structure reads key padding and causal masks only: "
+            f"read_mask reads windows, chunks and packed sequences too")
     return offset, kpm
+
+
+def _name(local):
+    if isinstance(local, Window):
+        return f"a sliding window of {local.left + 1} keys ({local!r})"
+    if isinstance(local, Chunked):
+        return f"chunks of {local.size} positions ({local!r})"
+    return f"packed sequences ({local!r})"
 
 
 #: Masks kept per thread (models with alternating sliding and full layers, such as
@@ -189,14 +200,14 @@ def read_mask(mask):
         As :func:`mask_structure`.
     key_padding_mask : (B, 1 or H, S) ndarray of bool or None
         As :func:`mask_structure`.
-    window : int or None
-        None, or W: query i sees at most the W keys ``i + offset − W < j <= i +
-        offset`` (transformers' ``sliding_window=W``, the query's own key included;
-        numbarope's ``Window(W − 1, 0)``).
-    chunk : int or None
-        None, or c: query i sees the keys of its own chunk of c positions, causally,
-        ``c·⌊(i + offset)/c⌋ <= j <= i + offset`` (Llama 4's
-        ``attention_chunk_size``; numbarope's ``Chunked(c)``).
+    local : numbarope.bias.Structure or None
+        None, or what cuts the causal mask further, at positions ``i + offset``:
+        ``Window(W − 1, 0)``, query i sees at most the W keys ``i + offset − W < j
+        <= i + offset`` (transformers' ``sliding_window=W``, the query's own key
+        included); ``Chunked(c)``, the keys of its own chunk of c positions (Llama
+        4's ``attention_chunk_size``); ``Packed(cu_seqlens)``, the keys of its own
+        sequence (padding-free batches: ``position_ids`` that restart, transformers'
+        ``DataCollatorWithFlattening``), the same in every batch row.
 
     Raises
     ------
@@ -237,7 +248,7 @@ def _analyse(mask):
     L, S = m.shape[-2:]
     pad = m.any(dim=-2)                                     # (B, h, S)
     if bool(torch.equal(m, pad[..., None, :].expand_as(m))):
-        return None, _padding_or_none(pad), None, None
+        return None, _padding_or_none(pad), None
     # causal with one offset: the last visible key of row i is i + offset
     # wherever key i + offset is real (every real query's own key)
     rows = m.any(dim=-1)                                     # (B, h, L)
@@ -247,30 +258,47 @@ def _analyse(mask):
     offset = int((last - i)[rows].max()) if bool(rows.any()) else 0
     causal = j[None, :] <= i[:, None] + offset              # (L, S)
     if bool(torch.equal(m, pad[..., None, :] & causal)):
-        return offset, _padding_or_none(pad), None, None
+        return offset, _padding_or_none(pad), None
     # a sliding window: the first visible key of a row with a full window is
     # i + offset − W + 1 (rows near the start, or after padding, see fewer)
     first = torch.where(m, j, S).amin(dim=-1)                # (B, h, L)
     width = int((i + offset - first + 1)[rows].max()) if bool(rows.any()) else S
     window = causal & (j[None, :] > i[:, None] + offset - width)
     if 0 < width and bool(torch.equal(m, pad[..., None, :] & window)):
-        return offset, _padding_or_none(pad), width, None
+        return offset, _padding_or_none(pad), Window(width - 1, 0)
     # chunks of c positions: the last row of a whole chunk sees c keys (width)
     if 0 < width:
         p = i[:, None] + offset
         chunked = causal & (j[None, :] // width == p // width)
         if bool(torch.equal(m, pad[..., None, :] & chunked)):
-            return offset, _padding_or_none(pad), None, width
+            return offset, _padding_or_none(pad), Chunked(width)
+    packed = _packed(m, pad, first, rows, offset, S)
+    if packed is not None:
+        return offset, None, packed
     raise NotImplementedError(_describe(m, pad, offset))
 
 
-def _describe_local(mask, window, chunk):
-    what = (f"a sliding window of {window} keys (numbarope.bias.Window({window - 1}, 0))"
-            if window is not None else f"chunks of {chunk} positions "
-                                       f"(numbarope.bias.Chunked({chunk}))")
-    return (f"attention_mask of shape {tuple(mask.shape)} is a causal mask with {what}; "
-            f"mask_structure reads key padding and causal masks only: read_mask reads "
-            f"windows and chunks too")
+def _packed(m, pad, first, rows, offset, S):
+    """Packed(cu_seqlens) when the mask is causal within sequences that start where a
+    row's first visible key jumps forward, the same in every batch row and head, no
+    key padding; else None."""
+    if not bool(pad.all()) or not bool(rows.all()):
+        return None
+    f = first.reshape(-1, first.shape[-1])
+    if not bool((f == f[:1]).all()):
+        return None
+    f = f[0]
+    L = f.shape[0]
+    pos = torch.arange(L) + offset
+    if not bool((f[1:] >= f[:-1]).all()):      # sequences follow one another
+        return None
+    starts = sorted(set(int(x) for x in f.tolist()) | {0})
+    packed = Packed(tuple(starts) + (max(S, int(pos[-1]) + 1),))
+    lo, hi = packed.key_ranges(L, S, offset)
+    j = torch.arange(S)
+    rebuilt = (j[None, :] >= torch.from_numpy(lo)[:, None]) & \
+        (j[None, :] < torch.from_numpy(hi)[:, None])
+    return packed if bool(torch.equal(m, rebuilt.expand_as(m))) else None
 
 
 def _padding_or_none(pad):
@@ -380,9 +408,9 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None,
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; "
                              f"expected (B, 1, {L}, {S}) for query {tuple(query.shape)} "
                              f"and key {tuple(key.shape)}")
-        offset, kpm, window, chunk = read_mask(attention_mask)
-        if window is not None or chunk is not None:   # causal and local, at the offset
-            args["bias"] = Window(window - 1, 0) if window is not None else Chunked(chunk)
+        offset, kpm, local = read_mask(attention_mask)
+        if local is not None:          # causal and local (window, chunks, packed)
+            args["bias"] = local
             if offset:
                 args["query_offset"] = offset
         elif offset is not None:

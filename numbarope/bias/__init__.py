@@ -51,11 +51,11 @@ A. Q. Jiang et al., "Mistral 7B", arXiv:2310.06825 (2023), §2 (sliding window).
 from .arrays import (alibi_bias, alibi_slopes, causal_bias, offsets, t5_bias, t5_buckets,
                      window_bias)
 from .parametric import ALiBi, Decay, T5Buckets, Window
-from .structures import (Causal, Chunked, Dense, NoBias, RelativeBias, Structure, Sum,
-                         as_structure)
+from .structures import (Causal, Chunked, Dense, NoBias, Packed, RelativeBias, Structure,
+                         Sum, as_structure)
 
 __all__ = ["offsets", "causal_bias", "window_bias", "alibi_slopes", "alibi_bias",
            "t5_buckets", "t5_bias", "Structure",
-           "RelativeBias", "NoBias", "Causal", "Chunked", "Window", "Decay", "ALiBi",
+           "RelativeBias", "NoBias", "Causal", "Chunked", "Packed", "Window", "Decay", "ALiBi",
            "T5Buckets",
            "Dense", "Sum", "as_structure"]

@@ -319,6 +319,86 @@ class Chunked(Structure):
 
 
 @dataclass(frozen=True, eq=False, repr=False)
+class Packed(Structure):
+    """Packed sequences (variable-length batches without padding; flash-attn's
+    ``cu_seqlens``, xformers' ``BlockDiagonalMask``, transformers' padding-free
+    path): the positions ``cu_seqlens[s] <= p < cu_seqlens[s+1]`` form sequence s,
+    and a query sees the keys of its own sequence only (causally by default).
+
+    Not a relative bias (the blocks sit at absolute positions): computed by the
+    exact path on per-row key ranges. A rotary embedding's positions restart at
+    every sequence: pass ``positions=packed.positions()`` with ``rotary=`` (models
+    that rotate q and k themselves already did).
+
+    Parameters
+    ----------
+    cu_seqlens : sequence of int
+        Cumulative sequence lengths ``[0, n₁, n₁+n₂, …, total]``: non-decreasing,
+        starting at 0 (empty sequences allowed).
+    is_causal : bool, optional
+        Queries see the keys of their sequence up to themselves (default), or all
+        of them (``False``, bidirectional within a sequence).
+
+    Raises
+    ------
+    ValueError
+        ``cu_seqlens`` does not start at 0, decreases, or holds non-integers.
+
+    Examples
+    --------
+    >>> from numbarope.bias import Packed
+    >>> lo, hi = Packed([0, 3, 5]).key_ranges(5)
+    >>> lo.tolist(), hi.tolist()
+    ([0, 0, 0, 3, 3], [1, 2, 3, 4, 5])
+    >>> Packed([0, 3, 5]).positions().tolist()
+    [0, 1, 2, 0, 1]
+    """
+
+    cu_seqlens: tuple
+    is_causal: bool = True
+    kind = "packed"
+    _fields = ("cu_seqlens", "is_causal")
+
+    def __post_init__(self):
+        try:
+            cu = tuple(int(x) for x in self.cu_seqlens)
+            ok = all(float(x) == int(x) for x in self.cu_seqlens)
+        except (TypeError, ValueError):
+            cu, ok = (), False
+        if not ok or not cu or cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"Packed: cu_seqlens must be non-decreasing integers from 0 "
+                             f"([0, n1, n1+n2, ..., total]), got {self.cu_seqlens!r}")
+        object.__setattr__(self, "cu_seqlens", cu)
+        if not isinstance(self.is_causal, (bool, np.bool_)):
+            raise ValueError(f"Packed: is_causal must be True or False, got "
+                             f"{self.is_causal!r}")
+
+    @property
+    def causal(self) -> bool:
+        return bool(self.is_causal)
+
+    def _with_causal(self):
+        return self if self.is_causal else Packed(self.cu_seqlens, True)
+
+    def positions(self) -> np.ndarray:
+        """(total,) int64: each position's index inside its own sequence (RoPE's)."""
+        cu = np.asarray(self.cu_seqlens, np.int64)
+        p = np.arange(cu[-1], dtype=np.int64)
+        return p - cu[np.searchsorted(cu, p, side="right") - 1]
+
+    def _key_ranges(self, pos, S):
+        cu = np.asarray(self.cu_seqlens, np.int64)
+        seg = np.clip(np.searchsorted(cu, pos, side="right") - 1, 0, len(cu) - 1)
+        lo = np.clip(cu[seg], 0, S)
+        if self.is_causal:
+            hi = np.clip(pos + 1, 0, S)
+        else:
+            hi = np.clip(cu[np.minimum(seg + 1, len(cu) - 1)], 0, S)
+        hi = np.where((pos >= 0) & (pos < cu[-1]), hi, lo)     # outside: no key
+        return lo, np.maximum(hi, lo)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
 class Dense(RelativeBias):
     """Any relative bias, given as the array a call takes.
 

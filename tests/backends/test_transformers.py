@@ -35,6 +35,7 @@ transformers = pytest.importorskip("transformers")
 
 import numbarope.backends.transformers as backend  # noqa: E402  (registers "numbarope")
 import numbarope.integrations  # noqa: E402  (the short name of the backend)
+from numbarope.bias import Chunked, Packed, Window  # noqa: E402
 from transformers import (AttentionInterface, DynamicCache, LlamaConfig,  # noqa: E402
                           LlamaForCausalLM)
 from transformers.masking_utils import (AttentionMaskInterface,  # noqa: E402
@@ -299,7 +300,7 @@ def test_mask_structure_threads_get_their_own_padding(monkeypatch):
     stop = time.perf_counter() + 2.0
 
     def serve(t):
-        mask, (offset, kpm, _, _) = masks[t], expected[t]
+        mask, (offset, kpm, _) = masks[t], expected[t]
         while time.perf_counter() < stop:
             got, got_kpm = backend.mask_structure(mask)
             calls[t] += 1
@@ -392,8 +393,9 @@ def test_read_mask_reads_sliding_windows(L, S, W):
     # back as padding: the same pairs take part)
     m = _sliding(L, S, W)
     m[1, :, :, :3] = False                               # row 1 left-padded
-    offset, kpm, window, chunk = backend.read_mask(m)
-    assert chunk is None
+    offset, kpm, local = backend.read_mask(m)
+    window = None if local is None else local.left + 1
+    assert local is None or isinstance(local, Window)
     i, j = torch.arange(L)[:, None], torch.arange(S)[None]
     rebuilt = torch.ones(L, S, dtype=torch.bool) if offset is None else j <= i + offset
     if window is not None:
@@ -418,18 +420,18 @@ def test_read_mask_reads_chunks_and_the_backend_computes_them(L, S, c):
     # row 1 left-padded: read back exactly, and computed as the dense reference
     m = _chunked(L, S, c)
     m[1, :, :, :3] = False
-    offset, kpm, window, chunk = backend.read_mask(m)
+    offset, kpm, local = backend.read_mask(m)
+    assert local is None or isinstance(local, Chunked)
+    chunk = None if local is None else local.size
     i, j = torch.arange(L)[:, None], torch.arange(S)[None]
     rebuilt = torch.ones(L, S, dtype=torch.bool) if offset is None else j <= i + offset
     if chunk is not None:
         rebuilt = rebuilt & (j // chunk == (i + offset) // chunk)
-    if window is not None:
-        rebuilt = rebuilt & (j > i + offset - window)
     if kpm is not None:
         rebuilt = rebuilt & torch.from_numpy(kpm)[:, :, None, :]
     assert torch.equal(rebuilt.expand_as(m), m)
     if L == S == 37:
-        assert (offset, window, chunk) == (0, None, 8)
+        assert (offset, chunk) == (0, 8)
     q, k, v = _qkv(L, S)
     out, _ = backend.attention_forward(_Layer(), q, k, v, m, scaling=0.25)
     ref = torch.nn.functional.scaled_dot_product_attention(
@@ -542,3 +544,40 @@ def test_gemma2_softcap_and_alternating_windows_give_eagers_logits():
     # logits are within ~1e-7 of float64 ones; a misread window or cap errs by ~1e-2
     d = (out["numbarope"] - out["eager"])[mask.bool()].abs().max().item()
     assert d < 1e-6
+
+
+def test_read_mask_reads_packed_sequences():
+    cu = (0, 5, 12, 20)
+    seg = torch.bucketize(torch.arange(20), torch.tensor(cu[1:]), right=True)
+    i, j = torch.arange(20)[:, None], torch.arange(20)[None]
+    m = ((j <= i) & (seg[:, None] == seg[None, :])).expand(2, 1, 20, 20).clone()
+    offset, kpm, local = backend.read_mask(m)
+    assert (offset, kpm, local) == (0, None, Packed(cu))
+    q, k, v = _qkv(20, 20)
+    out, _ = backend.attention_forward(_Layer(), q, k, v, m, scaling=0.25)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=m, scale=0.25)
+    assert (out.transpose(1, 2) - ref).abs().max().item() < 1e-12
+
+
+def test_padding_free_batch_gives_each_sequences_logits(model64):
+    # issue 23: three sequences packed into one row (position_ids restart, no padding:
+    # transformers' padding-free path) give each sequence's own logits, as "sdpa" does
+    # (transformers detects packing without a cache: a training setup)
+    g = torch.Generator().manual_seed(4)
+    lens = (5, 7, 8)
+    ids = torch.randint(1, 100, (1, sum(lens)), generator=g)
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    model64.set_attn_implementation("numbarope")
+    try:
+        with torch.inference_mode():
+            packed = model64(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
+            alone = torch.cat([model64(input_ids=part).logits[0]
+                               for part in ids.split(list(lens), dim=1)])
+        model64.set_attn_implementation("sdpa")
+        with torch.inference_mode():
+            sdpa = model64(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
+    finally:
+        model64.set_attn_implementation("sdpa")
+    assert (packed - alone).abs().max().item() < 1e-10
+    assert (packed - sdpa).abs().max().item() < 1e-10

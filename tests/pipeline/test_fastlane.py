@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from numbarope import rope_attention
-from numbarope.bias import Causal, Chunked, Window
+from numbarope.bias import Causal, Chunked, Packed, Window
 from numbarope._pipeline import fastlane
 
 try:
@@ -38,6 +38,7 @@ CASES = [
     dict(B=6, Bk=2, L=40, S=40, enable_gqa=True, bias=Window(7, 0)),
     dict(B=6, Bk=2, L=3, S=60, enable_gqa=True, bias=Window(9, 0), query_offset=57),
     dict(B=6, Bk=2, L=50, S=50, enable_gqa=True, bias=Chunked(16)),
+    dict(B=2, Bk=2, L=50, S=50, bias=Packed((0, 7, 30, 50))),
 ]
 
 

@@ -75,6 +75,29 @@ _FM = set(_config.FASTMATH)
 EXACT_HEADROOM = {np.dtype(np.float64): 60.0, np.dtype(np.float32): 30.0}
 
 
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _online_update(row, n, bm, r, mx, den, acc):
+    # one key block's logits row[:n] (bm: their maximum over the keys the row sees)
+    # into row r's online softmax: (mx, den, acc) rescaled to the new maximum,
+    # row[:n] = exp(row − max), den += their sum. False (row zeroed) while the row has
+    # seen no key. Shared by the main kernel and the decoding kernel.
+    mnew = max(mx[r], bm)
+    if mnew == -np.inf:
+        for jj in range(n):
+            row[jj] = 0.0
+        return False
+    if mnew > mx[r]:
+        corr = np.exp(mx[r] - mnew)
+        if corr < 1e-308:
+            corr = 0.0
+        den[r] *= corr
+        for c in range(acc.shape[1]):
+            acc[r, c] *= corr
+        mx[r] = mnew
+    den[r] += _exp_block(row, n, mx[r])
+    return True
+
+
 # ------------------------------------------------------------------ the kernel
 
 @njit(cache=True, nogil=True, fastmath=_FM)
@@ -191,20 +214,7 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
                         bm = x if x > bm else bm
                 for jj in range(jb, kb):
                     row[jj] = -np.inf
-                mnew = max(mx[r], bm)
-                if mnew == -np.inf:        # nothing visible yet in this row
-                    for jj in range(kb):
-                        row[jj] = 0.0
-                    continue
-                if mnew > mx[r]:
-                    corr = np.exp(mx[r] - mnew)
-                    if corr < 1e-308:
-                        corr = 0.0
-                    den[r] *= corr
-                    for c in range(Ev):
-                        acc[r, c] *= corr
-                    mx[r] = mnew
-                den[r] += _exp_block(row, kb, mx[r])
+                _online_update(row, kb, bm, r, mx, den, acc)
             P = PV[:rb * Ev].reshape((rb, Ev))
             if Ev > 0:
                 np.dot(S, v[hk, j0:j1], P)
@@ -921,21 +931,8 @@ def _decode_task(q, k, v, zero, kmask, kidx, has_kmask, lo, hi, lidx, has_ranges
             for jj in range(ja, jb):
                 y = row[jj]
                 bm = y if y > bm else bm
-            mnew = max(mx[r], bm)
-            if mnew == -np.inf:
-                for jj in range(nb):
-                    row[jj] = 0.0
-                continue
-            any_row = True
-            if mnew > mx[r]:
-                corr = np.exp(mx[r] - mnew)
-                if corr < 1e-308:
-                    corr = 0.0
-                den[r] *= corr
-                for c in range(Ev):
-                    acc[r, c] *= corr
-                mx[r] = mnew
-            den[r] += _exp_block(row, nb, mx[r])
+            if _online_update(row, nb, bm, r, mx, den, acc):
+                any_row = True
         if not any_row:
             continue
         tmp[:, :] = 0.0

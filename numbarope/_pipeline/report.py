@@ -157,7 +157,7 @@ class AttentionInfo:
         verified = any(h.observed_error is not None for h in self.heads)
         obs = f" {'observed':>9}" if verified else ""
         head = (f"{'head':>10} {'R':>8} {'method':>6} {'algorithm':>12} {'deg':>4} "
-                f"{'features':>9} {'bound':>9}{obs} {'time_exact':>10} {'time_fast':>9}  reason")
+                f"{'features':>9} {'bound':>9}{obs} {'pred_exact':>10} {'pred_fast':>9}  reason")
         lines = [head]
         for h in _elide(self.heads, max_rows):
             if h is None:
@@ -222,8 +222,8 @@ class AttentionInfo:
                 ("algorithm", "algorithm"), ("degree", "degree"), ("features", "features"),
                 ("error_bound", "bound"), *([("observed_error", "observed")] if verified
                                             else []),
-                ("time_exact", "time exact (s)"), ("time_fast", "time fast (s)"),
-                ("memory_fast", "memory fast"), ("reason", "reason")]
+                ("time_exact", "predicted exact (s)"), ("time_fast", "predicted fast (s)"),
+                ("memory_fast", "predicted memory fast"), ("reason", "reason")]
         left = {"head", "method", "algorithm", "reason"}
 
         def style(name):

@@ -103,10 +103,13 @@ def test_concurrent_calls_match_sequential_and_restore_blas(monkeypatch, user_li
     import numbarope.ops._common
     import numbarope.ops._features
     import numbarope.ops.decay
-    import numbarope.ops.streaming
+    import numbarope.ops.streaming.backward
+    import numbarope.ops.streaming.decode
+    import numbarope.ops.streaming.entry
     import numbarope.ops.window
-    for mod in (numbarope.ops.streaming, numbarope.ops._common, numbarope.ops.decay,
-                numbarope.ops.window, numbarope.ops._features):
+    for mod in (numbarope.ops.streaming.entry, numbarope.ops.streaming.decode,
+                numbarope.ops.streaming.backward, numbarope.ops._common,
+                numbarope.ops.decay, numbarope.ops.window, numbarope.ops._features):
         monkeypatch.setattr(mod, "parallel", spy(mod.parallel))
     with _baseline(user_limit):
         before = _blas_info()

@@ -92,12 +92,14 @@ def private_temp_dir():
 
 def _default_locator_writable():
     """Would numba's in-tree or user-wide locator work for this package's files?"""
-    if _writable_dir(os.path.join(_PACKAGE_DIR, "ops", "__pycache__")):
+    if all(_writable_dir(os.path.join(_PACKAGE_DIR, *d, "__pycache__"))
+           for d in (("ops",), ("ops", "streaming"))):
         return True
     from numba.core.caching import _CacheLocator
     from numba.misc.appdirs import AppDirs
     user_dir = AppDirs(appname="numba", appauthor=False).user_cache_dir
-    sub = _CacheLocator.get_suitable_cache_subpath(os.path.join(_PACKAGE_DIR, "ops", "streaming.py"))
+    sub = _CacheLocator.get_suitable_cache_subpath(
+        os.path.join(_PACKAGE_DIR, "ops", "streaming", "kernel.py"))
     return _writable_dir(os.path.join(user_dir, sub))
 
 

@@ -152,7 +152,18 @@ def test_layering_of_the_algorithm_modules(name):
                         "numbarope"), (name, fn.name)
 
 
-PARALLEL = SEPARABLE + ("streaming", "toeplitz_fft", "_features")
+# the exact path is a package (one algorithm, one place): its modules one by one
+PARALLEL = SEPARABLE + ("streaming.kernel", "streaming.decode", "streaming.backward",
+                        "toeplitz_fft", "_features")
+
+
+def test_the_exact_package_has_its_loops():
+    # every module of ops/streaming/ with a parallel loop is in PARALLEL
+    import numbarope.ops.streaming as pkg
+    mods = {m.stem for m in pathlib.Path(pkg.__file__).parent.glob("*.py")}
+    looped = {m for m in mods if "prange(" in
+              (pathlib.Path(pkg.__file__).parent / f"{m}.py").read_text()}
+    assert looped == {n.split(".")[1] for n in PARALLEL if n.startswith("streaming.")}
 
 
 @pytest.mark.parametrize("name", PARALLEL)

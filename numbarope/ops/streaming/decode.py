@@ -1,0 +1,288 @@
+"""The decoding kernel: few rows per key/value head, keys in chunks merged in order."""
+
+import functools
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit, prange
+
+from ... import _config
+from ..._runtime.threads import parallel
+from .kernel import _DUMMY_RANGE, _FM, _online_update
+
+# ------------------------------------------------------------------ few rows (decoding)
+#
+# Decoding asks for one query per head (a few with grouped-query heads, or a few new
+# tokens onto a cache) against a long cache: the rows of one key/value head are
+# stacked (R <= DECODE_ROWS), and the keys are split into chunks of DECODE_CHUNK
+# (flash-decoding): one task per (key/value head, chunk), each the online softmax of
+# the main kernel over its keys in blocks of DECODE_BLOCK, with the logits and the
+# value products as loops (vectorised over E; BLAS packs its operands, which for a
+# few rows costs more than the product). The partial (max, sum, numerator) of the
+# chunks are merged in float64, in chunk order. Every chunk boundary is a block
+# boundary, so each weight passes the roundings of the main kernel's analysis
+# (exact_error_bound with key_block = DECODE_BLOCK); the merge is one more
+# rescale-and-add per chunk, within the float64 terms there.
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _decode_task(q, k, v, zero, kmask, kidx, has_kmask, lo, hi, lidx, has_ranges, block,
+                 b, c0, c1, m_out, l_out, acc_out, bad_out):
+    # rows r of key/value head b (q[b, r], already scaled) against keys c0 .. c1 - 1;
+    # writes the chunk's running maximum, sum and numerator (float64)
+    R, E = q.shape[1], q.shape[2]
+    Ev = v.shape[2]
+    S = np.empty((R, block), q.dtype)
+    tmp = np.empty((R, Ev), q.dtype)
+    acc = np.zeros((R, Ev))
+    mx = np.full(R, -np.inf)
+    den = np.zeros(R)
+    lr = lidx[b]
+    bad = False
+    for j0 in range(c0, c1, block):
+        j1 = min(j0 + block, c1)
+        nb = j1 - j0
+        jj = 0                      # four keys at a time: four independent dot chains
+        while jj + 4 <= nb:
+            k0 = k[b, j0 + jj]
+            k1 = k[b, j0 + jj + 1]
+            k2 = k[b, j0 + jj + 2]
+            k3 = k[b, j0 + jj + 3]
+            for r in range(R):
+                qr = q[b, r]
+                x0 = zero
+                x1 = zero
+                x2 = zero
+                x3 = zero
+                for e in range(E):
+                    qe = qr[e]
+                    x0 += qe * k0[e]
+                    x1 += qe * k1[e]
+                    x2 += qe * k2[e]
+                    x3 += qe * k3[e]
+                S[r, jj] = x0
+                S[r, jj + 1] = x1
+                S[r, jj + 2] = x2
+                S[r, jj + 3] = x3
+            jj += 4
+        for j in range(jj, nb):
+            kr = k[b, j0 + j]
+            for r in range(R):
+                qr = q[b, r]
+                x = zero
+                for e in range(E):
+                    x += qr[e] * kr[e]
+                S[r, j] = x
+        any_row = False
+        for r in range(R):
+            row = S[r]
+            for jj in range(nb):        # a non-finite logit: NaN/inf in q or k (any key,
+                bad |= not np.isfinite(row[jj])     # padded or not) or beyond the dtype
+            ja = 0
+            jb = nb
+            if has_ranges:
+                ja = min(max(lo[lr, r] - j0, 0), nb)
+                jb = max(min(hi[lr, r] - j0, nb), ja)
+            for jj in range(ja):
+                row[jj] = -np.inf
+            for jj in range(jb, nb):
+                row[jj] = -np.inf
+            if has_kmask:
+                km = kmask[kidx[b]]
+                for jj in range(ja, jb):
+                    row[jj] += km[j0 + jj]
+            bm = -np.inf
+            for jj in range(ja, jb):
+                y = row[jj]
+                bm = y if y > bm else bm
+            if _online_update(row, nb, bm, r, mx, den, acc):
+                any_row = True
+        if not any_row:
+            continue
+        tmp[:, :] = 0.0
+        jj = 0                      # four keys at a time: one update of tmp per four
+        while jj + 4 <= nb:
+            v0 = v[b, j0 + jj]
+            v1 = v[b, j0 + jj + 1]
+            v2 = v[b, j0 + jj + 2]
+            v3 = v[b, j0 + jj + 3]
+            for r in range(R):
+                p0 = S[r, jj]
+                p1 = S[r, jj + 1]
+                p2 = S[r, jj + 2]
+                p3 = S[r, jj + 3]
+                tr = tmp[r]
+                for c in range(Ev):
+                    tr[c] += p0 * v0[c] + p1 * v1[c] + p2 * v2[c] + p3 * v3[c]
+            jj += 4
+        for j in range(jj, nb):
+            vr = v[b, j0 + j]
+            for r in range(R):
+                p = S[r, j]
+                tr = tmp[r]
+                for c in range(Ev):
+                    tr[c] += p * vr[c]
+        for r in range(R):
+            for c in range(Ev):
+                acc[r, c] += tmp[r, c]
+    m_out[:] = mx
+    l_out[:] = den
+    acc_out[:, :] = acc
+    bad_out[0] = bad
+
+
+@njit(cache=True, parallel=True)
+def _par_decode(q, k, v, zero, kmask, kidx, has_kmask, lo, hi, lidx, has_ranges, block,
+                tasks, M, L, A, F):
+    # the decoding kernel's parallel loop. It calls its kernel directly (compiled into
+    # the loop, not through prange_loop's function pointer): decoding calls take
+    # microseconds, and the pointer's conversion on every call cost ~50 µs; this is
+    # the kernel's only entry point, so it is compiled once all the same.
+    for t in prange(tasks.shape[0]):
+        _decode_task(q, k, v, zero, kmask, kidx, has_kmask, lo, hi, lidx, has_ranges, block,
+                     tasks[t, 0], tasks[t, 1], tasks[t, 2], M[t], L[t], A[t], F[t:t + 1])
+
+
+@njit(cache=True, nogil=True)
+def _consecutive(kvidx, g):
+    # kvidx[b] == b // g for every b
+    for b in range(kvidx.shape[0]):
+        if kvidx[b] != b // g:
+            return False
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _decode_merge(M, L, A, F, first, out, lse):
+    # the chunks first[b] .. first[b+1] - 1 of key/value head b, merged in order; a head
+    # with a non-finite logit (F) gets NaN rows (NaN/inf inputs: the callers refuse)
+    Bk, R, Ev = out.shape
+    for b in range(Bk):
+        bad = False
+        for t in range(first[b], first[b + 1]):
+            bad |= F[t]
+        if bad:
+            for r in range(R):
+                for c in range(Ev):
+                    out[b, r, c] = np.nan
+                lse[b, r] = np.nan
+            continue
+        for r in range(R):
+            m = -np.inf
+            for t in range(first[b], first[b + 1]):
+                m = max(m, M[t, r])
+            if m == -np.inf:
+                for c in range(Ev):
+                    out[b, r, c] = 0.0
+                lse[b, r] = -np.inf
+                continue
+            den = 0.0
+            num = np.zeros(Ev)
+            for t in range(first[b], first[b + 1]):
+                if M[t, r] == -np.inf:
+                    continue
+                f = np.exp(M[t, r] - m)
+                den += L[t, r] * f
+                for c in range(Ev):
+                    num[c] += A[t, r, c] * f
+            inv = 1.0 / den
+            for c in range(Ev):
+                out[b, r, c] = num[c] * inv
+            lse[b, r] = m + np.log(den)
+
+
+def _decode_stack(B, n, kvidx, Bk, kidx, has_kmask, lidx, has_ranges):
+    """Group size g when the query heads of each key/value head are g consecutive heads
+    with one key mask and one range row each, and g·n <= DECODE_ROWS; else 0."""
+    if B % Bk:
+        return 0
+    g = B // Bk
+    if g * n > _config.DECODE_ROWS or not _consecutive(kvidx, g):
+        return 0
+    for idx, has in ((kidx, has_kmask), (lidx, has_ranges)):
+        if has and not np.all(idx.reshape(Bk, g) == idx[::g, None]):
+            return 0
+    return g
+
+
+class DecodePlan(NamedTuple):
+    """What the decoding kernel needs beyond the arrays, fixed by the shapes and the
+    index arrays (:func:`decode_plan`); a caller that sees the same shapes again (a
+    model's layers and steps) keeps it and calls :func:`decode_run`."""
+
+    B: int
+    n: int
+    Bk: int
+    g: int
+    kib: np.ndarray           # (Bk,) key-mask row of each key/value head
+    has_kmask: bool
+    lo: np.ndarray            # (rows, g·n) key ranges of the stacked rows
+    hi: np.ndarray
+    lidx: np.ndarray          # (Bk,)
+    has_ranges: bool
+    block: int
+    tasks: np.ndarray         # (T, 3) (head, start, stop)
+    first: np.ndarray         # (Bk + 1,)
+    threads: bool             # worth more than one thread
+
+
+def decode_plan(B, n, Bk, S, E, Ev, kvidx, kidx, has_kmask, lo, hi, lidx, has_ranges):
+    """The :class:`DecodePlan` of q (B, n, E) on k (Bk, S, E), v (Bk, S, Ev) with the
+    index arrays of :func:`exact_attention` (int64, ``lo``/``hi`` (rows, n)), or None
+    when the call is not for the decoding kernel (too many rows per key/value head,
+    heads not grouped consecutively, or masks that differ inside a group)."""
+    g = _decode_stack(B, n, kvidx, Bk, kidx, has_kmask, lidx, has_ranges)
+    if not g:
+        return None
+    kib = np.ascontiguousarray(kidx[::g]) if has_kmask else np.zeros(Bk, np.int64)
+    if has_ranges:          # a range row per stacked row: rows of g heads share lidx
+        lr = lidx[::g]
+        lo2 = np.ascontiguousarray(np.tile(lo[lr], (1, g)))
+        hi2 = np.ascontiguousarray(np.tile(hi[lr], (1, g)))
+        li2 = np.arange(Bk, dtype=np.int64)
+    else:
+        lo2, hi2, li2 = _DUMMY_RANGE, _DUMMY_RANGE, np.zeros(Bk, np.int64)
+    block, tasks, first = _decode_plan(Bk, S, int(_config.DECODE_BLOCK),
+                                       int(_config.DECODE_CHUNK))
+    # the parallel region costs a few microseconds: worth it from a few thousand
+    # row-key products of work per thread
+    work = float(Bk) * g * n * S * (E + Ev)
+    return DecodePlan(B, n, Bk, g, kib, has_kmask, lo2, hi2, li2, has_ranges, block,
+                      tasks, first, tasks.shape[0] > 1 and work >= _config.DECODE_PARALLEL)
+
+
+def decode_run(plan, q, k, v, scale, km, nthreads):
+    """``(out (B, n, Ev), lse (B, n) float64)`` of the decoding kernel under ``plan``
+    (:func:`decode_plan`); q (B, n, E), k, v C-contiguous of one dtype, ``km`` the
+    (rows, S) float64 key mask (0 / −inf) or a dummy when the plan has none."""
+    B, n, E = q.shape
+    Bk = plan.Bk
+    Ev = v.shape[2]
+    dt = q.dtype
+    R = plan.g * n
+    qs = (q * dt.type(scale)).reshape(Bk, R, E)
+    T = plan.tasks.shape[0]
+    M, L, A = np.empty((T, R)), np.empty((T, R)), np.empty((T, R, Ev))
+    F = np.zeros(T, np.bool_)
+    with parallel(nthreads if plan.threads else 1, blas=False, balance=False):
+        _par_decode(qs, k, v, dt.type(0.0), km, plan.kib, plan.has_kmask, plan.lo,
+                    plan.hi, plan.lidx, plan.has_ranges, plan.block, plan.tasks, M, L, A, F)
+    out = np.empty((Bk, R, Ev), dt)
+    lse = np.empty((Bk, R))
+    _decode_merge(M, L, A, F, plan.first, out, lse)
+    return out.reshape(B, n, Ev), lse.reshape(B, n)
+
+
+@functools.lru_cache(maxsize=256)
+def _decode_plan(Bk, S, block, chunk):
+    """``(block, tasks, first)`` of the decoding kernel: chunks of ``chunk`` keys (a
+    multiple of the block), one task ``(head, start, stop)`` each, ``first[b]`` the
+    first task of head b; read-only, shared by every call of these sizes."""
+    chunk = max(block, chunk // block * block)
+    nch = -(-S // chunk)
+    c0 = np.arange(nch, dtype=np.int64) * chunk
+    tasks = np.stack([np.repeat(np.arange(Bk, dtype=np.int64), nch), np.tile(c0, Bk),
+                      np.tile(np.minimum(c0 + chunk, S), Bk)], axis=1)
+    first = np.arange(0, Bk * nch + 1, nch, dtype=np.int64)
+    for a in (tasks, first):
+        a.setflags(write=False)
+    return block, tasks, first

@@ -1,0 +1,154 @@
+"""The exact path's entry point, :func:`exact_attention`."""
+
+
+import numpy as np
+
+from ... import _config
+from ..._runtime.threads import parallel, resolve_workers
+from .decode import decode_plan, decode_run
+from .kernel import (_DUMMY_BIAS, _DUMMY_REL, EXACT_HEADROOM, _exact_tasks, _layout, _par_exact,
+                     _row_shifts, row_norms)
+
+# ------------------------------------------------------------------ the entry point
+
+def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx=None,
+                    key_ranges=None, key_mask=None, kidx=None, kvidx=None, norms=None,
+                    workers=None, return_lse=False, softcap=None):
+    """Exact softmax attention of flattened heads (internal entry point).
+
+    Parameters
+    ----------
+    q : (B, n, E) ndarray of float32 or float64, C-contiguous
+    k : (Bk, S, E) ndarray, same dtype, C-contiguous
+        Head ``b`` uses ``k[kvidx[b]]`` (default ``kvidx[b] = b``; GQA shares heads).
+        Queries and keys, already rotated if a rotary embedding applies. Their
+        dtype (the same for q, k, v) is the compute precision of the logits,
+        exp and the value product; the softmax state is float64.
+    v : (Bk, S, Ev) ndarray, same dtype, C-contiguous
+    scale : float
+        Logit scale s > 0.
+    relative : (Br, n+S−1, E, E) ndarray of the same dtype, optional
+        General relative matrices; head ``b`` uses ``relative[ridx[b]]``; the pair
+        (i, j) uses entry ``i − j + S − 1``.
+    bias : (Bb, n+S−1) ndarray of float64, optional
+        Relative bias (−inf masks); head ``b`` uses ``bias[bidx[b]]``, the pair
+        (i, j) entry ``i − j + S − 1``. Shifted per row by :func:`bias_row_shift`
+        over the keys the row sees (exact for softmax).
+    key_ranges : (lo, hi, lidx), optional
+        ``lo``, ``hi``: (P, n) int64; ``lidx``: (B,) int64. Row i of head b sees at
+        most the keys ``lo[lidx[b], i] <= j < hi[lidx[b], i]`` (clipped to [0, S];
+        empty when hi <= lo). None: every key. Causal is ``lo = 0``, ``hi = clip(i +
+        offset + 1, 0, S)``; a window ``Window(left, right)`` is ``clip(i + offset −
+        left, 0, S) .. clip(i + offset + right + 1, 0, S)``
+        (:meth:`numbarope.bias.Structure.key_ranges`, :func:`gather_key_ranges`).
+        A block of rows visits the key blocks from the smallest ``lo`` to the largest
+        ``hi`` of its rows, empty rows included (give an empty row ``lo = hi`` within
+        its neighbours' span), none when no row of it sees a key. ``lidx`` may be
+        omitted for P = 1 or P = B.
+    key_mask : (Bk', S) ndarray of float64, optional
+        0 for real keys, −inf for padding; head ``b`` uses ``key_mask[kidx[b]]``.
+    norms : (ndarray (B, n), ndarray (Bk, S)), optional
+        Upper bounds of the row norms of (unscaled) q and of k, if the caller
+        has them (:func:`row_norms`); computed otherwise.
+    workers : int, optional
+        Threads (scipy.fft's meaning; default all cores).
+    return_lse : bool
+        Also return the row log-sum-exp ``log Σ_j exp(s·logit_ij + b_ij)``.
+    softcap : float > 0, optional
+        Logit soft-capping (Gemma 2): the logit ``x = s·q_iᵀk_j`` (times W with
+        general matrices) becomes ``c·tanh(x/c)`` before the bias is added.
+
+    Returns
+    -------
+    out : (B, n, Ev) ndarray of the compute dtype
+        ``softmax(s·logits + bias) @ v`` row by row over the keys each row sees;
+        fully masked rows are 0.
+    lse : (B, n) ndarray of float64
+        Only with ``return_lse``; −inf on fully masked rows.
+    """
+    B, n, E = q.shape
+    dt = q.dtype
+    Ev = v.shape[2]
+    out = np.empty((B, n, Ev), dt)
+    lse = np.empty((B, n))
+    if B == 0 or n == 0:
+        return (out, lse) if return_lse else out
+    S = k.shape[1]
+    if S == 0:                       # no keys: every row is fully masked
+        out[...] = 0
+        lse[...] = -np.inf
+        return (out, lse) if return_lse else out
+    general = relative is not None
+    has_bias = bias is not None
+    rel = relative if general else _DUMMY_REL.astype(dt)
+    ri = np.ascontiguousarray(ridx, dtype=np.int64) if general else np.zeros(B, np.int64)
+    bs = np.ascontiguousarray(bias, dtype=np.float64) if has_bias else _DUMMY_BIAS
+    bi = np.ascontiguousarray(bidx, dtype=np.int64) if has_bias else np.zeros(B, np.int64)
+    kvi = (np.arange(B, dtype=np.int64) if kvidx is None
+           else np.ascontiguousarray(kvidx, dtype=np.int64))
+    has_kmask = key_mask is not None
+    km = np.ascontiguousarray(key_mask, dtype=np.float64) if has_kmask else _DUMMY_BIAS
+    ki = np.ascontiguousarray(kidx, dtype=np.int64) if has_kmask else np.zeros(B, np.int64)
+    has_ranges = key_ranges is not None
+    nthreads = resolve_workers(workers)
+    lay = _layout(B, n, S, E * E if relative is not None else E + Ev, key_ranges, nthreads)
+    lo, hi, li = lay.lo, lay.hi, lay.li
+    softcap = 0.0 if softcap is None else float(softcap)
+    if not general and not has_bias and not softcap:
+        dp = decode_plan(B, n, k.shape[0], S, E, Ev, kvi, ki, has_kmask, lo, hi, li,
+                         has_ranges)
+        if dp is not None:
+            out, lse = decode_run(dp, q, k, v, scale, km, nthreads)
+            return (out, lse) if return_lse else out
+    if has_bias:
+        shift, sidx = _row_shifts(n, S, bs, bi, km, ki, has_kmask, lo, hi, li, has_ranges)
+    else:
+        shift, sidx = _DUMMY_BIAS, np.zeros(B, np.int64)
+    rb, kb = lay.rb, lay.kb
+    if general:
+        gscale = float(scale)
+        qnorm = knorm = np.zeros((1, 1))
+        headroom = -np.inf
+    elif n * S <= _config.EXACT_ALWAYS_MAX:
+        # small heads: every block's maximum is computed (a pass over a few logits),
+        # no norms are needed (their pass costs more than the maxima it saves);
+        # decided by n and S alone, so a head's bits do not depend on its batch
+        q = q * q.dtype.type(scale)
+        gscale = 1.0
+        qnorm = np.zeros((B, n))                 # read by the kernel, never decisive:
+        knorm = np.zeros((k.shape[0], -(-S // kb)))          # headroom −inf
+        headroom = -np.inf
+    else:           # fold the scale into q: the GEMM then gives the logits (one rounding)
+        q = q * q.dtype.type(scale)
+        gscale = 1.0
+        # bounds of the logits per row and key block, slightly enlarged for rounding
+        if norms is None:
+            qn0, kn0 = row_norms(q), row_norms(k)
+        else:                  # bounds of ‖q‖, ‖k‖ from the caller (unscaled q)
+            qn0, kn0 = norms[0] * float(scale), norms[1]
+        qnorm = np.ascontiguousarray(qn0 * (1 + 1e-5))     # margin for the GEMM's rounding
+        kn = kn0 * (1 + 1e-5)
+        nkb = -(-S // kb)
+        knorm = np.full((k.shape[0], nkb * kb), 0.0)
+        knorm[:, :S] = kn
+        knorm = np.ascontiguousarray(knorm.reshape(k.shape[0], nkb, kb).max(axis=2))
+        # e^headroom · key_block · max|V| must stay far below the dtype's maximum
+        vmax = float(np.abs(v).max(initial=0.0))
+        cap = np.log(float(np.finfo(dt).max) / 16 / kb / max(vmax, 1e-300))
+        headroom = float(min(EXACT_HEADROOM[np.dtype(dt)], cap))
+        if headroom < 1.0:
+            headroom = -np.inf          # always compute the maximum
+
+    if softcap:
+        headroom = -np.inf           # capped logits: every block's maximum is computed
+    args = (q, k, v, rel, ri, general, bs, bi, has_bias, shift, sidx, gscale, rb, kb, qnorm,
+            knorm, headroom, km, ki, has_kmask, kvi, lo, hi, li, has_ranges, softcap)
+    if lay.inline:      # a small call: a parallel region costs more than it saves
+        _exact_tasks(*args, lay.tasks, out, lse)
+    else:
+        with parallel(nthreads):
+            for wave in lay.waves:
+                _par_exact(_exact_tasks, *args, lay.tasks, wave, out, lse)
+    if return_lse and has_bias:              # undo the per-row bias shift
+        lse += shift[sidx]
+    return (out, lse) if return_lse else out

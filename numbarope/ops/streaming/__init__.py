@@ -55,7 +55,7 @@ key block per thread.
 from .kernel import (  # noqa: F401
     EXACT_HEADROOM, _DEQUE, _DUMMY_BIAS, _DUMMY_RANGE, _DUMMY_REL, _FM, _Layout, _PROBE,
     _PROBES, _TREE,
-    _block_work, _check_ranges, _exact_tasks, _first_run_after, _key_runs, _layout,
+    _block_work, _check_ranges, _index_args, _exact_tasks, _first_run_after, _key_runs, _layout,
     _layouts, _max_tree, _online_update, _par_exact, _range_row_max, _row_shifts,
     _shift_mode, _sum_squares, _tree_max, _window_max, bias_row_shift, exact_blocks,
     gather_key_ranges, row_norms

@@ -7,7 +7,7 @@ from numba import njit, prange
 from ... import _config
 from ..._runtime.threads import parallel, prange_loop, resolve_workers
 from .._exp import _exp_block
-from .kernel import _DUMMY_BIAS, _DUMMY_RANGE, _FM, _check_ranges, _row_shifts
+from .kernel import _DUMMY_BIAS, _DUMMY_RANGE, _FM, _check_ranges, _index_args, _row_shifts
 
 # ------------------------------------------------------------------ the backward
 #
@@ -235,14 +235,8 @@ def exact_backward(q, k, v, out, lse, dout, scale, *, bias=None, bidx=None,
     dv = np.zeros((Bk, S, Ev))
     if B == 0 or n == 0 or S == 0:
         return dq, dk, dv
-    kvi = (np.arange(B, dtype=np.int64) if kvidx is None
-           else np.ascontiguousarray(kvidx, dtype=np.int64))
-    has_bias = bias is not None
-    bs = np.ascontiguousarray(bias, dtype=np.float64) if has_bias else _DUMMY_BIAS
-    bi = np.ascontiguousarray(bidx, dtype=np.int64) if has_bias else np.zeros(B, np.int64)
-    has_kmask = key_mask is not None
-    km = np.ascontiguousarray(key_mask, dtype=np.float64) if has_kmask else _DUMMY_BIAS
-    ki = np.ascontiguousarray(kidx, dtype=np.int64) if has_kmask else np.zeros(B, np.int64)
+    kvi, has_bias, bs, bi, has_kmask, km, ki = _index_args(B, bias, bidx, key_mask, kidx,
+                                                           kvidx)
     has_ranges = key_ranges is not None
     if has_ranges:
         lo, hi, li = _check_ranges(key_ranges, B, n, S)

@@ -6,8 +6,8 @@ import numpy as np
 from ... import _config
 from ..._runtime.threads import parallel, resolve_workers
 from .decode import decode_plan, decode_run
-from .kernel import (_DUMMY_BIAS, _DUMMY_REL, EXACT_HEADROOM, _exact_tasks, _layout, _par_exact,
-                     _row_shifts, row_norms)
+from .kernel import (_DUMMY_BIAS, _DUMMY_REL, EXACT_HEADROOM, _exact_tasks, _index_args,
+                     _layout, _par_exact, _row_shifts, row_norms)
 
 # ------------------------------------------------------------------ the entry point
 
@@ -79,16 +79,10 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx
         lse[...] = -np.inf
         return (out, lse) if return_lse else out
     general = relative is not None
-    has_bias = bias is not None
     rel = relative if general else _DUMMY_REL.astype(dt)
     ri = np.ascontiguousarray(ridx, dtype=np.int64) if general else np.zeros(B, np.int64)
-    bs = np.ascontiguousarray(bias, dtype=np.float64) if has_bias else _DUMMY_BIAS
-    bi = np.ascontiguousarray(bidx, dtype=np.int64) if has_bias else np.zeros(B, np.int64)
-    kvi = (np.arange(B, dtype=np.int64) if kvidx is None
-           else np.ascontiguousarray(kvidx, dtype=np.int64))
-    has_kmask = key_mask is not None
-    km = np.ascontiguousarray(key_mask, dtype=np.float64) if has_kmask else _DUMMY_BIAS
-    ki = np.ascontiguousarray(kidx, dtype=np.int64) if has_kmask else np.zeros(B, np.int64)
+    kvi, has_bias, bs, bi, has_kmask, km, ki = _index_args(B, bias, bidx, key_mask, kidx,
+                                                           kvidx)
     has_ranges = key_ranges is not None
     nthreads = resolve_workers(workers)
     lay = _layout(B, n, S, E * E if relative is not None else E + Ev, key_ranges, nthreads)

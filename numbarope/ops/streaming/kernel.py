@@ -644,3 +644,18 @@ def _row_shifts(n, S, bs, bi, km, ki, has_kmask, lo, hi, li, has_ranges):
             bs[trip[rows, 2]], n, S, (lo[pl], hi[pl]) if has_ranges else None,
             np.isfinite(km[pk]) if has_kmask else None)
     return shift, sidx
+
+
+def _index_args(B, bias, bidx, key_mask, kidx, kvidx):
+    """The optional per-head arguments of the exact kernels as they take them:
+    ``(kvi, has_bias, bs, bi, has_kmask, km, ki)``, contiguous int64 index arrays and
+    float64 values, dummies where absent (shared by the forward and the backward)."""
+    kvi = (np.arange(B, dtype=np.int64) if kvidx is None
+           else np.ascontiguousarray(kvidx, dtype=np.int64))
+    has_bias = bias is not None
+    bs = np.ascontiguousarray(bias, dtype=np.float64) if has_bias else _DUMMY_BIAS
+    bi = np.ascontiguousarray(bidx, dtype=np.int64) if has_bias else np.zeros(B, np.int64)
+    has_kmask = key_mask is not None
+    km = np.ascontiguousarray(key_mask, dtype=np.float64) if has_kmask else _DUMMY_BIAS
+    ki = np.ascontiguousarray(kidx, dtype=np.int64) if has_kmask else np.zeros(B, np.int64)
+    return kvi, has_bias, bs, bi, has_kmask, km, ki

@@ -97,10 +97,14 @@ class ExpApproximation:
     kind : {"chebyshev", "taylor"}
         How ``p`` was built.
     error_bound : float
-        Certified ``delta >= max_{|x| <= R} |p(x) e^{-x} - 1|``, valid both
-        for the exact value of ``p`` and for its float64 Horner evaluation.
+        Certified ``delta >= max_{|x| <= R} |p(x) e^{-φ(x)} - 1|``, valid both
+        for the exact value of ``p`` and for its float64 Horner evaluation;
+        ``φ(x) = x``, or ``c·tanh(x/c)`` with ``softcap=c``.
     bound_method : str
         One line naming how ``error_bound`` was obtained.
+    softcap : float or None
+        ``c`` when ``p`` approximates ``exp(c·tanh(x/c))`` (soft-capped logits,
+        Gemma 2), else None (``p`` approximates ``exp``).
     """
 
     coef: np.ndarray
@@ -109,6 +113,7 @@ class ExpApproximation:
     kind: Literal["chebyshev", "taylor"]
     error_bound: float
     bound_method: str
+    softcap: float | None = None
 
     def __call__(self, x: ArrayLike) -> float | np.ndarray:
         """Evaluate ``p(x)`` in float64 by Horner's rule.
@@ -138,12 +143,14 @@ class ExpApproximation:
         if self.radius == 0.0:
             return abs(float(self.coef[0]) - 1.0)
         x = np.linspace(-self.radius, self.radius, int(npoints)).astype(np.longdouble)
-        f = _horner(self.coef.astype(np.longdouble), x) * np.exp(-x) - 1
+        f = _horner(self.coef.astype(np.longdouble), x) * np.exp(
+            -_log_weight(x, self.softcap)) - 1
         return float(np.max(np.abs(f)))
 
     def __repr__(self) -> str:
+        cap = "" if self.softcap is None else f", softcap={self.softcap!r}"
         return (f"ExpApproximation(kind={self.kind!r}, degree={self.degree}, "
-                f"radius={self.radius!r}, error_bound={self.error_bound:.3g})")
+                f"radius={self.radius!r}{cap}, error_bound={self.error_bound:.3g})")
 
 
 # --------------------------------------------------------------------------
@@ -224,10 +231,24 @@ def _alternating_extrema(err, n):
     return np.array(idx)
 
 
+def _log_weight(x, cap):
+    """The exponent approximated: ``x``, or ``cap·tanh(x/cap)`` (soft-capped logits),
+    in the dtype of ``x``."""
+    return x if cap is None else cap * np.tanh(x / cap)
+
+
+def _max_weight(radius, cap):
+    """An upper bound of ``max_{|x|<=R} e^{-φ(x)} = e^{φ(R)}`` (φ odd, increasing;
+    ``φ(R) = c·tanh(R/c) <= R``), with room for the rounding of tanh and exp."""
+    top = radius if cap is None else min(radius, cap * math.tanh(radius / cap)
+                                          * (1.0 + 16 * _U64))
+    return math.exp(top) * (1.0 + _EXP_ULPS * _U64)
+
+
 @functools.lru_cache(maxsize=16)
-def _screen_grid(radius):
+def _screen_grid(radius, cap=None):
     y = -np.cos(np.pi * np.arange(_REMEZ_GRID) / (_REMEZ_GRID - 1))
-    return y, np.exp(-radius * y)
+    return y, np.exp(-_log_weight(radius * y, cap))
 
 
 def _grid_error(c, y, w):
@@ -298,7 +319,7 @@ def _remez(c, g, y, w):
     return best
 
 
-def _chebyshev_fit(radius, g):
+def _chebyshev_fit(radius, g, cap=None):
     """Chebyshev coefficients (variable y = x/R) of the candidate fits.
 
     Returns ``(start,)`` or ``(start, refined)``: ``start`` is the better, on
@@ -308,9 +329,9 @@ def _chebyshev_fit(radius, g):
     present only if it is better on the grid. Which one is used is decided
     by the certificate of its monomial form (:func:`_select`).
     """
-    y, w = _screen_grid(radius)
+    y, w = _screen_grid(radius, cap)
     with np.errstate(all="ignore"):
-        fits = [_cheb.chebinterpolate(lambda t: np.exp(radius * t), g)]
+        fits = [_cheb.chebinterpolate(lambda t: np.exp(_log_weight(radius * t, cap)), g)]
     step = (_REMEZ_GRID - 1) // 2   # least squares on a sub-grid of >= 8(g + 1)
     while step > 1 and (_REMEZ_GRID - 1) // step < 8 * (g + 1):
         step //= 2                  # points (Chebyshev points again): cheaper
@@ -337,30 +358,30 @@ def _effective(a):
 
 
 @functools.lru_cache(maxsize=2048)
-def _candidates(radius, g):
+def _candidates(radius, g, cap=None):
     """Monomial candidates of degree g: tuple of (coef, screened delta)."""
     out = []
-    for c in _chebyshev_fit(radius, g):
+    for c in _chebyshev_fit(radius, g, cap):
         if not np.all(np.isfinite(c)):
             continue
         a = _cheb_to_monomial(c, radius)
         if np.all(np.isfinite(a)):
             a.flags.writeable = False
-            out.append((a, _screen_coef(a, radius)))
+            out.append((a, _screen_coef(a, radius, cap)))
     if not out:                    # cannot happen for finite fits; be safe
         a = _taylor_coef(g)
         a.flags.writeable = False
-        out.append((a, _screen_coef(a, radius)))
+        out.append((a, _screen_coef(a, radius, cap)))
     return tuple(out)
 
 
 @functools.lru_cache(maxsize=2048)
-def _candidate_delta(radius, g, i, npoints):
-    return _certify_coef(_candidates(radius, g)[i][0], radius, npoints)
+def _candidate_delta(radius, g, i, npoints, cap=None):
+    return _certify_coef(_candidates(radius, g, cap)[i][0], radius, npoints, cap)
 
 
 @functools.lru_cache(maxsize=512)
-def _select(radius, g, kind, npoints):
+def _select(radius, g, kind, npoints, cap=None):
     """(coef, certified delta) of the degree-g approximant.
 
     ``"chebyshev"``: the candidate with the smallest certified delta among
@@ -375,43 +396,43 @@ def _select(radius, g, kind, npoints):
     if kind == "taylor" or radius < _TINY_RADIUS:
         a = _taylor_coef(g)
         a.flags.writeable = False
-        return a, _certify_coef(a, radius, npoints)
+        return a, _certify_coef(a, radius, npoints, cap)
     pool = sorted((s, k, i) for k in range(g + 1)
-                  for i, (_, s) in enumerate(_candidates(radius, k)))
+                  for i, (_, s) in enumerate(_candidates(radius, k, cap)))
     best = None
     for s, k, i in pool:
         if best is not None and not s <= best[0]:
             break
-        key = (_candidate_delta(radius, k, i, npoints), k, i)
+        key = (_candidate_delta(radius, k, i, npoints, cap), k, i)
         if best is None or key < best:
             best = key
     delta, k, i = best
-    a = _candidates(radius, k)[i][0]
+    a = _candidates(radius, k, cap)[i][0]
     if k < g:
         a = np.concatenate([a, np.zeros(g - k)])
         a.flags.writeable = False
     return a, delta
 
 
-def _coefficients(radius, g, kind, npoints):
+def _coefficients(radius, g, kind, npoints, cap=None):
     """Read-only float64 monomial coefficients of the degree-g approximant."""
-    return _select(radius, g, kind, npoints)[0]
+    return _select(radius, g, kind, npoints, cap)[0]
 
 
 # --------------------------------------------------------------------------
 # bounds
 # --------------------------------------------------------------------------
 
-def _horner_floor(a, radius):
-    """Bound on max_{|x|<=R} |fl64(p(x)) - p(x)| e^{-x} (Higham eq. (5.3))."""
+def _horner_floor(a, radius, cap=None):
+    """Bound on max_{|x|<=R} |fl64(p(x)) - p(x)| e^{-φ(x)} (Higham eq. (5.3))."""
     g = a.size - 1
     if g == 0:
         return 0.0
     s = float(_horner(np.abs(a), np.array([radius]))[0]) * (1.0 + _gamma(2 * g + 2))
-    return _gamma(2 * g) * s * math.exp(radius) * (1.0 + _EXP_ULPS * _U64)
+    return _gamma(2 * g) * s * _max_weight(radius, cap)
 
 
-def _screen_coef(a, radius):
+def _screen_coef(a, radius, cap=None):
     """Cheap estimate of the certified delta of ``a`` (no guarantee).
 
     Largest |p(x)e^{-x} - 1| on the screening grid in float64, minus a bound
@@ -422,63 +443,103 @@ def _screen_coef(a, radius):
     g = a.size - 1
     if radius == 0.0:
         return abs(float(a[0]) - 1.0)
-    y, w = _screen_grid(radius)
+    y, w = _screen_grid(radius, cap)
     x = radius * y
     with np.errstate(all="ignore"):
         f = np.abs(_horner(a, x) * w - 1.0)
         rho = _gamma(2 * g + 8) * (_horner(np.abs(a), np.abs(x)) * w + 2.0)
-        m = float(max(np.max(f - rho), 0.0)) + _horner_floor(a, radius)
+        m = float(max(np.max(f - rho), 0.0)) + _horner_floor(a, radius, cap)
     return m if math.isfinite(m) else math.inf
 
 
 @functools.lru_cache(maxsize=512)
-def _screen(radius, g, kind):
+def _screen(radius, g, kind, cap=None):
     """Screened delta of the degree-g approximant (used by the search).
 
     For ``"chebyshev"`` the smallest over the candidates of degree <= g,
     matching the selection of :func:`_select`.
     """
     if kind == "taylor" or radius < _TINY_RADIUS:
-        return _screen_coef(_taylor_coef(g), radius)
-    return min(s for k in range(g + 1) for _, s in _candidates(radius, k))
+        return _screen_coef(_taylor_coef(g), radius, cap)
+    return min(s for k in range(g + 1) for _, s in _candidates(radius, k, cap))
 
 
-def _lipschitz_pieces(a, xg, starts, ends):
-    """Upper bounds L_j >= max |d/dx (p(x) e^{-x})| on [xg[starts], xg[ends]].
+def _shifted_max(q, qa, c, w, extra=0):
+    """Upper bounds of ``max_{0<=t<=w} |q(c + t)|`` per piece start ``c``
+    (``q``, ``qa``: (g+1,) coefficients, or (pieces, g+1), one polynomial per piece).
 
-    d/dx (p e^{-x}) = q(x) e^{-x} with q = p' - p. On a piece [c, c + w],
-    e^{-x} <= e^{-c} and, by the exact Taylor expansion of the polynomial q
-    at c, |q(c + t)| <= sum_m |q^(m)(c)/m!| w^m. The shifted coefficients are
-    computed in float64 together with the same recurrence on |q|, |c|, whose
-    result bounds their rounding errors.
+    By the exact Taylor expansion of the polynomial q at c, ``|q(c + t)| <=
+    sum_m |q^(m)(c)/m!| w^m``. The shifted coefficients are computed in float64
+    together with the same recurrence on ``|q|``, ``|c|`` (``qa``), whose result
+    bounds their rounding errors (``extra``: roundings already in ``q``, within
+    ``γ_extra·qa``).
     """
-    g = a.size - 1
-    q = np.empty(g + 1)
-    qa = np.empty(g + 1)
-    k = np.arange(g + 1, dtype=np.float64)
-    q[:-1] = k[1:] * a[1:] - a[:-1]
-    qa[:-1] = k[1:] * np.abs(a[1:]) + np.abs(a[:-1])
-    q[-1] = -a[-1]
-    qa[-1] = abs(a[-1])
-    c = xg[starts]
-    w = (xg[ends] - xg[starts]) * (1.0 + 4 * _U64)
-    d = np.tile(q, (c.size, 1))
-    da = np.tile(qa, (c.size, 1))
+    g = q.shape[-1] - 1
+    d = np.array(np.broadcast_to(q, (c.size, g + 1)))
+    da = np.array(np.broadcast_to(qa, (c.size, g + 1)))
     ca = np.abs(c)
     for i in range(g):                       # Taylor shift (synthetic division)
         for j in range(g - 1, i - 1, -1):
             d[:, j] += c * d[:, j + 1]
             da[:, j] += ca * da[:, j + 1]
-    bound = np.abs(d) + 2.0 * _gamma(4 * g + 16) * da
+    bound = np.abs(d) + 2.0 * (_gamma(4 * g + 16) + _gamma(extra)) * da
     # sum_m bound[:, m] w^m by Horner over m (all terms non-negative)
     qmax = bound[:, -1].copy()
     for m in range(g - 1, -1, -1):
         qmax = qmax * w + bound[:, m]
-    qmax *= 1.0 + _gamma(2 * g + 4)
-    return qmax * np.exp(-c) * (1.0 + (_EXP_ULPS + 2) * _U64)
+    return qmax * (1.0 + _gamma(2 * g + 4))
 
 
-def _certify_coef(a, radius, npoints):
+def _lipschitz_pieces(a, xg, starts, ends, cap=None):
+    """Upper bounds L_j >= max |d/dx (p(x) e^{-φ(x)})| on [xg[starts], xg[ends]].
+
+    exp (φ(x) = x): d/dx (p e^{-x}) = q(x) e^{-x} with q = p' - p, bounded by
+    :func:`_shifted_max` of q. Soft-capped (φ(x) = c·tanh(x/c)): d/dx (p e^{-φ}) =
+    (p' − φ'p) e^{-φ}; on a piece [x0, x0 + w] with ℓ(x) = κ + κ₁(x − x0), κ and
+    κ₁ the float64 values of φ'(x0) = sech²(x0/c) and φ''(x0) = −(2/c)sech²·tanh,
+    |p' − φ'p| <= |p' − ℓp| + |φ' − ℓ|·|p|: the polynomial p' − ℓp (degree g+1) by
+    :func:`_shifted_max` (it cancels as p' − p does for exp), and by Taylor's
+    theorem |φ'(x) − ℓ(x)| <= max|φ‴|·w²/2 + |φ'(x0) − κ| + |φ''(x0) − κ₁|·w
+    with |φ‴| = (1/c²) sech²(z)·|6 tanh²(z) − 2| <= 2/c² and the float64 errors
+    <= 16u (κ) and 16u/c (κ₁); e^{-φ(x)} <= e^{-φ(x0)} (φ increasing).
+    """
+    g = a.size - 1
+    k = np.arange(g + 1, dtype=np.float64)
+    c = xg[starts]
+    w = (xg[ends] - xg[starts]) * (1.0 + 4 * _U64)
+    if cap is None:
+        q = np.empty(g + 1)
+        qa = np.empty(g + 1)
+        q[:-1] = k[1:] * a[1:] - a[:-1]
+        qa[:-1] = k[1:] * np.abs(a[1:]) + np.abs(a[:-1])
+        q[-1] = -a[-1]
+        qa[-1] = abs(a[-1])
+        qmax = _shifted_max(q, qa, c, w)
+        return qmax * np.exp(-c) * (1.0 + (_EXP_ULPS + 2) * _U64)
+    z = c / cap
+    kappa = 1.0 / np.cosh(z) ** 2            # φ'(x0), within 16u
+    kappa1 = -2.0 / cap * kappa * np.tanh(z)     # φ''(x0), within 16u/c
+    # p' − ℓp = p' − (κ − κ₁x0)p − κ₁·x·p, coefficients of degree <= g + 1 per piece
+    k0 = kappa - kappa1 * c
+    q = np.zeros((c.size, g + 2))
+    qa = np.zeros((c.size, g + 2))
+    q[:, :g] = k[1:] * a[1:]                 # p' (exact: k·a_k, k <= 2^11)
+    qa[:, :g] = np.abs(q[:, :g])
+    q[:, :g + 1] -= k0[:, None] * a
+    q[:, 1:] -= kappa1[:, None] * a
+    k0a = np.abs(kappa) + np.abs(kappa1 * c)
+    qa[:, :g + 1] += k0a[:, None] * np.abs(a)
+    qa[:, 1:] += np.abs(kappa1)[:, None] * np.abs(a)
+    # the formation of q (at most 4 roundings per coefficient, k0 included) is
+    # within γ₄·qa; shifted by the same non-negative recurrence as qa
+    err = (w * w / (cap * cap) + 16 * _U64 + 16 * _U64 / cap * w) * (1.0 + 8 * _U64)
+    qmax = (_shifted_max(q, qa, c, w, extra=4)
+            + err * _shifted_max(a, np.abs(a), c, w))
+    top = -cap * np.tanh(c / cap) * (1.0 - 16 * _U64 * np.sign(c))
+    return qmax * np.exp(top) * (1.0 + (_EXP_ULPS + 4) * _U64)
+
+
+def _certify_coef(a, radius, npoints, cap=None):
     """Certified delta for the coefficients ``a`` (see exp_approximation).
 
     Trailing zero coefficients are dropped first (:func:`_effective`): they
@@ -494,29 +555,33 @@ def _certify_coef(a, radius, npoints):
     xg[0], xg[-1] = -radius, radius
     # 1. the grid values, in long double, with a bound on their rounding error
     xl = xg.astype(np.longdouble)
-    el = np.exp(-xl)
+    el = np.exp(-_log_weight(xl, cap))
     fl = _horner(a.astype(np.longdouble), xl) * el - 1
-    emx = np.exp(-xg)
+    emx = np.exp(-_log_weight(xg, cap))
     s = _horner(np.abs(a), np.abs(xg)) * emx
-    eval_err = 2.0 * _gamma(2 * g + 10, _UL) * (s * (1 + _gamma(2 * g + 8)) + 2.0)
+    # soft-capped: φ = c·tanh(x/c) in long double is within 7 u_L |φ| <= 7 u_L R
+    # (a division, tanh to 4 ulps — sech²(z)·z <= tanh z keeps the argument's
+    # rounding relative —, a product), which e^{-φ} turns into a relative error
+    extra = 0 if cap is None else math.ceil(7 * radius) + 1
+    eval_err = 2.0 * _gamma(2 * g + 10 + extra, _UL) * (s * (1 + _gamma(2 * g + 8)) + 2.0)
     big_f = np.abs(fl).astype(np.float64) * (1.0 + 2 * _U64) + eval_err
     # 2. Lipschitz margin per cell: sup_cell |f| <= (F_i + F_{i+1})/2 + L h/2
     cells = n - 1
     per = -(-cells // _N_PIECES)
     starts = np.arange(0, cells, per)
     ends = np.minimum(starts + per, cells)
-    lip = _lipschitz_pieces(a, xg, starts, ends)
+    lip = _lipschitz_pieces(a, xg, starts, ends, cap)
     lip_cell = np.repeat(lip, ends - starts)
     h = np.diff(xg) * (1.0 + 4 * _U64)
     cell_sup = 0.5 * (big_f[:-1] + big_f[1:]) + 0.5 * lip_cell * h
     # 3. float64 evaluation of p by the package: Higham (5.3)
-    delta = float(np.max(cell_sup)) + _horner_floor(a, radius)
+    delta = float(np.max(cell_sup)) + _horner_floor(a, radius, cap)
     return float(delta * (1.0 + 1e-12))
 
 
-def _certify(radius, g, kind, npoints):
+def _certify(radius, g, kind, npoints, cap=None):
     """Certified delta for the degree-g approximant (see exp_approximation)."""
-    return _select(radius, g, kind, npoints)[1]
+    return _select(radius, g, kind, npoints, cap)[1]
 
 
 # --------------------------------------------------------------------------
@@ -568,7 +633,23 @@ def _check_kind(kind):
     return kind
 
 
-def _start_degree(radius, eps, kind):
+def _check_softcap(softcap, kind):
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a real number > 0 or None, got {softcap!r} of "
+                        f"type {type(softcap).__name__}; pass the logit cap c, e.g. 50.0")
+    c = float(softcap)
+    if not (math.isfinite(c) and c > 0.0):
+        raise ValueError(f"softcap must be a finite number > 0, got {softcap!r}; pass "
+                         f"the logit cap c of c·tanh(x/c), e.g. 50.0")
+    if kind != "chebyshev":
+        raise ValueError(f"softcap={c:g} with kind={kind!r}: only Chebyshev fits of "
+                         f"exp(c·tanh(x/c)) are built; pass kind='chebyshev'")
+    return c
+
+
+def _start_degree(radius, eps, kind, cap=None):
     """A degree at or below the answer, to start the search from.
 
     Taylor: ``e^{-R} R^{g+1}/(g+1)!`` is a rigorous lower bound of the
@@ -576,8 +657,11 @@ def _start_degree(radius, eps, kind):
     (the first neglected Chebyshev coefficient of ``e^{Ry}`` relative to
     ``e^R``) was below the relative minimax error for every R and g tried
     (ratios 1.25 to ~10^3); the search also steps down while it can.
+    Soft-capped (``cap``): 0 (no such estimate is known).
     """
     g = 0
+    if cap is not None:
+        return g
     if kind == "taylor":
         term = math.exp(-radius) * radius
         while term > eps and g < 200:
@@ -590,13 +674,15 @@ def _start_degree(radius, eps, kind):
 
 
 @functools.lru_cache(maxsize=1024)
-def _exp_approximation(radius, eps, degree, kind, max_degree, npoints):
+def _exp_approximation(radius, eps, degree, kind, max_degree, npoints, cap=None):
     def make(g):
         return ExpApproximation(
-            coef=_coefficients(radius, g, kind, npoints), degree=g, radius=radius,
-            kind=kind, error_bound=_certify(radius, g, kind, npoints),
+            coef=_coefficients(radius, g, kind, npoints, cap), degree=g, radius=radius,
+            kind=kind, error_bound=_certify(radius, g, kind, npoints, cap),
             bound_method=("exact: p(0) = 1 at radius 0" if radius == 0.0 else
-                          _BOUND_METHOD.format(n=npoints)))
+                          _BOUND_METHOD.format(n=npoints)
+                          + ("" if cap is None else f"; target exp(c·tanh(x/c)), c={cap:g}")),
+            softcap=cap)
 
     if degree is not None:
         return make(degree)
@@ -605,15 +691,15 @@ def _exp_approximation(radius, eps, degree, kind, max_degree, npoints):
     # search: screen cheaply upward, then certify from the first candidate
     screens = {}
     first = None
-    for g in range(min(_start_degree(radius, eps, kind), max_degree),
+    for g in range(min(_start_degree(radius, eps, kind, cap), max_degree),
                    max_degree + 1):
-        screens[g] = _screen(radius, g, kind)
+        screens[g] = _screen(radius, g, kind, cap)
         if screens[g] <= eps:
             first = g
             break
     if first is not None:           # the start is a lower estimate: check below
         while first > 0:
-            screens[first - 1] = _screen(radius, first - 1, kind)
+            screens[first - 1] = _screen(radius, first - 1, kind, cap)
             if screens[first - 1] > eps:
                 break
             first -= 1
@@ -623,11 +709,11 @@ def _exp_approximation(radius, eps, degree, kind, max_degree, npoints):
         if first > 0 and screens.get(first - 1, 0.0) <= 1.01 * eps:
             lo = first - 1          # borderline: let the certificate decide
         for g in range(lo, max_degree + 1):
-            delta = _certify(radius, g, kind, npoints)
+            delta = _certify(radius, g, kind, npoints, cap)
             if delta <= eps:
                 # a fallback to a lower-degree candidate: return that degree
-                k = _effective(_coefficients(radius, g, kind, npoints)).size - 1
-                if k < g and _certify(radius, k, kind, npoints) <= eps:
+                k = _effective(_coefficients(radius, g, kind, npoints, cap)).size - 1
+                if k < g and _certify(radius, k, kind, npoints, cap) <= eps:
                     g = k
                 return make(g)
             if delta < best_delta:
@@ -636,16 +722,16 @@ def _exp_approximation(radius, eps, degree, kind, max_degree, npoints):
                 break
     if best_g is None or first is None:
         if not screens:             # even the start degree is above the limit
-            screens[max_degree] = _screen(radius, max_degree, kind)
+            screens[max_degree] = _screen(radius, max_degree, kind, cap)
         best_g = min(screens, key=screens.get)
-        best_delta = _certify(radius, best_g, kind, npoints)
+        best_delta = _certify(radius, best_g, kind, npoints, cap)
     # a fallback to a lower-degree candidate: report that degree
-    best_g = _effective(_coefficients(radius, best_g, kind, npoints)).size - 1
+    best_g = _effective(_coefficients(radius, best_g, kind, npoints, cap)).size - 1
     # the rounding floor of the degree's own fits (the selected polynomial may
     # be a lower-degree fallback, with a smaller floor but a larger error)
     own = ([_taylor_coef(best_g)] if kind == "taylor" or radius < _TINY_RADIUS
-           else [a for a, _ in _candidates(radius, best_g)])
-    floor = min(_horner_floor(_effective(a), radius) for a in own)
+           else [a for a, _ in _candidates(radius, best_g, cap)])
+    floor = min(_horner_floor(_effective(a), radius, cap) for a in own)
     if floor > 0.1 * eps:
         why = (f" Rounding alone limits it: float64 evaluation of p can err by "
                f"up to {floor:.2e} relative to e^x at x=-R (it grows like "
@@ -654,16 +740,19 @@ def _exp_approximation(radius, eps, degree, kind, max_degree, npoints):
     else:
         why = (" Raise numbarope._config.MAX_DEGREE, accept a larger eps, or "
                "use the exact method (method='exact').")
+    target = "exp" if cap is None else f"exp(c·tanh(x/c)), c={cap:g},"
     raise ValueError(
-        f"cannot certify a {kind} polynomial approximation of exp with relative "
+        f"cannot certify a {kind} polynomial approximation of {target} with relative "
         f"error eps={eps:g} on [-R, R], R={radius:g}: the best certified delta "
         f"is {best_delta:.3e} (degree {best_g}) within the degree limit "
         f"numbarope._config.MAX_DEGREE={max_degree}.{why}")
 
 
 def exp_approximation(radius: float, eps: float | None = None, degree: int | None = None,
-                      kind: Literal["chebyshev", "taylor"] = "chebyshev") -> ExpApproximation:
-    r"""Polynomial ``p`` with certified relative error to ``exp`` on ``[-R, R]``.
+                      kind: Literal["chebyshev", "taylor"] = "chebyshev", *,
+                      softcap: float | None = None) -> ExpApproximation:
+    r"""Polynomial ``p`` with certified relative error to ``exp`` on ``[-R, R]``
+    (or to ``exp(c·tanh(x/c))``, soft-capped logits).
 
     Parameters
     ----------
@@ -681,6 +770,11 @@ def exp_approximation(radius: float, eps: float | None = None, degree: int | Non
         ``"chebyshev"``: near-minimax fit for the relative error (Remez
         exchange steps for the weight ``e^{-x}``, see Notes); ``"taylor"``:
         ``a_k = 1/k!``.
+    softcap : float > 0, optional
+        ``c``: approximate the weight of soft-capped logits, ``f(x) =
+        exp(c·tanh(x/c))`` (Gemma 2's ``attn_logit_softcapping``), instead of
+        ``exp(x)``; ``"chebyshev"`` only. Everything below holds with
+        ``e^{-x}`` replaced by ``e^{-φ(x)}``, ``φ(x) = c·tanh(x/c)`` (see Notes).
 
     Returns
     -------
@@ -697,7 +791,8 @@ def exp_approximation(radius: float, eps: float | None = None, degree: int | Non
         (non-real radius/eps, non-integer degree).
     ValueError
         ``radius`` negative, NaN, infinite or above 350; ``eps`` outside
-        (0, 1); ``degree`` outside ``[0, MAX_DEGREE]``; unknown ``kind``; or
+        (0, 1); ``degree`` outside ``[0, MAX_DEGREE]``; unknown ``kind``;
+        ``softcap`` not a finite number > 0, or with ``kind="taylor"``; or
         no degree ``<= MAX_DEGREE`` has a certified bound ``<= eps`` (the
         message gives R, eps, the best certified delta and the limit; for
         large ``R`` and small ``eps`` float64 rounding alone, which grows like
@@ -758,6 +853,17 @@ def exp_approximation(radius: float, eps: float | None = None, degree: int | Non
        ``e^{-x} <= e^R``, which adds the last term; it is the float64
        rounding floor, ``~ 2g 2^{-53} e^{2R}``.
 
+    **Soft-capped logits** (``softcap=c``): the target is ``e^{φ(x)}``, ``φ(x) =
+    c·tanh(x/c)``, so the fits use the weight ``e^{-φ}`` and the certificate bounds
+    ``f(x) = p(x) e^{-φ(x)} - 1``. Step 1 adds the long-double rounding of φ
+    (at most ``7 u_L R``, turned by the exponential into a relative error);
+    step 2 uses ``|f'| = |p' − φ'p| e^{-φ} <= (|p'| + |p|) e^{-φ}`` (``0 < φ'
+    <= 1``), each of ``max|p'|``, ``max|p|`` on a piece by the same exact
+    Taylor shift, and ``e^{-φ}`` at the piece's left end (φ increasing);
+    step 3 uses ``e^{-φ(x)} <= e^{φ(R)} <= e^R``. Every attention weight
+    ``p(s q_iᵀk_j)`` is then within ``1 ± δ`` of ``exp(c·tanh(s q_iᵀk_j/c))``, as
+    for exp, so the fast path's bound holds unchanged.
+
     Trailing zero coefficients are dropped before the bound is computed
     (``g`` is then the degree of the rest): Horner's rule on them is exact
     (``0 * x + a_k = a_k``), so neither ``p`` nor ``fl(p(x))`` changes.
@@ -792,6 +898,10 @@ def exp_approximation(radius: float, eps: float | None = None, degree: int | Non
     True
     >>> exp_approximation(1.0, degree=6, kind="taylor").error_bound > 1e-4
     True
+    >>> q = exp_approximation(4.0, eps=1e-3, softcap=5.0)
+    >>> x = 3.0
+    >>> abs(q(x) / math.exp(5.0 * math.tanh(x / 5.0)) - 1) <= q.error_bound <= 1e-3
+    True
     """
     max_degree = int(_config.MAX_DEGREE)
     npoints = int(_config.CERTIFY_GRID)
@@ -801,11 +911,12 @@ def exp_approximation(radius: float, eps: float | None = None, degree: int | Non
         raise TypeError(f"pass either eps or degree, not both (got eps={eps!r}, "
                         f"degree={degree!r}); eps selects the smallest degree "
                         "meeting it, degree fixes it")
+    cap = _check_softcap(softcap, kind)
     if degree is not None:
         return _exp_approximation(r, None, _check_degree(degree, max_degree),
-                                  kind, max_degree, npoints)
+                                  kind, max_degree, npoints, cap)
     e = _check_eps(1e-3 if eps is None else eps)
-    return _exp_approximation(r, e, None, kind, max_degree, npoints)
+    return _exp_approximation(r, e, None, kind, max_degree, npoints, cap)
 
 
 def degree_for(radius: float, eps: float,

@@ -16,11 +16,12 @@ def rotation_matrix(p, head_dim, dim=None, base=10000.0, layout="half"):
     return R
 
 
-def attention(q, k, v, *, W=None, bias=None, causal=False, scale=None):
+def attention(q, k, v, *, W=None, bias=None, causal=False, scale=None, softcap=None):
     """Dense softmax attention of one head with explicit loops over (i, j).
 
     q, k : (n, E); v : (n, Ev); W : callable t -> (E, E) or None;
-    bias : callable t -> float or None. Fully masked rows give 0.
+    bias : callable t -> float or None; softcap : c, logits x -> c·tanh(x/c) before
+    the bias. Fully masked rows give 0.
     """
     q, k, v = (np.asarray(a, dtype=np.float64) for a in (q, k, v))
     n, E = q.shape
@@ -32,7 +33,10 @@ def attention(q, k, v, *, W=None, bias=None, causal=False, scale=None):
             if causal and j > i:
                 continue
             Wt = np.eye(E) if W is None else W(i - j)
-            logits[j] = s * q[i] @ Wt @ k[j] + (0.0 if bias is None else bias(i - j))
+            x = s * q[i] @ Wt @ k[j]
+            if softcap is not None:
+                x = softcap * np.tanh(x / softcap)
+            logits[j] = x + (0.0 if bias is None else bias(i - j))
         if np.all(logits == -np.inf):
             continue
         w = np.exp(logits - logits.max())

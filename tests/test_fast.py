@@ -375,3 +375,44 @@ def test_workers_do_not_change_results():
         np.testing.assert_allclose(den, res[0][1], rtol=1e-13)
 
 
+
+
+# ------------------------------------------------------------ soft-capped logits
+def _softcap_cases(rng, n):
+    t = np.arange(-(n - 1), n)
+    W = rng.standard_normal((2 * n - 1, 2, 2))
+    W /= np.linalg.norm(W, ord=2, axis=(1, 2)).max()
+    return [("gemm", {}), ("prefix", dict(is_causal=True)),
+            ("window", dict(bias=numbarope.bias.Window(9, 0))),
+            ("decay", dict(bias=numbarope.bias.ALiBi(0.2, causal=True))),
+            ("decay", dict(bias=numbarope.bias.Decay(0.1))),
+            ("fft", dict(bias=-0.1 * np.abs(t))),
+            ("toeplitz-fft", dict(relative=W))]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("cap", [0.7, 2.0])
+@pytest.mark.parametrize("case", range(7))
+def test_softcap_fast_within_bound(case, cap, dtype):
+    # issue 23: the polynomial of exp(c·tanh(x/c)) on every fast algorithm, against
+    # the exact path with the same cap, within the certified bound and eps
+    rng = np.random.default_rng(4000 + case)
+    n = 70
+    algorithm, kw = _softcap_cases(rng, n)[case]
+    E = 2 if algorithm == "toeplitz-fft" else 4          # W_t: E² features per degree
+    q, k, v, _ = _problem(rng, "gemm", n, E, R=2.5 if E == 4 else 1.5)
+    _check(q, k, v, dict(kw, softcap=cap), dtype, eps=1e-3, algorithm=algorithm)
+
+
+def test_softcap_fast_against_naive():
+    from naive import attention as naive_attention
+    rng = np.random.default_rng(4100)
+    n, E, cap = 40, 4, 1.5
+    q, k, v, _ = _problem(rng, "gemm", n, E, R=3.0)
+    for causal in (False, True):
+        out, info = rope_attention(q, k, v, is_causal=causal, softcap=cap, method="fast",
+                                   return_info=True)
+        ref = naive_attention(q, k, v, causal=causal, softcap=cap)
+        assert np.abs(out - ref).max() <= info.error_bound
+        plain = naive_attention(q, k, v, causal=causal)
+        assert np.abs(out - plain).max() > 10 * info.error_bound    # the cap is applied

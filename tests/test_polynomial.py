@@ -397,3 +397,85 @@ def test_eps_search_returns_the_effective_degree():
         assert approx.coef[-1] != 0.0
         np.testing.assert_array_equal(
             top.coef[:approx.degree + 1], approx.coef)
+
+
+# --------------------------------------------------------------------------
+# soft-capped logits: p approximates exp(c·tanh(x/c)) (issue 23)
+# --------------------------------------------------------------------------
+
+def _capped_errors(approx, npoints=200_001, nrandom=2000, seed=0):
+    """max |p(x)/exp(c·tanh(x/c)) − 1| on a dense grid and random points, for the
+    exact p (long double) and the float64 p, against a long-double target."""
+    r, c = approx.radius, approx.softcap
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([np.linspace(-r, r, npoints), rng.uniform(-r, r, nrandom),
+                        [-r, r, 0.0]])
+    xl = x.astype(np.longdouble)
+    w = np.exp(-c * np.tanh(xl / c))
+    exact_p = np.polynomial.polynomial.polyval(xl, approx.coef.astype(np.longdouble))
+    float_p = np.asarray(approx(x), dtype=np.longdouble)
+    return (float(np.max(np.abs(exact_p * w - 1))), float(np.max(np.abs(float_p * w - 1))),
+            x)
+
+
+@pytest.mark.parametrize("radius, cap, eps", [(0.5, 50.0, 1e-6), (1.0, 5.0, 1e-9),
+                                              (4.0, 5.0, 1e-3), (3.0, 1.0, 1e-3),
+                                              (8.0, 10.0, 1e-6), (1e-3, 1.0, 1e-9)])
+def test_softcap_certificate_covers_dense_measurement(radius, cap, eps):
+    approx = exp_approximation(radius, eps=eps, softcap=cap)
+    assert approx.softcap == cap and approx.kind == "chebyshev"
+    assert approx.error_bound <= eps
+    err_exact, err_float, _ = _capped_errors(approx)
+    assert err_exact <= approx.error_bound and err_float <= approx.error_bound
+    # and the certificate is not vacuous: within 10x of the measured error
+    # (these cases are away from the rounding floor)
+    assert approx.error_bound <= 10 * err_exact + 1e-15, (approx, err_exact)
+
+
+def test_softcap_certificate_above_exact_evaluation():
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    for radius, cap, g in ((4.0, 5.0, 12), (3.0, 1.0, 15), (8.0, 10.0, 19)):
+        approx = exp_approximation(radius, degree=g, softcap=cap)
+        _, _, x = _capped_errors(approx)
+        xl = x.astype(np.longdouble)
+        err = np.abs(np.polynomial.polynomial.polyval(xl, approx.coef.astype(np.longdouble))
+                     * np.exp(-cap * np.tanh(xl / cap)) - 1).astype(np.float64)
+        pts = x[np.argsort(err)[-60:]]
+        coef = [mpmath.mpf(float(c)) for c in approx.coef[::-1]]
+        exact = max(abs(mpmath.polyval(coef, mpmath.mpf(float(t)))
+                        * mpmath.exp(-cap * mpmath.tanh(mpmath.mpf(float(t)) / cap)) - 1)
+                    for t in pts)
+        assert float(exact) <= approx.error_bound, (approx, exact)
+
+
+def test_softcap_is_a_different_target():
+    # exp's polynomial misses the capped weights; the capped one meets them
+    plain = exp_approximation(3.0, eps=1e-3)
+    capped = exp_approximation(3.0, eps=1e-3, softcap=1.0)
+    x = np.linspace(-3, 3, 2001)
+    target = np.exp(np.tanh(x))
+    assert np.max(np.abs(plain(x) / target - 1)) > 0.5
+    assert np.max(np.abs(capped(x) / target - 1)) <= capped.error_bound
+    # a cap far above the radius changes nothing that matters
+    loose = exp_approximation(0.5, eps=1e-6, softcap=1e6)
+    assert loose.degree == exp_approximation(0.5, eps=1e-6).degree
+    assert "softcap=1000000.0" in repr(loose) and "c·tanh" in loose.bound_method
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(softcap=0.0), ValueError, "softcap must be a finite number > 0"),
+    (dict(softcap=-2.0), ValueError, "softcap must be a finite number > 0"),
+    (dict(softcap=np.inf), ValueError, "softcap must be a finite number > 0"),
+    (dict(softcap="5"), TypeError, "softcap must be a real number"),
+    (dict(softcap=True), TypeError, "softcap must be a real number"),
+    (dict(softcap=5.0, kind="taylor"), ValueError, "only Chebyshev fits"),
+])
+def test_softcap_bad_input(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        exp_approximation(1.0, eps=1e-3, **kw)
+
+
+def test_softcap_unreachable_says_so():
+    with pytest.raises(ValueError, match=r"exp\(c·tanh\(x/c\)\), c=3"):
+        exp_approximation(12.0, eps=1e-3, softcap=3.0)

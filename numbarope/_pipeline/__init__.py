@@ -39,16 +39,6 @@ def plan_problem(p, *, method, eps, degree, approx, radius=None, grad=False):
     """``(Heads, Plan)`` of a problem: per-head facts, then the registry's choice
     (``grad``: the inputs require grad, so the exact path, which has a backward)."""
     why = None
-    if p.softcap is not None:        # soft-capped logits: the exact path only (for now)
-        if method == "fast":
-            raise NotImplementedError(
-                f"softcap={p.softcap:g} has no fast path yet (its polynomial of "
-                f"exp(c·tanh(x/c)) is not built): use method='exact' or 'auto' (which "
-                f"then computes exactly)")
-        if method == "auto":
-            why = Reason("exact-for-softcap", "softcap=: the exact path only (no fast "
-                                              "path for capped logits yet)")
-        method = "exact"
     if grad:
         if method == "auto":
             why = Reason("exact-for-gradients", "inputs require grad: the exact path "

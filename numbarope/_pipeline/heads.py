@@ -291,7 +291,7 @@ def head_facts(p, radius=None, *, fast=True):
                                           compute, general, p.bias is not None,
                                           logit_error=rot) + out_rounding,
             radius_given=radius is not None, compute_dtype=compute.name, pairs=pairs,
-            logit_error=rot))
+            logit_error=rot, softcap=p.softcap))
     return Heads(specs=tuple(specs), compute_dtype=compute, qnorms=qnorms, knorms=knorms,
                  weights=tuple(weights), groups=share_groups(p))
 

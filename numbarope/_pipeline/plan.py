@@ -52,16 +52,21 @@ def _grid_radius(radius):
     return r if r >= radius else float(RADIUS_GRID ** (k + 1))
 
 
-def _polynomial(radius, target, degree, approx):
-    """Certified approximant on [−R', R'] (R' = grid radius), or (None, reason); cached."""
+def _polynomial(radius, target, degree, approx, softcap=None):
+    """Certified approximant on [−R', R'] (R' = grid radius) of exp, or of
+    exp(c·tanh(x/c)) with ``softcap=c``, or (None, reason); cached."""
     r = _grid_radius(radius)
-    key = (r, target, degree, approx, _config.MAX_DEGREE)
+    key = (r, target, degree, approx, _config.MAX_DEGREE, softcap)
     if key in _FAILED:
+        return None, _FAILED[key]
+    if softcap is not None and approx != "chebyshev":
+        _FAILED[key] = (f"softcap: only Chebyshev fits of exp(c·tanh(x/c)) are built "
+                        f"(approx={approx!r}); pass approx='chebyshev'")
         return None, _FAILED[key]
     try:
         if degree is not None:
-            return exp_approximation(r, degree=degree, kind=approx), None
-        return exp_approximation(r, eps=target, kind=approx), None
+            return exp_approximation(r, degree=degree, kind=approx, softcap=softcap), None
+        return exp_approximation(r, eps=target, kind=approx, softcap=softcap), None
     except ValueError as exc:
         why = (str(exc) if degree is not None else
                f"no {approx} polynomial of degree <= MAX_DEGREE={_config.MAX_DEGREE} "
@@ -71,12 +76,80 @@ def _polynomial(radius, target, degree, approx):
 
 
 @functools.lru_cache(maxsize=4096)
-def _start_degree(radius, target, approx):
+def _start_degree(radius, target, approx, softcap=None):
     """polynomial._start_degree, cached: radii are on the RADIUS_GRID, so calls hit."""
-    return _poly_start_degree(radius, target, approx)
+    return _poly_start_degree(radius, target, approx, softcap)
 
 
-def _screen(h, target, approx, candidates, t_exact):
+def _rounding_floor(g, top, target):
+    """A lower bound of the float64 rounding term in the certificate of any degree-g
+    polynomial p with relative error <= target on [-R, R] (``polynomial._horner_floor``:
+    γ_2g·Σ|a_k|R^k·e^φ(R), and Σ|a_k|R^k >= p(R) >= (1 − target)·e^φ(R); φ(R) = ``top``,
+    R itself or, soft-capped, c·tanh(R/c)): ``2g·2^-53·(1 − target)·e^(2φ(R))``."""
+    return 2 * g * 2.0 ** -53 * (1.0 - target) * math.exp(min(2.0 * top, 700.0))
+
+
+@functools.lru_cache(maxsize=64)
+def _floor_radius(target, approx):
+    """The radius beyond which no degree certifies ``target`` (exp, no soft-capping):
+    there the rounding floor at the lowest degree that can approximate exp
+    (``_start_degree``, a lower bound) exceeds it, and both grow with R."""
+    def fails(r):
+        return _rounding_floor(max(_poly_start_degree(r, target, approx), 1), r,
+                               target) > target
+    lo, hi = 0.0, 1.0
+    while not fails(hi) and hi < 350.0:
+        lo, hi = hi, 2.0 * hi
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if fails(mid) else (mid, hi)
+    return lo
+
+
+def _no_polynomial(h, eps, target, approx, candidates, g):
+    """Why no polynomial serves the head (a ``degree-limit`` detail), naming the limit
+    that binds rather than only MAX_DEGREE: at head_dim E the feature limit caps the
+    degree (C(E+g, g) features) long before MAX_DEGREE; and beyond a radius set by eps
+    the float64 rounding of the polynomial, which grows like e^(2R), leaves no degree
+    that certifies eps, so a higher MAX_DEGREE would not help. ``g``: a lower bound of
+    the degree eps needs at this radius."""
+    R, top = float(h.radius), _config.MAX_DEGREE
+    cap = getattr(h, "softcap", None)
+    phi = R if cap is None else cap * math.tanh(R / cap)
+    parts = []
+    g_feat = 0
+    while g_feat < top and min(a.features(h.E, g_feat + 1)
+                               for a in candidates) <= _config.MAX_FEATURES:
+        g_feat += 1
+    if g_feat < min(g, top):
+        more = min(a.features(h.E, g_feat + 1) for a in candidates)
+        parts.append(f"at head_dim {h.E} the feature limit allows degree <= {g_feat} only "
+                     f"({more:.3g} features at degree {g_feat + 1} > MAX_FEATURES="
+                     f"{_config.MAX_FEATURES:.3g}) and R={R:.3g} needs degree >= {g}")
+    floor = _rounding_floor(max(g, 1), phi, target)
+    if floor > target:
+        every = ("" if cap is not None else
+                 f" (so for every R > {_floor_radius(target, approx):.3g})")
+        parts.append(f"no degree at all certifies eps={eps:g} at R={R:.3g}: the float64 "
+                     f"rounding of a polynomial that follows exp on [-R, R] (degree >= "
+                     f"{max(g, 1)}) enters its certificate as >= 2g·2^-53·e^(2R) = "
+                     f"{floor:.1e}, above the relative error {target:.1e} that eps needs"
+                     f"{every}; raising MAX_DEGREE={top} would not help")
+    elif g > top:
+        parts.append(f"degree >= {g} needed at R={R:.3g} > MAX_DEGREE={top}")
+    else:
+        text = (f"no {approx} polynomial of degree <= MAX_DEGREE={top} certifies "
+                f"eps={eps:g} at R={R:.3g}")
+        floor_top = _rounding_floor(top, phi, target)
+        if floor_top > target:
+            text += (f": near the float64 rounding floor (at degree {top} rounding alone "
+                     f"enters the certificate as >= {floor_top:.1e} > {target:.1e}), so "
+                     f"raising MAX_DEGREE would not help")
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def _screen(h, target, approx, candidates, t_exact, eps=None):
     """A :class:`Reason` to pick exact without certifying (auto only), or None.
 
     ``_start_degree`` is a lower bound of the degree the certification would find
@@ -84,10 +157,10 @@ def _screen(h, target, approx, candidates, t_exact):
     even that degree is beyond the limits or every candidate is slower than exact
     there, auto picks exact without spending 10–50 ms on a certification.
     """
-    g = _start_degree(_grid_radius(h.radius), target, approx)
+    g = _start_degree(_grid_radius(h.radius), target, approx, h.softcap)
     if g > _config.MAX_DEGREE:
-        return Reason("degree-limit", f"fast infeasible: degree >= {g} needed at R="
-                                      f"{h.radius:.3g} > MAX_DEGREE={_config.MAX_DEGREE}")
+        return Reason("degree-limit", "fast infeasible: " + _no_polynomial(
+            h, eps, target, approx, candidates, g))
     feats = min(a.features(h.E, g) for a in candidates)
     if feats > _config.MAX_FEATURES:
         return Reason("feature-limit", f"fast infeasible: degree >= {g} needs >= "
@@ -201,12 +274,16 @@ def plan_head(h, *, method, eps, degree, approx, why_exact=None):
         return exact_only(Reason(why[0].code, f"fast infeasible: {why[0].text}"))
     target = 0.9 * eps / (2.0 + eps)
     if method == "auto" and degree is None:
-        screened = _screen(h, target, approx, candidates, t_exact)
+        screened = _screen(h, target, approx, candidates, t_exact, eps)
         if screened is not None:
             return exact_only(screened)
     # ---- polynomial, then every candidate at it
-    approx_obj, why_text = _polynomial(h.radius, target, degree, approx)
+    approx_obj, why_text = _polynomial(h.radius, target, degree, approx, h.softcap)
     if approx_obj is None:
+        if degree is None and not why_text.startswith("softcap"):
+            # name the limit that binds (features, float64 rounding), not MAX_DEGREE only
+            why_text = _no_polynomial(h, eps, target, approx, candidates, _start_degree(
+                _grid_radius(h.radius), target, approx, h.softcap))
         why, fast_fields = Reason("degree-limit", why_text), {}
     else:
         results = [_evaluate(a, h, approx_obj, eps, degree, method) for a in candidates]

@@ -51,8 +51,6 @@ REASONS = {
     "exact-requested": "method='exact' was requested",
     "exact-for-gradients": "the inputs require grad and only the exact path has a "
                            "backward so far",
-    "exact-for-softcap": "the logits are soft-capped (softcap=) and only the exact "
-                         "path computes them so far",
     "empty": "nothing to compute (no queries, no keys or no value columns)",
     "no-visible-key": "no query sees any key; every output row is 0",
     # why the fast path cannot serve a head
@@ -122,7 +120,9 @@ class HeadSpec:
     to the output dtype; ``logit_error``: the absolute error of the logits from the
     inputs' preparation (the float64 rotation,
     :func:`numbarope.rotary.rotation_logit_error`). ``pairs``: (query, key) pairs the
-    exact kernel visits (None: n·S). ``extra``: room for an algorithm's own facts.
+    exact kernel visits (None: n·S). ``softcap``: the logit cap c (weights
+    ``exp(c·tanh(x/c))``, the polynomial approximates that) or None. ``extra``: room
+    for an algorithm's own facts.
     """
 
     head: tuple
@@ -144,6 +144,7 @@ class HeadSpec:
     heads: int = 1
     pairs: float | None = None
     logit_error: float = 0.0
+    softcap: float | None = None
     extra: dict = field(default_factory=dict)
 
     @property

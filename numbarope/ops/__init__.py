@@ -9,6 +9,7 @@ floating-point allowance) AND its kernels, and registers it when imported:
 * :mod:`.decay` — exponential decay (ALiBi): chunked decayed scans;
 * :mod:`.window` — sliding windows: a tree of chunk states;
 * :mod:`.fft` — any relative bias: circulant embedding and the FFT;
+* :mod:`.packed` — packed sequences: gemm or prefix on each sequence;
 * :mod:`.toeplitz_fft` — general relative matrices W_t: block-Toeplitz FFT.
 
 Shared pieces live once in ``_common`` (chunk kernels, task ranges), ``_exp``,
@@ -26,7 +27,7 @@ from .registry import (REASONS, Algorithm, FastPathError, HeadSpec, Reason,
                        fast_algorithms, get, register, registry, unregister)
 # importing each module registers its algorithm (in this order: ties in predicted
 # time go to the earlier one)
-from . import streaming, gemm, prefix, decay, window, fft, toeplitz_fft  # noqa: E402,F401
+from . import streaming, gemm, prefix, decay, window, fft, toeplitz_fft, packed  # noqa: E402,F401,I001
 
 __all__ = ["Algorithm", "HeadSpec", "Reason", "REASONS", "FastPathError", "register",
            "unregister", "get", "registry", "fast_algorithms"]

@@ -5,7 +5,6 @@ decay), the key-side state, and the layering rules of the algorithm modules."""
 import ast
 import importlib
 import pathlib
-import re
 
 import numpy as np
 import pytest

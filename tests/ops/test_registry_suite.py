@@ -9,7 +9,7 @@ import pytest
 
 import numbarope
 from numbarope import ops
-from numbarope.bias import RelativeBias
+from numbarope.bias import RelativeBias, Structure
 
 import naive
 
@@ -17,6 +17,20 @@ import naive
 def _reference(q, k, v, kw):
     n = len(q)
     bias = kw.get("bias")
+    if isinstance(bias, Structure) and not isinstance(bias, RelativeBias):
+        # absolute-position structures (Packed): row i sees keys lo_i <= j < hi_i
+        if kw.get("rotary"):
+            E = q.shape[1]
+            q = np.stack([naive.rotation_matrix(i, E) @ q[i] for i in range(n)])
+            k = np.stack([naive.rotation_matrix(j, E) @ k[j] for j in range(n)])
+        lo, hi = bias.key_ranges(n, n, 0)
+        out = np.zeros((n, v.shape[1]))
+        for i in range(n):
+            if hi[i] > lo[i]:
+                x = np.array([q[i] @ k[j] for j in range(lo[i], hi[i])]) / np.sqrt(len(q[i]))
+                w = np.exp(x - x.max())
+                out[i] = w @ v[lo[i]:hi[i]] / w.sum()
+        return out
     if isinstance(bias, RelativeBias):
         bias = bias.values(n).reshape(-1)           # one head
     b = None if bias is None else (lambda t: bias[t + n - 1])

@@ -557,3 +557,20 @@ def test_chunked_is_causal_chunks():
             q[:, a:b], k[:, a:b], v[:, a:b], is_causal=True), rtol=0, atol=1e-13)
     with pytest.raises(ValueError, match="size must be an int >= 1"):
         Chunked(0)
+
+
+def test_chunked_with_a_start():
+    # chunks counted from position 3 (a row with 3 left-padding tokens, as
+    # transformers builds Llama 4's chunked masks): [0, 3), [3, 11), [11, 19), [19, 20)
+    from numbarope.bias import Chunked
+    rng = np.random.default_rng(23)
+    q, k, v = (rng.standard_normal((2, 20, 4)) for _ in range(3))
+    c = Chunked(8, start=3)
+    assert c == Chunked(8, start=11) and c.start == 3
+    assert c.cu_seqlens(20) == (0, 3, 11, 19, 20)
+    out = nr.rope_attention(q, k, v, bias=c)
+    for a, b in zip(c.cu_seqlens(20), c.cu_seqlens(20)[1:]):
+        np.testing.assert_allclose(out[:, a:b], nr.rope_attention(
+            q[:, a:b], k[:, a:b], v[:, a:b], is_causal=True), rtol=0, atol=1e-13)
+    with pytest.raises(ValueError, match="start must be an int"):
+        Chunked(8, start=1.5)

@@ -56,10 +56,10 @@ class ChunkedPrefix(ops.Algorithm):
         G, L, _ = Q.shape
         S, Ev = k.shape[0], v.shape[1]
         out, den = np.zeros((G, L, Ev)), np.zeros((G, L))
-        c = structure.size
+        c, a = structure.size, structure.start
         pos = np.arange(L) + offset
         prefix = self._prefix()
-        for start in np.unique(pos // c * c):          # the chunks the queries are in
+        for start in np.unique((pos - a) // c * c + a):    # the chunks the queries are in
             rows = np.flatnonzero((pos >= start) & (pos < start + c))
             j0, j1 = max(int(start), 0), min(int(start) + c, S)
             if rows.size == 0 or j1 <= j0:

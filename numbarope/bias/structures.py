@@ -270,8 +270,8 @@ class Causal(RelativeBias):
 @dataclass(frozen=True, eq=False, repr=False)
 class Chunked(Structure):
     """Chunked local attention (Llama 4's ``attention_chunk_size``): the query at
-    position p sees the keys j with ``c·⌊p/c⌋ <= j <= p`` — its own chunk of ``size``
-    positions, causally.
+    position p sees the keys j with ``a + c·⌊(p − a)/c⌋ <= j <= p`` — its own chunk
+    of ``size`` c positions, chunks starting at ``start`` a (mod c), causally.
 
     Not a relative bias (which keys a query sees depends on its absolute position,
     not only on ``i − j``): computed by the exact path on per-row key ranges; an
@@ -282,6 +282,9 @@ class Chunked(Structure):
     ----------
     size : int >= 1
         Positions per chunk.
+    start : int, optional
+        A position where a chunk starts (default 0). transformers counts Llama 4's
+        chunks from a row's first real token: ``start`` = its left padding.
 
     Raises
     ------
@@ -297,13 +300,24 @@ class Chunked(Structure):
     """
 
     size: int
+    start: int = 0
     kind = "chunked"
-    _fields = ("size",)
+    _fields = ("size", "start")
 
     def __post_init__(self):
         if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) \
                 or self.size < 1:
             raise ValueError(f"Chunked: size must be an int >= 1, got {self.size!r}")
+        if isinstance(self.start, bool) or not isinstance(self.start, (int, np.integer)):
+            raise ValueError(f"Chunked: start must be an int, got {self.start!r}")
+        object.__setattr__(self, "size", int(self.size))
+        object.__setattr__(self, "start", int(self.start) % int(self.size))
+
+    def cu_seqlens(self, total):
+        """The chunk boundaries over positions 0 .. total−1 as packed sequences'
+        ``[0, …, total]`` (:class:`Packed`)."""
+        cuts = range(self.start or self.size, max(total, 0), self.size)
+        return (0,) + tuple(cuts) + ((total,) if total > 0 else ())
 
     @property
     def causal(self) -> bool:
@@ -313,7 +327,7 @@ class Chunked(Structure):
         return self
 
     def _key_ranges(self, pos, S):
-        lo = np.clip(pos // self.size * self.size, 0, S)
+        lo = np.clip((pos - self.start) // self.size * self.size + self.start, 0, S)
         hi = np.clip(pos + 1, 0, S)
         return lo, hi
 

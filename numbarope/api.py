@@ -12,7 +12,8 @@ from typing import Any, Literal
 import numpy as np
 
 from ._pipeline import AttentionInfo, attention, make_problem, plan_problem
-from ._pipeline.inputs import (KNOWN_KEYWORDS, validate_flag, validate_options,
+from ._pipeline.inputs import (KNOWN_KEYWORDS, packed_arguments, validate_flag,
+                               validate_options,
                                validate_softcap,
                                validate_precision)
 from ._runtime.interop import is_dask, requires_grad, unexpected_keywords
@@ -74,6 +75,14 @@ _COMMON_DOC = """
         head). Rows that see no real key return 0. Padded keys enter neither
         the per-row bias shift nor the logit radius nor max|value|. On the fast path the padded keys take no part (removed, or zero
         rows of the FFT's right-hand side): the Toeplitz structure is kept.
+    cu_seqlens : (N+1,) array_like of int, optional
+        Packed sequences (flash-attn's varlen ``cu_seqlens``): ``[0, n₁, n₁+n₂, …,
+        S]``, the keys (and queries at the same positions) of N sequences laid end to
+        end; a query sees only the keys of its own sequence, causally with
+        ``is_causal=True``. Shorthand for ``bias=numbarope.bias.Packed(cu_seqlens,
+        is_causal=is_causal)``, and with ``rotary`` the positions restart at every
+        sequence (``positions=`` overrides). Exact and fast (each sequence by the
+        gemm or prefix algorithm); exclusive with ``bias=``.
     positions : (..., S) array_like of int or float, optional
         Positions of the keys for the rotary angles (default 0 .. S−1; e.g. HF
         ``position_ids`` of a left-padded batch); query i takes the position of
@@ -104,7 +113,10 @@ _COMMON_DOC = """
         Tolerated error of the fast path, relative to ``max|value|`` of the head:
         ``max|out − exact| <= eps · max|value|`` (default 1e-3).
     degree : int, optional
-        Polynomial degree to use instead of choosing it from ``eps``.
+        Polynomial degree to use instead of choosing it from ``eps``, on the
+        heads the fast path computes (``method="fast"``, or ``"auto"`` where it
+        picks fast). With ``method="exact"`` it would have no effect and is
+        refused (``ValueError``) rather than ignored.
     approx : {"chebyshev", "taylor"}, optional
         Approximant of exp (default Chebyshev, far better at equal degree).
     radius : float or array_like of float, optional
@@ -139,7 +151,7 @@ def rope_attention(query: Any, key: Any, value: Any, *, rotary: Rotary | bool | 
                    causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
                    key_padding_mask: Any = None, positions: Any = None,
                    return_lse: bool = False, softcap: float | None = None,
-                   **unknown: Any) -> Any:
+                   cu_seqlens: Any = None, **unknown: Any) -> Any:
     """RoPE / relative-position softmax attention, exact or certified fast.
 
     ``A[i, j] = exp(s·q_iᵀ W_{i−j} k_j + b_{i−j})``, ``out = D⁻¹ A V`` with
@@ -157,9 +169,11 @@ def rope_attention(query: Any, key: Any, value: Any, *, rotary: Rotary | bool | 
         Also return the row log-sum-exp (see Returns), to merge partial results.
     softcap : float > 0, optional
         Logit soft-capping (Gemma 2, Grok): each logit ``x = s·q_iᵀW k_j`` becomes
-        ``c·tanh(x/c)`` before the bias is added. Exact path only (``"auto"``
-        computes exactly; ``"fast"`` is refused: its polynomial of
-        ``exp(c·tanh(x/c))`` is not built yet); differentiable through the backward
+        ``c·tanh(x/c)`` before the bias is added. Exact path, and the fast path:
+        its polynomial approximates ``exp(c·tanh(x/c))`` on ``[-R, R]`` with the
+        same certificate (:func:`numbarope.exp_approximation` with ``softcap=``),
+        so every weight is within ``1 ± δ`` of the capped one and the bound below
+        holds unchanged. Differentiable through the exact backward
         (``d/dx c·tanh(x/c) = 1 − tanh²(x/c)``). The error bound adds
         ``6·c·u`` per logit (u the compute dtype's unit roundoff; libm's tanh is
         taken to be within 4 ulp, which glibc's is).
@@ -167,6 +181,9 @@ def rope_attention(query: Any, key: Any, value: Any, *, rotary: Rotary | bool | 
         Threads used by the kernels, BLAS and scipy.fft, with scipy.fft's
         meaning: None (default) all cores or what :func:`numbarope.set_workers`
         set; a negative count is counted from ``os.cpu_count()`` (-1: all cores).
+        A count above the cores available to the process is accepted, as
+        scipy.fft accepts it, and clamped to those cores (numba's thread pool
+        has no more; results do not depend on the count).
 
     Returns
     -------
@@ -194,7 +211,8 @@ def rope_attention(query: Any, key: Any, value: Any, *, rotary: Rotary | bool | 
     ValueError
         Shapes that disagree (the message gives the shapes seen and expected),
         NaN/inf inputs (bias: NaN/+inf), unknown method/approx/precision, eps
-        outside (0, 1), degree outside [0, MAX_DEGREE], scale <= 0, workers = 0;
+        outside (0, 1), degree outside [0, MAX_DEGREE] or given with
+        ``method="exact"``, scale <= 0, workers = 0;
         with ``method="fast"``, a request the limits refuse (degree, features, memory).
 
     Notes
@@ -223,6 +241,9 @@ def rope_attention(query: Any, key: Any, value: Any, *, rotary: Rotary | bool | 
     >>> bool(np.abs(out - exact).max() <= info.error_bound.max())
     True
     """
+    if cu_seqlens is not None:
+        bias, is_causal, positions = packed_arguments(cu_seqlens, key, bias, is_causal,
+                                                      rotary, positions)
     if is_dask(query, key, value, bias, relative, key_padding_mask, positions):
         # lazy: the Dask backend (and dask) are imported only for dask inputs
         from .backends.dask import rope_attention_dask
@@ -266,6 +287,7 @@ def plan(query: Any, key: Any, value: Any, *, rotary: Rotary | bool | None = Non
          query_offset: int | None = None,
          causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
          key_padding_mask: Any = None, positions: Any = None,
+         softcap: float | None = None, cu_seqlens: Any = None,
          **unknown: Any) -> AttentionInfo:
     """Plan ``rope_attention`` without computing it: per head, what and why.
 
@@ -296,8 +318,11 @@ def plan(query: Any, key: Any, value: Any, *, rotary: Rotary | bool | None = Non
     if unknown:
         raise unexpected_keywords("plan", unknown,
                                   [k for k in KNOWN_KEYWORDS if k not in (
-                                      "verify", "return_info", "workers", "return_lse",
-                                      "softcap")])
+                                      "verify", "return_info", "workers",
+                                      "return_lse")])
+    if cu_seqlens is not None:
+        bias, is_causal, positions = packed_arguments(cu_seqlens, key, bias, is_causal,
+                                                      rotary, positions)
     eps_f = validate_options(method, eps, degree, approx, scale, radius, is_causal)
     validate_precision(precision)
     validate_flag(enable_gqa, "enable_gqa")
@@ -305,7 +330,8 @@ def plan(query: Any, key: Any, value: Any, *, rotary: Rotary | bool | None = Non
                         is_causal=is_causal, scale=scale, precision=precision,
                         enable_gqa=enable_gqa, query_offset=query_offset,
                         causal_alignment=causal_alignment,
-                        key_padding_mask=key_padding_mask, positions=positions)
+                        key_padding_mask=key_padding_mask, positions=positions,
+                        softcap=validate_softcap(softcap))
     _, pl = plan_problem(p, method=method, eps=eps_f, degree=degree, approx=approx,
                          radius=radius, grad=requires_grad(query, key, value))
     return AttentionInfo(list(pl.heads), p.batch_shape, eps_f)

@@ -4,121 +4,233 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 
 import numpy as np
 import scipy.fft as sfft
-from tqdm.auto import tqdm
 
 from . import ops
+from ._pipeline import fastlane
 from .bias import Causal, NoBias
 from .ops._common import prefix_chunk
 from .ops._cost import COST_CONSTANTS
 from .ops._features import feature_weights, features, symmetric_power
 from .ops.streaming import exact_attention
 
-__all__ = ["calibrate"]
+__all__ = ["CalibrationWarning", "calibrate"]
+
+#: The shipped constants (``numbarope.ops._cost`` as imported), the reference of the
+#: plausibility check; later updates of ``COST_CONSTANTS`` do not move it.
+BUILTIN = dict(COST_CONSTANTS)
+#: A measured constant more than this factor away from its built-in value is taken as
+#: a failed measurement (e.g. a busy machine), not as a property of the machine.
+PLAUSIBLE_FACTOR = 100.0
+#: Spread of a kernel's timings (median / minimum over the repeats) above which the
+#: measurement is reported as noisy.
+NOISY_SPREAD = 1.5
 
 
-def _median_time(fn, repeat=3):
-    fn()                                      # warm (compile, caches)
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
+class CalibrationWarning(UserWarning):
+    """:func:`calibrate` measured implausible or noisy constants (see its Notes)."""
+
+
+def _dims():
+    """Sizes of the timed runs, and the counts derived from them (no timing)."""
+    E, g = 16, 3
+    coef = 1.0 / np.array([1.0, 1.0, 2.0, 6.0])
+    wphi, _ = feature_weights(coef, E, g)
+    rows = 16384
+    return {"n": 4096, "ng": 512, "Eg": 4, "E": E, "g": g, "rows": rows, "ev": 16,
+            "m": int(wphi.size), "ch": int(min(prefix_chunk(wphi.size), rows)),
+            "coef": coef, "wphi": wphi, "N": 8192, "cols": 64, "F": 1025, "mk": 20,
+            "ev1": 17, "nw": 2047, "Ew": 4}
+
+
+def _probes(d, rng):
+    """name -> a call of one kernel the cost model describes (inputs made here)."""
+    probes = {}
+    n = d["n"]
+    for dt, sfx in ((np.float64, ""), (np.float32, "32")):
+        for w in (8, 64):
+            q, k, v = (rng.standard_normal((1, n, w)).astype(dt) for _ in range(3))
+            probes[f"exact{w}{sfx}"] = (lambda q=q, k=k, v=v: exact_attention(q, k, v, 0.1))
+    ng, Eg = d["ng"], d["Eg"]
+    q, k, v = (rng.standard_normal((1, ng, Eg)) for _ in range(3))
+    W = rng.standard_normal((1, 2 * ng - 1, Eg, Eg))
+    probes["general"] = lambda: exact_attention(q, k, v, 0.1, relative=W,
+                                                ridx=np.zeros(1, np.int64))
+    # separable fast path as run (threads, fused feature blocks + BLAS): features of both
+    # sides alone, then the whole gemm path (features + products) and the whole prefix
+    # path (+ intra-chunk logits, Horner and products) at E = Ev = 16, degree 3
+    x = rng.standard_normal((d["rows"], d["E"])) * 0.25
+    vv = rng.standard_normal((d["rows"], d["ev"]))
+    out = np.empty((d["m"], d["rows"]))
+    probes["feature"] = lambda: features(x, d["E"], d["g"], d["wphi"], out)
+    gemm, prefix = ops.get("gemm"), ops.get("prefix")
+    probes["gemm"] = lambda: gemm.run(x, x, vv, 1.0, d["coef"], structure=NoBias())
+    probes["prefix"] = lambda: prefix.run(x, x, vv, 1.0, d["coef"], structure=Causal())
+    u = rng.standard_normal((d["N"], d["cols"]))
+    probes["fft"] = lambda: sfft.irfft(sfft.rfft(u, axis=0), n=d["N"], axis=0)
+    A = rng.standard_normal((d["F"], d["mk"], d["mk"])) + 1j
+    B = rng.standard_normal((d["F"], d["mk"], d["ev1"])) + 1j
+    probes["cmul"] = lambda: np.matmul(A, B)
+    Wp = rng.standard_normal((d["nw"], d["Ew"], d["Ew"]))
+    probes["sympow"] = lambda: symmetric_power(Wp, 3)
+    return probes
+
+
+def _derive(t, d):
+    """The constants from one round of timings ``t`` (name -> seconds of one call).
+
+    Constants taken from differences (``exact_flop``, ``gemm_flop``, ``elementwise``,
+    ...) are not clamped: a difference that comes out <= 0 (noise larger than the
+    effect) gives a value <= 0, which the plausibility check of :func:`calibrate`
+    refuses.
+    """
+    c = {}
+    nn = float(d["n"]) ** 2
+    for sfx in ("", "32"):
+        t8, t64 = t[f"exact8{sfx}"] / nn, t[f"exact64{sfx}"] / nn
+        c["exact_flop" + sfx] = (t64 - t8) / (2 * 64 - 2 * 8)
+        c["exact_pair" + sfx] = t8 - c["exact_flop" + sfx] * 16
+    Eg = d["Eg"]
+    tg = t["general"] / d["ng"] ** 2
+    c["exact_general_flop"] = (tg - c["exact_pair"] - c["exact_flop"] * 2 * Eg) / (Eg * Eg + Eg)
+    rows, m, ev = d["rows"], d["m"], d["ev"]
+    c["feature"] = t["feature"] / (m * rows)
+    c["gemm_flop"] = (t["gemm"] - c["feature"] * 2 * rows * m) / (2 * rows * m * (ev + 1))
+    ch = d["ch"]
+    intra = t["prefix"] - t["gemm"] - c["gemm_flop"] * rows * ch * (d["E"] + ev + 1)
+    # elementwise: per (query, key) pair of a chunk and degree, Horner and mask (numba)
+    c["elementwise"] = intra / (rows * ch * (2 * d["g"] + 3))
+    # FFT per unit N·log2 N per column; complex block products per frequency
+    c["fft_flop"] = t["fft"] / (2 * d["cols"] * d["N"] * np.log2(d["N"]))
+    c["cmul"] = t["cmul"] / (4 * d["F"] * d["mk"] * d["mk"] * d["ev1"])
+    c["sympow"] = t["sympow"] / (d["nw"] * (10 * 4 + 20 * 10) * 4)
+    return {k: float(v) for k, v in c.items()}
+
+
+def _measure(repeat, seed, bar):
+    """``repeat`` rounds of timings (name -> seconds), each round calling every probe
+    once, after one untimed warm-up call of each (compilation, caches); the rounds
+    interleave the kernels, so that a load that comes and goes hits all of them."""
+    d = _dims()
+    probes = _probes(d, np.random.default_rng(seed))
+    for fn in probes.values():
         fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
+    bar.update()
+    rounds = []
+    for _ in range(repeat):
+        t = {}
+        for name, fn in probes.items():
+            t0 = time.perf_counter()
+            fn()
+            t[name] = time.perf_counter() - t0
+        rounds.append(t)
+        bar.update()
+    return rounds, d
 
 
-def calibrate(update=True, seed=0, progress=None):
+def calibrate(update=True, seed=0, progress=None, repeat=5):
     """Measure the cost-model constants on this machine.
 
-    Times small runs of each kernel the planner models (median of 3, after a
-    warm-up that also compiles) and derives seconds per operation for
-    :data:`numbarope.ops._cost.COST_CONSTANTS`. Takes a few seconds.
+    Times small runs of each kernel the planner models in ``repeat`` interleaved
+    rounds, after a warm-up call that also compiles; keeps each kernel's fastest
+    time (other work on the machine only adds time) and derives the constants
+    (seconds per operation of :data:`numbarope.ops._cost.COST_CONSTANTS`) from
+    those. Takes a few seconds.
 
     Parameters
     ----------
     update : bool, optional
         Store the measured constants in ``numbarope.ops._cost.COST_CONSTANTS``
-        (this process only) so that ``method="auto"`` and :func:`numbarope.plan` use them.
+        (this process only) so that ``method="auto"`` and :func:`numbarope.plan` use
+        them, unless one is implausible (see Notes): then none is stored.
     seed : int, optional
         Seed of the random test data.
     progress : bool, optional
         Show a tqdm progress bar on stderr (default: when stderr is a terminal).
+    repeat : int, optional
+        Rounds of timings (default 5, at least 1): each kernel is timed this many
+        times, interleaved with the others.
 
     Returns
     -------
     dict
-        The measured constants (seconds per operation), keys as COST_CONSTANTS.
+        The measured constants (seconds per operation), keys as COST_CONSTANTS
+        (returned also when they were not stored).
+
+    Warns
+    -----
+    CalibrationWarning
+        A constant is not finite, <= 0, or more than ``PLAUSIBLE_FACTOR`` (100)
+        times away from its built-in value: the message names it, its estimates
+        the built-in value and the spread of the timings it comes from, and the
+        constants in use are kept (none is updated). Or, all constants plausible,
+        a kernel's median time over the repeats is more than ``NOISY_SPREAD``
+        (1.5×) its fastest: the constants are stored, and the message says which
+        timings were noisy.
+
+    Notes
+    -----
+    On a busy machine single timings vary by orders of magnitude (a run of 8
+    calls of an older version gave ``elementwise`` from 1e-13 to 2.3e-9): the
+    constants that are differences of two timings are the most fragile. The
+    fastest of several interleaved calls ignores disturbed calls as long as one
+    call of each kernel was not disturbed; the plausibility check refuses what is
+    left of a disturbed measurement rather than letting it steer
+    ``method="auto"``. Calibrate on a quiet machine.
 
     Examples
     --------
     >>> import numbarope
     >>> consts = numbarope.calibrate(update=False)   # doctest: +SKIP
     """
+    if isinstance(repeat, bool) or not isinstance(repeat, (int, np.integer)) or repeat < 1:
+        raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
+    # imported here, not with numbarope: tqdm.auto warns at import in a Jupyter kernel
+    # without ipywidgets ("IProgress not found"), which every notebook would show
+    from tqdm.auto import tqdm
     show = sys.stderr.isatty() if progress is None else bool(progress)
-    bar = tqdm(total=8, desc="calibrate", leave=False, disable=not show)
-    rng = np.random.default_rng(seed)
-    c = {}
-    # exact kernel: t = pairs·(pair + flop·(E + Ev)) at two widths, per precision
-    n = 4096
-    for dt, sfx in ((np.float64, ""), (np.float32, "32")):
-        ts = {}
-        for w in (8, 64):
-            q, k, v = (rng.standard_normal((1, n, w)).astype(dt) for _ in range(3))
-            ts[w] = _median_time(lambda: exact_attention(q, k, v, 0.1)) / (n * n)
-        c["exact_flop" + sfx] = max((ts[64] - ts[8]) / (2 * 64 - 2 * 8), 1e-13)
-        c["exact_pair" + sfx] = max(ts[8] - c["exact_flop" + sfx] * 16, 1e-12)
-        bar.update()
-    # general W: the per-pair bilinear forms (E² + E multiply-adds) on top
-    ng, Eg = 512, 4
-    q, k, v = (rng.standard_normal((1, ng, Eg)) for _ in range(3))
-    W = rng.standard_normal((1, 2 * ng - 1, Eg, Eg))
-    tg = _median_time(lambda: exact_attention(q, k, v, 0.1, relative=W,
-                                              ridx=np.zeros(1, np.int64))) / (ng * ng)
-    c["exact_general_flop"] = max((tg - c["exact_pair"] - c["exact_flop"] * 2 * Eg)
-                                  / (Eg * Eg + Eg), 1e-12)
-    bar.update()
-    # separable fast path as run (threads, fused feature blocks + BLAS): features of both
-    # sides alone, then the whole gemm path (features + products) and the whole prefix
-    # path (+ intra-chunk logits, Horner and products) at E = Ev = 16, degree 3
-    E, g, rows, ev = 16, 3, 16384, 16
-    x = rng.standard_normal((rows, E)) * 0.25
-    vv = rng.standard_normal((rows, ev))
-    coef = 1.0 / np.array([1.0, 1.0, 2.0, 6.0])
-    wphi, _ = feature_weights(coef, E, g)
-    m = wphi.size
-    out = np.empty((m, rows))
-    c["feature"] = _median_time(lambda: features(x, E, g, wphi, out)) / out.size
-    bar.update()
-    gemm, prefix = ops.get("gemm"), ops.get("prefix")
-    t_gemm = _median_time(lambda: gemm.run(x, x, vv, 1.0, coef, structure=NoBias()))
-    c["gemm_flop"] = max((t_gemm - c["feature"] * 2 * rows * m) / (2 * rows * m * (ev + 1)),
-                         1e-13)
-    t_prefix = _median_time(lambda: prefix.run(x, x, vv, 1.0, coef, structure=Causal()))
-    ch = min(prefix_chunk(m), rows)
-    intra = max(t_prefix - t_gemm - c["gemm_flop"] * rows * ch * (E + ev + 1), 0.0)
-    # elementwise: per (query, key) pair of a chunk and degree, Horner and mask (numba)
-    c["elementwise"] = max(intra / (rows * ch * (2 * g + 3)), 1e-13)
-    bar.update()
-    # FFT per unit N·log2 N per column
-    N, cols = 8192, 64
-    u = rng.standard_normal((N, cols))
-    c["fft_flop"] = _median_time(
-        lambda: sfft.irfft(sfft.rfft(u, axis=0), n=N, axis=0)) / (2 * cols * N * np.log2(N))
-    bar.update()
-    # complex block products per frequency
-    F, mk, ev1 = 1025, 20, 17
-    A = rng.standard_normal((F, mk, mk)) + 1j
-    B = rng.standard_normal((F, mk, ev1)) + 1j
-    c["cmul"] = _median_time(lambda: np.matmul(A, B)) / (4 * F * mk * mk * ev1)
-    bar.update()
-    # symmetric powers
-    W = rng.standard_normal((2047, 4, 4))
-    t = _median_time(lambda: symmetric_power(W, 3))
-    c["sympow"] = t / (2047 * (10 * 4 + 20 * 10) * 4)
-    bar.update()
-    bar.close()
+    bar = tqdm(total=int(repeat) + 1, desc="calibrate", leave=False, disable=not show)
+    try:
+        rounds, dims = _measure(int(repeat), seed, bar)
+    finally:
+        bar.close()
+    best = {name: min(t[name] for t in rounds) for name in rounds[0]}
+    spread = {name: float(np.median([t[name] for t in rounds])) / best[name]
+              if best[name] > 0 else np.inf for name in best}
+    c = _derive(best, dims)
+    noisy = [name for name, x in spread.items() if not x <= NOISY_SPREAD]
+    timings = (f"; timings: fastest of {repeat} interleaved calls per kernel, median/fastest "
+               + ", ".join(f"{name} {spread[name]:.2f}" for name in (noisy or spread)))
+    bad = [k for k, v in c.items() if not _plausible(v, BUILTIN.get(k))]
+    if bad:
+        warnings.warn(
+            "numbarope.calibrate: implausible constants, none updated (the cost model "
+            "keeps its current constants): " + ", ".join(
+                f"{k} = {c[k]:.3g} (built-in {BUILTIN[k]:.3g})" for k in bad)
+            + f"; a constant is accepted within {PLAUSIBLE_FACTOR:g}x of its built-in "
+              f"value{timings}. The timings were probably disturbed by other work on the "
+              f"machine: calibrate on a quiet machine, or with a larger repeat=.",
+            CalibrationWarning, stacklevel=2)
+        return c
+    if noisy:
+        warnings.warn(
+            f"numbarope.calibrate: noisy timings (median more than {NOISY_SPREAD:g}x the "
+            f"fastest call){timings}; the constants were {'stored' if update else 'returned'}"
+            f" all the same (they are plausible); for steadier ones calibrate on a quiet "
+            f"machine", CalibrationWarning, stacklevel=2)
     if update:
         COST_CONSTANTS.update(c)
+        fastlane.clear()                      # reused plans were made with the old ones
     return c
+
+
+def _plausible(value, builtin):
+    """Finite, > 0 and within PLAUSIBLE_FACTOR of the built-in value (if there is one)."""
+    if not (np.isfinite(value) and value > 0):
+        return False
+    if builtin is None:
+        return True
+    return builtin / PLAUSIBLE_FACTOR <= value <= builtin * PLAUSIBLE_FACTOR

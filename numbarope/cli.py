@@ -5,11 +5,15 @@
 ``numbarope run IN.npz -o OUT.npz [options]``   attention of arrays in a file
 ``numbarope plan IN.npz [options]``   what auto would do per head, and why
 
-Errors in the inputs end with a one-line message on stderr and exit code 2.
+Errors in the inputs end with a one-line message on stderr and exit code 2; errors
+from the library name the command line's options (``--enable-gqa``), not the Python
+keywords (``enable_gqa=True``). ``run`` and ``plan`` follow ``rope_attention``'s
+defaults: no rotary embedding unless ``--rotary`` is given.
 """
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -17,7 +21,7 @@ import numpy as np
 
 import numbarope as nr
 from . import __version__, _config
-from ._pipeline.plan import RADIUS_GRID
+from ._pipeline.plan import RADIUS_GRID, _rounding_floor
 from .ops import REASONS
 from .ops._features import n_features
 from .polynomial import MAX_RADIUS, exp_approximation
@@ -35,13 +39,31 @@ def _timed(fn, *args, **kwargs):
     return res, time.perf_counter() - t
 
 
-def _best(fn, *args, repeat=3, **kwargs):
-    """Result and best wall time of ``repeat`` calls (kernels already compiled)."""
-    best = np.inf
+def _interleaved(calls, repeat):
+    """Time the ``calls`` (name -> function of no argument) ``repeat`` times each,
+    interleaved (a, b, a, b, ...: a load that comes and goes hits all of them alike),
+    after one untimed call of each (plans, memory; the kernels are compiled by then):
+    name -> last result, and name -> list of seconds."""
+    results, times = {}, {name: [] for name in calls}
+    for fn in calls.values():
+        fn()
     for _ in range(repeat):
-        res, t = _timed(fn, *args, **kwargs)
-        best = min(best, t)
-    return res, best
+        for name, fn in calls.items():
+            results[name], t = _timed(fn)
+            times[name].append(t)
+    return results, times
+
+
+def _spread(ts, unit=True):
+    """Median [min–max] of repeated timings in milliseconds: '3.12 [2.98–4.1] ms' (one
+    timing alone: '3.12 ms'; ``unit=False``: without ' ms', for a column in ms)."""
+    def num(t):
+        x = t * 1e3
+        return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+    text = (num(float(np.median(ts))) if len(ts) == 1 else
+            f"{num(float(np.median(ts)))} [{num(min(ts))}–{num(max(ts))}]")
+    return text + (" ms" if unit else "")
 
 
 def _warm():
@@ -119,9 +141,11 @@ def fast_radius_limit(E, eps):
     part of the bound can refuse a head too; they do not at these sizes).
 
     Returns a dict: ``radius`` (the limit), ``degree`` (the largest degree allowed),
-    ``features`` (``C(E + degree, degree)``), ``binding`` (``"features"`` or
-    ``"degree"``: which limit sets that degree) and ``next_features`` (features at
-    one degree more).
+    ``features`` (``C(E + degree, degree)``), ``binding`` (``"features"``,
+    ``"degree"`` or ``"rounding"``: what sets the limit — the feature count caps
+    the degree, or MAX_DEGREE does, or beyond the radius no degree certifies eps
+    at all because the float64 rounding of the polynomial, which grows like
+    ``e^{2R}``, exceeds it) and ``next_features`` (features at one degree more).
     """
     gmax = 0
     while gmax < _config.MAX_DEGREE and n_features(E, gmax + 1) <= _config.MAX_FEATURES:
@@ -151,6 +175,13 @@ def fast_radius_limit(E, eps):
         while j > -2000 and not fits(G ** j):
             j -= 1
         radius = float(G ** j)
+    # beyond a radius that MAX_DEGREE limits: the degree, or float64 rounding? There no
+    # degree <= MAX_DEGREE certifies, so one that does would have a higher degree, whose
+    # rounding floor (the planner's lower bound) is above that of MAX_DEGREE: if that
+    # already exceeds the target, no degree at all certifies beyond the limit
+    if binding == "degree" and radius > 0 and _rounding_floor(gmax, radius * G,
+                                                              target) > target:
+        binding = "rounding"
     return dict(radius=radius, degree=gmax, features=n_features(E, gmax), binding=binding,
                 next_features=n_features(E, gmax + 1), eps=eps, E=E)
 
@@ -165,9 +196,24 @@ def _limit_text(lim, figures=False):
             why += (f" ({_e(lim['features'])} at degree {g}, {_e(lim['next_features'])} "
                     f"at {g + 1}), and degree {g} certifies eps={_e(lim['eps'])} only up to "
                     f"that R")
+    elif lim["binding"] == "rounding":
+        why = ("beyond it no degree certifies eps: the float64 rounding of the polynomial "
+               "(about 2g·2^-53·e^(2R)) exceeds it, so raising MAX_DEGREE="
+               f"{_config.MAX_DEGREE} would not help")
     else:
         why = f"degree <= MAX_DEGREE={_config.MAX_DEGREE} certifies eps only up to that R"
     return f"at head_dim {E} the fast path needs R <= {lim['radius']:.3g}: {why}"
+
+
+def _text_source(md):
+    """The sample's text, described without the path of the machine that made the sample:
+    'the GNU GPL v3 (file GPL-3, sha256 3972dc9744f6...; numbarope/data/README.md)'."""
+    src = md.get("text_source", "?")
+    name = os.path.basename(src.replace("\\", "/").rstrip("/")) or "?"
+    sha = md.get("text_sha256", "")
+    what = "the GNU GPL v3" if name.upper().startswith("GPL") else f"the text {name!r}"
+    return (f"{what} (file {name}" + (f", sha256 {sha[:12]}..." if sha else "")
+            + "; provenance in numbarope/data/README.md)")
 
 
 def _sample_setup(nr, sample, shown=None):
@@ -179,7 +225,7 @@ def _sample_setup(nr, sample, shown=None):
     layers = ", ".join(str(x) for x in sample.layers)
     if shown is not None and tuple(shown) != tuple(sample.layers):
         layers = (f"{', '.join(str(x) for x in shown)} (of the sample's {layers})")
-    text = f"the first {n} tokens of {md.get('text_source', '?')} (the GNU GPL v3)"
+    text = f"the first {n} tokens of {_text_source(md)}"
     if sample.rotary is not None:
         rot, causal = sample.rotary, True
         base = f"{sample.rope_base:.0e}".replace("e+0", "e")
@@ -238,18 +284,31 @@ def _measure_fast(nr, rec, repeat):
     f = rec["fast"]
     if "err" not in f:
         qh, kh, vh, kw = rec.pop("_inputs")
-        (fo, finfo), tf = _best(nr.rope_attention, qh, kh, vh, method="fast",
-                                return_info=True, repeat=repeat, **kw)
-        kw.pop("eps")
-        (xo, xinfo), tx = _best(nr.rope_attention, qh, kh, vh, method="exact",
-                                return_info=True, repeat=repeat, **kw)
+        kx = {k: v for k, v in kw.items() if k != "eps"}
+        res, ts = _interleaved({
+            "fast": lambda: nr.rope_attention(qh, kh, vh, method="fast", return_info=True,
+                                              **kw),
+            "exact": lambda: nr.rope_attention(qh, kh, vh, method="exact",
+                                               return_info=True, **kx)}, repeat)
+        (fo, finfo), (xo, xinfo) = res["fast"], res["exact"]
         f.update(err=float(np.abs(fo.astype(np.float64) - xo).max()),
-                 bound=float(finfo.heads[0].error_bound), t=tf, t_exact=tx)
+                 bound=float(finfo.heads[0].error_bound), t=_spread(ts["fast"]),
+                 t_exact=_spread(ts["exact"]))
         # both bound the distance to the true value: their sum bounds |fast - exact|
         if f["err"] > f["bound"] + float(xinfo.heads[0].error_bound):
             raise RuntimeError(f"certified bound violated at layer {rec['layer']} head "
                                f"{rec['head']}: {f['err']} > {f['bound']}")
     return f
+
+
+def _timing_note(repeat):
+    """The one line on how the demo times, and how far to trust it."""
+    calls = f"{repeat} call{'s' if repeat > 1 else ''}"
+    return (f"wall time of {calls} per method after a warm-up call, the methods compared "
+            f"interleaved (a, b, a, b, ...); part (a) shows median [min–max], part (b) the "
+            f"fastest call. Timings on a shared machine are noisy: gaps within the "
+            f"[min–max] ranges (or below ~1.5x at milliseconds) are not differences of the "
+            f"methods; --repeat N takes more calls")
 
 
 def _part_a(nr, sample, layers, eps, repeat, lim, say, per_head):
@@ -265,8 +324,8 @@ def _part_a(nr, sample, layers, eps, repeat, lim, say, per_head):
             say(f"    {'layer':>5} {'head':>4} {'kv':>3} {'R':>7} {'R true':>7} "
                 f"{'auto':>5}  why")
         else:
-            say(f"    {'layer':>5} {'heads':>5} {'R':>11} {'R true':>11} {'fast can':>9} "
-                f"{'auto picks':>14} {'t auto':>9} {'t exact':>9}")
+            say(f"    {'layer':>5} {'heads':>5} {'R':>10} {'R true':>10} {'fast can':>9} "
+                f"{'auto picks':>14} {'t auto (ms)':>17} {'t exact (ms)':>17}")
         heads = []
         for li, layer in enumerate(sample.layers):
             if layer not in layers:
@@ -274,10 +333,12 @@ def _part_a(nr, sample, layers, eps, repeat, lim, say, per_head):
             q, k, v = sample.query[li], sample.key[li], sample.value[li]
             kw = dict(rotary=rot, scale=scale, is_causal=causal, enable_gqa=group > 1)
             info = nr.plan(q, k, v, eps=eps, **kw)
-            (oa, ainfo), ta = _best(nr.rope_attention, q, k, v, eps=eps, method="auto",
-                                    return_info=True, repeat=repeat, **kw)
-            (ox, xinfo), tx = _best(nr.rope_attention, q, k, v, method="exact",
-                                    return_info=True, repeat=repeat, **kw)
+            res, ts = _interleaved({
+                "auto": lambda q=q, k=k, v=v, kw=kw: nr.rope_attention(
+                    q, k, v, eps=eps, method="auto", return_info=True, **kw),
+                "exact": lambda q=q, k=k, v=v, kw=kw: nr.rope_attention(
+                    q, k, v, method="exact", return_info=True, **kw)}, repeat)
+            (oa, ainfo), (ox, xinfo) = res["auto"], res["exact"]
             rtrue = _true_radius(nr, q, k, rot, scale, causal, group)
             err = np.abs(oa.astype(np.float64) - ox).max(axis=(-2, -1))
             layer_heads = []
@@ -311,7 +372,7 @@ def _part_a(nr, sample, layers, eps, repeat, lim, say, per_head):
                         why = (f"{r['code']}: fast possible (degree {f['degree']}, "
                                f"{f['features']:.3g} features): max|fast - exact| "
                                f"{f['err']:.1e} <= bound {f['bound']:.1e}; t fast "
-                               f"{_ms(f['t'])}, t exact {_ms(f['t_exact'])} (this head)")
+                               f"{f['t']}, t exact {f['t_exact']} (this head)")
                     else:
                         why = f"{r['code']}: {r['why']}"
                     say(f"    {r['layer']:>5} {r['head']:>4} {r['kv']:>3} {r['R']:7.3g} "
@@ -322,10 +383,10 @@ def _part_a(nr, sample, layers, eps, repeat, lim, say, per_head):
                          f"{nfast} fast, {len(layer_heads) - nfast} exact")
                 can = sum(r["feasible"] for r in layer_heads)
                 say(f"    {layer:>5} {len(layer_heads):>5} "
-                    f"{_range([r['R'] for r in layer_heads]):>11} "
-                    f"{_range([r['Rtrue'] for r in layer_heads]):>11} "
-                    f"{f'{can} of {len(layer_heads)}':>9} {picks:>14} {_ms(ta):>9} "
-                    f"{_ms(tx):>9}")
+                    f"{_range([r['R'] for r in layer_heads]):>10} "
+                    f"{_range([r['Rtrue'] for r in layer_heads]):>10} "
+                    f"{f'{can} of {len(layer_heads)}':>9} {picks:>14} "
+                    f"{_spread(ts['auto'], False):>17} {_spread(ts['exact'], False):>17}")
         records += heads
         # reasons, grouped by code, in plain words
         say("    why (auto's reason per head, in plain words):")
@@ -339,7 +400,7 @@ def _part_a(nr, sample, layers, eps, repeat, lim, say, per_head):
                 detail = (f"e.g. layer {ex['layer']} head {ex['head']}, R={ex['R']:.3g}: "
                           f"degree {f['degree']}, {f['features']:.3g} features, "
                           f"max|fast - exact| {f['err']:.1e} <= bound {f['bound']:.1e}, "
-                          f"t fast {_ms(f['t'])} vs exact {_ms(f['t_exact'])}")
+                          f"t fast {f['t']} vs exact {f['t_exact']}")
             else:
                 detail = (f"e.g. layer {ex['layer']} head {ex['head']}, R={ex['R']:.3g}: "
                           f"{ex['why']}")
@@ -606,13 +667,14 @@ def demo(args):
     say(f"\n(a) real heads (sample '{args.sample}'; --sample {'|'.join(DEMO_SAMPLES)}):")
     for line in prov:
         say(f"    {line}")
-    say(f"    eps={_e(eps)} (tolerated max|out - exact| / max|V|); times: best of "
-        f"{args.repeat} call{'s' if args.repeat > 1 else ''}, one call per layer")
+    say(f"    eps={_e(eps)} (tolerated max|out - exact| / max|V|)")
+    say(f"    timings: {_timing_note(args.repeat)}")
     say("    columns: R = s·max‖q_i‖·max‖k_j‖, the logit bound the planner uses (O(n·E) to "
         "compute); R true = the largest |s·q_i·k_j| over the pairs the head sees, after RoPE; "
         "fast can = heads the fast path can serve (method='fast' accepts them); auto picks = "
         "what method='auto' (the default) runs; t = wall time of one call for the layer's "
-        f"{Hq} heads")
+        f"{Hq} heads, median [min–max] over the repeats (where auto picks exact, t auto "
+        "and t exact time the same kernel: their gap is noise)")
     say(f"    {_limit_text(lim, figures=True)}")
     records = _part_a(nr, sample, layers, eps, args.repeat, lim, say, args.per_head)
     bres = _part_b(nr, args.n, eps, args.repeat, say, not args.quiet)
@@ -658,24 +720,97 @@ def _load_npz(path):
         return arrays
 
 
+def _load_mask(path):
+    """The boolean key padding mask of ``--key-padding-mask FILE``: a .npy array, or a
+    .npz archive (as the inputs) holding ``key_padding_mask`` or a single array."""
+    opt = f"--key-padding-mask {path!r}"
+    if not os.path.exists(path):
+        raise CLIError(f"{opt}: the file does not exist")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        raise CLIError(f"{opt}: cannot read it: save the mask with np.save(path, mask) "
+                       f"(.npy) or np.savez(path, key_padding_mask=mask)") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        return data
+    with data:
+        names = ["key_padding_mask"] if "key_padding_mask" in data.files else data.files
+        if len(names) != 1:
+            raise CLIError(f"{opt}: the archive holds {sorted(data.files)}; expected one "
+                           f"array, or one named 'key_padding_mask'")
+        try:
+            return data[names[0]]
+        except ValueError:
+            raise CLIError(f"{opt}: array {names[0]!r} holds Python objects; save a boolean "
+                           f"array") from None
+
+
 def _attention_kwargs(args, arrays):
     kw = dict(method=args.method, eps=args.eps, degree=args.degree,
-              is_causal=args.causal, scale=args.scale)
+              is_causal=args.causal, scale=args.scale, radius=args.radius,
+              enable_gqa=args.enable_gqa, query_offset=args.query_offset,
+              causal_alignment=args.causal_alignment or "top_left")
     for name in _OPTIONAL:
         if name in arrays:
             kw[name] = arrays[name]
+    if args.key_padding_mask is not None:
+        kw["key_padding_mask"] = _load_mask(args.key_padding_mask)
+    # one rule with rope_attention: no rotary embedding unless asked (--rotary, as
+    # rotary=); --no-rotary is the default, kept as an accepted no-op
     rotary_flags = [f for f, v in (("--rotary-base", args.rotary_base),
                                    ("--rotary-dim", args.rotary_dim),
                                    ("--layout", args.layout)) if v is not None]
-    if rotary_flags and ("relative" in arrays or args.no_rotary):
-        why = "the input holds 'relative'" if "relative" in arrays else "--no-rotary is given"
-        raise CLIError(f"{', '.join(rotary_flags)} do not apply: {why} (no rotary "
-                       f"embedding is used)")
-    if "relative" not in arrays and not args.no_rotary:
+    if args.rotary and args.no_rotary:
+        raise CLIError("--rotary and --no-rotary contradict each other (no rotary is the "
+                       "default: give --rotary to apply RoPE)")
+    if "relative" in arrays and (args.rotary or rotary_flags):
+        flags = ["--rotary"] * bool(args.rotary) + rotary_flags
+        raise CLIError(f"{', '.join(flags)} do not apply: the input holds 'relative' "
+                       f"(general relative matrices, exclusive with a rotary embedding)")
+    if rotary_flags and not args.rotary:
+        verb = "sets" if len(rotary_flags) == 1 else "set"
+        raise CLIError(f"{', '.join(rotary_flags)} {verb} the rotary embedding, which is "
+                       f"applied only with --rotary (the default is none, as "
+                       f"rope_attention's rotary=None): add --rotary")
+    if args.rotary:
         kw["rotary"] = nr.Rotary(
             base=10000.0 if args.rotary_base is None else args.rotary_base,
             layout=args.layout or "half", dim=args.rotary_dim)
     return kw
+
+
+#: Python keywords in the library's messages -> the options of ``run``/``plan`` that set
+#: them (applied in order to the text of a ValueError/TypeError before it is printed).
+_CLI_WORDS = (
+    (r"\benable_gqa=True\b", "--enable-gqa"),
+    (r"\(enable_gqa\)", "(--enable-gqa)"),
+    (r"\bis_causal=True\b", "--causal"),
+    (r"\bpass is_causal=False\b", "leave out --causal"),
+    (r"\bcausal_alignment='(top_left|bottom_right)'", r"--causal-alignment \1"),
+    (r"\bcausal_alignment=", "--causal-alignment "),
+    (r"\bquery_offset=(-?\d+)", r"--query-offset \1"),
+    (r"\bgive query_offset\b", "give --query-offset"),
+    (r"\bkey_padding_mask\b", "--key-padding-mask"),
+    (r"\bmethod='(\w+)' or '(\w+)'", r"--method \1 or \2"),
+    (r"\bmethod='(\w+)' \(or '(\w+)'\)", r"--method \1 (or \2)"),
+    (r"\bmethod='(\w+)'", r"--method \1"),
+    (r"\bomit degree=?(?!\w)", "omit --degree"),
+    (r"\ba tighter radius=", "a tighter --radius"),
+    (r"\(scale, or", "(--scale, or"),
+    (r"\bpass rotary= too\b", "pass --rotary too"),
+    (r"\buse rotary=None\b", "leave out --rotary"),
+    (r"\bRotary: dim=(\d+)", r"Rotary: --rotary-dim \1"),
+    (r"\bRotary: dim\b", "Rotary: --rotary-dim"),
+    (r"\bRotary: base\b", "Rotary: --rotary-base"),
+)
+
+
+def _cli_message(text):
+    """A library error message with the command line's option names (``--enable-gqa``
+    for ``enable_gqa=True``, ...) where they differ from the Python keywords."""
+    for pattern, repl in _CLI_WORDS:
+        text = re.sub(pattern, repl, text)
+    return text
 
 
 def run(args):
@@ -763,7 +898,9 @@ def _parser():
                    help="layers of the sample to show (default: all bundled: smollm2 0 1 "
                         "18, minilm 0 2 5)")
     d.add_argument("--repeat", type=_positive_int, default=3,
-                   help="calls per timing; the best is reported (default 3)")
+                   help="calls per method and timing, interleaved between the methods "
+                        "compared; part (a) reports median [min-max], part (b) the "
+                        "fastest (default 3)")
     d.add_argument("--per-head", action="store_true",
                    help="part (a): one line per head instead of one per layer")
     d.add_argument("--plot", metavar="FILE", default=None,
@@ -803,15 +940,42 @@ def _parser():
                        help="causal mask: query i attends to keys j <= i")
         r.add_argument("--scale", type=float, default=None,
                        help="softmax scale s of the logits s·q·k (default 1/sqrt(E))")
+        r.add_argument("--rotary", action="store_true",
+                       help="apply RoPE to query and key (numbarope.Rotary; tune it with "
+                            "--rotary-base, --rotary-dim, --layout). Default: no rotary "
+                            "embedding, as rope_attention(rotary=None): pass query and key "
+                            "already rotated, or give --rotary")
         r.add_argument("--no-rotary", action="store_true",
-                       help="plain attention (rotary is applied by default unless the "
-                            "file holds 'relative')")
+                       help="no rotary embedding: the default; accepted for command lines "
+                            "written when the CLI applied RoPE by default")
         r.add_argument("--rotary-base", type=float, default=None,
-                       help="RoPE base theta (default 10000)")
+                       help="RoPE base theta (default 10000; with --rotary)")
         r.add_argument("--rotary-dim", type=int, default=None,
-                       help="rotate only the leading dims (partial rotary)")
+                       help="rotate only the leading dims (partial rotary; with --rotary)")
         r.add_argument("--layout", default=None, choices=("half", "interleaved"),
-                       help="feature pairing (default half: HF rotate_half)")
+                       help="feature pairing (default half: HF rotate_half; with --rotary)")
+        r.add_argument("--enable-gqa", action="store_true",
+                       help="grouped-query attention (torch SDPA's enable_gqa): query has "
+                            "Hq heads on axis -3, key and value Hkv, Hq a multiple of Hkv; "
+                            "query head h reads key/value head h // (Hq/Hkv)")
+        r.add_argument("--causal-alignment", default=None,
+                       choices=("top_left", "bottom_right"),
+                       help="where the L queries sit among the S keys, for --causal and "
+                            "--rotary: top_left (default, torch SDPA: query i at position "
+                            "i) or bottom_right (decoding with a key/value cache: the last "
+                            "query at the last key, query i at i + S - L)")
+        r.add_argument("--query-offset", type=int, default=None,
+                       help="position of query 0 (keys at 0 .. S-1), for --causal and "
+                            "--rotary (default 0; S - L is --causal-alignment "
+                            "bottom_right)")
+        r.add_argument("--key-padding-mask", metavar="FILE", default=None,
+                       help="boolean mask of the keys, shape (..., S), True = a real key, "
+                            "False = padding: a .npy file (np.save) or a .npz holding "
+                            "'key_padding_mask' or a single array")
+        r.add_argument("--radius", type=float, default=None,
+                       help="a known bound R >= max |scale·q·k| of the logits, for every "
+                            "head (default: computed, scale·max|q|·max|k|); one below the "
+                            "true radius voids the fast path's certificate")
     d.set_defaults(fn=demo)
     return p
 
@@ -822,8 +986,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (CLIError, ValueError, TypeError) as exc:
+    except CLIError as exc:
         print(f"numbarope {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as exc:        # from the library: its keywords
+        print(f"numbarope {args.command}: error: {_cli_message(str(exc))}", file=sys.stderr)
         return 2
     except MemoryError:
         print(f"numbarope {args.command}: error: out of memory", file=sys.stderr)

@@ -39,6 +39,10 @@ def files(tmp_path):
     save("nan.npz", query=np.where(q > 0.5, np.nan, q), key=k, value=v)
     save("int.npz", query=(q * 10).astype(np.int64), key=k, value=v)
     save("shape.npz", query=q, key=k[:, :5], value=v)
+    save("gqa.npz", query=np.concatenate([q, q * 0.5]), key=k, value=v)   # 4 on 2 heads
+    np.save(tmp_path / "mask5.npy", np.ones(5, bool))
+    paths["mask5.npy"] = str(tmp_path / "mask5.npy")
+    save("masks2.npz", a=np.ones(8, bool), b=np.ones(8, bool))
     np.save(tmp_path / "array.npy", q)
     paths["array.npy"] = str(tmp_path / "array.npy")
     (tmp_path / "text.npz").write_text("this is not a zip archive\n")
@@ -95,14 +99,48 @@ BAD = [
     ("degree", ["run", "{good.npz}", "-o", "{out}", "--degree", "99"], r"degree=99"),
     ("scale", ["run", "{good.npz}", "-o", "{out}", "--scale", "-1"], r"scale=-1\.0"),
     ("verify", ["run", "{good.npz}", "-o", "{out}", "--verify", "-3"], r"verify"),
-    ("rotary dim", ["run", "{good.npz}", "-o", "{out}", "--rotary-dim", "3"], r"dim.*3"),
-    ("rotary dim > E", ["plan", "{good.npz}", "--rotary-dim", "6"], r"dim=6.*head_dim=4"),
-    ("rotary base", ["plan", "{good.npz}", "--rotary-base", "1"], r"base"),
+    ("rotary dim", ["run", "{good.npz}", "-o", "{out}", "--rotary", "--rotary-dim", "3"],
+     r"--rotary-dim must be.*got 3"),
+    ("rotary dim > E", ["plan", "{good.npz}", "--rotary", "--rotary-dim", "6"],
+     r"--rotary-dim 6 is larger than head_dim=4"),
+    ("rotary base", ["plan", "{good.npz}", "--rotary", "--rotary-base", "1"],
+     r"--rotary-base must be"),
+    # no rotary unless --rotary (as rope_attention): its parameters alone are refused
+    ("rotary flag alone", ["plan", "{good.npz}", "--layout", "interleaved"],
+     r"--layout sets the rotary embedding, which is applied only with --rotary.*add --rotary"),
+    ("rotary flags, no-rotary", ["plan", "{good.npz}", "--no-rotary", "--rotary-base", "5",
+                                 "--rotary-dim", "2"], r"--rotary-base, --rotary-dim set"),
+    ("rotary and no-rotary", ["plan", "{good.npz}", "--rotary", "--no-rotary"],
+     r"--rotary and --no-rotary contradict"),
+    ("rotary with relative", ["plan", "{relative.npz}", "--rotary"],
+     r"--rotary do not apply: the input holds 'relative'"),
+    # the library's errors name the CLI's options (new-user report: "pass enable_gqa=True")
+    ("gqa advice", ["plan", "{gqa.npz}"], r"grouped-query attention pass --enable-gqa$"),
+    ("offset and alignment", ["plan", "{good.npz}", "--causal", "--query-offset", "1",
+                              "--causal-alignment", "bottom_right"],
+     r"give --query-offset or --causal-alignment bottom_right, not both"),
+    ("mask missing", ["plan", "{good.npz}", "--key-padding-mask", "{missing}"],
+     r"--key-padding-mask '.*missing\.npz': the file does not exist"),
+    ("mask not a file of arrays", ["plan", "{good.npz}", "--key-padding-mask", "{text.npz}"],
+     r"--key-padding-mask .*cannot read it.*np\.save"),
+    ("mask shape", ["plan", "{good.npz}", "--key-padding-mask", "{mask5.npy}"],
+     r"--key-padding-mask has shape \(5,\); expected \(\.\.\., 8\)"),
+    ("mask archive", ["plan", "{good.npz}", "--key-padding-mask", "{masks2.npz}"],
+     r"holds \['a', 'b'\]; expected one array"),
+    ("mask not bool", ["plan", "{good.npz}", "--key-padding-mask", "{good.npz}"],
+     r"holds \['key', 'query', 'value'\]"),
+    ("degree with exact", ["run", "{good.npz}", "-o", "{out}", "--method", "exact",
+                           "--degree", "3"],
+     (r"degree=3 sets the fast path's polynomial; --method exact uses none: omit --degree, "
+      r"or use --method fast \(or auto\)")),
     ("nan", ["run", "{nan.npz}", "-o", "{out}"], r"query contains NaN"),
     ("int", ["run", "{int.npz}", "-o", "{out}"], r"query.*int64"),
     ("shape", ["run", "{shape.npz}", "-o", "{out}"], r"value has shape \(2, 8, 4\); expected \(\.\.\., 5, Ev\)"),
     ("fast refused", ["run", "{good.npz}", "-o", "{out}", "--method", "fast", "--eps", "1e-300"],
-     r"method='fast' cannot serve"),
+     r"--method fast cannot serve"),
+    ("fast refused advice", ["plan", "{good.npz}", "--method", "fast", "--eps", "1e-300"],
+     (r"Use --method exact or auto, a larger eps, or smaller logits \(--scale, or a "
+      r"tighter --radius\)")),
     ("npy", ["run", "{array.npy}", "-o", "{out}"], r"npz"),
 ]
 
@@ -152,14 +190,19 @@ def test_subprocess_no_traceback(files):
 # --------------------------------------------------------------- happy paths
 
 @pytest.mark.parametrize("name, extra, kw", [
-    ("good.npz", [], dict(rotary=Rotary())),
-    ("good.npz", ["--method", "exact", "--causal", "--layout", "interleaved",
+    ("good.npz", [], dict()),                              # rope_attention's default
+    ("good.npz", ["--rotary"], dict(rotary=Rotary())),
+    ("good.npz", ["--method", "exact", "--causal", "--rotary", "--layout", "interleaved",
                   "--rotary-base", "500000"],
      dict(rotary=Rotary(base=500000.0, layout="interleaved"), is_causal=True)),
     ("good.npz", ["--no-rotary", "--scale", "0.5", "--method", "fast", "--eps", "1e-4",
                   "--verify", "3"], dict(scale=0.5)),
-    ("bias.npz", ["--method", "fast", "--rotary-dim", "2"], dict(rotary=Rotary(dim=2))),
+    ("bias.npz", ["--method", "fast", "--rotary", "--rotary-dim", "2"],
+     dict(rotary=Rotary(dim=2))),
     ("relative.npz", ["--method", "fast", "--degree", "4"], dict(degree=4)),
+    ("gqa.npz", ["--enable-gqa", "--causal", "--rotary"],
+     dict(enable_gqa=True, is_causal=True, rotary=Rotary())),
+    ("good.npz", ["--method", "fast", "--radius", "2.5"], dict(radius=2.5)),
 ])
 def test_run_writes_out_and_info(files, capsys, name, extra, kw):
     code, out, err = _call(["run", files[name], "-o", files["out"], *extra], capsys)
@@ -181,7 +224,7 @@ def test_run_writes_out_and_info(files, capsys, name, extra, kw):
         assert {"out", "info_method", "info_algorithm", "info_radius", "info_error_bound",
                 "info_degree"} <= set(res.files)
         np.testing.assert_array_equal(res["out"], ref)
-        assert res["info_method"].shape == (2,)
+        assert res["info_method"].shape == info.batch_shape == (len(arrays["query"]),)
         np.testing.assert_array_equal(res["info_method"], info.method.astype(str))
         np.testing.assert_array_equal(res["info_algorithm"], info.algorithm.astype(str))
         np.testing.assert_allclose(res["info_radius"], info.radius.astype(float))
@@ -199,7 +242,7 @@ def test_run_quiet(files, capsys):
 
 
 def test_plan_prints_table(files, capsys):
-    code, out, err = _call(["plan", files["good.npz"], "--causal"], capsys)
+    code, out, err = _call(["plan", files["good.npz"], "--causal", "--rotary"], capsys)
     assert code == 0 and err == ""
     lines = out.strip().splitlines()
     assert lines[0].split()[:4] == ["head", "R", "method", "algorithm"]
@@ -241,7 +284,17 @@ def test_demo_smollm2_default(capsys):
     assert "Q4_1" in flat and "GPL-3" in flat and "n=512" in flat
     assert "enable_gqa=True" in flat and "9 query heads share 3 key/value heads" in flat
     assert "causal (is_causal=True): a decoder" in flat
-    assert "best of 1 call" in flat
+    # provenance without the path of the machine that made the sample
+    assert "/usr/share" not in out and "GNU GPL v3 (file GPL-3, sha256" in flat
+    # timings: how they were taken, and that they are noisy (new-user report: t auto and
+    # t exact 2x apart on the same kernel)
+    assert ("timings: wall time of 1 call per method after a warm-up call, the methods "
+            "compared interleaved") in flat
+    assert "Timings on a shared machine are noisy" in flat
+    assert "t auto (ms)" in flat and "t exact (ms)" in flat
+    # the degree-limit head (R = 61.8): the real causes, not "a higher MAX_DEGREE"
+    assert "no degree at all certifies eps=0.001 at R=61.8" in flat
+    assert "raising MAX_DEGREE=24 would not help" in flat and "> MAX_DEGREE=24)" not in flat
     # one summary line per scale, with counts the library confirms
     s = numbarope.load_sample("smollm2")
     summaries = [ln.strip() for ln in out.splitlines() if ln.strip().startswith("summary")]
@@ -525,3 +578,144 @@ def test_boolean_bias_through_the_cli(tmp_path):
         out = d["out"]
     ref = naive.attention(q, k, v, bias=lambda tt: 0.0 if keep[tt + 5] else -np.inf)
     np.testing.assert_allclose(out, ref, atol=1e-14)
+
+
+# ---------------------------------------------------------------- new-user report (CLI traps)
+def test_cli_and_api_share_the_rotary_default(npz, capsys):
+    """rope_attention(q, k, v) applies no RoPE; `numbarope run` applied it unless
+    --no-rotary, so the two differed on the same data. One rule now: none unless asked
+    (--rotary / rotary=); --no-rotary is kept as a no-op."""
+    tmp, path, _, _ = npz
+    with np.load(path) as d:
+        q, k, v = d["query"], d["key"], d["value"]
+    outs = {}
+    for name, extra in (("default", []), ("no-rotary", ["--no-rotary"]),
+                        ("rotary", ["--rotary"])):
+        out = tmp / f"{name}.npz"
+        assert main(["run", str(path), "-o", str(out), "--method", "exact", "-q", *extra]) == 0
+        with np.load(out) as d:
+            outs[name] = d["out"]
+    np.testing.assert_array_equal(outs["default"], rope_attention(q, k, v, method="exact"))
+    np.testing.assert_array_equal(outs["no-rotary"], outs["default"])
+    np.testing.assert_array_equal(outs["rotary"],
+                                  rope_attention(q, k, v, method="exact", rotary=True))
+    assert not np.array_equal(outs["rotary"], outs["default"])
+    parser = _parser()
+    run = _subparsers(parser)["run"]
+    helps = {a.option_strings[0]: a.help for a in run._actions if a.option_strings}
+    assert "Default: no rotary" in helps["--rotary"] and "the default" in helps["--no-rotary"]
+
+
+@pytest.mark.parametrize("extra, kw", [
+    (["--causal", "--causal-alignment", "bottom_right"],
+     dict(is_causal=True, causal_alignment="bottom_right")),
+    (["--causal", "--query-offset", "3", "--rotary"],
+     dict(is_causal=True, query_offset=3, rotary=True)),
+    (["--causal", "--causal-alignment", "top_left", "--enable-gqa"],
+     dict(is_causal=True, enable_gqa=True)),
+    (["--key-padding-mask", "{mask.npy}", "--enable-gqa"],
+     dict(key_padding_mask="mask", enable_gqa=True)),
+    (["--key-padding-mask", "{mask.npz}", "--causal", "--causal-alignment", "bottom_right"],
+     dict(key_padding_mask="mask", is_causal=True, causal_alignment="bottom_right")),
+], ids=["bottom-right", "offset", "gqa", "mask-npy", "mask-npz"])
+def test_cli_offers_what_its_errors_advise(tmp_path, capsys, extra, kw):
+    """--enable-gqa, --causal-alignment, --query-offset and --key-padding-mask: the same
+    result as the keywords of rope_attention (decoding: 3 queries on 10 keys, 4 query
+    heads on 2 key/value heads, keys 0-1 of batch 1 padded)."""
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((2, 4, 3, 8)) * 0.4
+    k, v = rng.standard_normal((2, 2, 2, 10, 8)) * 0.4
+    mask = np.ones((2, 1, 10), bool)
+    mask[1, :, :2] = False
+    np.savez(tmp_path / "in.npz", query=q, key=k, value=v)
+    np.save(tmp_path / "mask.npy", mask)
+    np.savez(tmp_path / "mask.npz", key_padding_mask=mask)
+    argv = [a.replace("{mask.npy}", str(tmp_path / "mask.npy"))
+            .replace("{mask.npz}", str(tmp_path / "mask.npz")) for a in extra]
+    if "enable_gqa" not in kw:                       # one key/value head per query head
+        np.savez(tmp_path / "in.npz", query=q, key=np.repeat(k, 2, axis=1),
+                 value=np.repeat(v, 2, axis=1))
+        k, v = np.repeat(k, 2, axis=1), np.repeat(v, 2, axis=1)
+    kw = {key: (mask if val == "mask" else val) for key, val in kw.items()}
+    out_path = tmp_path / "out.npz"
+    assert main(["run", str(tmp_path / "in.npz"), "-o", str(out_path), "--method", "exact",
+                 "-q", *argv]) == 0, capsys.readouterr().err
+    with np.load(out_path) as d:
+        got = d["out"]
+    np.testing.assert_array_equal(got, rope_attention(q, k, v, method="exact", **kw))
+    code, out, err = _call(["plan", str(tmp_path / "in.npz"), *argv], capsys)
+    assert code == 0 and err == "" and str(numbarope.plan(q, k, v, **kw)) == out.rstrip("\n")
+
+
+def test_cli_messages_name_the_options():
+    """Library messages through the CLI: the options where their names differ from the
+    Python keywords; other text untouched."""
+    from numbarope.cli import _cli_message
+    cases = {
+        "for grouped-query attention pass enable_gqa=True":
+            "for grouped-query attention pass --enable-gqa",
+        "enable_gqa=True: query has 4 heads": "--enable-gqa: query has 4 heads",
+        "positions differ between query heads (enable_gqa): x":
+            "positions differ between query heads (--enable-gqa): x",
+        "is_causal=True with bias=Window(3): no causal form; pass is_causal=False":
+            "--causal with bias=Window(3): no causal form; leave out --causal",
+        "causal_alignment='diagonal' is unknown": "--causal-alignment 'diagonal' is unknown",
+        "give query_offset or causal_alignment='bottom_right', not both":
+            "give --query-offset or --causal-alignment bottom_right, not both",
+        "got query_offset=-3, L=4": "got --query-offset -3, L=4",
+        "key_padding_mask has shape (5,)": "--key-padding-mask has shape (5,)",
+        "Use method='exact' or 'auto', a larger eps": "Use --method exact or auto, a larger eps",
+        "use method='exact' or 'auto', or omit degree=":
+            "use --method exact or auto, or omit --degree",
+        "smaller logits (scale, or a tighter radius=).":
+            "smaller logits (--scale, or a tighter --radius).",
+        "Rotary: dim=6 is larger than head_dim=4":
+            "Rotary: --rotary-dim 6 is larger than head_dim=4",
+        "eps=2.0 must lie in (0, 1)": "eps=2.0 must lie in (0, 1)",     # same name: kept
+        "query contains NaN": "query contains NaN",
+    }
+    for text, expected in cases.items():
+        assert _cli_message(text) == expected, text
+
+
+def test_demo_helpers_timing_and_provenance():
+    """The demo's timings are interleaved and shown as median [min-max]; its provenance
+    names no path of the machine that made the sample."""
+    import re
+
+    from numbarope.cli import _interleaved, _sample_setup, _spread, _text_source
+    order = []
+    res, ts = _interleaved({"a": lambda: order.append("a") or 1,
+                            "b": lambda: order.append("b") or 2}, 3)
+    assert order == ["a", "b"] * 4                       # one untimed call each, then 3
+    assert res == {"a": 1, "b": 2} and [len(t) for t in ts.values()] == [3, 3]
+    assert _spread([0.004, 0.001, 0.002]) == "2 [1–4] ms"
+    assert _spread([0.25, 0.5, 1.5], unit=False) == "500 [250–1500]"
+    assert _spread([0.0123]) == "12.3 ms"
+    text = _text_source({"text_source": "/home/dev/work/corpora/GPL-3",
+                         "text_sha256": "3972dc9744f6499f"})
+    assert "/home" not in text and "GNU GPL v3 (file GPL-3, sha256 3972dc9744f6..." in text
+    assert "numbarope/data/README.md" in text
+    assert "/" not in _text_source({"text_source": "C:\\corpus\\notes.txt"}).split(";")[0]
+    for name in ("smollm2", "minilm"):
+        s = numbarope.load_sample(name)
+        for line in _sample_setup(numbarope, s)[2]:
+            assert not re.search(r"(^|[\s(])(/|~/)\w[\w.-]*/|[A-Za-z]:\\", line), line
+
+
+def test_demo_limit_names_the_rounding_floor(monkeypatch):
+    """Where MAX_DEGREE seems to bind (tiny head_dim), the limit is float64 rounding at
+    eps=1e-9: the demo's limit text says a higher MAX_DEGREE would not help; with
+    MAX_DEGREE=6 the degree limit binds, and the text says that."""
+    from numbarope import _config
+    from numbarope.cli import _limit_text, fast_radius_limit
+    lim = fast_radius_limit(2, 1e-9)
+    assert lim["binding"] == "rounding" and lim["degree"] == _config.MAX_DEGREE
+    assert "no degree certifies eps" in _limit_text(lim)
+    assert "would not help" in _limit_text(lim)
+    with pytest.raises(ValueError):                 # and indeed: just beyond, with a higher
+        monkeypatch.setattr(_config, "MAX_DEGREE", 40)     # limit, nothing certifies
+        numbarope.exp_approximation(lim["radius"] * 1.05, eps=0.9e-9 / (2 + 1e-9))
+    monkeypatch.setattr(_config, "MAX_DEGREE", 6)
+    lim6 = fast_radius_limit(2, 1e-3)
+    assert lim6["binding"] == "degree" and "MAX_DEGREE=6 certifies" in _limit_text(lim6)

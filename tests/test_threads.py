@@ -221,6 +221,29 @@ def test_set_workers_checks_its_argument_when_called():
         numbarope.set_workers("x")
 
 
+def test_workers_above_the_cores_are_clamped(monkeypatch):
+    """New-user report: workers= larger than the machine was accepted silently with no
+    documented effect. As scipy.fft, it is accepted; numbarope clamps it to the cores
+    the process may use (numba's pool has no more threads), the same way for
+    resolve_workers, set_workers/get_workers and workers=, without a warning."""
+    import warnings
+
+    from numbarope._runtime import threads
+    monkeypatch.setattr(threads, "_cpu_count", lambda: 3)
+    assert threads.resolve_workers(64) == 3 and threads.resolve_workers(3) == 3
+    assert threads.resolve_workers(2) == 2 and threads.resolve_workers(np.int64(9)) == 3
+    assert threads.resolve_workers(-1) == 3 and threads.resolve_workers(None) == 3
+    with numbarope.set_workers(1000):
+        assert numbarope.get_workers() == 3
+    monkeypatch.undo()
+    ncpu = threads._cpu_count()
+    q = np.random.default_rng(0).standard_normal((2, 16, 4)) * 0.3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = rope_attention(q, q, q, workers=ncpu + 5, method="exact")
+    np.testing.assert_array_equal(out, rope_attention(q, q, q, workers=1, method="exact"))
+
+
 def _det_cases(rng, n, e):
     return {
         "exact": dict(method="exact", rotary=True),

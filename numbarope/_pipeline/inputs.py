@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit
 
 from .. import _config
-from ..bias import Causal, NoBias, RelativeBias, Structure
+from ..bias import Causal, NoBias, Packed, RelativeBias, Structure
 from .._runtime.interop import LOW_PRECISION_UNIT, to_numpy
 from ..rotary import Rotary, rotary_tables, rotate
 
@@ -32,7 +32,7 @@ APPROXES = ("chebyshev", "taylor")
 KNOWN_KEYWORDS = ("rotary", "relative", "bias", "is_causal", "scale", "method", "eps",
                   "degree", "approx", "radius", "verify", "return_info", "precision",
                   "workers", "enable_gqa", "query_offset", "causal_alignment",
-                  "key_padding_mask", "positions", "return_lse", "softcap")
+                  "key_padding_mask", "positions", "return_lse", "softcap", "cu_seqlens")
 
 
 def as_float_array(x, name):
@@ -139,6 +139,32 @@ def validate_precision(precision):
                          f"float32 inputs, else float64), 'float32' or 'float64'")
 
 
+def packed_arguments(cu_seqlens, key, bias, is_causal, rotary, positions):
+    """``cu_seqlens=`` as the arguments it stands for: ``(bias, is_causal, positions)``
+    with ``bias=Packed(cu_seqlens, is_causal)``, ``is_causal=False`` (the structure
+    holds it) and, when numbarope rotates, positions that restart at every sequence
+    (``Packed.positions()``, unless ``positions=`` is given). Raises naming the
+    argument: cu_seqlens not a 1-D integer array from 0 to the key count, or given
+    with ``bias=``."""
+    if bias is not None:
+        raise ValueError("pass either cu_seqlens= or bias=, not both: cu_seqlens=c is "
+                         "bias=numbarope.bias.Packed(c, is_causal=is_causal)")
+    cu = np.asarray(cu_seqlens.detach().cpu() if hasattr(cu_seqlens, "detach")
+                    else cu_seqlens)
+    if cu.ndim != 1 or cu.size == 0 or not np.issubdtype(cu.dtype, np.integer):
+        raise ValueError(f"cu_seqlens must be a 1-D integer array [0, n1, n1+n2, ..., "
+                         f"total] (flash-attn's cu_seqlens), got dtype {cu.dtype} and "
+                         f"shape {cu.shape}")
+    S = int(np.shape(key)[-2]) if len(np.shape(key)) >= 2 else -1
+    if int(cu[-1]) != S:
+        raise ValueError(f"cu_seqlens[-1] = {int(cu[-1])} must equal the number of keys "
+                         f"S = {S} (the packed sequences cover every key, no padding)")
+    packed = Packed(tuple(int(x) for x in cu), is_causal=bool(is_causal))
+    if rotary not in (None, False) and positions is None:
+        positions = packed.positions()
+    return packed, False, positions
+
+
 def validate_softcap(softcap):
     """``softcap`` as a float > 0, or None; raises naming the argument."""
     if softcap is None:
@@ -168,6 +194,11 @@ def validate_options(method, eps, degree, approx, scale, radius, is_causal=False
         if degree < 0 or degree > _config.MAX_DEGREE:
             raise ValueError(f"degree={degree} must lie in [0, {_config.MAX_DEGREE}] "
                              f"(numbarope._config.MAX_DEGREE)")
+        if method == "exact":
+            # refused rather than ignored: the exact path has no polynomial to set
+            raise ValueError(f"degree={degree} sets the fast path's polynomial; "
+                             f"method='exact' uses none: omit degree, or use "
+                             f"method='fast' (or 'auto')")
     if scale is not None:
         sf = _real(scale, "scale", "a positive real number")
         if not np.isfinite(sf) or sf <= 0:

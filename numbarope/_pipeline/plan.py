@@ -155,7 +155,10 @@ def _screen(h, target, approx, candidates, t_exact, eps=None):
     ``_start_degree`` is a lower bound of the degree the certification would find
     (rigorous for Taylor, verified over the tested range for Chebyshev), so if
     even that degree is beyond the limits or every candidate is slower than exact
-    there, auto picks exact without spending 10–50 ms on a certification.
+    there, auto picks exact without spending 10–50 ms on a certification. The same
+    when the float64 rounding floor at that degree already exceeds the target: no
+    degree certifies it (so a head is not called "exact cheaper" where fast is
+    impossible).
     """
     g = _start_degree(_grid_radius(h.radius), target, approx, h.softcap)
     if g > _config.MAX_DEGREE:
@@ -166,6 +169,9 @@ def _screen(h, target, approx, candidates, t_exact, eps=None):
         return Reason("feature-limit", f"fast infeasible: degree >= {g} needs >= "
                                        f"{feats:.3g} features > MAX_FEATURES="
                                        f"{_config.MAX_FEATURES:.3g}")
+    if h.softcap is None and _rounding_floor(max(g, 1), float(h.radius), target) > target:
+        return Reason("degree-limit", "fast infeasible: " + _no_polynomial(
+            h, eps, target, approx, candidates, g))
     t_fast = min(a.predict(h, g) for a in candidates)
     if t_fast >= t_exact:
         return Reason("exact-cheaper", f"exact {t_fast / t_exact:.1f}x cheaper than fast "

@@ -67,6 +67,13 @@ class HeadPlan:
         """
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
+    def __repr__(self) -> str:
+        """The dataclass repr with plain numbers: ``error_bound=4.07e-05``, not
+        ``np.float64(4.07e-05)`` (numpy >= 2 shows its scalars' type)."""
+        parts = ", ".join(f"{f.name}={_plain(getattr(self, f.name))!r}"
+                          for f in fields(self) if f.repr)
+        return f"{type(self).__name__}({parts})"
+
     def _repr_html_(self) -> str:
         """Jupyter display: a two-column table of the fields (``coef`` abbreviated)."""
         import html
@@ -77,8 +84,9 @@ class HeadPlan:
                 text = f"{v.size} coefficients"
             else:
                 text = "—" if v is None else _cell(f.name, v)
+            nowrap = ";" + _NOWRAP if _numeric(v) or f.name == "head" else ""
             rows.append(f"<tr><th style=\"text-align:left\">{html.escape(f.name)}</th>"
-                        f"<td style=\"text-align:left\">{html.escape(text)}</td></tr>")
+                        f"<td style=\"text-align:left{nowrap}\">{html.escape(text)}</td></tr>")
         return (f"<table><caption>HeadPlan {html.escape(str(self.head))}: "
                 f"{html.escape(self.method)} ({html.escape(self.algorithm)})</caption>"
                 f"<tbody>{''.join(rows)}</tbody></table>")
@@ -226,10 +234,13 @@ class AttentionInfo:
                 ("memory_fast", "predicted memory fast"), ("reason", "reason")]
         left = {"head", "method", "algorithm", "reason"}
 
-        def style(name):
-            return f' style="text-align:{"left" if name in left else "right"}"'
+        def style(name, cell=True):
+            # numbers and head indices never wrap (a narrow column would break "2.49e-04"
+            # after the "-"); the headers and reasons may
+            return (f' style="text-align:{"left" if name in left else "right"}'
+                    f'{";" + _NOWRAP if cell and (name not in left or name == "head") else ""}"')
 
-        head = "".join(f"<th{style(c)}>{html.escape(t)}</th>" for c, t in cols)
+        head = "".join(f"<th{style(c, cell=False)}>{html.escape(t)}</th>" for c, t in cols)
         body = []
         for h in _elide(self.heads, self.html_rows):
             if h is None:
@@ -419,6 +430,15 @@ def _bytes(n):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
+
+
+#: CSS of the numeric cells of the HTML tables: a number is never broken across lines.
+_NOWRAP = "white-space:nowrap"
+
+
+def _numeric(v):
+    """Whether a field value is shown as a number (its HTML cell must not wrap)."""
+    return isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_))
 
 
 def _cell(name, v):

@@ -16,7 +16,10 @@ aborts on concurrent ones. :func:`show_config` prints what runs.
 what :func:`set_workers` set in this thread), a positive int that many threads,
 a negative int counts from ``os.cpu_count()`` (-1: all cores); it maps onto
 numba's per-thread ``set_num_threads`` (at most ``NUMBA_NUM_THREADS``, the cores)
-and scipy.fft's ``workers``.
+and scipy.fft's ``workers``. A count above the cores available to the process is
+accepted, as scipy.fft accepts it, and clamped to those cores (numba's pool has no
+more threads, and results are the same for any count): ``set_workers(64)`` on 2
+cores gives ``get_workers() == 2``.
 
 Inside the tasks, BLAS (the GEMMs numba's ``np.dot`` hands to scipy's OpenBLAS)
 runs on one thread, so ``workers`` threads never become ``workers × BLAS
@@ -57,6 +60,13 @@ def _cpu_count():
 def resolve_workers(workers: int | None = None) -> int:
     """Number of threads for ``workers`` (scipy.fft's meaning, see module doc).
 
+    A positive count above the cores available to this process (its CPU affinity,
+    else ``os.cpu_count()``) is clamped to those cores, without a warning:
+    scipy.fft accepts such a count silently (it then oversubscribes), numba's
+    thread pool cannot exceed ``NUMBA_NUM_THREADS`` (the cores), and numbarope's
+    results do not depend on the count. The clamped value is what
+    :func:`get_workers`, :func:`set_workers` and ``workers=`` report and use.
+
     Raises
     ------
     TypeError
@@ -73,9 +83,9 @@ def resolve_workers(workers: int | None = None) -> int:
             workers = int(workers)
         else:
             raise TypeError(f"workers must be an int or None, got {workers!r}")
-    if workers > 0:
-        return workers
     ncpu = _cpu_count()
+    if workers > 0:
+        return min(workers, ncpu)
     if workers == 0:
         raise ValueError("workers=0 is not allowed; use a positive count, or a negative "
                          "one counted from the number of cores (-1: all cores)")
@@ -97,7 +107,8 @@ def set_workers(workers: int | None) -> contextlib.AbstractContextManager[None]:
 
     Like ``scipy.fft.set_workers``: thread-local, restored on exit; use it in a
     ``with`` statement (a bare call changes nothing). ``workers`` is checked when
-    it is called (TypeError/ValueError as ``workers=`` of rope_attention).
+    it is called (TypeError/ValueError as ``workers=`` of rope_attention); a count
+    above the available cores is clamped to them (:func:`resolve_workers`).
 
     Examples
     --------

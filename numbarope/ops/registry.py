@@ -55,7 +55,9 @@ REASONS = {
     "no-visible-key": "no query sees any key; every output row is 0",
     # why the fast path cannot serve a head
     "degree-limit": "the logits are too large: no polynomial of allowed degree "
-                    "approximates exp to eps on [-R, R]",
+                    "certifies exp to eps on [-R, R] (beyond a radius set by eps, about "
+                    "13 at eps=1e-3, none of any degree does: the float64 rounding of "
+                    "the polynomial grows like e^(2R))",
     "feature-limit": "the polynomial needs more features than allowed (head_dim and "
                      "degree too large)",
     "memory-limit": "the fast path would need more memory than allowed",

@@ -154,6 +154,9 @@ OPTION_CASES = [
      rf"degree={_config.MAX_DEGREE + 1}.*\[0, {_config.MAX_DEGREE}\]"),
     (dict(degree=3.0), TypeError, r"degree.*int"),
     (dict(degree=True), TypeError, r"degree.*int"),
+    # new-user report: degree= with method="exact" was silently ignored
+    (dict(degree=3, method="exact"), ValueError, r"degree=3.*method='exact' uses none"),
+    (dict(degree=0, method="exact"), ValueError, r"degree=0.*method='exact'"),
     (dict(method="slow"), ValueError, r"method='slow'.*'auto', 'exact', 'fast'"),
     (dict(method=None), ValueError, r"method=None.*'auto', 'exact', 'fast'"),
     (dict(approx="pade"), ValueError, r"approx='pade'.*'chebyshev', 'taylor'"),

@@ -80,6 +80,47 @@ def test_max_degree_is_read_at_plan_time(monkeypatch):
     monkeypatch.setattr(_config, "MAX_DEGREE", 2)
     h = plan_head(_spec(R=2.0), **AUTO)
     assert (h.method, h.code) == ("exact", "degree-limit")
+    # here the degree limit is the cause, and the text says so (a higher one would help)
+    assert "> MAX_DEGREE=2" in h.reason and "would not help" not in h.reason
+
+
+@pytest.mark.parametrize("R, n", [(30.0, 8192), (56.3, 8192), (30.0, 256)])
+def test_beyond_the_rounding_floor_no_degree_is_blamed_on_max_degree(R, n, monkeypatch):
+    """New-user report: 'degree >= 25 needed at R = 56.3 > MAX_DEGREE = 24' read as if a
+    higher limit would help; beyond R ~ 13 at eps=1e-3 no degree certifies (float64
+    rounding grows like e^(2R)). Same code, the real cause in the text, for auto (also at
+    a short n, where the screen used to call it 'exact cheaper') and fast."""
+    from numbarope._pipeline.plan import _floor_radius
+    h = plan_head(_spec(n=n, R=R), **AUTO)
+    assert (h.method, h.code) == ("exact", "degree-limit"), h.reason
+    with pytest.raises(FastPathError) as e:
+        plan_head(_spec(n=n, R=R), **FAST)
+    assert e.value.code == "degree-limit"
+    r_floor = _floor_radius(0.9e-3 / 2.001, "chebyshev")
+    for text in (h.reason, e.value.detail):
+        assert "no degree at all certifies eps=0.001" in text, text
+        assert "would not help" in text and "MAX_DEGREE=24" in text
+        assert f"every R > {r_floor:.3g}" in text
+        assert "feature limit" not in text              # E = 4: features do not bind
+    # the claim holds: just beyond that radius even a higher limit certifies nothing
+    assert 12 < r_floor < 14
+    monkeypatch.setattr(_config, "MAX_DEGREE", 40)
+    with pytest.raises(ValueError, match="cannot certify"):
+        nr.exp_approximation(r_floor * 1.01, eps=0.9e-3 / 2.001)
+
+
+def test_fast_refusal_names_the_feature_limit_at_a_large_head_dim():
+    """New-user report: at head_dim 64, method='fast' blamed the degree limit where the
+    feature count C(64+g, g) (degree <= 4 under MAX_FEATURES) is the limit."""
+    with pytest.raises(FastPathError) as e:
+        plan_head(_spec(E=64, R=13.8), **FAST)
+    text = str(e.value)
+    assert e.value.code == "degree-limit"                   # the code is unchanged
+    assert "at head_dim 64 the feature limit allows degree <= 4 only" in text, text
+    assert "features at degree 5 > MAX_FEATURES=2e+06" in text
+    assert text.index("feature limit") < text.index("MAX_DEGREE")
+    # auto's screen: the same head is a feature limit, as before
+    assert plan_head(_spec(E=64, R=13.8), **AUTO).code == "feature-limit"
 
 
 @pytest.mark.parametrize("E", [64, 256])

@@ -105,7 +105,7 @@ def test_repr_leaves_out_the_middle_of_many_heads():
 def test_html_table_is_escaped(mixed):
     html = mixed._repr_html_()
     assert html.count("<table>") == 1 and html.count("<tr>") == 1 + 2
-    assert "fast infeasible: degree &gt;=" in html           # the reason, escaped
+    assert "fast infeasible: " in html and "every R &gt; " in html   # the reason, escaped
     evil = dataclasses.replace(mixed.heads[0], reason="<script>alert(1)</script> & co",
                                algorithm="<evil>")
     info = AttentionInfo([evil], (1,))
@@ -151,3 +151,36 @@ def test_to_dataframe_without_pandas(mixed, monkeypatch):
     monkeypatch.setitem(sys.modules, "pandas", None)       # import pandas -> ImportError
     with pytest.raises(ImportError, match="pip install pandas"):
         mixed.to_dataframe()
+
+
+def test_headplan_repr_prints_plain_numbers(mixed):
+    """New-user report: the dataclass repr showed ``error_bound=np.float64(4.07e-05)``."""
+    h = dataclasses.replace(mixed.heads[0], error_bound=np.float64(4.5e-05),
+                            radius=np.float64(0.25), degree=np.int64(2), features=np.int64(15),
+                            rounding=np.float32(0.5), head=(np.int64(0),))
+    text = repr(h)
+    assert "np." not in text and "float64(" not in text and "int64(" not in text, text
+    assert text.startswith("HeadPlan(head=(0,), method='fast'")
+    assert "error_bound=4.5e-05" in text and "degree=2," in text and "rounding=0.5," in text
+    assert "coef=" not in text                     # repr=False, as before
+    # every real plan: no numpy scalar type in the repr
+    assert all("np." not in repr(hp) for hp in mixed.heads)
+
+
+def test_html_numbers_do_not_wrap(mixed):
+    """New-user report: narrow HTML cells broke '2.49e-04' into '2.49e-' / '04'."""
+    import re
+    html = mixed._repr_html_()
+    cells = re.findall(r'<td style="([^"]*)">([^<]*)</td>', html)
+    numeric = [(style, text) for style, text in cells
+               if re.fullmatch(r"[-+0-9.e]+( [KMG]?i?B)?", text)]
+    assert numeric and all("white-space:nowrap" in style for style, _ in numeric), numeric
+    # the reason column still wraps; the headers too
+    reasons = [style for style, text in cells if text.startswith("fast")]
+    assert reasons and not any("nowrap" in s for s in reasons)
+    assert "nowrap" not in "".join(re.findall(r"<th[^>]*>", html))
+    head_html = mixed.heads[0]._repr_html_()
+    bound = re.search(r'<th[^>]*>error_bound</th><td style="([^"]*)">', head_html)
+    assert bound and "white-space:nowrap" in bound[1]
+    method = re.search(r'<th[^>]*>method</th><td style="([^"]*)">', head_html)
+    assert method and "nowrap" not in method[1]

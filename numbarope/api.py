@@ -124,7 +124,9 @@ _COMMON_DOC = """
         batch dims); default: ``s·max‖q‖·max_t‖W_t‖₂·max‖k‖``. Positions and bias
         do not enter R (bias is exact in the algorithm). A radius below the true
         one voids the certificate of the fast path (the exact path's bound always
-        uses the computed radius).
+        uses the computed radius): one below a logit of the call's diagonal or of a
+        sample of its visible pairs (evenly spaced rows and keys, the largest norms)
+        is refused (``ValueError``); ``verify=`` checks rows beyond that sample.
     enable_gqa : bool, optional
         Grouped-query / multi-query attention, as torch SDPA: query has Hq heads
         on axis -3, key and value Hkv with Hq % Hkv == 0; query head h reads
@@ -331,7 +333,7 @@ def plan(query: Any, key: Any, value: Any, *, rotary: Rotary | bool | None = Non
                         enable_gqa=enable_gqa, query_offset=query_offset,
                         causal_alignment=causal_alignment,
                         key_padding_mask=key_padding_mask, positions=positions,
-                        softcap=validate_softcap(softcap))
+                        softcap=validate_softcap(softcap), rotate=False)
     _, pl = plan_problem(p, method=method, eps=eps_f, degree=degree, approx=approx,
                          radius=radius, grad=requires_grad(query, key, value))
     return AttentionInfo(list(pl.heads), p.batch_shape, eps_f)

@@ -49,7 +49,7 @@ def test_gqa_sharing_keeps_every_bound_with_unequal_radii():
     own = numbarope.plan(q, np.repeat(k, 3, axis=0), np.repeat(v, 3, axis=0), rotary=True,
                          method="fast", eps=1e-4)
     for h, o in zip(info.heads, own.heads):     # a shared polynomial covers each radius
-        assert h.radius >= o.radius
+        assert h.radius >= o.radius * (1 - 1e-12)   # (plan() reads unrotated norms)
     shared = [h for h in info.heads if h.shared_heads > 1]
     for h in shared:
         peers = [g for g in shared if g.head[0] // 3 == h.head[0] // 3 and g.degree == h.degree]

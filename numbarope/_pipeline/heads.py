@@ -160,8 +160,71 @@ def _radii(p, radius, qnorms, knorms):
             raise ValueError(f"radius has shape {r.shape}, which does not broadcast to the "
                              f"batch (head) dims {p.batch_shape}; give one radius per "
                              f"head or a scalar") from None
+        low, where = _radius_floor(p)
+        bad = np.flatnonzero(R < low * (1 - 1e-12))
+        if bad.size:
+            b = int(bad[0])
+            i, j = where[b]
+            head = tuple(int(x) for x in np.unravel_index(b, p.batch_shape))
+            raise ValueError(
+                f"radius={R[b]:.6g} is below a logit of this call: |s·q_iᵀk_j| = "
+                f"{low[b]:.6g} at query {i}, key {j} of head {head}; radius= must bound "
+                f"every logit (R >= max|s·q_iᵀW k_j|), or the fast path's certificate is "
+                f"void. Omit radius= (numbarope computes a proven one) or pass a larger one")
         R1 = np.maximum(R1, R)
     return R, R1, computed, computed1
+
+
+#: Query rows and keys sampled per head by :func:`_radius_floor` (plus the diagonal
+#: and the rows/keys of largest norm).
+_FLOOR_SAMPLE = 48
+
+
+def _radius_floor(p):
+    """A free lower bound of each head's true logit radius: ``max |s·q_iᵀW k_j|`` over
+    a sample of the pairs it sees — the diagonal, evenly spaced rows and keys, and the
+    rows and keys of largest norm — and where it was attained. A caller's ``radius=``
+    below it is certainly wrong (issue 24: a too small radius silently voided the
+    certificate)."""
+    B = p.q.shape[0]
+    low = np.zeros(B)
+    where = [(0, 0)] * B
+    if p.n == 0 or p.S == 0:
+        return low, where
+    # unrotated (planning only): only the diagonal pairs, where the query and its key
+    # sit at one position and the rotation cancels, have their true logits
+    diagonal = p.unrotated
+    lo, hi = (p.key_ranges if p.key_ranges is not None else
+              (np.zeros(p.n, np.int64), np.full(p.n, p.S, np.int64)))
+    for b in range(B):
+        q = p.q[b]
+        k = p.k[p.kvidx[b]]
+        rows = np.unique(np.concatenate([
+            np.linspace(0, p.n - 1, min(p.n, _FLOOR_SAMPLE)).astype(np.int64),
+            [int(np.argmax(np.einsum("ie,ie->i", q, q)))]]))
+        keys = np.unique(np.concatenate([
+            np.linspace(0, p.S - 1, min(p.S, _FLOOR_SAMPLE)).astype(np.int64),
+            [int(np.argmax(np.einsum("je,je->j", k, k)))],
+            np.clip(rows + p.offset, 0, p.S - 1)]))            # the diagonal
+        qs, ks = q[rows].astype(np.float64), k[keys].astype(np.float64)
+        if p.relative is None:
+            x = qs @ ks.T
+        else:                       # q_iᵀ W_t k_j, W stored at t = i − j + S − 1
+            W = p.relative[p.ridx[b]][rows[:, None] - keys[None, :] + p.S - 1]
+            x = np.einsum("ie,ijef,jf->ij", qs, W, ks)
+        x = np.abs(p.scale * x)
+        seen = (keys[None, :] >= lo[rows][:, None]) & (keys[None, :] < hi[rows][:, None])
+        if p.kmask is not None:
+            seen &= np.isfinite(p.kmask[p.kidx[b]][keys])[None, :]
+        if p.bias is not None:
+            seen &= np.isfinite(p.bias[p.bidx[b]][rows[:, None] - keys[None, :] + p.S - 1])
+        if diagonal:
+            seen &= keys[None, :] == rows[:, None] + p.offset
+        x = np.where(seen & np.isfinite(x), x, 0.0)
+        if x.size:
+            r, c = np.unravel_index(int(np.argmax(x)), x.shape)
+            low[b], where[b] = float(x[r, c]), (int(rows[r]), int(keys[c]))
+    return low, where
 
 
 #: Logit bounds (s·Σ|q_e k_e|) above which a compute dtype could overflow in the

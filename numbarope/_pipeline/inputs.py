@@ -461,7 +461,8 @@ class Problem:
     int64, the keys each query row may see at most, or None. ``dtype``: the numpy
     dtype of the result; ``out_unit``: its unit roundoff (0 for float64);
     ``precision``: the requested compute precision (None: from the inputs);
-    ``rotated``: q and k were rotated here (their rotation error is in the bound).
+    ``rotated``: q and k were rotated here (their rotation error is in the bound);
+    ``unrotated``: they should be, but were not (planning only, ``rotate=False``).
     """
 
     q: np.ndarray
@@ -484,6 +485,7 @@ class Problem:
     precision: str | None
     rotated: bool
     softcap: float | None = None
+    unrotated: bool = False
 
     @property
     def batch_shape(self):
@@ -531,10 +533,13 @@ def _typed_bias(bias, is_causal, L, S, off):
 def make_problem(query, key, value, *, rotary=None, relative=None, bias=None,
                  is_causal=False, scale=None, precision=None, enable_gqa=False,
                  query_offset=None, causal_alignment="top_left", key_padding_mask=None,
-                 positions=None, softcap=None):
+                 positions=None, softcap=None, rotate=True):
     """Validate and prepare one call: ``(Problem, torch dtype name of the result or
     None)``. Options other than arrays are checked by the caller
-    (:func:`validate_options`); raises as :func:`numbarope.rope_attention`."""
+    (:func:`validate_options`); raises as :func:`numbarope.rope_attention`.
+    ``rotate=False`` (:func:`numbarope.plan`): the rotation is validated but not
+    applied — every fact the planner uses (norms, hence radii; values, masks) is the
+    same without it, and rotating costs time and float64 copies (``Problem.unrotated``)."""
     validate_flag(is_causal, "is_causal")
     if rotary is not None and relative is not None:
         raise ValueError("rotary and relative are exclusive: pass a rotary embedding "
@@ -617,6 +622,9 @@ def make_problem(query, key, value, *, rotary=None, relative=None, bias=None,
     if bia is not None and structure is None:
         _check_finite(bia, "bias", allow_neg_inf=True)
     s = 1.0 / np.sqrt(E) if scale is None else float(scale)
+    unrotated = rotary is not None and not rotate
+    if unrotated:
+        rotary, pos = None, None
     q, k = _rotate(q, k, rotary, pos, n, S, E, off)
     # storage: float64 where a rotation was computed (the fast path needs its float64
     # values) or an input is float64; float32 otherwise (no copies on the float32 path)
@@ -665,7 +673,8 @@ def make_problem(query, key, value, *, rotary=None, relative=None, bias=None,
                 causal=bool(is_causal), key_ranges=ranges, scale=s, shapes=sh,
                 dtype=np.dtype(dtype), out_unit=float(out_unit),
                 precision=None if precision is None else str(precision),
-                rotated=rotary is not None, softcap=validate_softcap(softcap))
+                rotated=rotary is not None or unrotated, softcap=validate_softcap(softcap),
+                unrotated=unrotated)
     return p, out_torch
 
 

@@ -44,6 +44,7 @@ def test_one_spec_per_head_with_its_sizes_radius_and_values():
 
 def test_a_given_radius_replaces_the_computed_one():
     q, k, v = _qkv(B=2)
+    q = q * 1e-3                        # logits below 0.25: a true (loose) bound
     _, f = _facts(q, k, v, radius=[0.25, 40.0])
     assert [h.radius for h in f.specs] == [0.25, 40.0]
     assert all(h.radius_given and h.radius1 >= h.radius for h in f.specs)
@@ -156,3 +157,48 @@ def test_separable_head_spec_matches_head_facts():
         assert (sep.n, sep.S, sep.E, sep.Ev, sep.radius, sep.vmax) == \
             (h.n, h.S, h.E, h.Ev, h.radius, h.vmax)
         np.testing.assert_allclose(sep.exact_bound, h.exact_bound, rtol=1e-12)
+
+
+def test_radius_below_a_visible_logit_is_refused():
+    # issue 24: radius= below the true logit bound voided the certificate silently
+    import numbarope as nr
+    rng = np.random.default_rng(40)
+    q, k, v = (rng.standard_normal((2, 200, 8)) for _ in range(3))
+    R = nr.plan(q, k, v).radius
+    with pytest.raises(ValueError, match=r"radius=1 is below a logit of this call"):
+        nr.rope_attention(q, k, v, radius=1.0)
+    with pytest.raises(ValueError, match=r"head \(1,\)"):
+        nr.plan(q, k, v, radius=[R[0], 0.5])
+    nr.rope_attention(q, k, v, radius=R)                 # a true bound is accepted
+    # keys no query sees (padding, after the causal cut) do not count
+    k2 = k.copy()
+    k2[:, 150] *= 1e3
+    kpm = np.ones((2, 200), bool)
+    kpm[:, 150] = False
+    small = float(nr.plan(q, k, v).radius.max()) * 1.01
+    nr.plan(q, k2, v, radius=small, key_padding_mask=kpm)
+    k3 = k.copy()
+    k3[:, -1] *= 1e3                                      # seen by the last query only
+    nr.plan(q[:, :100], k3, v, radius=small, is_causal=True)
+
+
+def test_plan_does_not_rotate_but_plans_the_same():
+    # issue 24: plan(rotary=) rotated (4 s and 2 GB more at n = 2^20, E = 64) though
+    # nothing it reports depends on the rotation
+    import numbarope as nr
+    from numbarope._pipeline.inputs import make_problem
+    rng = np.random.default_rng(41)
+    q, k, v = (rng.standard_normal((3, 300, 8)) * 0.3 for _ in range(3))
+    planned = nr.plan(q, k, v, rotary=True, is_causal=True)
+    _, run = nr.rope_attention(q, k, v, rotary=True, is_causal=True, return_info=True)
+    for name in ("method", "algorithm", "degree"):
+        np.testing.assert_array_equal(getattr(planned, name), getattr(run, name))
+    for name in ("radius", "error_bound"):         # norms rounded without the rotation
+        np.testing.assert_allclose(getattr(planned, name), getattr(run, name), rtol=1e-12)
+    p, _ = make_problem(q, k, v, rotary=True, rotate=False)
+    assert p.unrotated and p.rotated and p.q.dtype == np.float64
+    np.testing.assert_array_equal(p.q, q)                 # not rotated
+    # a radius below a diagonal logit is still refused without the rotation
+    R = float(np.max(np.abs(np.einsum("bie,bie->bi", q, k)))) / np.sqrt(8)
+    with pytest.raises(ValueError, match="below a logit"):
+        nr.plan(q, k, v, rotary=True, radius=R / 2)

@@ -39,11 +39,30 @@ def test_run_plan_runs_the_plan_and_verify_writes_only_the_report():
     assert np.abs(out.reshape(ref.shape) - ref).max() <= max(h.error_bound for h in heads)
 
 
+def _hidden_large_logit(n=500, E=4):
+    """Small logits everywhere but one pair (row 1, key 1) that the radius floor's
+    sample (evenly spaced rows and keys, the largest norms, the diagonal of the
+    sampled rows) does not hold: s·q₁ᵀk₁ = 8, every other |logit| < 0.5."""
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal((n, E)) * 0.05
+    k = rng.standard_normal((n, E)) * 0.05
+    q[:, 0] = k[:, 0] = 0.0
+    q[0, 1] = k[0, 2] = 5.0                 # the largest norms, orthogonal to e₀
+    q[1] = k[1] = 0.0
+    q[1, 0] = k[1, 0] = 4.0                 # s = 1/2: the logit 8
+    v = rng.standard_normal((n, 2))
+    return q, k, v
+
+
 def test_radius_too_small_warns_when_verify_sees_it():
-    """New-user findings."""
+    """New-user findings. A radius below a logit the floor samples is refused
+    (tests/pipeline/test_heads.py); one below a logit it misses is caught by verify=."""
     q, k, v = _qkv(s=2.0)
-    with pytest.warns(RuntimeWarning, match="radius"):
+    with pytest.raises(ValueError, match="below a logit"):
         nr.rope_attention(q, k, v, rotary=True, method="fast", radius=0.01, verify=8)
+    q, k, v = _hidden_large_logit()
+    with pytest.warns(RuntimeWarning, match="radius"):
+        nr.rope_attention(q, k, v, method="fast", radius=0.5, verify=500)
 
 
 def test_verify_warning_names_the_real_cause():
@@ -54,15 +73,12 @@ def test_verify_warning_names_the_real_cause():
     k = rng.standard_normal((6, 4)) * 0.5
     v = rng.standard_normal((6, 2))
     # a radius given too small: the warning names the given radius
-    big = q * 20
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        try:
-            nr.rope_attention(big, k * 20, v, method="fast", radius=0.05, eps=1e-3, verify=6)
-        except ValueError:
-            pytest.skip("fast refused")
+        nr.rope_attention(*_hidden_large_logit(), method="fast", radius=0.5, eps=1e-3,
+                          verify=500)
     msgs = [str(w.message) for w in rec if issubclass(w.category, RuntimeWarning)]
-    assert msgs and "radius=0.05 given for this head" in msgs[0]
+    assert msgs and "radius=0.5 given for this head" in msgs[0]
     # no radius given: no warning on the reported input (the exact path is right now)
     bias = np.full(11, np.finfo(np.float32).min)
     with warnings.catch_warnings():

@@ -6,8 +6,10 @@ Build (from the repository root, after ``pip install ".[docs]"``)::
 
 API pages come from the numpydoc docstrings (autodoc); the pages of the guide
 include sections of README.md (one source of the text); the notebooks in
-``notebooks/`` (``docs/notebooks`` is a link to that folder) are rendered by
-myst-nb as stored, without executing them.
+``notebooks/`` (``docs/notebooks`` is a link to that folder) are executed by
+myst-nb at their default (small) sizes while the site is built, so the pages show
+every figure; results are cached (``docs/_build/.jupyter_cache`` by default, keyed on
+the notebook's code), so a rebuild re-runs only the notebooks that changed.
 """
 
 import os
@@ -46,9 +48,12 @@ autodoc_mock_imports = ["torch", "transformers"]
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
 
-# myst-nb: render the notebooks as stored (they are stored without outputs; the test
-# suite executes them), never execute them while building the site
-nb_execution_mode = "off"
+# myst-nb: the notebooks are stored without outputs; execute them while building
+# (cached per notebook), fail the build on an error, at most 10 minutes per cell
+nb_execution_mode = "cache"
+nb_execution_raise_on_error = True
+nb_execution_timeout = 600
+nb_execution_show_tb = True
 myst_enable_extensions = ["dollarmath"]
 # README.md's sections are included into pages under their own titles, so their
 # heading levels start at ### in places

@@ -67,4 +67,11 @@ def test_guide_pages_and_notebooks(site):
     assert "Alman" in _text(site / "index.html")
     assert "When the fast path pays" in _text(site / "guide.html")
     for nb in NOTEBOOKS:
-        assert (site / "notebooks" / f"{nb.stem}.html").exists(), nb.name
+        page = site / "notebooks" / f"{nb.stem}.html"
+        assert page.exists(), nb.name
+        # executed while building (issue 24): every notebook page shows its figures
+        # (matplotlib's PNG outputs) and its printed results, and no error output
+        raw = page.read_text(encoding="utf-8")
+        assert re.search(r'<img[^>]+src="[^"]*\.png"', raw), f"{nb.name}: no figure"
+        assert "cell_output" in raw, f"{nb.name}: no outputs"
+        assert "Traceback" not in raw, f"{nb.name}: an error output"

@@ -19,7 +19,8 @@ import numpy as np
 
 from ._exp import EXP_ULPS
 
-__all__ = ["rounding_term", "recurrence_rounding", "gradient_bound", "DECAY_CUT"]
+__all__ = ["rounding_term", "recurrence_rounding", "gradient_bound", "causal_gradient_bound",
+           "DECAY_CUT"]
 
 _U = 2.0 ** -53
 
@@ -371,3 +372,132 @@ def gradient_bound(q, k, v, dout, scale, coef, delta, *, key_mask=None, radius=N
         bv = Sinf * (cA * eP + _gamma(n + m + 10 * g + 8) * H / S)
     out = tuple(float(b) if np.isfinite(b) else np.inf for b in (bq, bk, bv))
     return out
+
+
+def causal_gradient_bound(q, k, v, dout, scale, coef, delta, *, offset=0, key_mask=None,
+                          radius=None, radius1=None):
+    r"""Certified bounds on the errors of :func:`numbarope.ops.prefix.prefix_backward`
+    against the EXACT causal softmax attention's gradients: :func:`gradient_bound` with
+    each row's own number of visible keys.
+
+    Parameters
+    ----------
+    q, k, v, dout, scale, coef, delta, key_mask, radius, radius1
+        As :func:`gradient_bound`.
+    offset : int, optional
+        Position of query 0: query i (position ``i + offset``) sees the real keys at
+        positions ``<= i + offset``, as the forward and the backward.
+
+    Returns
+    -------
+    (bq, bk, bv) : tuple of float
+        Bounds on ``max|dq − dq_exact|``, ``max|dk − dk_exact|``, ``max|dv − dv_exact|``
+        over all entries (``inf`` when void: ``δ + ρ >= 1``).
+
+    Notes
+    -----
+    A proof, in :func:`gradient_bound`'s model and notation, with every sum over keys
+    restricted to the ``S_i >= 1`` real keys row i sees (rows with ``S_i = 0`` have
+    exact and computed gradients 0 and take no part; n the other rows of all query
+    heads, ``S = max_i S_i``):
+
+    * *The forward's weights*: row i's computed denominator is within ``γ_k S_i P₁``
+      of ``Σ_j p(x_ij)`` (any association; a key of the row's own chunk, by Horner on
+      the rounded logit ``fl(q'·k')``, passes at most ``g(E + 4)`` roundings in the
+      logit's powers and ``2g + 1`` in Horner's rule (Higham §5.1) before the sum over
+      keys, no more than a feature route's ``10g + 6 + m``, as ``m >= 1 + gE``),
+      relative to ``Σ_j e^{x_ij} >= S_i e^{−R}``: the same ρ, ε, ε_P, e_o, e_Δ as
+      :func:`gradient_bound` with S.
+    * *Approximation*: per row unchanged, and ``A_ij <= c_i = 1/(1 + (S_i − 1)
+      e^{−2R})``; a key's sum over the rows that see it is at most the sum over all
+      rows (attained by the first real key, which every row sees):
+
+          dq: s κ_k min(N₁a₁, N₂a₂),   dk: s κ_q min(Σ_i c_i‖dO_i‖₁ a₁, Σ_i c_i‖dO_i‖₂ a₂),
+          dv: ε_P Σ_i c_i ‖dO_i‖_∞.
+
+    * *Rounding* (:func:`numbarope.ops.prefix.prefix_backward`): ``D̂_i >= (1 − ε) S_i
+      e^{−R}``, so ``S·P₁/D̂`` of :func:`gradient_bound` becomes ``S_i P₁/D̂_i <= H``
+      for dq and ``P₁/D̂_i <= H/S_i`` per row for dk, dv. Roundings per term, the state
+      route: features ``2(5g + 3)``; dq: ``fl(k'_je·[v_j, 1]_a)`` 3, the GEMM's product 1,
+      the sum over the keys of the prefix (blocks, chunks, any association) S − 1,
+      ``φ̂ᵀZ`` m, the row factor ``fl(fl(dO_ia·fl(1/D̂_i))·fl(√s))`` (or with Δ̂_i) 4, its
+      product 1, the sum over a Ev, the addition of the explicit part 1: ``k_q = S + m
+      + Ev + 10g + 15``; dk: ``fl(q'_ie·fl(dO_ia·fl(1/D̂_i)))`` 5, the product 1, the
+      sum over rows n − 1, ``ψ̂ᵀZq`` m, ``fl(√s)·[v_j, 1]_a`` 2, its product 1, the sum
+      over a Ev, the addition 1: ``k_k = n + m + Ev + 10g + 15``; dv: the row factor 2,
+      product 1, sum n − 1, m, the addition 1: ``k_v = n + m + 10g + 9``. The explicit
+      route (Horner on ``fl(q'·k')``: ``g(E + 6) + 1`` for the weight, ``Ev + 3`` for
+      ``fl(dO_i/D̂_i·v_j) − Δ̂_i/D̂_i``, 2 for ``fl(√s)``, 1 for the weight's product, 3
+      for ``k'`` (q'), at most ``min(C, S) − 1`` (n − 1) additions, the final 1) stays
+      below these counts since ``m >= 1 + gE``.
+
+    The returned bounds::
+
+        bq = s κ_k [min(N₁a₁, N₂a₂) + γ_{k_q}(2 + e_Δ) V H N₁]
+        bk = s κ_q [min(Σ c_i‖dO_i‖₁ a₁, Σ c_i‖dO_i‖₂ a₂) + γ_{k_k}(2 + e_Δ) V H Σ_i ‖dO_i‖₁/S_i]
+        bv = ε_P Σ_i c_i‖dO_i‖_∞ + γ_{k_v} H Σ_i ‖dO_i‖_∞/S_i
+
+    with κ_q over the rows that see a key, κ_k, V, ν, V₂ over the real keys. When every
+    row sees every real key the approximation parts equal :func:`gradient_bound`'s.
+    """
+    Q = np.asarray(q, dtype=np.float64)
+    E = Q.shape[-1]
+    L = Q.shape[-2]
+    Q = Q.reshape(-1, E)
+    K = np.asarray(k, dtype=np.float64)
+    V = np.asarray(v, dtype=np.float64)
+    Ev = V.shape[1]
+    dO = np.asarray(dout, dtype=np.float64).reshape(-1, Ev)
+    S_all = K.shape[0]
+    if key_mask is not None:
+        keep = np.asarray(key_mask, dtype=bool).reshape(S_all)
+    else:
+        keep = np.ones(S_all, bool)
+    cum = np.cumsum(keep, dtype=np.int64)
+    last = np.arange(L, dtype=np.int64) + int(offset)
+    lim = np.where(last < 0, 0, cum[np.clip(last, 0, S_all - 1)]) if S_all else \
+        np.zeros(L, np.int64)
+    lim = np.tile(lim, Q.shape[0] // max(L, 1))
+    act = lim > 0
+    K, V = K[keep], V[keep]
+    Q, dO, Si = Q[act], dO[act], lim[act].astype(np.float64)
+    n = Q.shape[0]
+    if K.shape[0] == 0 or n == 0:
+        return 0.0, 0.0, 0.0
+    S = int(Si.max())
+    coef = np.asarray(coef, dtype=np.float64)
+    g = len(coef) - 1
+    m = math.comb(E + g, g)
+    s = float(scale)
+    cs = s * float(np.linalg.norm(Q, axis=1).max()) * float(np.linalg.norm(K, axis=1).max())
+    R = cs if radius is None else float(radius)
+    R1 = cs if radius1 is None else float(radius1)
+    kq = float(np.abs(Q).max()) if E else 0.0
+    kk = float(np.abs(K).max()) if E else 0.0
+    Vm = float(np.abs(V).max()) if Ev else 0.0
+    nu = float((V.max(axis=0) - V.min(axis=0)).max()) if Ev else 0.0
+    r1 = np.abs(dO).sum(axis=1) if Ev else np.zeros(n)
+    r2 = np.linalg.norm(dO, axis=1) if Ev else np.zeros(n)
+    ri = np.abs(dO).max(axis=1) if Ev else np.zeros(n)
+    V2 = float(np.linalg.norm(V, axis=1).max()) if Ev else 0.0
+    rho = rounding_term(S + 8 * g + 4, m, coef, R, R1, delta)
+    eps = float(delta) + float(rho)
+    if not eps < 1:
+        return np.inf, np.inf, np.inf
+    eP = (float(delta) + eps) / (1 - eps)
+    eo = (1 + _U) * 2 * eps / (1 - eps) + _U
+    eD = eo + _gamma(Ev) * (1 + eo)
+    with np.errstate(over="ignore", invalid="ignore"):
+        P1 = float(np.sum(np.abs(coef) * min(R1, 1e300) ** np.arange(g + 1)))
+        H = P1 * np.exp(min(R, 700.0)) / (1 - eps)
+        ci = 1.0 / (1.0 + (Si - 1) * float(np.exp(-min(2 * R, 700.0))))
+        a1 = eP * nu + (1 + eP) * eD * Vm                  # per ‖dO_i‖₁
+        a2 = (2 * eP + (1 + eP) * eD) * V2                 # per ‖dO_i‖₂
+        N1, N2 = float(r1.max()), float(r2.max())
+        bq = s * kk * (min(N1 * a1, N2 * a2)
+                       + _gamma(S + m + Ev + 10 * g + 15) * (2 + eD) * Vm * H * N1)
+        bk = s * kq * (min(float(ci @ r1) * a1, float(ci @ r2) * a2)
+                       + _gamma(n + m + Ev + 10 * g + 15) * (2 + eD) * Vm * H
+                       * float(np.sum(r1 / Si)))
+        bv = eP * float(ci @ ri) + _gamma(n + m + 10 * g + 9) * H * float(np.sum(ri / Si))
+    return tuple(float(b) if np.isfinite(b) else np.inf for b in (bq, bk, bv))

@@ -66,7 +66,8 @@ from .._runtime.threads import parallel, prange_loop, resolve_workers, task_arra
 from ._features import (_features_block, _features_reduce, feature_recurrence,
                         feature_weights, monomial_table, n_features)
 
-__all__ = ["gemm_chunk", "prefix_chunk", "recurrence_chunk", "visible_keys",
+__all__ = ["gemm_chunk", "prefix_chunk", "recurrence_chunk", "backward_chunk",
+           "visible_keys",
            "key_side_state", "add_states", "base_memory", "scan_memory", "CHUNK"]
 
 _U = 2.0 ** -53
@@ -113,6 +114,29 @@ def recurrence_chunk(m, E, Ev, g):
         return int(CHUNK)
     c = 8.0 * math.sqrt(m * (Ev + 1) / (E + Ev + 2 * g + 3))
     return int(min(512, max(16, 16 * round(c / 16))))
+
+
+#: Bytes of one block of backward features (m × rows), kept next to its GEMM
+#: (:func:`backward_chunk`).
+BACKWARD_BLOCK_BYTES = 2 ** 21
+#: Least rows per backward block while its features fit in BACKWARD_MAX_BYTES: every
+#: block adds an m × width product to the state (or streams the state once), so
+#: blocks of few rows are memory-bound (m = 4845, width 272, one thread: 15 GF/s at 48
+#: rows, 25-27 GF/s at 256-512).
+BACKWARD_MIN_ROWS = 256
+BACKWARD_MAX_BYTES = 2 ** 24
+
+
+def backward_chunk(m, width):
+    """Rows per feature block of the fast backwards (gemm_backward,
+    prefix_backward): about
+    :data:`BACKWARD_BLOCK_BYTES` of features (m × rows) or of products
+    (rows × width), at least :data:`BACKWARD_MIN_ROWS` within
+    :data:`BACKWARD_MAX_BYTES`; a multiple of 8 in [8, 1024]."""
+    per_row = 8 * max(m, width, 1)
+    c = max(BACKWARD_BLOCK_BYTES // per_row,
+            min(BACKWARD_MIN_ROWS, BACKWARD_MAX_BYTES // per_row))
+    return int(min(1024, max(8, c - c % 8)))
 
 
 def _state_tasks(m, ev1, units):

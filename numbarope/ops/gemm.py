@@ -31,7 +31,7 @@ from .. import bias as _bias
 from .._runtime.threads import parallel, prange_loop, resolve_workers, task_array
 from ._common import (_FM, _check_state, _example_qkv, _key_states, _query_apply, _ranges,
                       _row_blocks, _Side, _setup, _shaped, _state_tasks, add_states,
-                      base_memory, gemm_chunk, key_side_state)
+                      backward_chunk, base_memory, gemm_chunk, key_side_state)
 from ._cost import COST_CONSTANTS
 from ._features import _features_block, n_features
 from .registry import Algorithm, register
@@ -201,28 +201,6 @@ register(Gemm())
 # any number of threads, and at most ``workers`` + 1 states in memory. The products
 # v ⊗ k' (and (dO/D) ⊗ q') are formed block by block next to their GEMM, never as an
 # n × Ev·E array.
-
-#: Bytes of one block of backward features (m × rows), kept next to its GEMM
-#: (:func:`backward_chunk`).
-BACKWARD_BLOCK_BYTES = 2 ** 21
-#: Least rows per backward block while its features fit in BACKWARD_MAX_BYTES: every
-#: block adds an m × width product to the state (or streams the state once), so
-#: blocks of few rows are memory-bound (m = 4845, width 272, one thread: 15 GF/s at 48
-#: rows, 25-27 GF/s at 256-512).
-BACKWARD_MIN_ROWS = 256
-BACKWARD_MAX_BYTES = 2 ** 24
-
-
-def backward_chunk(m, width):
-    """Rows per feature block of :func:`gemm_backward`: about
-    :data:`BACKWARD_BLOCK_BYTES` of features (m × rows) or of products
-    (rows × width), at least :data:`BACKWARD_MIN_ROWS` within
-    :data:`BACKWARD_MAX_BYTES`; a multiple of 8 in [8, 1024]."""
-    per_row = 8 * max(m, width, 1)
-    c = max(BACKWARD_BLOCK_BYTES // per_row,
-            min(BACKWARD_MIN_ROWS, BACKWARD_MAX_BYTES // per_row))
-    return int(min(1024, max(8, c - c % 8)))
-
 
 @njit(cache=True, nogil=True, fastmath=_FM)
 def _outer_rows(A, B, c, r0, r1, Y, with_a):

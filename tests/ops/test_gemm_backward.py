@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from numbarope import _config
-from numbarope.ops import gemm
+from numbarope.ops import _common, gemm
 from numbarope.ops._bounds import gradient_bound
 from numbarope.ops.registry import get
 from numbarope.ops.streaming import exact_attention, exact_backward
@@ -178,10 +178,10 @@ def test_workers_do_not_change_results(block_bytes, monkeypatch):
     out, den = gemm.gemm_attention(q, k, v, s, coef, key_mask=keep)
     one_block = gemm.gemm_backward(q, k, v, out, den, dO, s, coef, key_mask=keep, workers=1)
     if block_bytes is not None:
-        monkeypatch.setattr(gemm, "BACKWARD_BLOCK_BYTES", block_bytes)   # 8-row blocks
-        monkeypatch.setattr(gemm, "BACKWARD_MIN_ROWS", 8)
+        monkeypatch.setattr(_common, "BACKWARD_BLOCK_BYTES", block_bytes)   # 8-row blocks
+        monkeypatch.setattr(_common, "BACKWARD_MIN_ROWS", 8)
         monkeypatch.setattr(_config, "MAX_TASKS", 7)
-        assert gemm.backward_chunk(35, 3 * 4 + 4 + 3) == 8
+        assert _common.backward_chunk(35, 3 * 4 + 4 + 3) == 8
     res = [gemm.gemm_backward(q, k, v, out, den, dO, s, coef, key_mask=keep, workers=w)
            for w in (1, 2, 3, -1)]
     for r in res[1:]:

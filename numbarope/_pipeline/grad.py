@@ -15,6 +15,12 @@ a message when they require grad): bias arrays, relative matrices. Second
 derivatives raise (``once_differentiable``); an input changed in place after the
 forward makes backward raise, as torch's own operations do. Without a backward (refused when an input requires grad):
 ``method="fast"``, general relative matrices, rotary with per-row ``positions``.
+
+The same forward and backward, apart: :func:`exact_forward` returns what the
+backward needs as tensors (the unrounded output, the log-sum-exp, the precision) and
+:func:`exact_gradients` computes the gradients from them, for a caller whose autograd
+is its own (the ``torch.library`` operators of :mod:`numbarope.backends.torch_op`,
+which ``torch.compile`` traces without looking inside).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from ..rotary import Rotary
 from .._runtime.interop import is_torch, output_like
 from .inputs import make_problem, rotate_back
 
-__all__ = ["attention_with_grad"]
+__all__ = ["attention_with_grad", "exact_forward", "exact_gradients"]
 
 
 def _refuse(method, arrays):
@@ -59,24 +65,12 @@ def attention_with_grad(query, key, value, *, method, eps, degree, approx, radiu
                         workers, return_lse, return_info, attend, stacklevel, **arrays):
     """The pipeline's result for inputs that require grad: a differentiable torch
     tensor (see the module docstring); ``attend`` is the pipeline's plan-and-run."""
-    import torch
-
-    _refuse(method, arrays)
-    detached = [x.detach() if is_torch(x) else x for x in (query, key, value)]
-    p, out_torch = make_problem(*detached, **arrays)
-    out64, lse, info = attend(p, method=method, eps=eps, degree=None, approx=approx,
-                              radius=radius, verify=verify, workers=workers,
-                              stacklevel=stacklevel + 1, grad=True)
-    rotary = arrays.get("rotary")
-    rotary = Rotary() if rotary is True or rotary is np.True_ else (
-        None if rotary is False or rotary is np.False_ else rotary)
-    precisions = set(np.asarray(info.precision).ravel())
-    cd = np.dtype(np.float32 if precisions == {"float32"} else np.float64)
-    saved = dict(p=p, out=out64, lse=lse, cd=cd, rotary=rotary, workers=workers,
-                 shapes=tuple(tuple(x.shape) for x in (query, key, value)))
-    out = out64.reshape(p.batch_shape + (p.n, p.Ev)).astype(p.dtype, copy=False)
-    out_t = output_like(out, (out_torch,))
-    lse_t = output_like(lse.reshape(p.batch_shape + (p.n,)), ("float64",))
+    p, out64, lse, info, out_torch, cd = _forward(
+        query, key, value, method=method, eps=eps, approx=approx, radius=radius,
+        verify=verify, workers=workers, attend=attend, stacklevel=stacklevel + 1,
+        arrays=arrays)
+    saved = _saved(p, out64, lse, cd, arrays, workers, (query, key, value))
+    out_t, lse_t = _results(p, out64, lse, out_torch)
     result, lse_r = _ExactAttention.apply(query, key, value, out_t, lse_t, saved)
     res = (result,)
     if return_lse:
@@ -84,6 +78,125 @@ def attention_with_grad(query, key, value, *, method, eps, degree, approx, radiu
     if return_info:
         res += (info,)
     return res[0] if len(res) == 1 else res
+
+
+def exact_forward(query, key, value, *, method, eps, workers, stacklevel=3, **arrays):
+    """The forward :func:`attention_with_grad` computes, without the autograd Function:
+    for a caller that differentiates by itself with :func:`exact_gradients`
+    (:mod:`numbarope.backends.torch_op`, the operator ``torch.compile`` sees).
+
+    Parameters
+    ----------
+    query, key, value : torch.Tensor
+        As :func:`numbarope.rope_attention` (``requires_grad`` is not looked at).
+    method, eps, workers, **arrays
+        As :func:`numbarope._pipeline.attention`; ``method="auto"`` computes exactly,
+        as with inputs that require grad.
+
+    Returns
+    -------
+    out : (..., L, Ev) torch.Tensor
+        The result, as :func:`attention_with_grad` returns it (the inputs' promoted
+        dtype).
+    out64 : (..., L, Ev) torch.Tensor of float64
+        The same before its rounding to that dtype (what the backward reads), in
+        memory of its own.
+    lse : (..., L) torch.Tensor of float64
+        The rows' log-sum-exps (−inf on rows that see no key).
+    compute_dtype : numpy.dtype
+        float32 or float64: the exact path's precision, which the backward repeats.
+
+    Raises
+    ------
+    NotImplementedError
+        What has no backward (``method="fast"``, see the module docstring).
+    ValueError, TypeError
+        As :func:`numbarope.rope_attention`.
+    """
+    import torch
+
+    from . import attend  # the pipeline's plan-and-run (it imports this module)
+
+    p, out64, lse, _, out_torch, cd = _forward(
+        query, key, value, method=method, eps=eps, approx="chebyshev", radius=None,
+        verify=0, workers=workers, attend=attend, stacklevel=stacklevel + 1, arrays=arrays)
+    out, lse_t = _results(p, out64, lse, out_torch)
+    # a copy: float64 results are out64 itself, and the two are returned separately
+    out64_t = torch.from_numpy(out64.reshape(p.batch_shape + (p.n, p.Ev)).copy())
+    return out, out64_t, lse_t, cd
+
+
+def exact_gradients(query, key, value, out64, lse, grad, *, compute_dtype, workers,
+                    **arrays):
+    """The gradients of a call :func:`exact_forward` computed: what the backward of
+    :func:`attention_with_grad` returns for the same call (same bits).
+
+    Parameters
+    ----------
+    query, key, value : torch.Tensor
+        The forward's inputs, unchanged since.
+    out64, lse, compute_dtype
+        :func:`exact_forward`'s ``out64``, ``lse`` and ``compute_dtype``.
+    grad : (..., L, Ev) torch.Tensor
+        The gradient of the loss with respect to the forward's ``out``.
+    workers, **arrays
+        The forward's (without ``method`` and ``eps``).
+
+    Returns
+    -------
+    dquery, dkey, dvalue : torch.Tensor
+        Shaped like query, key and value, in their dtypes, C-contiguous.
+    """
+    detached = [x.detach() for x in (query, key, value)]
+    p, _ = make_problem(*detached, **arrays)
+    B = p.q.shape[0]
+    saved = _saved(p, out64.detach().numpy().reshape(B, p.n, p.Ev),
+                   lse.detach().numpy().reshape(B, p.n), np.dtype(compute_dtype), arrays,
+                   workers, (query, key, value))
+    grads = _backward(saved, grad, None, (True, True, True))
+    return tuple(_tensors(grads, [x.dtype for x in (query, key, value)]))
+
+
+def _forward(query, key, value, *, method, eps, approx, radius, verify, workers, attend,
+             stacklevel, arrays):
+    """The exact forward of a call whose gradients will be needed, refused first where
+    there is no backward: ``(Problem, out (B, n, Ev) float64, lse (B, n) float64,
+    AttentionInfo, the torch dtype name of the result, the compute dtype)``."""
+    _refuse(method, arrays)
+    detached = [x.detach() if is_torch(x) else x for x in (query, key, value)]
+    p, out_torch = make_problem(*detached, **arrays)
+    out64, lse, info = attend(p, method=method, eps=eps, degree=None, approx=approx,
+                              radius=radius, verify=verify, workers=workers,
+                              stacklevel=stacklevel + 1, grad=True)
+    precisions = set(np.asarray(info.precision).ravel())
+    cd = np.dtype(np.float32 if precisions == {"float32"} else np.float64)
+    return p, out64, lse, info, out_torch, cd
+
+
+def _saved(p, out64, lse, cd, arrays, workers, inputs):
+    """What :func:`_backward` reads of a forward."""
+    rotary = arrays.get("rotary")
+    rotary = Rotary() if rotary is True or rotary is np.True_ else (
+        None if rotary is False or rotary is np.False_ else rotary)
+    return {"p": p, "out": out64, "lse": lse, "cd": cd, "rotary": rotary,
+            "workers": workers, "shapes": tuple(tuple(x.shape) for x in inputs)}
+
+
+def _results(p, out64, lse, out_torch):
+    """The forward's result as the pipeline returns it (the inputs' promoted dtype) and
+    its lse, torch tensors."""
+    out = out64.reshape(p.batch_shape + (p.n, p.Ev)).astype(p.dtype, copy=False)
+    return (output_like(out, (out_torch,)),
+            output_like(lse.reshape(p.batch_shape + (p.n,)), ("float64",)))
+
+
+def _tensors(grads, dtypes):
+    """numpy gradients as torch tensors of the given dtypes (None stays None)."""
+    import torch
+
+    return [None if g is None or dt is None else
+            torch.from_numpy(np.ascontiguousarray(g)).to(dt)
+            for g, dt in zip(grads, dtypes)]
 
 
 def _backward(saved, grad, grad_lse, needs):
@@ -160,11 +273,7 @@ def _function():
             if grad is None and grad_lse is None:
                 return (None,) * 6
             grads = _backward(ctx.saved, grad, grad_lse, needs)
-            res = []
-            for gr, dt in zip(grads, ctx.dtypes):
-                res.append(None if gr is None or dt is None else
-                           torch.from_numpy(np.ascontiguousarray(gr)).to(dt))
-            return (*res, None, None, None)
+            return (*_tensors(grads, ctx.dtypes), None, None, None)
 
     return ExactAttention
 

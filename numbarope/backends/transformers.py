@@ -47,9 +47,23 @@ Training: with tensors that require grad the layer's result is differentiable
 computes exactly then, ``method="fast"`` is refused), so ``loss.backward()`` gives
 the gradients ``"sdpa"`` gives.
 
-Logit soft-capping (``softcap``, Gemma 2) goes to ``softcap=`` (exact path).
+Logit soft-capping (``softcap``, Gemma 2) goes to ``softcap=`` (exact, or the fast
+path with a polynomial of ``exp(c·tanh(x/c))`` where that is certified and cheaper).
 Not supported (``NotImplementedError``): dropout > 0, attention sinks
 (``s_aux``), a ``position_bias`` (T5-style).
+
+torch.compile: ``torch.compile(model, fullgraph=True)`` works. While the compiler
+traces, :func:`attention_forward` checks its arguments in Python (shapes only) and
+then calls :func:`numbarope.backends.torch_op.attention`: one opaque
+``torch.library`` operator per layer, with a fake implementation for the compiler.
+The mask's reading, the planner and the kernels run when the compiled code runs,
+and they run this module's eager code (``_compute``; with inputs that require grad
+the same exact forward, and numbarope's exact backward as the operator's
+autograd), so a compiled model computes what the uncompiled one does. One
+difference: the operators keep the masks they read by content, not by tensor
+identity, since compiled code reuses its buffers (inductor may write a full layer's
+mask into the tensor that held a sliding layer's). In eager mode the call goes
+straight to the pipeline, without the operator's dispatch (cheaper per call).
 """
 
 import threading
@@ -57,6 +71,7 @@ import warnings
 import weakref
 from types import MappingProxyType
 
+import numpy as np
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -228,6 +243,33 @@ def read_mask(mask):
     return result
 
 
+def _read_mask_by_content(mask):
+    """:func:`read_mask` for compiled code, which keeps the last masks by content.
+
+    Compiled code reuses its buffers: inductor writes a later mask (a full layer's)
+    into the tensor that held an earlier one (a sliding layer's) without moving a
+    version counter, and computes one mask again into a buffer per layer, so a
+    tensor's identity says nothing about its values. A boolean mask is kept as its
+    bits (``np.packbits``, an eighth of its bytes) with its reading: a mask read
+    before costs one pass to match, a new one the analysis. Other masks are analysed
+    at every call.
+    """
+    m = mask.detach()
+    if m.dtype != torch.bool:
+        return _analyse(mask)
+    bits = np.packbits(m.numpy())
+    kept = getattr(_cache, "by_content", None)
+    if kept is None:
+        kept = _cache.by_content = []
+    for shape, known, result in kept:
+        if shape == m.shape and np.array_equal(known, bits):
+            return result
+    result = _analyse(mask)
+    kept.insert(0, (m.shape, bits, result))
+    del kept[_KEPT:]
+    return result
+
+
 def _analyse(mask):
     if mask.ndim != 4:
         raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; expected a 4-D "
@@ -368,6 +410,12 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None,
     NotImplementedError
         dropout > 0, ``s_aux``, ``position_bias``, or a mask other than key padding
         with an optional causal part and sliding window (see :func:`read_mask`).
+
+    Notes
+    -----
+    Under ``torch.compile`` the attention is :func:`numbarope.backends.torch_op.attention`,
+    one operator the compiler does not trace into; the mask is then read, and refused,
+    when the compiled code runs.
     """
     if dropout:
         raise NotImplementedError(f"dropout={dropout}: numbarope's attention has no "
@@ -377,7 +425,9 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None,
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"{name} is not supported by numbarope's "
                                       f"transformers backend; use 'eager' or 'sdpa'")
-    if kwargs.get("output_attentions", False):
+    # (not while the compiler traces: dynamo cannot trace warnings.warn, and
+    # fullgraph=True would fail on it)
+    if kwargs.get("output_attentions", False) and not torch.compiler.is_compiling():
         warnings.warn("numbarope does not return attention weights "
                       "(output_attentions=True): attn_weights is None", stacklevel=2)
     if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
@@ -385,21 +435,14 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None,
                          f"(B, Hkv, S, Dv); got {tuple(query.shape)}, {tuple(key.shape)}, "
                          f"{tuple(value.shape)}")
     L, S = query.shape[2], key.shape[2]
-    options = _options                  # read once (register() may replace it)
-    args = dict(scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
-                method=options["method"], eps=float(options["eps"]),
-                precision=options["precision"],
-                workers=resolve_workers(options["workers"]))
-    if kwargs.get("softcap") is not None:      # Gemma 2's attn_logit_softcapping
-        args["softcap"] = float(kwargs["softcap"])
+    causal = False
     if attention_mask is None:
         # transformers skips the mask exactly where torch SDPA's is_causal is right
         # (top-left alignment); mirror its sdpa backend
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        if L > 1 and causal:
-            args["is_causal"] = True
-            if S > L:       # an empty static cache: the keys after the prompt are unused
-                key, value = key[:, :, :L], value[:, :, :L]
+        causal = bool(L > 1 and causal)
+        if causal and S > L:    # an empty static cache: the keys after the prompt are unused
+            key, value = key[:, :, :L], value[:, :, :L]
     else:
         if not isinstance(attention_mask, torch.Tensor):
             raise NotImplementedError(f"attention_mask of type {type(attention_mask).__name__}"
@@ -408,7 +451,63 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None,
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; "
                              f"expected (B, 1, {L}, {S}) for query {tuple(query.shape)} "
                              f"and key {tuple(key.shape)}")
-        offset, kpm, local = read_mask(attention_mask)
+    softcap = kwargs.get("softcap")        # Gemma 2's attn_logit_softcapping
+    if softcap is not None:
+        softcap = float(softcap)
+    if torch.compiler.is_compiling():
+        # one opaque operator for the compiler: it does not trace into the mask's
+        # reading and the planner (torch_op runs _compute below)
+        return torch_op.attention(query, key, value, attention_mask, scaling, causal,
+                                  softcap), None
+    return _compute(query, key, value, attention_mask, scaling, causal, softcap), None
+
+
+def _arguments(query, key, attention_mask, scaling, causal, softcap, read=read_mask):
+    """The keyword arguments of numbarope's pipeline for one checked call of
+    :func:`attention_forward`: the options (read once) and the mask, read.
+
+    Parameters
+    ----------
+    query, key : (B, Hq, L, D), (B, Hkv, S, D) torch.Tensor
+        As :func:`attention_forward` received them (key cut to L for an empty
+        static cache).
+    attention_mask : (B, 1, L, S) torch.Tensor of bool or float, or None
+        The mask; checked to be a 4-D tensor of the right (L, S).
+    scaling : float or None
+        Logit scale (None: ``1/sqrt(D)``).
+    causal : bool
+        Without a mask: whether the call is causal (top-left); ignored with one.
+    softcap : float or None
+        Logit soft-capping ``c·tanh(x/c)``.
+    read : callable, optional
+        Reads the mask: :func:`read_mask` (eager mode), or ``_read_mask_by_content``
+        (the operators of compiled code).
+
+    Returns
+    -------
+    dict
+        For :func:`numbarope._pipeline.attention`: scale, enable_gqa, method, eps,
+        precision, workers, and as needed is_causal, causal_alignment, query_offset,
+        bias (a :mod:`numbarope.bias` structure), key_padding_mask, softcap.
+
+    Raises
+    ------
+    NotImplementedError, ValueError
+        A mask :func:`read_mask` does not read.
+    """
+    L, S = query.shape[2], key.shape[2]
+    options = _options                  # read once (register() may replace it)
+    args = dict(scale=scaling, enable_gqa=query.shape[1] != key.shape[1],
+                method=options["method"], eps=float(options["eps"]),
+                precision=options["precision"],
+                workers=resolve_workers(options["workers"]))
+    if softcap is not None:
+        args["softcap"] = softcap
+    if attention_mask is None:
+        if causal:
+            args["is_causal"] = True
+    else:
+        offset, kpm, local = read(attention_mask)
         if local is not None:          # causal and local (window, chunks, packed)
             args["bias"] = local
             if offset:
@@ -421,11 +520,42 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None,
                 args["query_offset"] = offset
         if kpm is not None:
             args["key_padding_mask"] = kpm
+    return args
+
+
+def _compute(query, key, value, attention_mask, scaling, causal, softcap, read=read_mask):
+    """The attention of one checked call of :func:`attention_forward`: what it returns
+    in eager mode, and what the operator ``torch.compile`` sees runs
+    (:mod:`numbarope.backends.torch_op`).
+
+    Parameters
+    ----------
+    query, key, attention_mask, scaling, causal, softcap, read
+        As :func:`_arguments`.
+    value : (B, Hkv, S, Dv) torch.Tensor
+        Values.
+
+    Returns
+    -------
+    (B, L, Hq, Dv) torch.Tensor
+        Contiguous, the inputs' promoted dtype; differentiable when an input
+        requires grad (and grad mode is on).
+
+    Raises
+    ------
+    NotImplementedError, ValueError
+        As :func:`_arguments`; ``method="fast"`` with inputs that require grad.
+    """
     # the pipeline directly (options were checked by register()): the public
     # rope_attention would check them again on every layer of every step; inputs that
     # require grad get a differentiable result there
-    out = _attention(query, key, value, **args)
-    return out.transpose(1, 2).contiguous(), None
+    out = _attention(query, key, value,
+                     **_arguments(query, key, attention_mask, scaling, causal, softcap,
+                                  read))
+    return out.transpose(1, 2).contiguous()
 
+
+# after the functions it runs (it imports this module)
+from . import torch_op  # noqa: E402
 
 register()

@@ -112,6 +112,11 @@ def _attention_exact(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     require grad, and what its backward reads (see the module docstring)."""
     args = _hf._arguments(query, key, attention_mask, scaling, is_causal, softcap,
                           read=_hf._read_mask_by_content)
+    if isinstance(args.get("bias"), tuple):
+        raise NotImplementedError(
+            "chunked attention whose chunks start at different positions in different "
+            "batch rows (left padding of different lengths mod the chunk size) has no "
+            "compiled backward; train uncompiled, or pad the rows to equal lengths")
     out, out64, lse, cd = exact_forward(query, key, value, **args)
     return (out.transpose(1, 2).contiguous(), out64, lse,
             torch.tensor(cd == np.float64))

@@ -219,8 +219,10 @@ def read_mask(mask):
         None, or what cuts the causal mask further, at positions ``i + offset``:
         ``Window(W − 1, 0)``, query i sees at most the W keys ``i + offset − W < j
         <= i + offset`` (transformers' ``sliding_window=W``, the query's own key
-        included); ``Chunked(c)``, the keys of its own chunk of c positions (Llama
-        4's ``attention_chunk_size``); ``Packed(cu_seqlens)``, the keys of its own
+        included); ``Chunked(c, start)``, the keys of its own chunk of c positions (Llama
+        4's ``attention_chunk_size``; chunks counted from a row's first real token, so
+        a tuple of one ``Chunked`` per batch row when left padding differs between
+        rows modulo c); ``Packed(cu_seqlens)``, the keys of its own
         sequence (padding-free batches: ``position_ids`` that restart, transformers'
         ``DataCollatorWithFlattening``), the same in every batch row.
 
@@ -308,12 +310,27 @@ def _analyse(mask):
     window = causal & (j[None, :] > i[:, None] + offset - width)
     if 0 < width and bool(torch.equal(m, pad[..., None, :] & window)):
         return offset, _padding_or_none(pad), Window(width - 1, 0)
-    # chunks of c positions: the last row of a whole chunk sees c keys (width)
+    # chunks of c positions: the last row of a whole chunk sees c keys (width);
+    # transformers counts Llama 4's chunks from each row's first real token, so a
+    # left-padded row's chunks start at its padding length (mod c)
     if 0 < width:
         p = i[:, None] + offset
-        chunked = causal & (j[None, :] // width == p // width)
-        if bool(torch.equal(m, pad[..., None, :] & chunked)):
-            return offset, _padding_or_none(pad), Chunked(width)
+        starts = []
+        for b in range(m.shape[0]):        # candidates: 0, the first real key, the
+            # last query's first visible key (each mod c); the one that rebuilds the row
+            real = pad[b].int().argmax(dim=-1)
+            cands = [0, int(real[0]) % width, int(first[b, 0, -1]) % width]
+            for a in dict.fromkeys(cands):
+                chunked = causal & ((j - a) // width == (p - a) // width)
+                if bool(torch.equal(m[b], pad[b][..., None, :] & chunked)):
+                    starts.append(a)
+                    break
+            else:
+                break
+        if len(starts) == m.shape[0]:
+            local = (Chunked(width, starts[0]) if len(set(starts)) == 1 else
+                     tuple(Chunked(width, a) for a in starts))
+            return offset, _padding_or_none(pad), local
     packed = _packed(m, pad, first, rows, offset, S)
     if packed is not None:
         return offset, None, packed
@@ -549,9 +566,23 @@ def _compute(query, key, value, attention_mask, scaling, causal, softcap, read=r
     # the pipeline directly (options were checked by register()): the public
     # rope_attention would check them again on every layer of every step; inputs that
     # require grad get a differentiable result there
-    out = _attention(query, key, value,
-                     **_arguments(query, key, attention_mask, scaling, causal, softcap,
-                                  read))
+    args = _arguments(query, key, attention_mask, scaling, causal, softcap, read)
+    local = args.get("bias")
+    if not isinstance(local, tuple):
+        out = _attention(query, key, value, **args)
+    else:           # one structure per batch row (chunks from each row's first token)
+        rows = {}
+        for b, st in enumerate(local):
+            rows.setdefault(st, []).append(b)
+        outs, order = [], []
+        for st, idx in rows.items():
+            part = dict(args, bias=st)
+            if part.get("key_padding_mask") is not None:
+                part["key_padding_mask"] = part["key_padding_mask"][idx]
+            t = torch.tensor(idx)
+            outs.append(_attention(query[t], key[t], value[t], **part))
+            order += idx
+        out = torch.cat(outs)[torch.argsort(torch.tensor(order))]
     return out.transpose(1, 2).contiguous()
 
 

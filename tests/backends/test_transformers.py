@@ -581,3 +581,79 @@ def test_padding_free_batch_gives_each_sequences_logits(model64):
         model64.set_attn_implementation("sdpa")
     assert (packed - alone).abs().max().item() < 1e-10
     assert (packed - sdpa).abs().max().item() < 1e-10
+
+
+def _logits_and_tokens(m, ids, mask, impls):
+    out = {}
+    for impl in impls:
+        m.set_attn_implementation(impl)
+        with torch.inference_mode():
+            out[impl] = (m(input_ids=ids, attention_mask=mask).logits,
+                         m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10,
+                                    do_sample=False))
+    m.set_attn_implementation(impls[0])
+    return out
+
+
+def test_qwen2_sliding_layers_give_sdpas_logits_and_tokens():
+    # issue 23: Qwen2 with use_sliding_window (a full layer, then a sliding one),
+    # left-padded batch, prefill and cached greedy decoding past the window
+    cfg = transformers.Qwen2Config(hidden_size=64, intermediate_size=128,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   num_hidden_layers=2, vocab_size=100,
+                                   use_sliding_window=True, sliding_window=6,
+                                   max_window_layers=1)
+    torch.manual_seed(0)
+    m = transformers.Qwen2ForCausalLM(cfg).double().eval()
+    assert m.config.layer_types == ["full_attention", "sliding_attention"]
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 100, (2, 20), generator=g)
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :4] = 0
+    out = _logits_and_tokens(m, ids, mask, ("sdpa", "numbarope"))
+    d = (out["numbarope"][0] - out["sdpa"][0])[mask.bool()].abs().max().item()
+    assert d < 1e-10
+    assert torch.equal(out["numbarope"][1], out["sdpa"][1])
+
+
+def test_llama4_chunked_attention_gives_sdpas_logits_and_tokens():
+    # issue 23: Llama 4 text (attention_chunk_size = 8), rows left-padded by 0, 4 and 8
+    # tokens: transformers counts each row's chunks from its first real token, so the
+    # rows' chunks start at different positions (one Chunked(8, start) per row)
+    cfg = transformers.Llama4TextConfig(hidden_size=64, intermediate_size=128,
+                                        intermediate_size_mlp=128, num_attention_heads=4,
+                                        num_key_value_heads=2, head_dim=16,
+                                        num_hidden_layers=2, vocab_size=100,
+                                        attention_chunk_size=8, num_local_experts=2)
+    torch.manual_seed(0)
+    m = transformers.Llama4ForCausalLM(cfg).double().eval()
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(1, 100, (3, 20), generator=g)
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[1, :4] = 0
+    mask[2, :8] = 0
+    out = _logits_and_tokens(m, ids, mask, ("sdpa", "numbarope"))
+    d = (out["numbarope"][0] - out["sdpa"][0])[mask.bool()].abs().max().item()
+    assert d < 1e-10
+    assert torch.equal(out["numbarope"][1], out["sdpa"][1])
+    # the mask of the padded batch reads as one chunk start per row
+    i, j = torch.arange(20)[:, None], torch.arange(20)[None]
+    pads = torch.tensor([0, 4, 3])
+    sb = pads[:, None, None]
+    rows = ((j <= i) & ((j - sb) // 8 == (i - sb) // 8) & (j >= sb))[:, None]
+    _, kpm, local = backend.read_mask(rows)
+    assert local == (Chunked(8), Chunked(8, 4), Chunked(8, 3))
+
+
+def test_gemma2_softcap_generate_gives_eagers_tokens():
+    # issue 23: Gemma 2's soft-capped, alternating layers through cached decoding
+    cfg = transformers.Gemma2Config(hidden_size=64, intermediate_size=128,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    num_hidden_layers=2, vocab_size=100, sliding_window=6,
+                                    attn_logit_softcapping=1.0, query_pre_attn_scalar=16)
+    torch.manual_seed(0)
+    m = transformers.Gemma2ForCausalLM(cfg).double().eval()
+    ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    out = _logits_and_tokens(m, ids, mask, ("eager", "numbarope"))
+    assert torch.equal(out["numbarope"][1], out["eager"][1])

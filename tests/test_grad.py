@@ -155,8 +155,8 @@ def test_low_precision_gradients_in_their_dtype():
 
 def test_what_has_no_backward_is_refused_before_work():
     q = torch.randn(8, 4, requires_grad=True)
-    with pytest.raises(NotImplementedError, match="method='fast' has no backward"):
-        rope_attention(q, q, q, method="fast")
+    with pytest.raises(numbarope.FastPathError, match="window has no backward yet"):
+        rope_attention(q, q, q, method="fast", bias=numbarope.bias.Window(2, 0), eps=0.5)
     with pytest.raises(NotImplementedError, match="bias requires grad"):
         rope_attention(q, q, q, bias=torch.zeros(15, requires_grad=True))
     with pytest.raises(NotImplementedError, match="positions= has no backward"):
@@ -215,9 +215,6 @@ def test_softcap_refusals():
             rope_attention(q, q, q, softcap=bad)
     with pytest.raises(TypeError, match="softcap"):
         rope_attention(q, q, q, softcap="50")
-    with pytest.raises(NotImplementedError, match="method='fast' has no backward"):
-        rope_attention(torch.zeros(8, 4, requires_grad=True), torch.zeros(8, 4),
-                       torch.zeros(8, 4), softcap=50.0, method="fast")
 
 
 def test_lse_is_differentiable():
@@ -260,11 +257,73 @@ def test_in_place_change_after_forward_and_second_derivatives_raise():
 
 
 def test_plan_and_info_say_why_gradients_compute_exactly():
+    # a head whose only fast algorithm has no backward (decay) is computed exactly
+    # when gradients are needed, and says why; gemm and prefix heads stay fast
     g = torch.Generator().manual_seed(13)
     q = (torch.randn(1, 1, 2048, 16, generator=g) * 0.1).requires_grad_()
-    assert set(numbarope.plan(q.detach(), q.detach(), q.detach()).method.ravel()) == {"fast"}
-    info = numbarope.plan(q, q, q)
+    alibi = numbarope.bias.ALiBi(0.01, causal=True)
+    plain = numbarope.plan(q.detach(), q.detach(), q.detach(), bias=alibi)
+    assert set(plain.method.ravel()) == {"fast"}
+    info = numbarope.plan(q, q, q, bias=alibi)
     assert set(info.method.ravel()) == {"exact"}
     assert set(info.code.ravel()) == {"exact-for-gradients"}
-    _, info2 = rope_attention(q, q, q, return_info=True)
+    _, info2 = rope_attention(q, q, q, bias=alibi, return_info=True)
     assert set(info2.code.ravel()) == {"exact-for-gradients"}
+    assert set(numbarope.plan(q, q, q, is_causal=True, method="fast").algorithm.ravel()) \
+        == {"prefix"}
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_gradients_within_their_certified_bound(causal):
+    # issue 22: method="fast" (and "auto" where it picks fast) differentiates through
+    # the certified fast backward (gemm / prefix): every gradient within its bound of
+    # the exact one, GQA and key padding included
+    from numbarope.ops._bounds import causal_gradient_bound, gradient_bound
+    g = torch.Generator().manual_seed(20 + causal)
+    B, Hq, Hk, n, E = 2, 4, 2, 400, 8
+    q = (torch.randn(B, Hq, n, E, generator=g, dtype=torch.float64) * 0.2).requires_grad_()
+    k = (torch.randn(B, Hk, n, E, generator=g, dtype=torch.float64) * 0.2).requires_grad_()
+    v = torch.randn(B, Hk, n, 5, generator=g, dtype=torch.float64).requires_grad_()
+    kpm = torch.ones(B, 1, n, dtype=torch.bool)
+    kpm[1, :, :30] = False
+    kw = dict(is_causal=causal, enable_gqa=True, key_padding_mask=kpm)
+    out, info = rope_attention(q, k, v, method="fast", eps=1e-4, return_info=True, **kw)
+    assert set(info.algorithm.ravel()) == {"prefix" if causal else "gemm"}
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    fast = torch.autograd.grad(out, (q, k, v), dout)
+    ref = torch.autograd.grad(rope_attention(q, k, v, method="exact", **kw), (q, k, v),
+                              dout)
+    bound = causal_gradient_bound if causal else gradient_bound
+    for b in range(B):
+        for h in range(Hk):
+            mask = kpm[b, 0].numpy()
+            qs = q[b, 2 * h:2 * h + 2].detach().numpy()
+            d = dout[b, 2 * h:2 * h + 2].numpy()
+            hp = info.heads[b * Hq + 2 * h]
+            bq, bk, bv = bound(qs, k[b, h].detach().numpy(), v[b, h].detach().numpy(), d,
+                               1 / np.sqrt(E), hp.coef, hp.delta, key_mask=mask)
+            eq = (fast[0] - ref[0])[b, 2 * h:2 * h + 2].abs().max().item()
+            ek = (fast[1] - ref[1])[b, h].abs().max().item()
+            ev = (fast[2] - ref[2])[b, h].abs().max().item()
+            assert 0 < eq <= bq and 0 < ek <= bk and 0 < ev <= bv, (eq, bq, ek, bk, ev, bv)
+    # "auto" takes the same fast path with gradients where it is cheaper
+    _, auto = rope_attention(q, k, v, return_info=True, **kw)
+    assert set(auto.method.ravel()) <= {"fast", "exact"}
+
+
+def test_fast_gradients_through_rotary_match_exact():
+    g = torch.Generator().manual_seed(22)
+    q, k, v = (torch.randn(1, 2, 600, 16, generator=g, dtype=torch.float64) * s
+               for s in (0.12, 0.12, 1.0))
+    for t in (q, k, v):
+        t.requires_grad_()
+    out = rope_attention(q, k, v, rotary=True, is_causal=True, method="fast", eps=1e-6)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    fast = torch.autograd.grad(out, (q, k, v), dout)
+    ref = torch.autograd.grad(rope_attention(q, k, v, rotary=True, is_causal=True,
+                                             method="exact"), (q, k, v), dout)
+    for a, b in zip(fast, ref):
+        assert (a - b).abs().max().item() <= 1e-4 * b.abs().max().item()
+    lse_out, lse = rope_attention(q, k, v, is_causal=True, method="fast", return_lse=True)
+    with pytest.raises(NotImplementedError, match="log-sum-exp of a head computed by the"):
+        lse.sum().backward()

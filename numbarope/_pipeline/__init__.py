@@ -23,7 +23,6 @@ from .grad import attention_with_grad
 from .heads import Heads, head_facts
 from .inputs import Problem, check_shapes, make_problem
 from .plan import Plan, plan_heads
-from ..ops.registry import Reason
 from .report import AttentionInfo, HeadPlan
 from .run import run_plan, verify_rows
 
@@ -37,16 +36,11 @@ LONG_CALL_SECONDS = 3600.0
 
 def plan_problem(p, *, method, eps, degree, approx, radius=None, grad=False):
     """``(Heads, Plan)`` of a problem: per-head facts, then the registry's choice
-    (``grad``: the inputs require grad, so the exact path, which has a backward)."""
-    why = None
-    if grad:
-        if method == "auto":
-            why = Reason("exact-for-gradients", "inputs require grad: the exact path "
-                                                "(the fast path has no backward yet)")
-        method = "exact"
+    (``grad``: the inputs require grad, so only algorithms with a backward — the exact
+    path, gemm, prefix — may serve a head)."""
     facts = head_facts(p, radius, fast=method != "exact")
     plan = plan_heads(facts.specs, facts.groups, method=method, eps=eps, degree=degree,
-                      approx=approx, compute_dtype=facts.compute_dtype.name, why_exact=why)
+                      approx=approx, compute_dtype=facts.compute_dtype.name, backward=grad)
     return facts, plan
 
 

@@ -1,10 +1,14 @@
-"""Gradients through the pipeline: a torch autograd Function around the exact path.
+"""Gradients through the pipeline: a torch autograd Function around the planned call.
 
 When a torch input requires grad (and grad mode is on), :func:`attention_with_grad`
-runs the forward exactly (``method="auto"`` included: the certified fast backward is
-not built yet; ``method="fast"`` is refused before any work) and returns a result
-whose backward is :func:`numbarope.ops.streaming.exact_backward`, FlashAttention-2's
-backward recomputing the probabilities from the forward's log-sum-exp. Gradients
+plans the call with only the algorithms that have a backward (the exact path; the
+fast ``gemm`` and ``prefix``: no bias or causal) and returns a result whose backward
+is, per head, :func:`numbarope.ops.streaming.exact_backward` (FlashAttention-2's,
+recomputing the probabilities from the forward's log-sum-exp) or the fast
+algorithm's certified backward (:func:`numbarope.ops.gemm.gemm_backward`,
+:func:`numbarope.ops.prefix.prefix_backward`: the exact attention's gradients with the
+forward's polynomial weights, within :func:`numbarope.ops._bounds.gradient_bound` /
+:func:`~numbarope.ops._bounds.causal_gradient_bound`). Gradients
 reach query, key and value as given: back through the rotation numbarope applied
 (its transpose), summed over the query heads of a key/value head (grouped-query) and
 over broadcast leading dims, in each input's dtype.
@@ -14,7 +18,9 @@ The returned log-sum-exp (``return_lse=True``) is differentiable too
 a message when they require grad): bias arrays, relative matrices. Second
 derivatives raise (``once_differentiable``); an input changed in place after the
 forward makes backward raise, as torch's own operations do. Without a backward (refused when an input requires grad):
-``method="fast"``, general relative matrices, rotary with per-row ``positions``.
+general relative matrices, rotary with per-row ``positions``; ``method="fast"`` where
+the head needs an algorithm without one (a bias, a window); the gradient of the
+returned lse of a fast head.
 
 The same forward and backward, apart: :func:`exact_forward` returns what the
 backward needs as tensors (the unrounded output, the log-sum-exp, the precision) and
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import ops
 from ..ops.streaming import exact_backward
 from ..rotary import Rotary
 from .._runtime.interop import is_torch, output_like
@@ -37,11 +44,6 @@ __all__ = ["attention_with_grad", "exact_forward", "exact_gradients"]
 
 def _refuse(method, arrays):
     """Raise, before any work, for what has no backward."""
-    if method == "fast":
-        raise NotImplementedError(
-            "method='fast' has no backward pass yet: with inputs that require grad use "
-            "method='exact' or 'auto' (which then computes exactly), or call under "
-            "torch.no_grad()")
     for name in ("relative", "bias"):
         x = arrays.get(name)
         if is_torch(x) and x.requires_grad:
@@ -70,6 +72,7 @@ def attention_with_grad(query, key, value, *, method, eps, degree, approx, radiu
         verify=verify, workers=workers, attend=attend, stacklevel=stacklevel + 1,
         arrays=arrays)
     saved = _saved(p, out64, lse, cd, arrays, workers, (query, key, value))
+    saved["heads"] = info.heads          # which heads were computed fast, and how
     out_t, lse_t = _results(p, out64, lse, out_torch)
     result, lse_r = _ExactAttention.apply(query, key, value, out_t, lse_t, saved)
     res = (result,)
@@ -90,8 +93,8 @@ def exact_forward(query, key, value, *, method, eps, workers, stacklevel=3, **ar
     query, key, value : torch.Tensor
         As :func:`numbarope.rope_attention` (``requires_grad`` is not looked at).
     method, eps, workers, **arrays
-        As :func:`numbarope._pipeline.attention`; ``method="auto"`` computes exactly,
-        as with inputs that require grad.
+        As :func:`numbarope._pipeline.attention`; ``method="auto"`` computes exactly
+        (the fast backward is reached through :func:`attention_with_grad` only).
 
     Returns
     -------
@@ -109,7 +112,7 @@ def exact_forward(query, key, value, *, method, eps, workers, stacklevel=3, **ar
     Raises
     ------
     NotImplementedError
-        What has no backward (``method="fast"``, see the module docstring).
+        What has no backward (see the module docstring), and ``method="fast"``.
     ValueError, TypeError
         As :func:`numbarope.rope_attention`.
     """
@@ -117,8 +120,13 @@ def exact_forward(query, key, value, *, method, eps, workers, stacklevel=3, **ar
 
     from . import attend  # the pipeline's plan-and-run (it imports this module)
 
+    if method == "fast":
+        raise NotImplementedError(
+            "method='fast' with inputs that require grad is served by rope_attention's "
+            "autograd path, not by the compiled operator: call the model uncompiled, "
+            "or use method='exact' or 'auto' (which computes exactly here)")
     p, out64, lse, _, out_torch, cd = _forward(
-        query, key, value, method=method, eps=eps, approx="chebyshev", radius=None,
+        query, key, value, method="exact", eps=eps, approx="chebyshev", radius=None,
         verify=0, workers=workers, attend=attend, stacklevel=stacklevel + 1, arrays=arrays)
     out, lse_t = _results(p, out64, lse, out_torch)
     # a copy: float64 results are out64 itself, and the two are returned separately
@@ -179,7 +187,8 @@ def _saved(p, out64, lse, cd, arrays, workers, inputs):
     rotary = Rotary() if rotary is True or rotary is np.True_ else (
         None if rotary is False or rotary is np.False_ else rotary)
     return {"p": p, "out": out64, "lse": lse, "cd": cd, "rotary": rotary,
-            "workers": workers, "shapes": tuple(tuple(x.shape) for x in inputs)}
+            "workers": workers, "shapes": tuple(tuple(x.shape) for x in inputs),
+            "heads": None}
 
 
 def _results(p, out64, lse, out_torch):
@@ -216,15 +225,22 @@ def _backward(saved, grad, grad_lse, needs):
     if grad_lse is not None:
         dlse = np.ascontiguousarray(grad_lse.detach().to(device="cpu", dtype=torch.float64)
                                     .numpy().reshape(B, p.n))
-    ranges = None
-    if p.key_ranges is not None:
-        lo, hi = p.key_ranges
-        ranges = (lo[None], hi[None], np.zeros(B, np.int64))
-    dq, dk, dv = exact_backward(
-        np.ascontiguousarray(p.q, dtype=cd), np.ascontiguousarray(p.k, dtype=cd),
-        np.ascontiguousarray(p.v, dtype=cd), saved["out"], saved["lse"], dout, p.scale,
-        bias=p.bias, bidx=p.bidx, key_ranges=ranges, key_mask=p.kmask, kidx=p.kidx,
-        kvidx=p.kvidx, workers=saved["workers"], softcap=p.softcap, dlse=dlse)
+    heads = saved["heads"]
+    fast = [] if heads is None else [b for b, h in enumerate(heads) if h.method == "fast"]
+    if fast and dlse is not None and np.any(dlse[fast]):
+        raise NotImplementedError(
+            "the log-sum-exp of a head computed by the fast path has no backward yet: "
+            "with return_lse=True and a loss that uses it, pass method='exact'")
+    exact = np.setdiff1d(np.arange(B), fast)
+    if exact.size == B:
+        dq, dk, dv = _exact_part(p, saved, cd, dout, dlse, None)
+    else:
+        dq = np.zeros((B, p.n, p.E))
+        dk, dv = np.zeros(p.k.shape), np.zeros(p.v.shape)
+        if exact.size:
+            dq[exact], dk, dv = _exact_part(p, saved, cd, dout, dlse, exact)
+        for b in fast:
+            _fast_part(p, saved, heads[b], b, dout, dq, dk, dv)
     sh = p.shapes
     kv_shape = sh.kv_shape if sh.group > 1 else sh.batch_shape
     dq = dq.reshape(sh.batch_shape + (p.n, p.E))
@@ -234,6 +250,42 @@ def _backward(saved, grad, grad_lse, needs):
         dq, dk = rotate_back(dq, dk, saved["rotary"], p.n, p.S, p.E, p.offset)
     return [_sum_to(a, shape) if need else None
             for a, shape, need in zip((dq, dk, dv), saved["shapes"], needs)]
+
+
+def _exact_part(p, saved, cd, dout, dlse, heads):
+    """exact_backward on the query heads ``heads`` (None: all): ``(dq of those heads,
+    dk, dv of every key/value head)``."""
+    sub = slice(None) if heads is None else heads
+    B = p.q[sub].shape[0]
+    ranges = None
+    if p.key_ranges is not None:
+        lo, hi = p.key_ranges
+        ranges = (lo[None], hi[None], np.zeros(B, np.int64))
+    return exact_backward(
+        np.ascontiguousarray(p.q[sub], dtype=cd), np.ascontiguousarray(p.k, dtype=cd),
+        np.ascontiguousarray(p.v, dtype=cd), np.ascontiguousarray(saved["out"][sub]),
+        np.ascontiguousarray(saved["lse"][sub]), np.ascontiguousarray(dout[sub]), p.scale,
+        bias=p.bias, bidx=None if p.bidx is None else p.bidx[sub], key_ranges=ranges,
+        key_mask=p.kmask, kidx=None if p.kidx is None else p.kidx[sub],
+        kvidx=p.kvidx[sub], workers=saved["workers"], softcap=p.softcap,
+        dlse=None if dlse is None else np.ascontiguousarray(dlse[sub]))
+
+
+def _fast_part(p, saved, hp, b, dout, dq, dk, dv):
+    """The certified fast backward of head ``b`` (planned fast: ``hp``), into ``dq[b]``
+    and added to ``dk``, ``dv`` of its key/value head. The forward's denominators are
+    ``exp(lse)``: gemm and prefix heads carry no bias, so their lse has no shift."""
+    kv = int(p.kvidx[b])
+    key_mask = None if p.kmask is None else np.isfinite(p.kmask[p.kidx[b]])
+    den = np.exp(saved["lse"][b])
+    g_q, g_k, g_v = ops.get(hp.algorithm).backward(
+        np.ascontiguousarray(p.q[b], dtype=np.float64),
+        np.ascontiguousarray(p.k[kv], dtype=np.float64),
+        np.ascontiguousarray(p.v[kv], dtype=np.float64), saved["out"][b], den, dout[b],
+        p.scale, hp.coef, offset=p.offset, key_mask=key_mask, workers=saved["workers"])
+    dq[b] = g_q
+    dk[kv] += g_k
+    dv[kv] += g_v
 
 
 def _sum_to(a, shape):

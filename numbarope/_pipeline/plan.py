@@ -223,7 +223,7 @@ def _evaluate(alg, h, approx_obj, eps, degree, method):
     return fields_, why
 
 
-def plan_head(h, *, method, eps, degree, approx, why_exact=None):
+def plan_head(h, *, method, eps, degree, approx, why_exact=None, backward=False):
     """Choose the method and algorithm of one head; returns a :class:`HeadPlan`.
 
     Parameters
@@ -269,6 +269,9 @@ def plan_head(h, *, method, eps, degree, approx, why_exact=None):
     candidates, refused = [], []
     for alg in ops.fast_algorithms():
         why = alg.unavailable(h)
+        if backward and not why and not callable(getattr(alg, "backward", None)):
+            why = [Reason("exact-for-gradients", f"the inputs require grad and {alg.name} "
+                                                 f"has no backward yet")]
         (refused if why else candidates).append((alg, why))
     candidates = [a for a, _ in candidates]
     if not candidates:
@@ -412,7 +415,7 @@ class Plan:
 
 
 def plan_heads(specs, groups, *, method, eps, degree, approx, compute_dtype,
-               why_exact=None):
+               why_exact=None, backward=False):
     """A :class:`Plan` for the head specs of one call.
 
     Parameters
@@ -426,8 +429,13 @@ def plan_heads(specs, groups, *, method, eps, degree, approx, compute_dtype,
         As :func:`numbarope.rope_attention`.
     compute_dtype : str
         The exact path's precision.
+    why_exact : Reason, optional
+        The reason given to heads computed exactly because ``method="exact"``.
+    backward : bool, optional
+        The inputs require grad: only algorithms with a ``backward`` may serve a head
+        fast (the others' heads are exact, code ``exact-for-gradients``).
     """
-    opts = dict(method=method, eps=eps, degree=degree, approx=approx)
+    opts = dict(method=method, eps=eps, degree=degree, approx=approx, backward=backward)
     heads = [plan_head(h, **opts, why_exact=why_exact) for h in specs]
     share_key_sides(heads, specs, groups, opts)
     return Plan(heads=tuple(heads), batches=fast_batches(heads, groups),

@@ -43,9 +43,9 @@ masked (the queries of left padding) return 0, as torch SDPA >= 2.5; eager
 attention returns other values there, which no real token reads.
 
 Training: with tensors that require grad the layer's result is differentiable
-(numbarope's exact backward, :mod:`numbarope._pipeline.grad`; ``method="auto"``
-computes exactly then, ``method="fast"`` is refused), so ``loss.backward()`` gives
-the gradients ``"sdpa"`` gives.
+(numbarope's exact backward, or the certified fast one on heads the fast path
+computes with gemm or prefix, :mod:`numbarope._pipeline.grad`), so ``loss.backward()``
+gives the gradients ``"sdpa"`` gives (within the fast path's bound where it is taken).
 
 Logit soft-capping (``softcap``, Gemma 2) goes to ``softcap=`` (exact, or the fast
 path with a polynomial of ``exp(c·tanh(x/c))`` where that is certified and cheaper).

@@ -12,7 +12,11 @@ Each algorithm says, for a head described by a :class:`HeadSpec`:
   and working memory (bytes) at a polynomial degree;
 * its floating-point allowance (:meth:`Algorithm.rounding`) and whether that part of
   its bound is proven (``bound_kind`` "certified") or estimated (FFT rounding);
-* how to run it (:meth:`Algorithm.run`).
+* how to run it (:meth:`Algorithm.run`), and optionally its certified backward: a
+  method ``backward(q, k, v, out, den, dout, scale, coef, *, offset=0, key_mask=None,
+  workers=None) -> (dq, dk, dv)`` (the exact gradients with the forward's weights,
+  e.g. :func:`numbarope.ops.gemm.gemm_backward`); only algorithms that have one serve
+  inputs that require grad.
 
 Adding an algorithm is one subclass and one :func:`register` call, from any file:
 the planner (:func:`numbarope._pipeline.plan.plan_head`) considers every registered
@@ -49,7 +53,7 @@ REASONS = {
                      "needs (or, screened before certifying, at a lower bound of it)",
     "fast-requested": "method='fast' was requested",
     "exact-requested": "method='exact' was requested",
-    "exact-for-gradients": "the inputs require grad and only the exact path has a "
+    "exact-for-gradients": "the inputs require grad and the head's fast algorithm has no "
                            "backward so far",
     "empty": "nothing to compute (no queries, no keys or no value columns)",
     "no-visible-key": "no query sees any key; every output row is 0",

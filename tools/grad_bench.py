@@ -4,6 +4,9 @@ clean process of its own, rounds interleaved (issue 22's target).
 
     python tools/grad_bench.py                        # n=4096, E=64, 8 heads, float32
     python tools/grad_bench.py --n 2048 --heads 4 --rounds 3
+    python tools/grad_bench.py --n 65536 --E 16 --heads 1 --method fast --radius 0.5
+        # the certified fast forward + backward (bounded logits: q, k scaled so that
+        # s·max‖q‖·max‖k‖ = 0.5) against SDPA on the same inputs
 
 Per implementation and process: a warm-up call, then the best of ``--repeat`` of
 ``out = attn(q, k, v); out.backward(dout)``, causal and not.
@@ -15,17 +18,22 @@ import sys
 import time
 
 
-def child(impl, n, E, H, causal, repeat, threads):
+def child(impl, n, E, H, causal, repeat, threads, method="exact", radius=None):
     import torch
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, H, n, E, generator=g).requires_grad_() for _ in range(3))
+    q, k, v = (torch.randn(1, H, n, E, generator=g) for _ in range(3))
+    if radius is not None:           # s·max‖q‖·max‖k‖ = radius per head, s = 1/sqrt(E)
+        c = (radius * E ** 0.5 / (q.norm(dim=-1).amax(-1, keepdim=True)
+                                  * k.norm(dim=-1).amax(-1, keepdim=True))) ** 0.5
+        q, k = q * c[..., None], k * c[..., None]
+    q, k, v = (t.contiguous().requires_grad_() for t in (q, k, v))
     dout = torch.randn(1, H, n, E, generator=g)
     if impl == "numbarope":
         import numbarope
 
         def f():
-            return numbarope.rope_attention(q, k, v, is_causal=causal, method="exact")
+            return numbarope.rope_attention(q, k, v, is_causal=causal, method=method)
     else:
         def f():
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -52,11 +60,17 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--method", default="exact", choices=("exact", "fast", "auto"),
+                    help="numbarope's method (default exact)")
+    ap.add_argument("--radius", type=float, default=None,
+                    help="scale q, k to this logit radius (the fast path's regime)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        child(a.child[0], a.n, a.E, a.heads, a.child[1] == "causal", a.repeat, a.threads)
+        child(a.child[0], a.n, a.E, a.heads, a.child[1] == "causal", a.repeat, a.threads,
+              a.method, a.radius)
         return
+    extra = ["--method", a.method] + ([] if a.radius is None else ["--radius", str(a.radius)])
     res = {}
     for r in range(a.rounds):
         for causal in ("full", "causal"):
@@ -64,11 +78,13 @@ def main():
             for impl in order:
                 out = subprocess.run([sys.executable, __file__, "--n", str(a.n), "--E", str(a.E),
                                       "--heads", str(a.heads), "--repeat", str(a.repeat),
-                                      "--threads", str(a.threads), "--child", impl, causal],
+                                      "--threads", str(a.threads), *extra,
+                                      "--child", impl, causal],
                                      capture_output=True, text=True, check=True).stdout
                 res.setdefault((causal, impl), []).append(json.loads(out.strip().splitlines()[-1]))
     print(f"n={a.n}, E={a.E}, {a.heads} heads, float32, {a.threads} threads, {a.rounds} rounds "
-          f"(best; spread of the rounds' bests)")
+          f"(best; spread of the rounds' bests); numbarope method={a.method}"
+          + ("" if a.radius is None else f", logit radius {a.radius}"))
     print("| case | numbarope (s) | torch SDPA (s) | ratio |")
     print("|---|---|---|--:|")
     for causal in ("full", "causal"):

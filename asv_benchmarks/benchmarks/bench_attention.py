@@ -312,3 +312,58 @@ numbarope.rope_attention(q, k, v, rotary=True, method="fast")
 numbarope.rope_attention(q, k, v, rotary=True, method="fast", is_causal=True)
 numbarope.rope_attention(q, k, v, relative=rel, method="fast")
 """, _COMPILE_SETUP)
+
+
+class Backward:
+    """The backward of one head (issue 22), E = Ev = 16, logit radius R = 0.5, at the
+    forward's results: the exact kernel (FlashAttention-2's backward, float64) and the
+    certified fast backwards of gemm (no mask) and prefix (causal), each at the
+    polynomial the planner takes for eps = 1e-3. Gradients with respect to the rotated
+    q, k (the rotation is O(n·E) either way)."""
+
+    params = ([4096, LARGE_N, 65536], ["exact", "exact causal", "gemm", "prefix"])
+    param_names = ["n", "backward"]
+    timeout = 600.0
+    number = 1
+    repeat = (1, 3, 120.0)
+
+    def setup(self, n, backward):
+        _skip_large(n)
+        if backward.startswith("exact") and n > LARGE_N:
+            raise NotImplementedError("exact backward above n = 16384: O(n²), minutes")
+        from numbarope.ops import gemm, prefix, streaming
+        warm_kernels()
+        q, k, v = (a[0] for a in bounded_inputs(n, 16, 16, seed=n))
+        s = 1.0 / np.sqrt(16)
+        self.dout = np.random.default_rng(n + 1).standard_normal((n, 16))
+        causal = backward in ("exact causal", "prefix")
+        if backward.startswith("exact"):
+            ranges = None
+            if causal:
+                i = np.arange(n, dtype=np.int64)
+                ranges = (np.zeros((1, n), np.int64), (i + 1)[None], np.zeros(1, np.int64))
+            out, lse = streaming.exact_attention(q[None], k[None], v[None], s,
+                                                 key_ranges=ranges, return_lse=True)
+
+            def run():
+                streaming.exact_backward(q[None], k[None], v[None], out, lse,
+                                         self.dout[None], s, key_ranges=ranges)
+        else:
+            info = numbarope.plan(q[None], k[None], v[None], is_causal=causal,
+                                  method="fast", eps=EPS)
+            coef = info.heads[0].coef
+            mod = prefix if causal else gemm
+            fwd = prefix.prefix_attention if causal else gemm.gemm_attention
+            out, den = fwd(q, k, v, s, coef)
+            back = mod.prefix_backward if causal else mod.gemm_backward
+
+            def run():
+                back(q, k, v, out, den, self.dout, s, coef)
+        self.run = run
+        run()                                           # compile / warm
+
+    def time_backward(self, n, backward):
+        self.run()
+
+    def peakmem_backward(self, n, backward):
+        self.run()

@@ -83,7 +83,8 @@ def attention_with_grad(query, key, value, *, method, eps, degree, approx, radiu
     return res[0] if len(res) == 1 else res
 
 
-def exact_forward(query, key, value, *, method, eps, workers, stacklevel=3, **arrays):
+def exact_forward(query, key, value, *, method, eps, workers, attend, stacklevel=3,
+                  **arrays):
     """The forward :func:`attention_with_grad` computes, without the autograd Function:
     for a caller that differentiates by itself with :func:`exact_gradients`
     (:mod:`numbarope.backends.torch_op`, the operator ``torch.compile`` sees).
@@ -95,6 +96,9 @@ def exact_forward(query, key, value, *, method, eps, workers, stacklevel=3, **ar
     method, eps, workers, **arrays
         As :func:`numbarope._pipeline.attention`; ``method="auto"`` computes exactly
         (the fast backward is reached through :func:`attention_with_grad` only).
+    attend : callable
+        The pipeline's plan-and-run, :func:`numbarope._pipeline.attend` (passed in:
+        the pipeline imports this module).
 
     Returns
     -------
@@ -117,8 +121,6 @@ def exact_forward(query, key, value, *, method, eps, workers, stacklevel=3, **ar
         As :func:`numbarope.rope_attention`.
     """
     import torch
-
-    from . import attend  # the pipeline's plan-and-run (it imports this module)
 
     if method == "fast":
         raise NotImplementedError(

@@ -37,8 +37,9 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .._pipeline import attend
 from .._pipeline.grad import exact_forward, exact_gradients
-from . import transformers as _hf
+from . import _hf_core as _hf
 
 __all__ = ["attention"]
 
@@ -117,7 +118,7 @@ def _attention_exact(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             "chunked attention whose chunks start at different positions in different "
             "batch rows (left padding of different lengths mod the chunk size) has no "
             "compiled backward; train uncompiled, or pad the rows to equal lengths")
-    out, out64, lse, cd = exact_forward(query, key, value, **args)
+    out, out64, lse, cd = exact_forward(query, key, value, attend=attend, **args)
     return (out.transpose(1, 2).contiguous(), out64, lse,
             torch.tensor(cd == np.float64))
 

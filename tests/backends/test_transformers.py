@@ -34,6 +34,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import numbarope.backends.transformers as backend  # noqa: E402  (registers "numbarope")
+from numbarope.backends import _hf_core as core  # noqa: E402  (the mask reading)
 import numbarope.integrations  # noqa: E402  (the short name of the backend)
 from numbarope.bias import Chunked, Packed, Window  # noqa: E402
 from transformers import (AttentionInterface, DynamicCache, LlamaConfig,  # noqa: E402
@@ -223,7 +224,7 @@ def _spy(monkeypatch):
         seen.update(kw, L=q.shape[-2], S=k.shape[-2])
         return torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)
 
-    monkeypatch.setattr(backend, "_attention", fake)
+    monkeypatch.setattr(core, "_attention", fake)
     return seen
 
 
@@ -292,9 +293,9 @@ def test_mask_structure_threads_get_their_own_padding(monkeypatch):
     padding, over and over: each must always get its own mask's padding (the shared
     cache handed one thread the other's, silently; with the yielding weakref about
     1 call in 5, naturally about 1 in 1.2 million)."""
-    monkeypatch.setattr(backend, "weakref", types.SimpleNamespace(ref=_YieldingRef))
+    monkeypatch.setattr(core, "weakref", types.SimpleNamespace(ref=_YieldingRef))
     masks = [_padded_causal([0, 2]), _padded_causal([3, 0])]
-    expected = [backend._analyse(m) for m in masks]
+    expected = [core._analyse(m) for m in masks]
     assert not np.array_equal(expected[0][1], expected[1][1])
     wrong, calls = [0, 0], [0, 0]
     stop = time.perf_counter() + 2.0
@@ -320,8 +321,8 @@ def test_mask_structure_reads_each_mask_once_per_thread(monkeypatch):
     """The cache still works: a mask is analysed once (per thread at most), and
     again after an in-place change (its version counter)."""
     analysed = []
-    analyse = backend._analyse
-    monkeypatch.setattr(backend, "_analyse", lambda m: analysed.append(m) or analyse(m))
+    analyse = core._analyse
+    monkeypatch.setattr(core, "_analyse", lambda m: analysed.append(m) or analyse(m))
     mask = _padded_causal([0, 2])
     first = backend.read_mask(mask)
     assert backend.read_mask(mask) is first and len(analysed) == 1
@@ -346,7 +347,7 @@ def test_register_in_one_thread_forward_in_another(monkeypatch):
         seen.append((kw["method"], kw["eps"], kw["precision"], kw["workers"]))
         return torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)
 
-    monkeypatch.setattr(backend, "_attention", fake)
+    monkeypatch.setattr(core, "_attention", fake)
     sets = [("exact", 1e-3, "float64", 1), ("fast", 1e-2, None, 2)]
     stop = threading.Event()
 

@@ -198,6 +198,39 @@ def recurrence_rounding(algorithm, S, m, coef, radius, radius1, delta, chunk=Non
     return float(rho) if np.isfinite(rho) else np.inf
 
 
+def _gradient_terms(Q, K, V, scale, coef, delta, S, radius, radius1):
+    """The terms :func:`gradient_bound` and :func:`causal_gradient_bound` share (see
+    :func:`gradient_bound`, Notes), from the real keys K, V (S of them, at most, per
+    row) and the rows Q: ``(g, m, s, R, κ_q, κ_k, V, ε_P, e_Δ, H, a₁, a₂)``, or None
+    when the bound is void (``ε = δ + ρ >= 1``)."""
+    E, Ev = Q.shape[1], V.shape[1]
+    coef = np.asarray(coef, dtype=np.float64)
+    g = len(coef) - 1
+    m = math.comb(E + g, g)
+    s = float(scale)
+    cs = s * float(np.linalg.norm(Q, axis=1).max()) * float(np.linalg.norm(K, axis=1).max())
+    R = cs if radius is None else float(radius)
+    R1 = cs if radius1 is None else float(radius1)
+    kq = float(np.abs(Q).max()) if E else 0.0
+    kk = float(np.abs(K).max()) if E else 0.0
+    Vm = float(np.abs(V).max()) if Ev else 0.0
+    nu = float((V.max(axis=0) - V.min(axis=0)).max()) if Ev else 0.0
+    V2 = float(np.linalg.norm(V, axis=1).max()) if Ev else 0.0
+    rho = rounding_term(S + 8 * g + 4, m, coef, R, R1, delta)
+    eps = float(delta) + float(rho)
+    if not eps < 1:
+        return None
+    eP = (float(delta) + eps) / (1 - eps)
+    eo = (1 + _U) * 2 * eps / (1 - eps) + _U
+    eD = eo + _gamma(Ev) * (1 + eo)
+    with np.errstate(over="ignore", invalid="ignore"):
+        P1 = float(np.sum(np.abs(coef) * min(R1, 1e300) ** np.arange(g + 1)))
+        H = P1 * np.exp(min(R, 700.0)) / (1 - eps)
+    a1 = eP * nu + (1 + eP) * eD * Vm                  # per ‖dO_i‖₁
+    a2 = (2 * eP + (1 + eP) * eD) * V2                 # per ‖dO_i‖₂
+    return g, m, s, R, kq, kk, Vm, eP, eD, H, a1, a2
+
+
 def gradient_bound(q, k, v, dout, scale, coef, delta, *, key_mask=None, radius=None,
                    radius1=None):
     r"""Certified bounds on the errors of :func:`numbarope.ops.gemm.gemm_backward`
@@ -335,36 +368,17 @@ def gradient_bound(q, k, v, dout, scale, coef, delta, *, key_mask=None, radius=N
     S, n = K.shape[0], Q.shape[0]
     if S == 0 or n == 0:
         return 0.0, 0.0, 0.0
-    coef = np.asarray(coef, dtype=np.float64)
-    g = len(coef) - 1
-    m = math.comb(E + g, g)
-    s = float(scale)
-    cs = s * float(np.linalg.norm(Q, axis=1).max()) * float(np.linalg.norm(K, axis=1).max())
-    R = cs if radius is None else float(radius)
-    R1 = cs if radius1 is None else float(radius1)
-    kq = float(np.abs(Q).max()) if E else 0.0
-    kk = float(np.abs(K).max()) if E else 0.0
-    Vm = float(np.abs(V).max()) if Ev else 0.0
-    nu = float((V.max(axis=0) - V.min(axis=0)).max()) if Ev else 0.0
-    a1 = np.abs(dO).sum(axis=1) if Ev else np.zeros(n)
-    N1, S1 = float(a1.max()), float(a1.sum())
-    a2 = np.linalg.norm(dO, axis=1) if Ev else np.zeros(n)
-    N2, S2 = float(a2.max()), float(a2.sum())
-    V2 = float(np.linalg.norm(V, axis=1).max()) if Ev else 0.0
-    Sinf = float(np.abs(dO).max(axis=1).sum()) if Ev else 0.0
-    rho = rounding_term(S + 8 * g + 4, m, coef, R, R1, delta)
-    eps = float(delta) + float(rho)
-    if not eps < 1:
+    t = _gradient_terms(Q, K, V, scale, coef, delta, S, radius, radius1)
+    if t is None:
         return np.inf, np.inf, np.inf
-    eP = (float(delta) + eps) / (1 - eps)
-    eo = (1 + _U) * 2 * eps / (1 - eps) + _U
-    eD = eo + _gamma(Ev) * (1 + eo)
+    g, m, s, R, kq, kk, Vm, eP, eD, H, a1, a2 = t
+    r1 = np.abs(dO).sum(axis=1) if Ev else np.zeros(n)
+    N1, S1 = float(r1.max()), float(r1.sum())
+    r2 = np.linalg.norm(dO, axis=1) if Ev else np.zeros(n)
+    N2, S2 = float(r2.max()), float(r2.sum())
+    Sinf = float(np.abs(dO).max(axis=1).sum()) if Ev else 0.0
     with np.errstate(over="ignore", invalid="ignore"):
-        P1 = float(np.sum(np.abs(coef) * min(R1, 1e300) ** np.arange(g + 1)))
-        H = P1 * np.exp(min(R, 700.0)) / (1 - eps)
         cA = 1.0 / (1.0 + (S - 1) * float(np.exp(-min(2 * R, 700.0))))
-        a1 = eP * nu + (1 + eP) * eD * Vm                  # per ‖dO_i‖₁
-        a2 = (2 * eP + (1 + eP) * eD) * V2                 # per ‖dO_i‖₂
         bq = s * kk * (min(N1 * a1, N2 * a2)
                        + _gamma(S + m + Ev + 10 * g + 14) * (2 + eD) * Vm * H * N1)
         bk = s * kq * (cA * min(S1 * a1, S2 * a2)
@@ -465,34 +479,15 @@ def causal_gradient_bound(q, k, v, dout, scale, coef, delta, *, offset=0, key_ma
     if K.shape[0] == 0 or n == 0:
         return 0.0, 0.0, 0.0
     S = int(Si.max())
-    coef = np.asarray(coef, dtype=np.float64)
-    g = len(coef) - 1
-    m = math.comb(E + g, g)
-    s = float(scale)
-    cs = s * float(np.linalg.norm(Q, axis=1).max()) * float(np.linalg.norm(K, axis=1).max())
-    R = cs if radius is None else float(radius)
-    R1 = cs if radius1 is None else float(radius1)
-    kq = float(np.abs(Q).max()) if E else 0.0
-    kk = float(np.abs(K).max()) if E else 0.0
-    Vm = float(np.abs(V).max()) if Ev else 0.0
-    nu = float((V.max(axis=0) - V.min(axis=0)).max()) if Ev else 0.0
+    t = _gradient_terms(Q, K, V, scale, coef, delta, S, radius, radius1)
+    if t is None:
+        return np.inf, np.inf, np.inf
+    g, m, s, R, kq, kk, Vm, eP, eD, H, a1, a2 = t
     r1 = np.abs(dO).sum(axis=1) if Ev else np.zeros(n)
     r2 = np.linalg.norm(dO, axis=1) if Ev else np.zeros(n)
     ri = np.abs(dO).max(axis=1) if Ev else np.zeros(n)
-    V2 = float(np.linalg.norm(V, axis=1).max()) if Ev else 0.0
-    rho = rounding_term(S + 8 * g + 4, m, coef, R, R1, delta)
-    eps = float(delta) + float(rho)
-    if not eps < 1:
-        return np.inf, np.inf, np.inf
-    eP = (float(delta) + eps) / (1 - eps)
-    eo = (1 + _U) * 2 * eps / (1 - eps) + _U
-    eD = eo + _gamma(Ev) * (1 + eo)
     with np.errstate(over="ignore", invalid="ignore"):
-        P1 = float(np.sum(np.abs(coef) * min(R1, 1e300) ** np.arange(g + 1)))
-        H = P1 * np.exp(min(R, 700.0)) / (1 - eps)
         ci = 1.0 / (1.0 + (Si - 1) * float(np.exp(-min(2 * R, 700.0))))
-        a1 = eP * nu + (1 + eP) * eD * Vm                  # per ‖dO_i‖₁
-        a2 = (2 * eP + (1 + eP) * eD) * V2                 # per ‖dO_i‖₂
         N1, N2 = float(r1.max()), float(r2.max())
         bq = s * kk * (min(N1 * a1, N2 * a2)
                        + _gamma(S + m + Ev + 10 * g + 15) * (2 + eD) * Vm * H * N1)

@@ -517,7 +517,8 @@ def _lipschitz_pieces(a, xg, starts, ends, cap=None):
         qmax = _shifted_max(q, qa, c, w)
         return qmax * np.exp(-c) * (1.0 + (_EXP_ULPS + 2) * _U64)
     z = c / cap
-    kappa = 1.0 / np.cosh(z) ** 2            # φ'(x0), within 16u
+    with np.errstate(over="ignore"):         # cosh(z) = inf: φ' = 0 to the last bit
+        kappa = 1.0 / np.cosh(z) ** 2        # φ'(x0), within 16u
     kappa1 = -2.0 / cap * kappa * np.tanh(z)     # φ''(x0), within 16u/c
     # p' − ℓp = p' − (κ − κ₁x0)p − κ₁·x·p, coefficients of degree <= g + 1 per piece
     k0 = kappa - kappa1 * c
@@ -532,7 +533,9 @@ def _lipschitz_pieces(a, xg, starts, ends, cap=None):
     qa[:, 1:] += np.abs(kappa1)[:, None] * np.abs(a)
     # the formation of q (at most 4 roundings per coefficient, k0 included) is
     # within γ₄·qa; shifted by the same non-negative recurrence as qa
-    err = (w * w / (cap * cap) + 16 * _U64 + 16 * _U64 / cap * w) * (1.0 + 8 * _U64)
+    # Taylor's remainder, or (tiny caps, where it is large) |φ'| + |ℓ| <= 1 + |κ| + |κ₁|w
+    err = (np.minimum(w * w / (cap * cap), 1.0 + kappa + np.abs(kappa1) * w)
+           + 16 * _U64 + 16 * _U64 / cap * w) * (1.0 + 8 * _U64)
     qmax = (_shifted_max(q, qa, c, w, extra=4)
             + err * _shifted_max(a, np.abs(a), c, w))
     top = -cap * np.tanh(c / cap) * (1.0 - 16 * _U64 * np.sign(c))

@@ -416,3 +416,21 @@ def test_softcap_fast_against_naive():
         assert np.abs(out - ref).max() <= info.error_bound
         plain = naive_attention(q, k, v, causal=causal)
         assert np.abs(out - plain).max() > 10 * info.error_bound    # the cap is applied
+
+
+def test_softcap_extremes_plan_without_warnings():
+    # new-user findings: softcap=1e20 overflowed the planner; tiny caps leaked numpy
+    # warnings from the certificate (and c = 1e-8 certifies a constant polynomial)
+    import warnings
+    rng = np.random.default_rng(4200)
+    q, k, v = (rng.standard_normal((1, 256, 8)) for _ in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for c in (1e-8, 1e-3, 1e20):
+            out, info = rope_attention(q, k, v, softcap=c, return_info=True)
+            ref = rope_attention(q, k, v, softcap=c, method="exact")
+            assert np.abs(out - ref).max() <= info.error_bound.max()
+        out, info = rope_attention(q, k, v, softcap=1e-8, method="fast", return_info=True)
+        assert info.degree[0] == 0
+        assert np.abs(out - rope_attention(q, k, v, softcap=1e-8, method="exact")).max() \
+            <= info.error_bound[0]

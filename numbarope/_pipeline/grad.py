@@ -320,14 +320,25 @@ def _function():
             return out.clone(), lse.clone()
 
         @staticmethod
-        @once_differentiable           # a second derivative raises (none is built yet)
         def backward(ctx, grad, grad_lse):
-            ctx.saved_tensors          # raises if an input was changed in place since
-            needs = ctx.needs_input_grad[:3]
-            if grad is None and grad_lse is None:
-                return (None,) * 6
-            grads = _backward(ctx.saved, grad, grad_lse, needs)
-            return (*_tensors(grads, ctx.dtypes), None, None, None)
+            if torch.is_grad_enabled():
+                # create_graph=True: the gradients are computed outside torch, so a
+                # graph through them would silently miss their dependence on the
+                # inputs (once_differentiable catches it only when grad requires grad)
+                raise RuntimeError(
+                    "numbarope's attention has no second derivative: backward with "
+                    "create_graph=True (e.g. a gradient penalty) is not supported; use "
+                    "torch attention for higher-order gradients")
+            return _first_order(ctx, grad, grad_lse)
+
+    @once_differentiable           # a second derivative raises (none is built yet)
+    def _first_order(ctx, grad, grad_lse):
+        ctx.saved_tensors          # raises if an input was changed in place since
+        needs = ctx.needs_input_grad[:3]
+        if grad is None and grad_lse is None:
+            return (None,) * 6
+        grads = _backward(ctx.saved, grad, grad_lse, needs)
+        return (*_tensors(grads, ctx.dtypes), None, None, None)
 
     return ExactAttention
 

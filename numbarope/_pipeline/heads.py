@@ -342,8 +342,9 @@ def head_facts(p, radius=None, *, fast=True):
         out_rounding = p.out_unit * vmax
         rot = rotation_logit_error(computed[b]) if p.rotated else 0.0
         if p.softcap is not None:    # c·tanh(x/c): |d/dx| <= 1 keeps the logit error;
-            # tanh within 4 ulp, the division and the product one rounding each (+1)
-            rot += 6.0 * p.softcap * np.finfo(compute).eps / 2
+            # tanh within 4 ulp, the division and the product one rounding each (+1),
+            # relative to |c·tanh(x/c)| <= min(c, R)
+            rot += 6.0 * min(p.softcap, float(computed[b])) * np.finfo(compute).eps / 2
         specs.append(HeadSpec(
             head=tuple(int(i) for i in np.unravel_index(b, p.batch_shape))
             if p.batch_shape else (),

@@ -188,7 +188,7 @@ def _evaluate(alg, h, approx_obj, eps, degree, method):
     delta = approx_obj.error_bound
     # the algorithm's floating-point allowance, plus the logits' error from the inputs'
     # preparation (rotation): each weight is then within a factor e^{±logit_error}
-    rnd = alg.rounding(h, approx_obj.coef, delta) + math.expm1(h.logit_error)
+    rnd = alg.rounding(h, approx_obj.coef, delta) + math.expm1(min(h.logit_error, 700.0))
     dtot = delta + rnd
     bound = (2 * dtot / (1 - dtot) * h.vmax if dtot < 1 else np.inf) + h.out_rounding
     why = None
@@ -203,9 +203,10 @@ def _evaluate(alg, h, approx_obj, eps, degree, method):
     elif h.vmax > 0 and bound > eps * h.vmax * (1 + 1e-12) and not (
             degree is not None and method == "fast"):    # an explicit degree is honoured
         if h.out_rounding > eps * h.vmax:
-            why = Reason("output-rounding", f"float32 output rounding alone (2^-24·max|V| = "
+            why = Reason("output-rounding", f"the output dtype's rounding alone (u·max|V| = "
                                             f"{h.out_rounding:.2e}) exceeds eps·max|V| = "
-                                            f"{eps * h.vmax:.2e}: pass float64 inputs")
+                                            f"{eps * h.vmax:.2e}: pass float64 inputs, or a "
+                                            f"larger eps")
         elif not dtot < 1 and rnd >= 1 and h.row_mass < 1:
             why = Reason("row-mass", f"the rounding allowance relative to the smallest row "
                                      f"mass (min_i Σ_j exp(b − max b) = {h.row_mass:.2e}) "
@@ -320,8 +321,10 @@ def plan_head(h, *, method, eps, degree, approx, why_exact=None, backward=False)
                         reason=f"fast {t_exact / t_fast:.1f}x cheaper (degree "
                                f"{fast_fields['degree']}, bound {fast_fields['error_bound']:.1e}"
                                + (f", {shared})" if shared else ")"))
-    return exact_only(Reason("exact-cheaper", f"exact {t_fast / t_exact:.1f}x cheaper than "
-                                              f"fast (degree {fast_fields['degree']}, "
+    text = (f"exact {t_fast / t_exact:.1f}x cheaper than fast" if t_fast >= t_exact else
+            f"fast predicted only {t_exact / t_fast:.2f}x cheaper, below AUTO_MARGIN="
+            f"{_config.AUTO_MARGIN:g} (near-ties go to exact)")
+    return exact_only(Reason("exact-cheaper", f"{text} (degree {fast_fields['degree']}, "
                                               f"{fast_fields['features']} features)"),
                       **exact_fields)
 

@@ -152,7 +152,7 @@ def test_an_explicit_degree_misses_eps_on_auto_and_is_honoured_on_fast():
 
 def test_float32_output_rounding_above_eps():
     h = _spec(out_rounding=2.0 ** -24, compute_dtype="float32", head=(3, 1))
-    with pytest.raises(FastPathError, match="float32 output rounding alone") as e:
+    with pytest.raises(FastPathError, match="output dtype.s rounding alone") as e:
         plan_head(h, **dict(FAST, eps=1e-8))
     assert e.value.code == "output-rounding" and e.value.head == (3, 1)
     a = plan_head(h, **dict(AUTO, eps=1e-8))
@@ -294,7 +294,7 @@ def test_auto_with_degree_never_misses_eps():
 def test_float32_fast_refuses_eps_below_output_rounding():
     """New-user findings: float32 output rounding alone above eps."""
     q, k, v = (a.astype(np.float32) for a in _qkv())
-    with pytest.raises(ValueError, match="float32 output rounding"):
+    with pytest.raises(ValueError, match="output dtype.s rounding"):
         nr.rope_attention(q, k, v, rotary=True, method="fast", eps=1e-8)
     out, info = nr.rope_attention(q, k, v, rotary=True, eps=1e-8, return_info=True)
     assert (info.method == "exact").all()

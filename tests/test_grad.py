@@ -159,8 +159,6 @@ def test_what_has_no_backward_is_refused_before_work():
         rope_attention(q, q, q, method="fast", bias=numbarope.bias.Window(2, 0), eps=0.5)
     with pytest.raises(NotImplementedError, match="bias requires grad"):
         rope_attention(q, q, q, bias=torch.zeros(15, requires_grad=True))
-    with pytest.raises(NotImplementedError, match="positions= has no backward"):
-        rope_attention(q, q, q, rotary=True, positions=np.arange(8))
     with torch.no_grad():                       # no grad mode: no refusal
         rope_attention(q, q, q, method="fast", eps=0.5)
 
@@ -331,3 +329,44 @@ def test_fast_gradients_through_rotary_match_exact():
     lse_out, lse = rope_attention(q, k, v, is_causal=True, method="fast", return_lse=True)
     with pytest.raises(NotImplementedError, match="log-sum-exp of a head computed by the"):
         lse.sum().backward()
+
+
+def _torch_rope(x, pos, E, base=10000.0):
+    """RoPE (rotate_half layout) in torch ops, differentiable: the reference."""
+    inv = 1.0 / base ** (torch.arange(0, E, 2, dtype=torch.float64) / E)
+    ang = pos[..., None].to(torch.float64) * inv                       # (..., S, E/2)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    half = torch.cat([-x[..., E // 2:], x[..., :E // 2]], -1)
+    return x * cos + half * sin
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_rotary_with_positions_has_a_backward(per_row):
+    # new-user finding: cu_seqlens= with rotary (positions restarting per sequence)
+    # and positions= (left padding) could not be trained
+    g = torch.Generator().manual_seed(23)
+    B, H, n, E = 2, 2, 40, 8
+    q, k, v = (torch.randn(B, H, n, E, generator=g, dtype=torch.float64).requires_grad_()
+               for _ in range(3))
+    if per_row:                     # a left-padded batch: positions (B, 1, S)
+        pos = torch.stack([torch.arange(n), torch.clamp(torch.arange(n) - 5, min=0)])
+        pos = pos[:, None]
+        kw = dict(positions=pos.numpy(), is_causal=True)
+    else:                           # packed: positions restart per sequence
+        cu = [0, 17, 40]
+        pos = torch.cat([torch.arange(17), torch.arange(23)])
+        kw = dict(cu_seqlens=cu, is_causal=True)
+    out = rope_attention(q, k, v, rotary=True, method="exact", **kw)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    ours = torch.autograd.grad(out, (q, k, v), dout)
+    qr, kr = _torch_rope(q, pos, E), _torch_rope(k, pos, E)
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None]
+    mask = j <= i
+    if not per_row:
+        seg = torch.tensor([0] * 17 + [1] * 23)
+        mask = mask & (seg[:, None] == seg[None, :])
+    ref = torch.nn.functional.scaled_dot_product_attention(qr, kr, v, attn_mask=mask)
+    theirs = torch.autograd.grad(ref, (q, k, v), dout)
+    assert (out - ref).abs().max().item() < 1e-12
+    for a, b in zip(ours, theirs):
+        assert (a - b).abs().max().item() < 1e-12

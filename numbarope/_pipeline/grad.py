@@ -18,7 +18,7 @@ The returned log-sum-exp (``return_lse=True``) is differentiable too
 a message when they require grad): bias arrays, relative matrices. Second
 derivatives raise (``once_differentiable``); an input changed in place after the
 forward makes backward raise, as torch's own operations do. Without a backward (refused when an input requires grad):
-general relative matrices, rotary with per-row ``positions``; ``method="fast"`` where
+general relative matrices; ``method="fast"`` where
 the head needs an algorithm without one (a bias, a window); the gradient of the
 returned lse of a fast head.
 
@@ -37,7 +37,7 @@ from .. import ops
 from ..ops.streaming import exact_backward
 from ..rotary import Rotary
 from .._runtime.interop import is_torch, output_like
-from .inputs import make_problem, rotate_back
+from .inputs import make_problem, rotate_back, rotate_rows_back
 
 __all__ = ["attention_with_grad", "exact_forward", "exact_gradients"]
 
@@ -56,11 +56,6 @@ def _refuse(method, arrays):
             "general relative matrices (relative=) have no backward pass; with inputs "
             "that require grad use rotary= (its backward rotates the gradients back) "
             "or call under torch.no_grad()")
-    if arrays.get("positions") is not None and arrays.get("rotary") not in (None, False):
-        raise NotImplementedError(
-            "rotary with per-row positions= has no backward pass yet; rotate query and "
-            "key yourself (numbarope.apply_rotary or your model's code) and pass "
-            "rotary=None, or call under torch.no_grad()")
 
 
 def attention_with_grad(query, key, value, *, method, eps, degree, approx, radius, verify,
@@ -243,12 +238,14 @@ def _backward(saved, grad, grad_lse, needs):
             dq[exact], dk, dv = _exact_part(p, saved, cd, dout, dlse, exact)
         for b in fast:
             _fast_part(p, saved, heads[b], b, dout, dq, dk, dv)
+    if saved["rotary"] is not None and p.positions is not None:
+        dq, dk = rotate_rows_back(p, dq, dk, saved["rotary"])
     sh = p.shapes
     kv_shape = sh.kv_shape if sh.group > 1 else sh.batch_shape
     dq = dq.reshape(sh.batch_shape + (p.n, p.E))
     dk = dk.reshape(kv_shape + (p.S, p.E))
     dv = dv.reshape(kv_shape + (p.S, p.Ev))
-    if saved["rotary"] is not None:
+    if saved["rotary"] is not None and p.positions is None:
         dq, dk = rotate_back(dq, dk, saved["rotary"], p.n, p.S, p.E, p.offset)
     return [_sum_to(a, shape) if need else None
             for a, shape, need in zip((dq, dk, dv), saved["shapes"], needs)]

@@ -462,7 +462,9 @@ class Problem:
     dtype of the result; ``out_unit``: its unit roundoff (0 for float64);
     ``precision``: the requested compute precision (None: from the inputs);
     ``rotated``: q and k were rotated here (their rotation error is in the bound);
-    ``unrotated``: they should be, but were not (planning only, ``rotate=False``).
+    ``unrotated``: they should be, but were not (planning only, ``rotate=False``);
+    ``positions``: the rotary positions per row, as :func:`_rotate_rows` read them
+    (None: the default positions).
     """
 
     q: np.ndarray
@@ -486,6 +488,7 @@ class Problem:
     rotated: bool
     softcap: float | None = None
     unrotated: bool = False
+    positions: np.ndarray | None = None
 
     @property
     def batch_shape(self):
@@ -674,7 +677,7 @@ def make_problem(query, key, value, *, rotary=None, relative=None, bias=None,
                 dtype=np.dtype(dtype), out_unit=float(out_unit),
                 precision=None if precision is None else str(precision),
                 rotated=rotary is not None or unrotated, softcap=validate_softcap(softcap),
-                unrotated=unrotated)
+                unrotated=unrotated, positions=pos)
     return p, out_torch
 
 
@@ -708,8 +711,17 @@ def rotate_back(dq, dk, rotary, n, S, E, off):
     return _rotate(dq, dk, rotary, None, n, S, E, off, inverse=True)
 
 
-def _rotate_rows(q64, k64, kvidx, rotary, pos, batch_shape, n, S, E, off):
-    """Per-row positions: rotate head by head (keys once per key/value head)."""
+def rotate_rows_back(p, dq, dk, rotary):
+    """:func:`rotate_back` for a problem with per-row ``positions``: dq (B, n, E), dk
+    (Bk, S, E), flattened as ``p.q``, ``p.k``."""
+    return _rotate_rows(dq, dk, p.kvidx, rotary, p.positions, p.batch_shape, p.n, p.S,
+                        p.E, p.offset, inverse=True)
+
+
+def _rotate_rows(q64, k64, kvidx, rotary, pos, batch_shape, n, S, E, off, inverse=False):
+    """Per-row positions: rotate head by head (keys once per key/value head);
+    ``inverse``: by the transposed rotations (gradients back to the inputs, as
+    :func:`_rotate`)."""
     pidx = _index_map(pos.shape[:-1], batch_shape)
     pos2 = pos.reshape((-1, S))
     kv_pos = np.full(k64.shape[0], -1, np.int64)
@@ -726,6 +738,8 @@ def _rotate_rows(q64, k64, kvidx, rotary, pos, batch_shape, n, S, E, off):
     seq_len = float(pos2.max()) + 1 if pos2.size else None
     for r in np.unique(pidx):
         cos, sin = rotary_tables(rotary, S, E, positions=pos2[r], seq_len=seq_len)
+        if inverse:
+            sin = -sin
         heads = np.flatnonzero(pidx == r)
         q64[heads] = rotate(q64[heads], rotary, cos[off:off + n], sin[off:off + n])
         kvs = np.flatnonzero(kv_pos == r)

@@ -370,3 +370,21 @@ def test_rotary_with_positions_has_a_backward(per_row):
     assert (out - ref).abs().max().item() < 1e-12
     for a, b in zip(ours, theirs):
         assert (a - b).abs().max().item() < 1e-12
+
+
+def test_apply_rotary_on_tensors_is_a_differentiable_tensor():
+    # new-user finding: apply_rotary returned numpy for a tensor, and failed on one
+    # that requires grad (the README's advice for rotating yourself)
+    g = torch.Generator().manual_seed(24)
+    x = torch.randn(2, 30, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    pos = torch.arange(30) * 3 + 1
+    out = numbarope.apply_rotary(x, positions=pos.numpy())
+    assert isinstance(out, torch.Tensor) and out.dtype == x.dtype
+    ref = _torch_rope(x, pos, 8)
+    assert (out - ref).abs().max().item() < 1e-12
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    (ours,) = torch.autograd.grad(out, x, dout)
+    (theirs,) = torch.autograd.grad(ref, x, dout)
+    assert (ours - theirs).abs().max().item() < 1e-12
+    x32 = x.detach().float()
+    assert numbarope.apply_rotary(x32).dtype == torch.float32

@@ -491,8 +491,9 @@ def apply_rotary(x: ArrayLike, rotary: Rotary | None = None,
 
     Returns
     -------
-    out : (..., n, E) ndarray
-        Rotated copy of ``x`` (same dtype; ``x`` is not modified). For each
+    out : (..., n, E) ndarray, or torch.Tensor for a torch ``x``
+        Rotated copy of ``x`` (same dtype; ``x`` is not modified; a torch tensor
+        gives a tensor, differentiable when ``x`` requires grad). For each
         pair ``(a, b)`` of features and angle ``θ = p · inv_freq``:
         ``out_a = m (x_a cos θ − x_b sin θ)``, ``out_b = m (x_b cos θ + x_a
         sin θ)`` with ``m = rotary.attention_factor`` (1 but for YaRN and
@@ -513,6 +514,9 @@ def apply_rotary(x: ArrayLike, rotary: Rotary | None = None,
     rotary = Rotary() if rotary is None else rotary
     if not isinstance(rotary, Rotary):
         raise TypeError(f"apply_rotary: rotary must be a numbarope.Rotary, got {type(rotary).__name__}")
+    tensor = None
+    if type(x).__module__.startswith("torch") and hasattr(x, "detach"):
+        tensor, x = x, x.detach().cpu().numpy()      # validated as numpy, rotated below
     x = np.asarray(x)
     if x.dtype not in (np.float32, np.float64):
         raise TypeError(
@@ -535,7 +539,31 @@ def apply_rotary(x: ArrayLike, rotary: Rotary | None = None,
         cos, sin = rotary_tables(rotary, n, E)
     else:
         cos, sin = rotary_tables(rotary, n, E, positions)
+    if tensor is not None:
+        return _rotate_tensor(tensor, rotary, cos, sin)
     return rotate(x, rotary, cos, sin, dtype=x.dtype)
+
+
+def _rotate_tensor(t, rotary, cos, sin):
+    """:func:`apply_rotary` of a torch tensor: a tensor of its dtype and device,
+    differentiable (the rotation is linear; its backward is the transposed rotation,
+    ``sin → −sin``, the scaling m and the unrotated features being symmetric)."""
+    import torch
+
+    def turn(a, s):
+        return torch.from_numpy(rotate(a.detach().cpu().numpy(), rotary, cos, s,
+                                       dtype=np.dtype(str(a.dtype).replace("torch.", ""))))
+
+    class Rotation(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a):
+            return turn(a, sin).to(a.device)
+
+        @staticmethod
+        def backward(ctx, g):
+            return turn(g, -sin).to(g.device)
+
+    return Rotation.apply(t)
 
 
 def rotary_relative_matrices(n: int, rotary: Rotary | None = None,

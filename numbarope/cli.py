@@ -802,6 +802,12 @@ _CLI_WORDS = (
     (r"\bRotary: dim=(\d+)", r"Rotary: --rotary-dim \1"),
     (r"\bRotary: dim\b", "Rotary: --rotary-dim"),
     (r"\bRotary: base\b", "Rotary: --rotary-base"),
+    (r"^verify must be", "--verify must be"),
+    (r"\bdegree=(-?\d+)", r"--degree \1"),
+    (r"^degree must\b", "--degree must"),
+    (r"\beps=(-?[\d.e+-]+)", r"--eps \1"),
+    (r"^eps must\b", "--eps must"),
+    (r"^radius\b", "--radius"),
 )
 
 

@@ -805,7 +805,7 @@ _CLI_WORDS = (
     (r"^verify must be", "--verify must be"),
     (r"\bdegree=(-?\d+)", r"--degree \1"),
     (r"^degree must\b", "--degree must"),
-    (r"\beps=(-?[\d.e+-]+)", r"--eps \1"),
+    (r"\beps=(-?(?:nan|inf|[\d.e+-]+))", r"--eps \1"),
     (r"^eps must\b", "--eps must"),
     (r"^radius\b", "--radius"),
 )

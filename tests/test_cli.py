@@ -94,9 +94,9 @@ BAD = [
     ("no key plan", ["plan", "{nokey.npz}"], r"lacks array\(s\) \['key'\]"),
     ("out folder", ["run", "{good.npz}", "-o", "{nodir_out}"], r"cannot write the output"),
     ("out is dir", ["run", "{good.npz}", "-o", "{dir}"], r"cannot write the output"),
-    ("eps 2", ["run", "{good.npz}", "-o", "{out}", "--eps", "2"], r"eps=2\.0 must lie in \(0, 1\)"),
-    ("eps nan", ["plan", "{good.npz}", "--eps", "nan"], r"eps=nan"),
-    ("degree", ["run", "{good.npz}", "-o", "{out}", "--degree", "99"], r"degree=99"),
+    ("eps 2", ["run", "{good.npz}", "-o", "{out}", "--eps", "2"], r"--eps 2\.0 must lie in \(0, 1\)"),
+    ("eps nan", ["plan", "{good.npz}", "--eps", "nan"], r"--eps nan"),
+    ("degree", ["run", "{good.npz}", "-o", "{out}", "--degree", "99"], r"--degree 99"),
     ("scale", ["run", "{good.npz}", "-o", "{out}", "--scale", "-1"], r"scale=-1\.0"),
     ("verify", ["run", "{good.npz}", "-o", "{out}", "--verify", "-3"], r"verify"),
     ("rotary dim", ["run", "{good.npz}", "-o", "{out}", "--rotary", "--rotary-dim", "3"],
@@ -131,7 +131,7 @@ BAD = [
      r"holds \['key', 'query', 'value'\]"),
     ("degree with exact", ["run", "{good.npz}", "-o", "{out}", "--method", "exact",
                            "--degree", "3"],
-     (r"degree=3 sets the fast path's polynomial; --method exact uses none: omit --degree, "
+     (r"--degree 3 sets the fast path's polynomial; --method exact uses none: omit --degree, "
       r"or use --method fast \(or auto\)")),
     ("nan", ["run", "{nan.npz}", "-o", "{out}"], r"query contains NaN"),
     ("int", ["run", "{int.npz}", "-o", "{out}"], r"query.*int64"),
@@ -671,7 +671,7 @@ def test_cli_messages_name_the_options():
             "smaller logits (--scale, or a tighter --radius).",
         "Rotary: dim=6 is larger than head_dim=4":
             "Rotary: --rotary-dim 6 is larger than head_dim=4",
-        "eps=2.0 must lie in (0, 1)": "eps=2.0 must lie in (0, 1)",     # same name: kept
+        "eps=2.0 must lie in (0, 1)": "--eps 2.0 must lie in (0, 1)",
         "query contains NaN": "query contains NaN",
     }
     for text, expected in cases.items():

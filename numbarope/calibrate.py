@@ -188,6 +188,11 @@ def calibrate(update=True, seed=0, progress=None, repeat=5):
     """
     if isinstance(repeat, bool) or not isinstance(repeat, (int, np.integer)) or repeat < 1:
         raise ValueError(f"repeat must be an int >= 1, got {repeat!r}")
+    for name, flag in (("update", update), ("progress", progress)):
+        if not (isinstance(flag, (bool, np.bool_)) or flag is None and name == "progress"):
+            raise TypeError(f"{name} must be True or False"
+                            + (" (or None: when stderr is a terminal)" if name == "progress"
+                               else "") + f", got {flag!r}")
     # imported here, not with numbarope: tqdm.auto warns at import in a Jupyter kernel
     # without ipywidgets ("IProgress not found"), which every notebook would show
     from tqdm.auto import tqdm

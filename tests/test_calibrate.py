@@ -147,3 +147,10 @@ def test_import_does_not_load_tqdm_auto():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, timeout=120, check=True)
     assert res.stdout.strip() == "False", res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("kw", [dict(update="yes"), dict(update=1), dict(progress="no")])
+def test_flags_must_be_booleans(kw):
+    # new-user finding: calibrate(update='yes') was accepted
+    with pytest.raises(TypeError, match="must be True or False"):
+        numbarope.calibrate(**kw)

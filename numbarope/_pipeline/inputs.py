@@ -573,7 +573,15 @@ def make_problem(query, key, value, *, rotary=None, relative=None, bias=None,
     if kpm is not None:
         kpm = np.asarray(kpm)
     if pos is not None:
-        pos = np.asarray(pos)
+        try:
+            pos = np.asarray(pos)
+        except ValueError:           # ragged: a tuple of arrays of different lengths
+            raise ValueError("positions must be one array (..., S) of token positions "
+                             "(e.g. numpy.stack of the rows), got a ragged sequence") \
+                from None
+        if pos.dtype == object:
+            raise TypeError("positions must be an array of integer or real positions, "
+                            "shape (..., S); got a sequence of objects")
     sh = check_shapes(q.shape, k.shape, v.shape, enable_gqa=enable_gqa,
                       query_offset=query_offset, causal_alignment=causal_alignment,
                       relative=None if rel is None else rel.shape,

@@ -460,3 +460,11 @@ def test_np_matrix_inputs_are_plain_arrays():
     out = numbarope.rope_attention(m, m, m, is_causal=True)
     assert type(out) is np.ndarray
     np.testing.assert_array_equal(out, numbarope.rope_attention(a, a, a, is_causal=True))
+
+
+def test_ragged_positions_are_refused_by_name():
+    # new-user finding: positions=(a, b) of different lengths raised numpy's own error
+    import numbarope as nr
+    q = np.zeros((8, 4))
+    with pytest.raises(ValueError, match="positions must be one array"):
+        nr.rope_attention(q, q, q, rotary=True, positions=(np.arange(8), np.arange(7)))

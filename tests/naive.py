@@ -93,3 +93,39 @@ def attention_longdouble(q, k, v, *, bias=None, causal=False, scale=None):
         w = np.exp(logits - logits.max())
         out[i] = (w @ v[vis]) / w.sum()
     return out
+
+
+def visible(L, S, off, keep):
+    """(L, S) bool: query i (position i + off) sees real key j <= i + off (``off``
+    None: every real key)."""
+    vis = (np.ones((L, S), bool) if off is None else
+           np.arange(S)[None, :] <= np.arange(L)[:, None] + off)
+    return vis if keep is None else vis & keep[None, :]
+
+
+def attention_gradients(q, k, v, dO, s, off=None, keep=None, coef=None):
+    """Softmax attention's gradients (causal with ``off``, query i at position i + off) by the obvious dense formulas (float64):
+    A = softmax(s·q kᵀ) over the visible real keys, Δ_i = dO_i·o_i, dX = A∘(dO vᵀ − Δ),
+    dq = s·dX k, dk = s·Σ_heads dXᵀ q, dv = Σ_heads Aᵀ dO. With ``coef``: the same
+    formulas with A replaced by p(s·q kᵀ)/Σ (the fast backward's sums, in exact form;
+    Δ from the polynomial forward's output)."""
+    Q = q[None] if q.ndim == 2 else q
+    G = dO[None] if dO.ndim == 2 else dO
+    L, S = Q.shape[1], k.shape[0]
+    X = s * np.einsum("gie,je->gij", Q, k)
+    vis = visible(L, S, off, keep)[None]
+    if coef is None:
+        X = np.where(vis, X, -np.inf)
+        mx = X.max(axis=2, keepdims=True)
+        W = np.exp(X - np.where(np.isfinite(mx), mx, 0.0))
+    else:
+        W = np.where(vis, np.polynomial.polynomial.polyval(X, coef), 0.0)
+    tot = W.sum(axis=2, keepdims=True)
+    A = np.divide(W, tot, out=np.zeros_like(W), where=tot > 0)
+    o = A @ v
+    delta = np.einsum("gic,gic->gi", G, o)
+    dX = A * (np.einsum("gic,jc->gij", G, v) - delta[:, :, None])
+    dq = s * dX @ k
+    dk = s * np.einsum("gij,gie->je", dX, Q)
+    dv = np.einsum("gij,gic->jc", A, G)
+    return (dq[0] if q.ndim == 2 else dq), dk, dv

@@ -1,5 +1,5 @@
 """numbarope.ops.gemm.gemm_backward: the certified fast backward of the gemm algorithm,
-against the EXACT softmax gradients (dense float64 reference below): within the
+against the EXACT softmax gradients (the dense float64 reference of tests/naive.py, attention_gradients): within the
 certified bound of numbarope.ops._bounds.gradient_bound, which is itself O(δ); it
 converges to the exact gradients as δ → 0; padded keys; grouped-query heads; threads."""
 
@@ -13,41 +13,8 @@ from numbarope.ops.registry import get
 from numbarope.ops.streaming import exact_attention, exact_backward
 from numbarope.polynomial import exp_approximation
 
-
-def dense_gradients(q, k, v, dO, s, keep=None):
-    """Exact softmax attention's gradients by the obvious dense formulas (float64):
-    A = softmax(s·q kᵀ) over the real keys, Δ_i = dO_i·o_i, dX = A∘(dO vᵀ − Δ),
-    dq = s·dX k, dk = s·Σ_heads dXᵀ q, dv = Σ_heads Aᵀ dO."""
-    Q = q[None] if q.ndim == 2 else q
-    G = dO[None] if dO.ndim == 2 else dO
-    X = s * np.einsum("gie,je->gij", Q, k)
-    if keep is not None:
-        X[:, :, ~keep] = -np.inf
-    A = np.exp(X - X.max(axis=2, keepdims=True))
-    A /= A.sum(axis=2, keepdims=True)
-    o = A @ v
-    delta = np.einsum("gic,gic->gi", G, o)
-    dX = A * (np.einsum("gic,jc->gij", G, v) - delta[:, :, None])
-    dq = s * dX @ k
-    dk = s * np.einsum("gij,gie->je", dX, Q)
-    dv = np.einsum("gij,gic->jc", A, G)
-    return (dq[0] if q.ndim == 2 else dq), dk, dv
-
-
-def inputs(rng, G, L, S, E, Ev, R, padded):
-    """q, k with s·max‖q‖₂·max‖k‖₂ = R exactly, v and dO standard normal, a key mask."""
-    s = 1.0 / np.sqrt(E)
-    shape = (L, E) if G == 1 else (G, L, E)
-    q = rng.standard_normal(shape)
-    k = rng.standard_normal((S, E))
-    c = np.sqrt(R / s / (np.linalg.norm(q, axis=-1).max() * np.linalg.norm(k, axis=-1).max()))
-    v = rng.standard_normal((S, Ev))
-    dO = rng.standard_normal(shape[:-1] + (Ev,))
-    keep = None
-    if padded:
-        keep = rng.random(S) < 0.7
-        keep[rng.integers(S)] = True
-    return q * c, k * c, v, dO, s, keep
+from _grad_inputs import inputs
+from naive import attention_gradients
 
 
 def scales(q, k, v, dO, s, keep, R):
@@ -85,7 +52,7 @@ def test_within_the_certified_bound_of_the_exact_gradient(case, eps):
     approx = exp_approximation(R, eps=eps)
     out, den = gemm.gemm_attention(q, k, v, s, approx.coef, key_mask=keep)
     grads = gemm.gemm_backward(q, k, v, out, den, dO, s, approx.coef, key_mask=keep)
-    ref = dense_gradients(q, k, v, dO, s, keep)
+    ref = attention_gradients(q, k, v, dO, s, keep=keep)
     bounds = gradient_bound(q, k, v, dO, s, approx.coef, approx.error_bound, key_mask=keep)
     for name, g, r, b, sc in zip("qkv", grads, ref, bounds, scales(q, k, v, dO, s, keep, R)):
         assert g.shape == r.shape and g.dtype == np.float64, name
@@ -114,7 +81,7 @@ def test_bound_is_nearly_attained(S, least):
     dO = np.ones((n, 1))
     out, den = gemm.gemm_attention(q, k, v, 1.0, approx.coef)
     grads = gemm.gemm_backward(q, k, v, out, den, dO, 1.0, approx.coef)
-    ref = dense_gradients(q, k, v, dO, 1.0)
+    ref = attention_gradients(q, k, v, dO, 1.0)
     bounds = gradient_bound(q, k, v, dO, 1.0, approx.coef, approx.error_bound)
     for name, g, r, b, lo in zip("qkv", grads, ref, bounds, least):
         err = np.abs(g - r).max()
@@ -125,7 +92,7 @@ def test_reference_is_numbaropes_exact_backward():
     # the dense reference of these tests agrees with the exact path's backward
     rng = np.random.default_rng(3)
     q, k, v, dO, s, _ = inputs(rng, 3, 30, 45, 4, 3, 1.5, False)
-    ref = dense_gradients(q, k, v, dO, s)
+    ref = attention_gradients(q, k, v, dO, s)
     kv = np.zeros(3, np.int64)
     out, lse = exact_attention(q, k[None], v[None], s, kvidx=kv, return_lse=True)[:2]
     ex = exact_backward(q, k[None], v[None], out, lse, dO, s, kvidx=kv)
@@ -140,7 +107,7 @@ def test_converges_to_the_exact_gradient(G, padded):
     rng = np.random.default_rng(17 + G)
     R = 2.0
     q, k, v, dO, s, keep = inputs(rng, G, 80, 150, 4, 3, R, padded)
-    ref = dense_gradients(q, k, v, dO, s, keep)
+    ref = attention_gradients(q, k, v, dO, s, keep=keep)
     errs = []
     for eps in (1e-2, 1e-4, 1e-6, 1e-10):
         coef = exp_approximation(R, eps=eps).coef

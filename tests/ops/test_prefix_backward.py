@@ -1,5 +1,5 @@
 """numbarope.ops.prefix.prefix_backward: the certified fast backward of the causal prefix
-algorithm, against the EXACT causal softmax gradients (dense float64 reference below):
+algorithm, against the EXACT causal softmax gradients (the dense float64 reference of tests/naive.py, attention_gradients):
 within the certified bound of numbarope.ops._bounds.causal_gradient_bound, itself O(δ);
 the same sums as the dense polynomial backward (to rounding) for any chunk size; it
 converges to the exact gradients as δ → 0; offsets, padded keys, grouped-query heads;
@@ -15,55 +15,9 @@ from numbarope.ops.registry import get
 from numbarope.ops.streaming import exact_attention, exact_backward
 from numbarope.polynomial import exp_approximation
 
-
-def visible(L, S, off, keep):
-    """(L, S) bool: query i (position i + off) sees real key j <= i + off."""
-    vis = np.arange(S)[None, :] <= np.arange(L)[:, None] + off
-    return vis if keep is None else vis & keep[None, :]
-
-
-def dense_gradients(q, k, v, dO, s, off=0, keep=None, coef=None):
-    """Causal softmax attention's gradients by the obvious dense formulas (float64):
-    A = softmax(s·q kᵀ) over the visible real keys, Δ_i = dO_i·o_i, dX = A∘(dO vᵀ − Δ),
-    dq = s·dX k, dk = s·Σ_heads dXᵀ q, dv = Σ_heads Aᵀ dO. With ``coef``: the same
-    formulas with A replaced by p(s·q kᵀ)/Σ (the fast backward's sums, in exact form;
-    Δ from the polynomial forward's output)."""
-    Q = q[None] if q.ndim == 2 else q
-    G = dO[None] if dO.ndim == 2 else dO
-    L, S = Q.shape[1], k.shape[0]
-    X = s * np.einsum("gie,je->gij", Q, k)
-    vis = visible(L, S, off, keep)[None]
-    if coef is None:
-        X = np.where(vis, X, -np.inf)
-        mx = X.max(axis=2, keepdims=True)
-        W = np.exp(X - np.where(np.isfinite(mx), mx, 0.0))
-    else:
-        W = np.where(vis, np.polynomial.polynomial.polyval(X, coef), 0.0)
-    tot = W.sum(axis=2, keepdims=True)
-    A = np.divide(W, tot, out=np.zeros_like(W), where=tot > 0)
-    o = A @ v
-    delta = np.einsum("gic,gic->gi", G, o)
-    dX = A * (np.einsum("gic,jc->gij", G, v) - delta[:, :, None])
-    dq = s * dX @ k
-    dk = s * np.einsum("gij,gie->je", dX, Q)
-    dv = np.einsum("gij,gic->jc", A, G)
-    return (dq[0] if q.ndim == 2 else dq), dk, dv
-
-
-def inputs(rng, G, L, S, E, Ev, R, padded):
-    """q, k with s·max‖q‖₂·max‖k‖₂ = R exactly, v and dO standard normal, a key mask."""
-    s = 1.0 / np.sqrt(E)
-    shape = (L, E) if G == 1 else (G, L, E)
-    q = rng.standard_normal(shape)
-    k = rng.standard_normal((S, E))
-    c = np.sqrt(R / s / (np.linalg.norm(q, axis=-1).max() * np.linalg.norm(k, axis=-1).max()))
-    v = rng.standard_normal((S, Ev))
-    dO = rng.standard_normal(shape[:-1] + (Ev,))
-    keep = None
-    if padded:
-        keep = rng.random(S) < 0.7
-        keep[rng.integers(S)] = True
-    return q * c, k * c, v, dO, s, keep
+from _grad_inputs import inputs
+from naive import visible
+from naive import attention_gradients as dense_gradients
 
 
 def scales(q, k, v, dO, s, keep, R, off):

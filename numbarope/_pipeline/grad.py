@@ -37,6 +37,7 @@ from .. import ops
 from ..ops.streaming import exact_backward
 from ..rotary import Rotary
 from .._runtime.interop import is_torch, output_like
+from .heads import head_weights
 from .inputs import make_problem, rotate_back, rotate_rows_back
 
 __all__ = ["attention_with_grad", "exact_forward", "exact_gradients"]
@@ -273,15 +274,19 @@ def _exact_part(p, saved, cd, dout, dlse, heads):
 def _fast_part(p, saved, hp, b, dout, dq, dk, dv):
     """The certified fast backward of head ``b`` (planned fast: ``hp``), into ``dq[b]``
     and added to ``dk``, ``dv`` of its key/value head. The forward's denominators are
-    ``exp(lse)``: gemm and prefix heads carry no bias, so their lse has no shift."""
+    ``exp(lse − shift)`` (the shift: the head's largest visible bias, 0 without one),
+    and the algorithm gets the structure and Toeplitz weights its forward got."""
     kv = int(p.kvidx[b])
     key_mask = None if p.kmask is None else np.isfinite(p.kmask[p.kidx[b]])
-    den = np.exp(saved["lse"][b])
+    structure, T, shift = head_weights(p, b)
+    with np.errstate(under="ignore"):
+        den = np.exp(saved["lse"][b] - shift)
     g_q, g_k, g_v = ops.get(hp.algorithm).backward(
         np.ascontiguousarray(p.q[b], dtype=np.float64),
         np.ascontiguousarray(p.k[kv], dtype=np.float64),
         np.ascontiguousarray(p.v[kv], dtype=np.float64), saved["out"][b], den, dout[b],
-        p.scale, hp.coef, offset=p.offset, key_mask=key_mask, workers=saved["workers"])
+        p.scale, hp.coef, structure=structure, T=T, offset=p.offset, key_mask=key_mask,
+        workers=saved["workers"])
     dq[b] = g_q
     dk[kv] += g_k
     dv[kv] += g_v

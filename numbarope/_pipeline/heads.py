@@ -280,6 +280,14 @@ def _head_structure(p, b, dense, cuts):
     return st
 
 
+def head_weights(p, b):
+    """``(structure, T, shift)`` of head b as the fast forward received them: its
+    canonical structure, the Toeplitz weights ``exp(b_t − shift)`` (None without a
+    bias) and the shift (what the backward of a biased head needs)."""
+    T, shift = _toeplitz_weights(p, b)
+    return _head_structure(p, b, {}, {}), T, shift
+
+
 def share_groups(p):
     """Query heads that may share one fast key side: same key/value head, key mask
     and bias (so the same keys, values and Toeplitz weights), separable logits."""

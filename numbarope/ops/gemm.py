@@ -168,11 +168,11 @@ class Gemm(Algorithm):
         return gemm_attention(q, k, v, scale, coef, key_mask=key_mask, workers=workers,
                               initial_state=initial_state, return_state=return_state)
 
-    def backward(self, q, k, v, out, den, dout, scale, coef, *, offset=0, key_mask=None,
-                 workers=None):
+    def backward(self, q, k, v, out, den, dout, scale, coef, *, structure=None, T=None,
+                 offset=0, key_mask=None, workers=None):
         """The certified fast gradients of :meth:`run`'s inputs: :func:`gemm_backward`
-        (``out``, ``den`` the forward's results; returns ``(dq, dk, dv)``; ``offset``
-        is not read: every row sees every real key)."""
+        (``out``, ``den`` the forward's results; returns ``(dq, dk, dv)``; ``structure``,
+        ``T`` and ``offset`` are not read: every row sees every real key)."""
         return gemm_backward(q, k, v, out, den, dout, scale, coef, key_mask=key_mask,
                              workers=workers)
 

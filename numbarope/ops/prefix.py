@@ -157,10 +157,11 @@ class Prefix(Algorithm):
                                 workers=workers, initial_state=initial_state,
                                 return_state=return_state)
 
-    def backward(self, q, k, v, out, den, dout, scale, coef, *, offset=0, key_mask=None,
-                 workers=None):
+    def backward(self, q, k, v, out, den, dout, scale, coef, *, structure=None, T=None,
+                 offset=0, key_mask=None, workers=None):
         """The certified fast gradients of :meth:`run`'s inputs: :func:`prefix_backward`
-        (``out``, ``den`` the forward's results; returns ``(dq, dk, dv)``)."""
+        (``out``, ``den`` the forward's results; returns ``(dq, dk, dv)``; ``structure``
+        and ``T`` are not read: causal, no bias)."""
         return prefix_backward(q, k, v, out, den, dout, scale, coef, offset=offset,
                                key_mask=key_mask, workers=workers)
 

@@ -103,23 +103,32 @@ def visible(L, S, off, keep):
     return vis if keep is None else vis & keep[None, :]
 
 
-def attention_gradients(q, k, v, dO, s, off=None, keep=None, coef=None):
+def attention_gradients(q, k, v, dO, s, off=None, keep=None, coef=None, T=None):
     """Softmax attention's gradients (causal with ``off``, query i at position i + off) by the obvious dense formulas (float64):
     A = softmax(s·q kᵀ) over the visible real keys, Δ_i = dO_i·o_i, dX = A∘(dO vᵀ − Δ),
     dq = s·dX k, dk = s·Σ_heads dXᵀ q, dv = Σ_heads Aᵀ dO. With ``coef``: the same
     formulas with A replaced by p(s·q kᵀ)/Σ (the fast backward's sums, in exact form;
-    Δ from the polynomial forward's output)."""
+    Δ from the polynomial forward's output). With ``T`` ((L+S−1,) Toeplitz weights in
+    the storage of :func:`numbarope.ops.fft.toeplitz_weights`, ``T[i − j + S − 1]`` for
+    query row i and key j; 0 = masked): every weight is multiplied by T (a relative
+    bias ``log T``); ``off`` then only adds the causal cut, the offset is in T."""
     Q = q[None] if q.ndim == 2 else q
     G = dO[None] if dO.ndim == 2 else dO
     L, S = Q.shape[1], k.shape[0]
     X = s * np.einsum("gie,je->gij", Q, k)
     vis = visible(L, S, off, keep)[None]
+    Tm = None
+    if T is not None:
+        Tm = np.asarray(T, np.float64)[np.arange(L)[:, None] - np.arange(S)[None, :] + S - 1]
+        vis = vis & (Tm > 0)[None]
     if coef is None:
         X = np.where(vis, X, -np.inf)
         mx = X.max(axis=2, keepdims=True)
         W = np.exp(X - np.where(np.isfinite(mx), mx, 0.0))
     else:
         W = np.where(vis, np.polynomial.polynomial.polyval(X, coef), 0.0)
+    if Tm is not None:
+        W = W * Tm[None]
     tot = W.sum(axis=2, keepdims=True)
     A = np.divide(W, tot, out=np.zeros_like(W), where=tot > 0)
     o = A @ v

@@ -273,6 +273,12 @@ def plan_head(h, *, method, eps, degree, approx, why_exact=None, backward=False)
         if backward and not why and not callable(getattr(alg, "backward", None)):
             why = [Reason("exact-for-gradients", f"the inputs require grad and {alg.name} "
                                                  f"has no backward yet")]
+        elif backward and not why and getattr(h, "softcap", None) is not None:
+            # the capped logit's derivative sech²(x/c) multiplies every dX_ij: not a
+            # sum of feature products, so no fast backward computes it
+            why = [Reason("exact-for-gradients", "the inputs require grad and the fast "
+                                                 "backward does not differentiate a soft "
+                                                 "cap (its sech² factor)")]
         (refused if why else candidates).append((alg, why))
     candidates = [a for a, _ in candidates]
     if not candidates:

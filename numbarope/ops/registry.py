@@ -56,7 +56,7 @@ REASONS = {
     "fast-requested": "method='fast' was requested",
     "exact-requested": "method='exact' was requested",
     "exact-for-gradients": "the inputs require grad and the head's fast algorithm has no "
-                           "backward so far",
+                           "backward for it (no backward so far, or a soft cap)",
     "empty": "nothing to compute (no queries, no keys or no value columns)",
     "no-visible-key": "no query sees any key; every output row is 0",
     # why the fast path cannot serve a head

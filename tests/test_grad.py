@@ -310,9 +310,21 @@ def test_fast_gradients_within_their_certified_bound(causal):
     out, info = rope_attention(q, k, v, method="fast", eps=1e-4, return_info=True, **kw)
     assert set(info.algorithm.ravel()) == {"prefix" if causal else "gemm"}
     dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    assert info.gradient_bound is None                  # filled by the backward
     fast = torch.autograd.grad(out, (q, k, v), dout)
     ref = torch.autograd.grad(rope_attention(q, k, v, method="exact", **kw), (q, k, v),
                               dout)
+    # the info reports the certified bounds per query head once the backward ran; a
+    # key/value head's gradient error is within the sum over its query heads
+    gb = info.gradient_bound
+    assert gb.shape == (B, Hq, 3) and np.all(np.isfinite(gb)) and np.all(gb > 0)
+    for b in range(B):
+        for i in range(Hq):
+            assert (fast[0] - ref[0])[b, i].abs().max().item() <= gb[b, i, 0]
+        for h in range(Hk):
+            for c in (1, 2):
+                assert (fast[c] - ref[c])[b, h].abs().max().item() \
+                    <= gb[b, 2 * h:2 * h + 2, c].sum()
     bound = causal_gradient_bound if causal else gradient_bound
     for b in range(B):
         for h in range(Hk):

@@ -69,6 +69,7 @@ def attention_with_grad(query, key, value, *, method, eps, degree, approx, radiu
         arrays=arrays)
     saved = _saved(p, out64, lse, cd, arrays, workers, (query, key, value))
     saved["heads"] = info.heads          # which heads were computed fast, and how
+    saved["info"] = info                 # the backward writes the gradient bounds there
     out_t, lse_t = _results(p, out64, lse, out_torch)
     result, lse_r = _ExactAttention.apply(query, key, value, out_t, lse_t, saved)
     res = (result,)
@@ -237,8 +238,12 @@ def _backward(saved, grad, grad_lse, needs):
         dk, dv = np.zeros(p.k.shape), np.zeros(p.v.shape)
         if exact.size:
             dq[exact], dk, dv = _exact_part(p, saved, cd, dout, dlse, exact)
+        bounds = np.full((B, 3), np.nan)
         for b in fast:
-            _fast_part(p, saved, heads[b], b, dout, dq, dk, dv)
+            bounds[b] = _fast_part(p, saved, heads[b], b, dout, dq, dk, dv)
+        info = saved.get("info")
+        if info is not None:
+            info.extra["gradient_bound"] = bounds.reshape(p.batch_shape + (3,))
     if saved["rotary"] is not None and p.positions is not None:
         dq, dk = rotate_rows_back(p, dq, dk, saved["rotary"])
     sh = p.shapes
@@ -275,21 +280,29 @@ def _fast_part(p, saved, hp, b, dout, dq, dk, dv):
     """The certified fast backward of head ``b`` (planned fast: ``hp``), into ``dq[b]``
     and added to ``dk``, ``dv`` of its key/value head. The forward's denominators are
     ``exp(lse − shift)`` (the shift: the head's largest visible bias, 0 without one),
-    and the algorithm gets the structure and Toeplitz weights its forward got."""
+    and the algorithm gets the structure and Toeplitz weights its forward got.
+    Returns the algorithm's certified bounds ``(bq, bk, bv)`` on this head's
+    contributions (NaN where it gives none)."""
     kv = int(p.kvidx[b])
     key_mask = None if p.kmask is None else np.isfinite(p.kmask[p.kidx[b]])
     structure, T, shift = head_weights(p, b)
     with np.errstate(under="ignore"):
         den = np.exp(saved["lse"][b] - shift)
-    g_q, g_k, g_v = ops.get(hp.algorithm).backward(
-        np.ascontiguousarray(p.q[b], dtype=np.float64),
-        np.ascontiguousarray(p.k[kv], dtype=np.float64),
-        np.ascontiguousarray(p.v[kv], dtype=np.float64), saved["out"][b], den, dout[b],
-        p.scale, hp.coef, structure=structure, T=T, offset=p.offset, key_mask=key_mask,
-        workers=saved["workers"])
+    alg = ops.get(hp.algorithm)
+    q = np.ascontiguousarray(p.q[b], dtype=np.float64)
+    k = np.ascontiguousarray(p.k[kv], dtype=np.float64)
+    v = np.ascontiguousarray(p.v[kv], dtype=np.float64)
+    g_q, g_k, g_v = alg.backward(
+        q, k, v, saved["out"][b], den, dout[b], p.scale, hp.coef, structure=structure, T=T,
+        offset=p.offset, key_mask=key_mask, workers=saved["workers"])
     dq[b] = g_q
     dk[kv] += g_k
     dv[kv] += g_v
+    bound = getattr(alg, "gradient_bound", None)
+    if not callable(bound):
+        return np.nan, np.nan, np.nan
+    return bound(q, k, v, dout[b], p.scale, hp.coef, hp.delta, structure=structure, T=T,
+                 offset=p.offset, key_mask=key_mask, radius=hp.radius)
 
 
 def _sum_to(a, shape):

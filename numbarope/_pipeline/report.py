@@ -148,6 +148,27 @@ class AttentionInfo:
     #: Heads shown by ``_repr_html_`` (Jupyter) before the middle ones are left out.
     html_rows = 50
 
+    @property
+    def gradient_bound(self):
+        """Certified bounds on the fast backward's gradient errors, filled when the
+        backward of the call has run (None before it, and when no head was computed
+        fast).
+
+        An ndarray of shape ``batch_shape + (3,)``, float64: per query head, bounds on
+        ``max|dq − dq_exact|``, ``max|dk − dk_exact|``, ``max|dv − dv_exact|`` of that
+        head's contributions, in the units of the gradients with respect to the rotated
+        query and key (see ``Algorithm.gradient_bound``, e.g.
+        :func:`numbarope.ops._bounds.gradient_bound`); NaN on heads computed exactly.
+        The gradient of a key/value head shared by G query heads is the sum of their
+        contributions (so its error at most the sum of their bounds); rotating back to
+        the unrotated inputs multiplies an entry's bound by at most √2 (each entry is
+        ``cos·a ± sin·b`` of two rotated ones). The last backward's values are kept.
+        Source: the gradients of the exact attention with the forward's polynomial
+        weights (Chen et al., arXiv:2412.17316, §4–5), bounded in the docstring of
+        :func:`numbarope.ops._bounds.gradient_bound`.
+        """
+        return self.extra.get("gradient_bound")
+
     def table(self, max_rows: int | None = None) -> str:
         """The report as a fixed-width text table, one line per head.
 

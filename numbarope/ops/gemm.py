@@ -29,6 +29,7 @@ from numba import njit, prange
 from .. import _config
 from .. import bias as _bias
 from .._runtime.threads import parallel, prange_loop, resolve_workers, task_array
+from ._bounds import gradient_bound
 from ._common import (_FM, _check_state, _example_qkv, _key_states, _query_apply, _ranges,
                       _row_blocks, _Side, _setup, _shaped, _state_tasks, add_states,
                       backward_chunk, base_memory, gemm_chunk, key_side_state)
@@ -175,6 +176,12 @@ class Gemm(Algorithm):
         ``T`` and ``offset`` are not read: every row sees every real key)."""
         return gemm_backward(q, k, v, out, den, dout, scale, coef, key_mask=key_mask,
                              workers=workers)
+
+    def gradient_bound(self, q, k, v, dout, scale, coef, delta, *, structure=None, T=None,
+                       offset=0, key_mask=None, radius=None):
+        """:func:`numbarope.ops._bounds.gradient_bound` of :meth:`backward`'s results."""
+        return gradient_bound(q, k, v, dout, scale, coef, delta, key_mask=key_mask,
+                              radius=radius)
 
     def example(self, rng):
         return (*_example_qkv(rng), dict(rotary=True))

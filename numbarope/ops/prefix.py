@@ -38,6 +38,7 @@ from numba import njit, prange
 from .. import _config
 from .. import bias as _bias
 from .._runtime.threads import parallel, prange_loop, resolve_workers, task_array
+from ._bounds import causal_gradient_bound
 from ._common import (_FM, _check_state, _example_qkv, _ranges, _scan, _Side, _setup,
                       _shaped, add_states, backward_chunk, key_side_state, prefix_chunk,
                       scan_memory, visible_keys)
@@ -164,6 +165,13 @@ class Prefix(Algorithm):
         and ``T`` are not read: causal, no bias)."""
         return prefix_backward(q, k, v, out, den, dout, scale, coef, offset=offset,
                                key_mask=key_mask, workers=workers)
+
+    def gradient_bound(self, q, k, v, dout, scale, coef, delta, *, structure=None, T=None,
+                       offset=0, key_mask=None, radius=None):
+        """:func:`numbarope.ops._bounds.causal_gradient_bound` of :meth:`backward`'s
+        results."""
+        return causal_gradient_bound(q, k, v, dout, scale, coef, delta, offset=offset,
+                                     key_mask=key_mask, radius=radius)
 
     def example(self, rng):
         return (*_example_qkv(rng), dict(rotary=True, is_causal=True))

@@ -18,7 +18,10 @@ Each algorithm says, for a head described by a :class:`HeadSpec`:
   the forward's weights, e.g. :func:`numbarope.ops.gemm.gemm_backward`; the arguments
   as :meth:`Algorithm.run`'s, ``out`` and ``den`` what it returned for one query head,
   ``dout`` the gradient of ``out``); only algorithms that have one serve inputs that
-  require grad.
+  require grad. With it, a method ``gradient_bound(q, k, v, dout, scale, coef, delta, *,
+  structure=None, T=None, offset=0, key_mask=None, radius=None) -> (bq, bk, bv)``: the
+  certified bounds on its gradients' errors against the exact attention's, which the
+  call's :attr:`AttentionInfo.gradient_bound` reports after the backward.
 
 Adding an algorithm is one subclass and one :func:`register` call, from any file:
 the planner (:func:`numbarope._pipeline.plan.plan_head`) considers every registered

@@ -687,7 +687,7 @@ def demo(args):
     return 0
 
 
-_OPTIONAL = ("relative", "bias")
+_OPTIONAL = ("relative", "bias", "cu_seqlens")
 
 
 def _load_npz(path):
@@ -705,11 +705,13 @@ def _load_npz(path):
         missing = [k for k in ("query", "key", "value") if k not in data.files]
         if missing:
             raise CLIError(f"{path!r} lacks array(s) {missing}; it has {sorted(data.files)}; "
-                           f"expected 'query', 'key', 'value' (optional 'relative', 'bias')")
+                           f"expected 'query', 'key', 'value' (optional 'relative', 'bias', "
+                           f"'cu_seqlens')")
         unknown = sorted(set(data.files) - {"query", "key", "value", *_OPTIONAL})
         if unknown:
             raise CLIError(f"{path!r} holds array(s) {unknown} that numbarope does not use; "
-                           f"expected only 'query', 'key', 'value', 'relative', 'bias'")
+                           f"expected only 'query', 'key', 'value', 'relative', 'bias', "
+                           f"'cu_seqlens'")
         arrays = {}
         for k in data.files:
             try:
@@ -749,7 +751,7 @@ def _attention_kwargs(args, arrays):
     kw = dict(method=args.method, eps=args.eps, degree=args.degree,
               is_causal=args.causal, scale=args.scale, radius=args.radius,
               enable_gqa=args.enable_gqa, query_offset=args.query_offset,
-              causal_alignment=args.causal_alignment or "top_left")
+              causal_alignment=args.causal_alignment or "top_left", softcap=args.softcap)
     for name in _OPTIONAL:
         if name in arrays:
             kw[name] = arrays[name]
@@ -808,6 +810,9 @@ _CLI_WORDS = (
     (r"\beps=(-?(?:nan|inf|[\d.e+-]+))", r"--eps \1"),
     (r"^eps must\b", "--eps must"),
     (r"^radius\b", "--radius"),
+    (r"^softcap=?", "--softcap "),
+    (r"\bNone for no capping\b", "leave out --softcap for no capping"),
+    (r"^workers\b", "--workers"),
 )
 
 
@@ -832,7 +837,8 @@ def run(args):
                        f"is missing or not writable")
     kw = _attention_kwargs(args, arrays)
     out, info = nr.rope_attention(arrays["query"], arrays["key"], arrays["value"],
-                                  return_info=True, verify=args.verify, **kw)
+                                  return_info=True, verify=args.verify,
+                                  workers=args.workers, **kw)
     res = {"out": out}
     for f in ("method", "algorithm", "radius", "error_bound"):
         res[f"info_{f}"] = np.asarray(getattr(info, f)).astype(
@@ -926,12 +932,16 @@ def _parser():
                              "algorithm, degree, features, certified bound, predicted "
                              "times) and why, without computing the attention.")
         r.set_defaults(fn=fn)
-        r.add_argument("input", help=".npz with query, key, value (optional relative, bias)")
+        r.add_argument("input", help=".npz with query, key, value (optional relative, bias, "
+                                      "cu_seqlens: packed sequences, as flash-attn's)")
         if name == "run":
             r.add_argument("-o", "--output", required=True,
                            help="output .npz: 'out' and per-head 'info_*' arrays")
             r.add_argument("--verify", type=int, default=0,
                            help="rows per fast head checked exactly (default 0)")
+            r.add_argument("--workers", type=_positive_int, default=None,
+                           help="threads (default: numba's, all cores; more than the "
+                                "cores are clamped)")
             r.add_argument("-q", "--quiet", action="store_true",
                            help="print nothing (errors still go to stderr)")
         r.add_argument("--method", default="auto", choices=("auto", "exact", "fast"),
@@ -978,6 +988,9 @@ def _parser():
                        help="boolean mask of the keys, shape (..., S), True = a real key, "
                             "False = padding: a .npy file (np.save) or a .npz holding "
                             "'key_padding_mask' or a single array")
+        r.add_argument("--softcap", type=float, default=None,
+                       help="logit soft-capping c: weights exp(c·tanh(x/c)) (Gemma 2's "
+                            "attn_logit_softcapping; default none)")
         r.add_argument("--radius", type=float, default=None,
                        help="a known bound R >= max |scale·q·k| of the logits, for every "
                             "head (default: computed, scale·max|q|·max|k|); one below the "

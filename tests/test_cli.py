@@ -235,6 +235,26 @@ def test_run_writes_out_and_info(files, capsys, name, extra, kw):
     assert np.all(np.abs(ref - exact) <= info.error_bound.astype(float)[:, None, None] + 1e-15)
 
 
+def test_softcap_workers_and_packed_sequences(tmp_path, capsys):
+    # the options the library offers reach the CLI: --softcap, --workers, and packed
+    # sequences as a 'cu_seqlens' array of the input (flash-attn's varlen argument)
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((2, 40, 8)) for _ in range(3))
+    cu = np.array([0, 15, 40], np.int32)
+    path, out = str(tmp_path / "packed.npz"), str(tmp_path / "o.npz")
+    np.savez(path, query=q, key=k, value=v, cu_seqlens=cu)
+    code, _, err = _call(["run", path, "-o", out, "--softcap", "5", "--workers", "1",
+                          "--causal", "-q"], capsys)
+    assert code == 0, err
+    ref = rope_attention(q, k, v, softcap=5.0, cu_seqlens=cu, is_causal=True)
+    with np.load(out) as res:
+        np.testing.assert_array_equal(res["out"], ref)
+    code, _, err = _call(["plan", path, "--softcap", "-1"], capsys)
+    _assert_clean_error(code, err, r"--softcap -1.0 must be .*leave out --softcap")
+    code, _, err = _call(["run", path, "-o", out, "--workers", "0"], capsys)
+    _assert_clean_error(code, err, r"--workers: must be >= 1")
+
+
 def test_run_quiet(files, capsys):
     code, out, err = _call(["run", files["good.npz"], "-o", files["out"], "-q"], capsys)
     assert code == 0 and out == "" and err == ""

@@ -574,3 +574,15 @@ def test_chunked_with_a_start():
             q[:, a:b], k[:, a:b], v[:, a:b], is_causal=True), rtol=0, atol=1e-13)
     with pytest.raises(ValueError, match="start must be an int"):
         Chunked(8, start=1.5)
+
+
+def test_a_structure_no_fast_algorithm_serves_is_named_with_what_they_serve():
+    # the refusal named the first algorithm's structure ("gemm serves NoBias") as if
+    # the head were a gemm head: it now says that none serves it, and what each does
+    q = np.random.default_rng(3).standard_normal((1, 256, 8)) * 0.2
+    with pytest.raises(nr.FastPathError,
+                       match=r"no fast algorithm serves a chunked structure \(Chunked\); "
+                             r"they serve gemm: NoBias; prefix: Causal"):
+        nr.rope_attention(q, q, q, bias=nr.bias.Chunked(64), method="fast")
+    reason = nr.plan(q, q, q, bias=nr.bias.Chunked(64)).heads[0].reason
+    assert reason.startswith("fast infeasible: no fast algorithm serves a chunked")

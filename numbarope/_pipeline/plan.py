@@ -224,6 +224,17 @@ def _evaluate(alg, h, approx_obj, eps, degree, method):
     return fields_, why
 
 
+def _no_structure(h, algorithms):
+    """The reason when no fast algorithm serves the head's structure: which do what."""
+    if h.general:
+        return [Reason("structure", "general relative matrices W_t: no registered fast "
+                                    "algorithm serves them with this structure")]
+    served = "; ".join(f"{a.name}: {', '.join(t.__name__ for t in a.structures)}"
+                       for a in algorithms if a.structures and not a.general)
+    return [Reason("structure", f"no fast algorithm serves a {h.structure.kind} structure "
+                                f"({type(h.structure).__name__}); they serve {served}")]
+
+
 def plan_head(h, *, method, eps, degree, approx, why_exact=None, backward=False):
     """Choose the method and algorithm of one head; returns a :class:`HeadPlan`.
 
@@ -282,7 +293,8 @@ def plan_head(h, *, method, eps, degree, approx, why_exact=None, backward=False)
         (refused if why else candidates).append((alg, why))
     candidates = [a for a, _ in candidates]
     if not candidates:
-        why = [w for _, ws in refused for w in ws if w.code != "structure"] or refused[0][1]
+        why = [w for _, ws in refused for w in ws if w.code != "structure"] or \
+            _no_structure(h, [a for a, _ in refused])
         if method == "fast":
             raise FastPathError(f"method='fast' cannot serve head {h.head}: {why[0].text}; "
                                 f"use method='exact' or 'auto'", why[0].code, h.head,

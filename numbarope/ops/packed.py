@@ -9,6 +9,11 @@ problem of the polynomial method (Alman & Song 2025, §4), so this algorithm run
 inner algorithm once per sequence on its own rows and keys: ``O(Σ_s (L_s+S_s)·m·Ev)``,
 no term across sequences, no padding.
 
+The backward (:meth:`PackedSequences.backward`) is the inner algorithm's certified
+backward on each sequence (:func:`numbarope.ops.gemm.gemm_backward`,
+:func:`numbarope.ops.prefix.prefix_backward`), its bound the largest of the
+sequences' bounds (a gradient entry belongs to one sequence).
+
 The floating-point allowance is the inner algorithm's at the longest sequence's key
 count (:func:`numbarope.ops._bounds.rounding_term` counts the terms a row sums, at
 most one sequence's keys), and the polynomial's δ is the head's: every sequence's
@@ -25,10 +30,10 @@ from dataclasses import replace
 import numpy as np
 
 from .. import bias as _bias
-from ._bounds import rounding_term
+from ._bounds import causal_gradient_bound, gradient_bound, rounding_term
 from ._common import _example_qkv
-from .gemm import Gemm, gemm_attention
-from .prefix import Prefix, prefix_attention
+from .gemm import Gemm, gemm_attention, gemm_backward
+from .prefix import Prefix, prefix_attention, prefix_backward
 from .registry import Algorithm, register
 
 __all__ = ["PackedSequences", "packed_segments"]
@@ -125,6 +130,58 @@ class PackedSequences(Algorithm):
             out[:, qa:qb] = o
             den[:, qa:qb] = d
         return (out[0], den[0]) if single else (out, den)
+
+    def backward(self, q, k, v, out, den, dout, scale, coef, *, structure=None, T=None,
+                 offset=0, key_mask=None, workers=None):
+        """The certified fast gradients of :meth:`run`'s inputs, sequence by sequence:
+        :func:`~numbarope.ops.prefix.prefix_backward` (causal) or
+        :func:`~numbarope.ops.gemm.gemm_backward` on each sequence's rows and keys
+        (arguments as :meth:`Algorithm.backward
+        <numbarope.ops.registry.Algorithm>`; ``T`` is not read). Rows of no sequence
+        and keys no row sees get zero gradients."""
+        Q = np.asarray(q)
+        dq, dk, dv = np.zeros(Q.shape), np.zeros(k.shape), np.zeros(v.shape)
+        for sl, kw in self._sequences(structure, Q, k, offset, key_mask):
+            (qs, ks), extra = sl, dict(key_mask=kw["key_mask"], workers=workers)
+            if structure.causal:
+                g = prefix_backward(Q[..., qs, :], k[ks], v[ks], out[..., qs, :],
+                                    den[..., qs], dout[..., qs, :], scale, coef,
+                                    offset=kw["offset"], **extra)
+            else:
+                g = gemm_backward(Q[..., qs, :], k[ks], v[ks], out[..., qs, :],
+                                  den[..., qs], dout[..., qs, :], scale, coef, **extra)
+            dq[..., qs, :] = g[0]
+            dk[ks] += g[1]
+            dv[ks] += g[2]
+        return dq, dk, dv
+
+    def gradient_bound(self, q, k, v, dout, scale, coef, delta, *, structure=None, T=None,
+                       offset=0, key_mask=None, radius=None):
+        """The largest over the sequences of :func:`~numbarope.ops._bounds.
+        causal_gradient_bound` / :func:`~numbarope.ops._bounds.gradient_bound` of
+        :meth:`backward` (every entry of a gradient comes from one sequence)."""
+        Q = np.asarray(q)
+        worst = np.zeros(3)
+        for (qs, ks), kw in self._sequences(structure, Q, k, offset, key_mask):
+            if structure.causal:
+                b = causal_gradient_bound(Q[..., qs, :], k[ks], v[ks], dout[..., qs, :],
+                                          scale, coef, delta, offset=kw["offset"],
+                                          key_mask=kw["key_mask"], radius=radius)
+            else:
+                b = gradient_bound(Q[..., qs, :], k[ks], v[ks], dout[..., qs, :], scale,
+                                   coef, delta, key_mask=kw["key_mask"], radius=radius)
+            worst = np.maximum(worst, b)
+        return tuple(float(x) for x in worst)
+
+    @staticmethod
+    def _sequences(structure, Q, k, offset, key_mask):
+        """((query slice, key slice), inner keywords) of the sequences with keys."""
+        for qa, qb, ka, kb in packed_segments(structure.cu_seqlens, Q.shape[-2],
+                                              k.shape[0], offset):
+            if kb > ka:
+                yield (slice(qa, qb), slice(ka, kb)), dict(
+                    offset=offset + qa - ka,
+                    key_mask=None if key_mask is None else key_mask[ka:kb])
 
     def example(self, rng):
         q, k, v = _example_qkv(rng)

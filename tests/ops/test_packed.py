@@ -101,3 +101,59 @@ def test_segments():
     assert packed_segments((0, 3, 8), 2, 8, offset=6) == [(0, 2, 3, 8)]
     # queries past the packed total are in no sequence
     assert packed_segments((0, 4), 6, 6) == [(0, 4, 0, 4)]
+
+
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_packed_backward_is_each_sequence_alone_within_its_bound(is_causal):
+    # the certified fast backward, sequence by sequence: the polynomial's gradients of
+    # each sequence alone (tests/naive.py) to rounding, the exact ones within the bound
+    from naive import attention_gradients
+    from numbarope.ops import get
+    from numbarope.polynomial import exp_approximation
+    rng = np.random.default_rng(40 + is_causal)
+    cu, n, E, Ev = (0, 1, 40, 40, 97, 150), 150, 6, 3
+    q, k = _bounded(rng, (n, E), 1.0)
+    v, dO = rng.standard_normal((n, Ev)), rng.standard_normal((n, Ev))
+    keep = rng.random(n) < 0.8
+    keep[[0, 40, 97]] = True
+    s = 1 / np.sqrt(E)
+    approx = exp_approximation(1.0, eps=1e-6)
+    alg, st = get("packed"), Packed(cu, is_causal)
+    out, den = alg.run(q, k, v, s, approx.coef, structure=st, key_mask=keep)
+    dq, dk, dv = alg.backward(q, k, v, out, den, dO, s, approx.coef, structure=st,
+                              key_mask=keep)
+    bound = alg.gradient_bound(q, k, v, dO, s, approx.coef, approx.error_bound,
+                               structure=st, key_mask=keep)
+    poly = [np.zeros_like(x) for x in (dq, dk, dv)]
+    exact = [np.zeros_like(x) for x in (dq, dk, dv)]
+    for a, c in zip(cu, cu[1:]):
+        if c > a:
+            sl = slice(a, c)
+            args = (q[sl], k[sl], v[sl], dO[sl], s, 0 if is_causal else None, keep[sl])
+            for ref, coef in ((poly, approx.coef), (exact, None)):
+                g = attention_gradients(*args, coef=coef)
+                for r, x in zip(ref, g):
+                    r[sl] = x
+    for got, p, e, b in zip((dq, dk, dv), poly, exact, bound):
+        assert np.abs(got - p).max() <= 1e-10 * np.abs(p).max()
+        assert 0 < np.abs(got - e).max() <= b
+
+
+def test_cu_seqlens_trains_through_the_fast_path():
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(41)
+    cu = np.array([0, 30, 31, 90], np.int32)
+    q, k = (torch.randn(2, 90, 8, generator=g, dtype=torch.float64) * 0.25 for _ in range(2))
+    v, dout = (torch.randn(2, 90, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    grads = []
+    for method in ("fast", "exact"):
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, info = nr.rope_attention(*x, cu_seqlens=cu, is_causal=True, rotary=True,
+                                      method=method, eps=1e-7, return_info=True)
+        out.backward(dout)
+        grads.append([t.grad for t in x])
+        if method == "fast":
+            assert set(info.algorithm.ravel()) == {"packed"}
+            assert info.gradient_bound.shape == (2, 3)
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()

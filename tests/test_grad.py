@@ -153,10 +153,40 @@ def test_low_precision_gradients_in_their_dtype():
     assert all(t.grad.dtype == torch.bfloat16 for t in (q, k, v))
 
 
+class _NoBackward(numbarope.ops.Algorithm):
+    """gemm's forward under another name, without a backward."""
+    name, structures = "gemm-no-backward", (numbarope.bias.NoBias,)
+
+    def __init__(self):
+        from numbarope.ops.gemm import Gemm
+        self.inner = Gemm()
+
+    def predict(self, h, degree):
+        return self.inner.predict(h, degree)
+
+    def memory(self, h, degree):
+        return self.inner.memory(h, degree)
+
+    def run(self, *args, **kwargs):
+        return self.inner.run(*args, **kwargs)
+
+
 def test_what_has_no_backward_is_refused_before_work():
+    ops = numbarope.ops
     q = torch.randn(8, 4, requires_grad=True)
-    with pytest.raises(numbarope.FastPathError, match="window has no backward yet"):
-        rope_attention(q, q, q, method="fast", bias=numbarope.bias.Window(2, 0), eps=0.5)
+    saved = [ops.get(name) for name in ops.registry()]
+    try:                          # every built-in fast algorithm has a backward now
+        for alg in ops.fast_algorithms():
+            ops.unregister(alg.name)
+        ops.register(_NoBackward())
+        with pytest.raises(numbarope.FastPathError,
+                           match="gemm-no-backward has no backward yet"):
+            rope_attention(q, q, q, method="fast", eps=0.5)
+    finally:
+        for name in ops.registry():
+            ops.unregister(name)
+        for alg in saved:                                 # the registry as it was
+            ops.register(alg)
     with pytest.raises(NotImplementedError, match="bias requires grad"):
         rope_attention(q, q, q, bias=torch.zeros(15, requires_grad=True))
     with torch.no_grad():                       # no grad mode: no refusal

@@ -76,6 +76,16 @@ STATE_BYTES = 256 * 2**20
 #: into a loss of more than this factor.
 AUTO_MARGIN = 1.25
 
+#: With inputs that require grad, ``auto`` compares forward + backward: the exact
+#: path's predicted time times EXACT_BACKWARD_FACTOR (forward + FlashAttention-2's
+#: backward, measured 3.8–5.2× the forward at n = 4096–16384, E = 16–64, 2 cores), a
+#: fast algorithm's times ``1 + FAST_BACKWARD_FACTOR·(E·Ev + E + Ev)/(Ev + 1)`` (its
+#: backward's states are that much wider than the forward's: measured 15× (prefix),
+#: 23× (gemm), ~30× (window) the forward at E = Ev = 16); an algorithm may set its
+#: own ``backward_factor`` (prefix: 0.85, window: 1.7).
+EXACT_BACKWARD_FACTOR = 4.5
+FAST_BACKWARD_FACTOR = 1.3
+
 #: Largest polynomial degree the fast path will use (refuses above).
 MAX_DEGREE = 24
 

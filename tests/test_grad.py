@@ -448,3 +448,22 @@ def test_apply_rotary_on_tensors_is_a_differentiable_tensor():
     assert (ours - theirs).abs().max().item() < 1e-12
     x32 = x.detach().float()
     assert numbarope.apply_rotary(x32).dtype == torch.float32
+
+
+def test_auto_with_gradients_compares_forward_plus_backward():
+    # a fast backward costs ~15-30x its forward (its states are ~E times wider), the
+    # exact one ~4x: with inputs that require grad, auto weighs both
+    from numbarope import _config
+    q = (torch.randn(1, 1, 16384, 16, generator=torch.Generator().manual_seed(3)) * 0.25)
+    for causal in (False, True):
+        plain = numbarope.plan(q, q, q, is_causal=causal, rotary=True).heads[0]
+        grad = numbarope.plan(q.requires_grad_(), q, q, is_causal=causal,
+                              rotary=True).heads[0]
+        q = q.detach()
+        assert "forward+backward" in grad.reason or grad.code != "fast-cheaper"
+        if plain.time_fast is not None and grad.code in ("fast-cheaper", "exact-cheaper"):
+            alg = numbarope.ops.get(plain.algorithm)
+            f = getattr(alg, "backward_factor", _config.FAST_BACKWARD_FACTOR)
+            t_fast = plain.time_fast * (1 + f * (16 * 16 + 32) / 17)
+            t_exact = plain.time_exact * _config.EXACT_BACKWARD_FACTOR
+            assert (grad.method == "fast") == (t_fast * _config.AUTO_MARGIN < t_exact)

@@ -332,15 +332,21 @@ def plan_head(h, *, method, eps, degree, approx, why_exact=None, backward=False)
                     if k not in ("algorithm", "error_bound", "bound_kind", "rounding")}
     if why is not None:
         return exact_only(Reason(why.code, f"fast infeasible: {why.text}"), **exact_fields)
-    t_fast = fast_fields["time_fast"]
-    if t_fast * _config.AUTO_MARGIN < t_exact:
+    t_fast, t_ex, both = fast_fields["time_fast"], t_exact, ""
+    if backward:            # forward + backward (_config.EXACT/FAST_BACKWARD_FACTOR)
+        t_ex = t_exact * _config.EXACT_BACKWARD_FACTOR
+        factor = getattr(ops.get(fast_fields["algorithm"]), "backward_factor",
+                         _config.FAST_BACKWARD_FACTOR)
+        t_fast = t_fast * (1 + factor * (h.E * h.Ev + h.E + h.Ev) / (h.Ev + 1))
+        both = " forward+backward"
+    if t_fast * _config.AUTO_MARGIN < t_ex:
         return HeadPlan(**common, method="fast", **fast_fields, code="fast-cheaper",
                         shared_heads=h.heads,
-                        reason=f"fast {t_exact / t_fast:.1f}x cheaper (degree "
+                        reason=f"fast{both} {t_ex / t_fast:.1f}x cheaper (degree "
                                f"{fast_fields['degree']}, bound {fast_fields['error_bound']:.1e}"
                                + (f", {shared})" if shared else ")"))
-    text = (f"exact {t_fast / t_exact:.1f}x cheaper than fast" if t_fast >= t_exact else
-            f"fast predicted only {t_exact / t_fast:.2f}x cheaper, below AUTO_MARGIN="
+    text = (f"exact{both} {t_fast / t_ex:.1f}x cheaper than fast" if t_fast >= t_ex else
+            f"fast{both} predicted only {t_ex / t_fast:.2f}x cheaper, below AUTO_MARGIN="
             f"{_config.AUTO_MARGIN:g} (near-ties go to exact)")
     return exact_only(Reason("exact-cheaper", f"{text} (degree {fast_fields['degree']}, "
                                               f"{fast_fields['features']} features)"),

@@ -364,6 +364,10 @@ class Window(Algorithm):
         return window_attention(q, k, v, scale, coef, structure, offset=offset,
                                 key_mask=key_mask, workers=workers)
 
+    #: forward+backward ≈ forward × (1 + backward_factor·(E·Ev + E + Ev)/(Ev + 1)):
+    #: ~30× the forward at E = Ev = 16 (numbarope._config.FAST_BACKWARD_FACTOR)
+    backward_factor = 1.7
+
     def backward(self, q, k, v, out, den, dout, scale, coef, *, structure=None, T=None,
                  offset=0, key_mask=None, workers=None):
         """The certified fast gradients of :meth:`run`'s inputs: :func:`window_backward`

@@ -1,14 +1,17 @@
 """Gradients through the pipeline: a torch autograd Function around the planned call.
 
 When a torch input requires grad (and grad mode is on), :func:`attention_with_grad`
-plans the call with only the algorithms that have a backward (the exact path; the
-fast ``gemm`` and ``prefix``: no bias or causal) and returns a result whose backward
-is, per head, :func:`numbarope.ops.streaming.exact_backward` (FlashAttention-2's,
+plans the call with only the algorithms that have a backward (the exact path and
+every built-in fast algorithm; not a soft-capped head's fast path, whose cap's
+derivative no fast backward computes) and returns a result whose backward is, per
+head, :func:`numbarope.ops.streaming.exact_backward` (FlashAttention-2's,
 recomputing the probabilities from the forward's log-sum-exp) or the fast
-algorithm's certified backward (:func:`numbarope.ops.gemm.gemm_backward`,
-:func:`numbarope.ops.prefix.prefix_backward`: the exact attention's gradients with the
-forward's polynomial weights, within :func:`numbarope.ops._bounds.gradient_bound` /
-:func:`~numbarope.ops._bounds.causal_gradient_bound`). Gradients
+algorithm's certified backward (``Algorithm.backward``, e.g.
+:func:`numbarope.ops.gemm.gemm_backward`, :func:`numbarope.ops.prefix.prefix_backward`,
+:func:`numbarope.ops.window.window_backward`, :func:`numbarope.ops.decay.decay_backward`:
+the exact attention's gradients with the forward's polynomial weights, within the
+algorithm's ``gradient_bound``, which the call's ``AttentionInfo.gradient_bound``
+reports after the backward). Gradients
 reach query, key and value as given: back through the rotation numbarope applied
 (its transpose), summed over the query heads of a key/value head (grouped-query) and
 over broadcast leading dims, in each input's dtype.
@@ -18,8 +21,8 @@ The returned log-sum-exp (``return_lse=True``) is differentiable too
 a message when they require grad): bias arrays, relative matrices. Second
 derivatives raise (``once_differentiable``); an input changed in place after the
 forward makes backward raise, as torch's own operations do. Without a backward (refused when an input requires grad):
-general relative matrices; ``method="fast"`` where
-the head needs an algorithm without one (a bias, a window); the gradient of the
+general relative matrices; ``method="fast"`` where the head needs an algorithm without
+one (a registered algorithm without ``backward``, a soft cap); the gradient of the
 returned lse of a fast head.
 
 The same forward and backward, apart: :func:`exact_forward` returns what the

@@ -110,3 +110,30 @@ def test_dashboard_renders_graphs(tmp_path):
     assert res["graph_problems"] == [], res
     assert res["index_canvases"] > 0 and res["graph_canvases"] > 0
     assert os.path.getsize(res["screenshot"]) > 10_000       # a picture, not a blank page
+
+
+def test_history_plot_draws_medians_and_noise_bands(tmp_path):
+    # asv's graphs draw medians only: the history figure adds each point's
+    # interquartile band and 99% interval, commits of the branch in git order
+    pytest.importorskip("matplotlib")
+    import json
+    import subprocess
+    commits = subprocess.run(["git", "rev-list", "--max-count=3", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True).stdout.split()
+    if len(commits) < 3:
+        pytest.skip("needs a git checkout with 3 commits")
+    cols = ["result", "params", "version", "started_at", "duration", "stats_ci_99_a",
+            "stats_ci_99_b", "stats_q_25", "stats_q_75", "stats_number", "stats_repeat"]
+    (tmp_path / "vm").mkdir()
+    for i, c in enumerate(commits[1:]):                 # not the newest: a gap is fine
+        res = {b: [[0.1 + i, 0.2], [["False", "True"]], "v", 0, 1.0, [0.05, 0.1],
+                   [0.2, 0.3], [0.08, 0.15], [0.12, 0.25], [1, 1], [5, 5]]
+               for b in dashboard.HISTORY}
+        (tmp_path / "vm" / f"{c[:8]}-env.json").write_text(json.dumps(
+            {"commit_hash": c, "date": 1_800_000_000_000 + i, "result_columns": cols,
+             "results": res}))
+    (tmp_path / "vm" / "machine.json").write_text("{}")
+    out = tmp_path / "history.png"
+    drawn = dashboard.history_plot(str(tmp_path), str(out), branch="HEAD")
+    assert drawn == {b: 2 for b in dashboard.HISTORY}
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

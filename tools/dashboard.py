@@ -63,7 +63,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_HTML = os.path.join(ROOT, "asv_benchmarks", "html")
 DEFAULT_VENDOR = os.environ.get("NUMBAROPE_ASV_VENDOR",
                                 os.path.join(ROOT, "asv_benchmarks", ".vendor"))
-DEFAULT_BENCH = "bench_algorithms.Algorithm.time_call"
+#: The history of main (asv_benchmarks/README.md), commit dates on the axis.
+DEFAULT_BENCH = "bench_attention.History.time_fast?x-axis-scale=date"
 #: URL prefix under which the local copies of the CDN files are served.
 VENDOR_PREFIX = "_vendor/"
 
@@ -333,7 +334,7 @@ def run(html_dir=DEFAULT_HTML, out="dashboard.png", bench=DEFAULT_BENCH, chromiu
     if not published(html_dir):
         raise FileNotFoundError(f"no published asv site in {html_dir} (run asv publish)")
     names = benchmark_names(html_dir)
-    if bench not in names and names:
+    if bench.split("?")[0] not in names and names:      # "?x-axis-scale=date": asv's state
         bench = names[0]
     site = OfflineSite(html_dir, vendor_dir)
     with Server(site) as srv:
@@ -351,7 +352,88 @@ def run(html_dir=DEFAULT_HTML, out="dashboard.png", bench=DEFAULT_BENCH, chromiu
             "index_canvases": len(re.findall(r"<canvas\b", index_dom)),
             "graph_canvases": len(re.findall(r"<canvas\b", graph_dom)),
             "index_problems": check_dom(index_dom, short),
-            "graph_problems": check_dom(graph_dom, [bench, bench.rsplit(".", 1)[-1]])}
+            "graph_problems": check_dom(graph_dom, [bench.split("?")[0],
+                                                    bench.split("?")[0].rsplit(".", 1)[-1]])}
+
+
+HISTORY = ("bench_attention.History.time_exact", "bench_attention.History.time_fast",
+           "bench_attention.History.track_speedup")
+
+
+def history_plot(results_dir, out, benchmarks=HISTORY, branch="main"):
+    """The noise band asv's graphs do not draw: per commit of ``branch`` with results,
+    each benchmark's median (asv's ``result``), its interquartile range over the
+    samples (``stats_q_25`` .. ``stats_q_75``, shaded) and asv's 99% interval of the
+    median (``stats_ci_99``, whiskers), commits labelled by short hash and date, in
+    git order. Needs matplotlib. Returns ``{benchmark: number of commits drawn}``."""
+    import datetime
+    import glob
+    import subprocess
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    order = subprocess.run(["git", "rev-list", "--reverse", branch], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    rank = {c: i for i, c in enumerate(order)}
+    runs = []
+    for path in glob.glob(os.path.join(results_dir, "*", "*.json")):
+        if os.path.basename(path) == "machine.json":
+            continue
+        with open(path) as f:
+            d = json.load(f)
+        if d.get("commit_hash") in rank:
+            runs.append(d)
+    runs.sort(key=lambda d: rank[d["commit_hash"]])
+    fig, axes = plt.subplots(len(benchmarks), 1, figsize=(11, 3.2 * len(benchmarks)),
+                             sharex=True, layout="constrained")
+    drawn = {}
+    for ax, bench in zip(np.atleast_1d(axes), benchmarks):
+        rows = []
+        for x, d in enumerate(runs):
+            r = d["results"].get(bench)
+            if r is None:
+                continue
+            rec = dict(zip(d["result_columns"], r))
+            rows.append((x, rec))
+        drawn[bench] = len(rows)
+        if not rows:
+            ax.set_title(f"{bench}: no results")
+            continue
+        labels = [str(v) for v in rows[0][1]["params"][0]]
+        for i, lab in enumerate(labels):
+            pts = [(x, rec) for x, rec in rows if rec["result"][i] is not None]
+            xs = np.array([x for x, _ in pts])
+            med = np.array([rec["result"][i] for _, rec in pts], float)
+            line, = ax.plot(xs, med, "o-", ms=3, label=f"is_causal={lab}")
+            stats = [rec.get("stats_q_25") for _, rec in pts]
+            if all(st is not None for st in stats):
+                lo = np.array([rec["stats_q_25"][i] for _, rec in pts], float)
+                hi = np.array([rec["stats_q_75"][i] for _, rec in pts], float)
+                ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.25, lw=0)
+                a = np.array([rec["stats_ci_99_a"][i] for _, rec in pts], float)
+                b = np.array([rec["stats_ci_99_b"][i] for _, rec in pts], float)
+                ax.errorbar(xs, med, yerr=[np.maximum(med - a, 0), np.maximum(b - med, 0)],
+                            fmt="none", ecolor=line.get_color(), alpha=0.5, capsize=2)
+        unit = "x" if ".track_speedup" in bench else "seconds"
+        ax.set_ylabel(unit)
+        ax.set_title(f"{bench} (median; band: interquartile range of the samples; "
+                     f"whiskers: asv's 99% interval)", fontsize=9)
+        ax.legend(fontsize=8, loc="upper right")
+        ax.grid(alpha=0.3)
+        if unit == "seconds":
+            ax.set_yscale("log")
+    ticks = [f"{d['commit_hash'][:7]}\n"
+             f"{datetime.datetime.fromtimestamp(d['date'] / 1000, datetime.timezone.utc):%m-%d %H:%M}"
+             for d in runs]
+    last = np.atleast_1d(axes)[-1]
+    last.set_xticks(range(len(runs)), ticks, rotation=90, fontsize=7)
+    last.set_xlabel(f"commits of {branch} with results (git order; commit date UTC)")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return drawn
 
 
 def serve(html_dir=DEFAULT_HTML, vendor_dir=DEFAULT_VENDOR, host="127.0.0.1", port=8080):
@@ -379,8 +461,16 @@ def main(argv=None):
                    help="only serve the site offline for a browser, until Ctrl-C")
     p.add_argument("--host", default="127.0.0.1", help="--serve: address")
     p.add_argument("--port", type=int, default=8080, help="--serve: port")
+    p.add_argument("--history", metavar="PNG", default=None,
+                   help="only draw the History benchmarks' medians with their noise band "
+                        "(from asv's results; matplotlib)")
+    p.add_argument("--results", default=os.path.join(ROOT, "asv_benchmarks", "results"),
+                   help="--history: asv's results directory")
     a = p.parse_args(argv)
     try:
+        if a.history:
+            print(json.dumps(history_plot(a.results, a.history), indent=2))
+            return 0
         if a.serve:
             serve(a.html, a.vendor, a.host, a.port)
             return 0

@@ -467,3 +467,45 @@ def test_auto_with_gradients_compares_forward_plus_backward():
             t_fast = plain.time_fast * (1 + f * (16 * 16 + 32) / 17)
             t_exact = plain.time_exact * _config.EXACT_BACKWARD_FACTOR
             assert (grad.method == "fast") == (t_fast * _config.AUTO_MARGIN < t_exact)
+
+
+@pytest.mark.parametrize("method", ["exact", "fast"])
+@pytest.mark.parametrize("case", ["bias", "causal", "window"])
+def test_general_relative_matrices_have_gradients(method, case):
+    # issue 22: general W_t (relative=) — exact heads by the slow dense path, fast heads
+    # by toeplitz-fft's backward — against torch autograd of the dense formula
+    g = torch.Generator().manual_seed(31)
+    L = S = 40
+    E, Ev = 4, 3
+    q, k = (torch.randn(2, L, E, generator=g, dtype=torch.float64) * 0.4 for _ in range(2))
+    v, dout = (torch.randn(2, S, Ev, generator=g, dtype=torch.float64) for _ in range(2))
+    W = torch.randn(L + S - 1, E, E, generator=g, dtype=torch.float64) * 0.5
+    b = torch.randn(L + S - 1, generator=g, dtype=torch.float64)
+    kpm = torch.ones(2, S, dtype=torch.bool)
+    kpm[1, 10:14] = False                   # every row still sees a key
+    i, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
+    kw = dict(relative=W.numpy(), key_padding_mask=kpm, scale=0.5)
+    hidden = ~kpm[:, None, :]
+    bias = torch.zeros(L + S - 1, dtype=torch.float64)
+    if case == "bias":
+        kw["bias"], bias = b.numpy(), b
+    elif case == "causal":
+        kw["is_causal"], hidden = True, hidden | (j > i)[None]
+    else:
+        kw["bias"] = numbarope.bias.Window(5, 0)
+        hidden = hidden | (j > i)[None] | (i - j > 5)[None]
+
+    def ref(q, k, v):
+        x = 0.5 * torch.einsum("bie,ijef,bjf->bij", q, W[i - j + S - 1], k)
+        x = (x + bias[i - j + S - 1]).masked_fill(hidden, -torch.inf)
+        return torch.softmax(x, -1) @ v
+
+    def ours(q, k, v):
+        return rope_attention(q, k, v, method=method, eps=1e-8, **kw)
+
+    got, want = _grads(ours, q, k, v, dout), _grads(ref, q, k, v, dout)
+    for x, y in zip(got, want):
+        assert _rel(x, y) < (1e-13 if method == "exact" else 1e-7)
+    _, info = rope_attention(q, k, v, method=method, eps=1e-8, return_info=True, **kw)
+    assert set(info.algorithm.ravel()) == {"streaming" if method == "exact"
+                                           else "toeplitz-fft"}

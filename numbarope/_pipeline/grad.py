@@ -17,11 +17,15 @@ reach query, key and value as given: back through the rotation numbarope applied
 over broadcast leading dims, in each input's dtype.
 
 The returned log-sum-exp (``return_lse=True``) is differentiable too
-(``∂lse_i/∂x_ij = P_ij``: its gradient joins Δ). Not differentiated (refused with
-a message when they require grad): bias arrays, relative matrices. Second
+(``∂lse_i/∂x_ij = P_ij``: its gradient joins Δ). General relative matrices W_t
+(``relative=``) have gradients with respect to query, key and value: exact heads by a
+slow dense path (:func:`_general_exact_part`, O(L·S·E²) in numpy), fast heads by
+:func:`numbarope.ops.toeplitz_fft.toeplitz_fft_backward` (no gradient bound: NaN in the
+info). Not differentiated (refused with a message when they require grad): bias
+arrays, relative matrices. Second
 derivatives raise (``once_differentiable``); an input changed in place after the
 forward makes backward raise, as torch's own operations do. Without a backward (refused when an input requires grad):
-general relative matrices; ``method="fast"`` where the head needs an algorithm without
+general relative matrices with a soft cap; ``method="fast"`` where the head needs an algorithm without
 one (a registered algorithm without ``backward``, a soft cap); the gradient of the
 returned lse of a fast head.
 
@@ -55,11 +59,10 @@ def _refuse(method, arrays):
                 f"{name} requires grad: numbarope differentiates with respect to query, "
                 f"key and value only; pass {name}.detach() (or compute a learnable bias "
                 f"with torch attention)")
-    if arrays.get("relative") is not None:
+    if arrays.get("relative") is not None and arrays.get("softcap") is not None:
         raise NotImplementedError(
-            "general relative matrices (relative=) have no backward pass; with inputs "
-            "that require grad use rotary= (its backward rotates the gradients back) "
-            "or call under torch.no_grad()")
+            "general relative matrices (relative=) with softcap= have no backward pass; "
+            "call under torch.no_grad() or leave out one of them")
 
 
 def attention_with_grad(query, key, value, *, method, eps, degree, approx, radius, verify,
@@ -234,7 +237,17 @@ def _backward(saved, grad, grad_lse, needs):
             "the log-sum-exp of a head computed by the fast path has no backward yet: "
             "with return_lse=True and a loss that uses it, pass method='exact'")
     exact = np.setdiff1d(np.arange(B), fast)
-    if exact.size == B:
+    if p.relative is not None:          # general W_t: the slow dense path, per diagonal
+        dq = np.zeros((B, p.n, p.E))
+        dk, dv = np.zeros(p.k.shape), np.zeros(p.v.shape)
+        if exact.size:
+            dq[exact] = _general_exact_part(p, saved, dout, dlse, exact, dk, dv)
+        bounds = np.full((B, 3), np.nan)
+        for b in fast:
+            bounds[b] = _fast_part(p, saved, heads[b], b, dout, dq, dk, dv)
+        if saved.get("info") is not None and fast:
+            saved["info"].extra["gradient_bound"] = bounds.reshape(p.batch_shape + (3,))
+    elif exact.size == B:
         dq, dk, dv = _exact_part(p, saved, cd, dout, dlse, None)
     else:
         dq = np.zeros((B, p.n, p.E))
@@ -279,6 +292,53 @@ def _exact_part(p, saved, cd, dout, dlse, heads):
         dlse=None if dlse is None else np.ascontiguousarray(dlse[sub]))
 
 
+def _general_exact_part(p, saved, dout, dlse, heads, dk, dv):
+    """The exact gradients of heads with general relative matrices W_t, by the dense
+    formulas one diagonal t = i − j at a time (``x_ij = s·q_iᵀW_t k_j``; FlashAttention-2's
+    backward with the forward's lse, Dao 2023, §3.2): O(L·S·E²) work, O((L+S)·E) memory,
+    numpy — the slow path of issue 22. Returns dq of ``heads``; dk, dv added in place."""
+    if p.softcap is not None:
+        raise NotImplementedError("general relative matrices with a soft cap have no "
+                                  "exact backward; call under torch.no_grad()")
+    L, S, s = p.n, p.S, p.scale
+    lo, hi = (None, None) if p.key_ranges is None else p.key_ranges   # row i: lo <= j < hi
+    dq = np.zeros((len(heads), L, p.E))
+    for r, b in enumerate(heads):
+        kv = int(p.kvidx[b])
+        W = p.relative[p.ridx[b]]
+        _, T, shift = head_weights(p, b)
+        q, k, v = p.q[b], p.k[kv], p.v[kv]
+        lse, g = saved["lse"][b], dout[b]
+        km = None if p.kmask is None else p.kmask[p.kidx[b]]
+        delta = np.einsum("ic,ic->i", g, saved["out"][b])
+        if dlse is not None:
+            delta = delta - dlse[b]                  # ∂lse_i/∂x_ij = A_ij joins Δ
+        for d in range(L + S - 1):
+            t = d - (S - 1)                          # i − j
+            i = np.arange(max(0, t), min(L, S + t))
+            if i.size == 0 or (T is not None and T[d] == 0.0):
+                continue
+            j = i - t
+            if lo is not None:
+                i = i[(lo[i] <= j) & (j < hi[i])]
+                j = i - t
+                if i.size == 0:
+                    continue
+            u = k[j] @ W[d].T                        # W_t k_j
+            with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+                logw = s * np.einsum("ie,ie->i", q[i], u) + shift - lse[i]
+                if T is not None:
+                    logw += np.log(T[d])
+                if km is not None:
+                    logw += km[j]                    # rows that see nothing: lse = −inf
+                A = np.where(np.isfinite(lse[i]), np.exp(logw), 0.0)
+            dX = A * (np.einsum("ic,ic->i", g[i], v[j]) - delta[i])
+            dq[r, i] += s * dX[:, None] * u
+            dk[kv, j] += s * dX[:, None] * (q[i] @ W[d])
+            dv[kv, j] += A[:, None] * g[i]
+    return dq
+
+
 def _fast_part(p, saved, hp, b, dout, dq, dk, dv):
     """The certified fast backward of head ``b`` (planned fast: ``hp``), into ``dq[b]``
     and added to ``dk``, ``dv`` of its key/value head. The forward's denominators are
@@ -295,9 +355,10 @@ def _fast_part(p, saved, hp, b, dout, dq, dk, dv):
     q = np.ascontiguousarray(p.q[b], dtype=np.float64)
     k = np.ascontiguousarray(p.k[kv], dtype=np.float64)
     v = np.ascontiguousarray(p.v[kv], dtype=np.float64)
+    general = {} if p.relative is None else {"relative": p.relative[p.ridx[b]]}
     g_q, g_k, g_v = alg.backward(
         q, k, v, saved["out"][b], den, dout[b], p.scale, hp.coef, structure=structure, T=T,
-        offset=p.offset, key_mask=key_mask, workers=saved["workers"])
+        offset=p.offset, key_mask=key_mask, workers=saved["workers"], **general)
     dq[b] = g_q
     dk[kv] += g_k
     dv[kv] += g_v

@@ -14,7 +14,8 @@ Each algorithm says, for a head described by a :class:`HeadSpec`:
   its bound is proven (``bound_kind`` "certified") or estimated (FFT rounding);
 * how to run it (:meth:`Algorithm.run`), and optionally its certified backward: a
   method ``backward(q, k, v, out, den, dout, scale, coef, *, structure=None, T=None,
-  offset=0, key_mask=None, workers=None) -> (dq, dk, dv)`` (the exact gradients with
+  offset=0, key_mask=None, workers=None) -> (dq, dk, dv)`` (``relative=`` too for a
+  ``general`` algorithm; the exact gradients with
   the forward's weights, e.g. :func:`numbarope.ops.gemm.gemm_backward`; the arguments
   as :meth:`Algorithm.run`'s, ``out`` and ``den`` what it returned for one query head,
   ``dout`` the gradient of ``out``); only algorithms that have one serve inputs that

@@ -223,6 +223,16 @@ class ToeplitzFFT(Algorithm):
             return np.zeros((0, L, Ev)), np.zeros((0, L))
         return np.stack([r[0] for r in res]), np.stack([r[1] for r in res])
 
+    def backward(self, q, k, v, out, den, dout, scale, coef, *, structure=None, T=None,
+                 offset=0, key_mask=None, relative=None, workers=None):
+        """:func:`toeplitz_fft_backward` (the slower path of general W_t; ``relative``
+        required, ``structure`` and ``offset`` not read: ``T`` carries them). No
+        ``gradient_bound``: the info reports NaN for these heads."""
+        if relative is None:
+            raise ValueError("toeplitz-fft needs the relative matrices W_t (relative=)")
+        return toeplitz_fft_backward(q, k, v, out, den, dout, scale, coef, relative, T,
+                                     key_mask=key_mask, workers=workers)
+
     def example(self, rng):
         q, k, v = _example_qkv(rng, n=40, E=2)
         W = rng.standard_normal((2 * 40 - 1, 2, 2))

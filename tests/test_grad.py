@@ -501,11 +501,11 @@ def test_general_relative_matrices_have_gradients(method, case):
         return torch.softmax(x, -1) @ v
 
     def ours(q, k, v):
-        return rope_attention(q, k, v, method=method, eps=1e-8, **kw)
+        return rope_attention(q, k, v, method=method, eps=1e-5, **kw)
 
     got, want = _grads(ours, q, k, v, dout), _grads(ref, q, k, v, dout)
     for x, y in zip(got, want):
-        assert _rel(x, y) < (1e-13 if method == "exact" else 1e-7)
-    _, info = rope_attention(q, k, v, method=method, eps=1e-8, return_info=True, **kw)
+        assert _rel(x, y) < (1e-13 if method == "exact" else 1e-4)
+    _, info = rope_attention(q, k, v, method=method, eps=1e-5, return_info=True, **kw)
     assert set(info.algorithm.ravel()) == {"streaming" if method == "exact"
                                            else "toeplitz-fft"}

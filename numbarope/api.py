@@ -34,9 +34,10 @@ _COMMON_DOC = """
         result is a torch tensor of the dtype torch promotes the three to
         (``torch.promote_types``, numpy inputs taken by their dtype: a float16
         tensor with float32 arrays gives float32), with that dtype's rounding
-        in the bound; differentiable when one requires grad (the exact backward,
-        README "Gradients"; ``method="auto"`` then computes exactly, ``"fast"`` is
-        refused). Objects with ``__dlpack__``
+        in the bound; differentiable when one requires grad (README "Gradients":
+        exact heads by FlashAttention-2's backward, fast heads by their algorithm's
+        certified fast backward, bounded in ``info.gradient_bound`` after the backward;
+        ``method="auto"`` then weighs forward + backward). Objects with ``__dlpack__``
         or ``__array__`` are read as numpy arrays. Dask arrays (chunked along the
         leading dims) give a lazy dask array, each chunk computed by this function
         on a worker (``pip install "numbarope[dask]"``; README, "Dask").

@@ -24,7 +24,8 @@ from .._runtime.threads import parallel, prange_loop, resolve_workers, task_arra
 
 _FM = set(_config.FASTMATH)
 
-__all__ = ["monomial_table", "n_features", "features", "symmetric_power"]
+__all__ = ["monomial_table", "n_features", "features", "symmetric_power", "monomial_pairs",
+           "pair_weights"]
 
 
 def n_features(E, g):
@@ -318,3 +319,44 @@ def symmetric_power(W, k, workers=None):
         P = out
     P *= multi[start[k]:start[k + 1]][None, :, None]
     return P
+
+
+@lru_cache(maxsize=32)
+def monomial_pairs(E, g):
+    """Monomials of degree <= g+1 and the pairs undoing ``x^β = x^α · x_e``.
+
+    Returns ``(M1, parent, var, ptr, pe, pa)``: the ``M1 = C(E+g+1, g+1)`` monomials in
+    :func:`monomial_table` order (its first ``C(E+g, g)`` are
+    the features' monomials), their parent and last variable (``x^β = x^parent(β) ·
+    x_var(β)``), and for every β the pairs ``(pe[p], pa[p])``, ``ptr[β] <= p <
+    ptr[β+1]``: the coordinates e with ``β_e >= 1`` and ``α = β − e_e`` (each pair
+    (α, e) with |α| <= g exactly once)."""
+    start, parent, var, _ = monomial_table(E, g + 1)
+    beta, es, als = [], [], []
+    for d in range(g + 1):
+        mul = _mul_table(E, d)                       # (m_d, E): index in degree d+1
+        a = np.arange(mul.shape[0])
+        beta.append((start[d + 1] + mul).ravel())
+        es.append(np.tile(np.arange(E), a.size))
+        als.append(np.repeat(start[d] + a, E))
+    beta = np.concatenate(beta)
+    order = np.argsort(beta, kind="stable")
+    M1 = int(start[-1])
+    ptr = np.zeros(M1 + 1, np.int64)
+    np.add.at(ptr, beta + 1, 1)
+    ptr = np.cumsum(ptr)
+    out = (M1, np.ascontiguousarray(parent, dtype=np.int64),
+           np.ascontiguousarray(var, dtype=np.int64), ptr,
+           np.concatenate(es)[order].astype(np.int64),
+           np.concatenate(als)[order].astype(np.int64))
+    for x in out[1:]:
+        x.setflags(write=False)
+    return out
+
+
+def pair_weights(coef, E, g):
+    """``c_α = a_|α|·|α|!/α!`` (= wphi_α·wpsi_α of :func:`feature_weights`) for the
+    ``C(E+g, g)`` monomials of degree <= g."""
+    start, _, _, multi = monomial_table(E, g)
+    deg = np.repeat(np.arange(g + 1), np.diff(start))
+    return np.asarray(coef, dtype=np.float64)[deg] * multi

@@ -13,7 +13,7 @@ for a single Toeplitz matrix).
 import numpy as np
 import scipy.fft as sfft
 
-__all__ = ["fft_length", "circulant_spectrum", "toeplitz_matmul"]
+__all__ = ["fft_length", "circulant_spectrum", "toeplitz_matmul", "toeplitz_visibility"]
 
 
 def fft_length(n, S=None):
@@ -80,3 +80,20 @@ def toeplitz_matmul(c, u, workers=None):
     U = sfft.rfft(u, n=N, axis=0, workers=workers)
     U *= spec
     return sfft.irfft(U, n=N, axis=0, workers=workers)[:n]
+
+
+def toeplitz_visibility(T, L, S, keep):
+    """``(rows, keys)``: (L,) bool, row i sees a real key j with ``T[i − j + S − 1] >
+    0``; (S,) bool, real key j is seen by some row. Exact counts (integers: cumulative
+    sums, or a rounded FFT convolution of 0/1 sequences, as the pipeline's
+    ``_sees_keys``)."""
+    pos = (np.asarray(T) > 0).astype(np.int64)
+    cs = np.concatenate([[0], np.cumsum(pos)])
+    j = np.arange(S)
+    keys = (cs[S - 1 - j + L] - cs[S - 1 - j]) > 0           # T[S−1−j .. S−1−j+L−1]
+    if keep is None:
+        i = np.arange(L)
+        return (cs[i + S] - cs[i]) > 0, keys
+    from scipy.signal import fftconvolve
+    cnt = np.rint(fftconvolve(pos.astype(np.float64), keep.astype(np.float64)))
+    return cnt[S - 1:S - 1 + L] > 0, keys & keep

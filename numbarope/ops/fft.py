@@ -39,7 +39,6 @@ N. J. Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed. (2002), 
 """
 
 import math
-from functools import lru_cache
 
 import numpy as np
 import scipy.fft as sfft
@@ -52,8 +51,8 @@ from ._bounds import _gamma, _gradient_terms, rounding_term
 from ._common import (_FM, _block_columns, _example_qkv, _extended, _finish, _ranges,
                       _row_blocks, _setup, base_memory)
 from ._cost import COST_CONSTANTS
-from ._features import _mul_table, feature_weights, features, monomial_table, n_features
-from ._toeplitz import circulant_spectrum, fft_length
+from ._features import feature_weights, features, monomial_pairs, n_features, pair_weights
+from ._toeplitz import circulant_spectrum, fft_length, toeplitz_visibility
 from .registry import Algorithm, Reason, register
 
 __all__ = ["FFT", "fft_attention", "fft_memory", "toeplitz_weights", "fft_backward",
@@ -251,7 +250,7 @@ register(FFT())
 # m·E products "feature × key coordinate" are monomials of degree 1 .. g+1, each the
 # product of at most min(E, g+1) pairs (α, e): the columns are the C(E+g+1, g+1)
 # unweighted monomials (times [v, 1], or [dO/D, Δ/D]), not m·(Ev·E + E) — 3.2x fewer at
-# E = 16, g = 3 — and the pairs are undone on the other side (_pairs):
+# E = 16, g = 3 — and the pairs are undone on the other side (monomial_pairs):
 #
 #   pass A (dq)     Y_i[β, c] = Σ_j T(i−j) k'_j^β [v_j, 1]_c              (β: 1 .. g+1)
 #                   dq_ie = Σ_{(α,e) of β} c_α q'_i^α Σ_c A_ic Y_i[β, c],
@@ -268,64 +267,6 @@ register(FFT())
 # each task writing its own rows: partitions from the sizes only, so the results are
 # bitwise the same for any ``workers`` (scipy.fft's transforms are independent per
 # column).
-
-@lru_cache(maxsize=32)
-def _pairs(E, g):
-    """Monomials of degree <= g+1 and the pairs undoing ``x^β = x^α · x_e``.
-
-    Returns ``(M1, parent, var, ptr, pe, pa)``: the ``M1 = C(E+g+1, g+1)`` monomials in
-    :func:`numbarope.ops._features.monomial_table` order (its first ``C(E+g, g)`` are
-    the features' monomials), their parent and last variable (``x^β = x^parent(β) ·
-    x_var(β)``), and for every β the pairs ``(pe[p], pa[p])``, ``ptr[β] <= p <
-    ptr[β+1]``: the coordinates e with ``β_e >= 1`` and ``α = β − e_e`` (each pair
-    (α, e) with |α| <= g exactly once)."""
-    start, parent, var, _ = monomial_table(E, g + 1)
-    beta, es, als = [], [], []
-    for d in range(g + 1):
-        mul = _mul_table(E, d)                       # (m_d, E): index in degree d+1
-        a = np.arange(mul.shape[0])
-        beta.append((start[d + 1] + mul).ravel())
-        es.append(np.tile(np.arange(E), a.size))
-        als.append(np.repeat(start[d] + a, E))
-    beta = np.concatenate(beta)
-    order = np.argsort(beta, kind="stable")
-    M1 = int(start[-1])
-    ptr = np.zeros(M1 + 1, np.int64)
-    np.add.at(ptr, beta + 1, 1)
-    ptr = np.cumsum(ptr)
-    out = (M1, np.ascontiguousarray(parent, dtype=np.int64),
-           np.ascontiguousarray(var, dtype=np.int64), ptr,
-           np.concatenate(es)[order].astype(np.int64),
-           np.concatenate(als)[order].astype(np.int64))
-    for x in out[1:]:
-        x.setflags(write=False)
-    return out
-
-
-def _pair_weights(coef, E, g):
-    """``c_α = a_|α|·|α|!/α!`` (= wphi_α·wpsi_α of :func:`feature_weights`) for the
-    ``C(E+g, g)`` monomials of degree <= g."""
-    start, _, _, multi = monomial_table(E, g)
-    deg = np.repeat(np.arange(g + 1), np.diff(start))
-    return np.asarray(coef, dtype=np.float64)[deg] * multi
-
-
-def _visibility(T, L, S, keep):
-    """``(rows, keys)``: (L,) bool, row i sees a real key j with ``T[i − j + S − 1] >
-    0``; (S,) bool, real key j is seen by some row. Exact counts (integers: cumulative
-    sums, or a rounded FFT convolution of 0/1 sequences, as the pipeline's
-    ``_sees_keys``)."""
-    pos = (np.asarray(T) > 0).astype(np.int64)
-    cs = np.concatenate([[0], np.cumsum(pos)])
-    j = np.arange(S)
-    keys = (cs[S - 1 - j + L] - cs[S - 1 - j]) > 0           # T[S−1−j .. S−1−j+L−1]
-    if keep is None:
-        i = np.arange(L)
-        return (cs[i + S] - cs[i]) > 0, keys
-    from scipy.signal import fftconvolve
-    cnt = np.rint(fftconvolve(pos.astype(np.float64), keep.astype(np.float64)))
-    return cnt[S - 1:S - 1 + L] > 0, keys & keep
-
 
 @njit(cache=True, nogil=True, fastmath=_FM)
 def _columns(Mt, xt, W, parent, var, G, L, b0, t0, t1, U):
@@ -585,7 +526,7 @@ def fft_backward(q, k, v, out, den, dout, scale, coef, T, *, key_mask=None, work
     if nq == 0 or kpos.size == 0 or Ev == 0:
         return dq.reshape(shape_q), dk, dv
     keep = None if kpos.size == S else np.asarray(key_mask, dtype=bool).reshape(S)
-    rows, seen = _visibility(T, L, S, keep)
+    rows, seen = toeplitz_visibility(T, L, S, keep)
     if not rows.any():
         return dq.reshape(shape_q), dk, dv
     g = len(coef) - 1
@@ -595,9 +536,9 @@ def fft_backward(q, k, v, out, den, dout, scale, coef, T, *, key_mask=None, work
     inv = np.zeros(nq)
     inv[ok] = 1.0 / D[ok]                                   # 1/D_i (0: no weight)
     delta = np.einsum("ic,ic->i", dO, Ob)                   # Δ̃_i = dO_i·õ_i
-    tabs = _pairs(E, g)
+    tabs = monomial_pairs(E, g)
     M1 = tabs[0]
-    cw = _pair_weights(coef, E, g)
+    cw = pair_weights(coef, E, g)
     ones = np.ones(cw.size)
     Qm = features(qs, E, g, ones, workers=nw)              # (m, G·L): q'^α, unweighted
     Km = features(ks, E, g, ones, workers=nw)              # (m, S)
@@ -780,7 +721,7 @@ def fft_gradient_bound(q, k, v, dout, scale, coef, delta, T, *, key_mask=None, r
         return (zero, empty) if parts else zero
     G = Q.shape[0] // L
     T = np.asarray(T, dtype=np.float64).reshape(-1)
-    rows, _ = _visibility(T, L, S_all, keep)
+    rows, _ = toeplitz_visibility(T, L, S_all, keep)
     act = np.tile(rows, G)
     if not act.any():
         return (zero, empty) if parts else zero

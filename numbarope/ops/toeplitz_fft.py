@@ -37,8 +37,9 @@ from .._runtime.threads import resolve_workers
 from ._bounds import rounding_term
 from ._common import _block_columns, _example_qkv, _extended, _finish, base_memory
 from ._cost import COST_CONSTANTS
-from ._features import features, monomial_table, n_features, symmetric_power
-from ._toeplitz import circulant_spectrum, fft_length
+from ._features import (features, monomial_pairs, monomial_table, n_features, pair_weights,
+                        symmetric_power)
+from ._toeplitz import circulant_spectrum, fft_length, toeplitz_visibility
 from .registry import Algorithm, Reason, register
 
 __all__ = ["fast_general", "general_features", "toeplitz_fft_memory", "ToeplitzFFT",
@@ -247,8 +248,6 @@ register(ToeplitzFFT())
 
 def _general_backward(q, k, v, out, den, dout, scale, coef, relative, T, keep, nw):
     """:func:`toeplitz_fft_backward` of one query head: ``(dq, dk, dv)``."""
-    from .fft import _pair_weights, _pairs, _visibility
-
     L, E = q.shape
     S, Ev = v.shape
     g = len(coef) - 1
@@ -259,7 +258,7 @@ def _general_backward(q, k, v, out, den, dout, scale, coef, relative, T, keep, n
     dq = np.zeros((E, L))
     dk = np.zeros((E, S))
     dv = np.zeros((Ev, S))
-    rows, seen = _visibility(T, L, S, keep)
+    rows, seen = toeplitz_visibility(T, L, S, keep)
     Ob = np.asarray(out, dtype=np.float64).reshape(L, Ev)
     dO = np.asarray(dout, dtype=np.float64).reshape(L, Ev)
     D = np.asarray(den, dtype=np.float64).reshape(L)
@@ -273,9 +272,9 @@ def _general_backward(q, k, v, out, den, dout, scale, coef, relative, T, keep, n
     X = np.concatenate([dO * inv[:, None], (delta * inv)[:, None]], axis=1)
     B = np.concatenate([v64 * sq, np.full((S, 1), -sq)], axis=1)
     vext = _extended(v64, None if keep is None else keep.astype(np.float64))
-    M1, _, _, ptr, pe, pa = _pairs(E, g)
+    M1, _, _, ptr, pe, pa = monomial_pairs(E, g)
     start, _, _, multi = monomial_table(E, g + 1)
-    cw = _pair_weights(coef, E, g)
+    cw = pair_weights(coef, E, g)
     ones = np.ones(M1)
     Qm = features(qs, E, g + 1, ones, workers=nw)          # (M1, L): q'^β, unweighted
     Km = features(ks, E, g + 1, ones, workers=nw)          # (M1, S)

@@ -198,11 +198,12 @@ def recurrence_rounding(algorithm, S, m, coef, radius, radius1, delta, chunk=Non
     return float(rho) if np.isfinite(rho) else np.inf
 
 
-def _gradient_terms(Q, K, V, scale, coef, delta, S, radius, radius1):
-    """The terms :func:`gradient_bound` and :func:`causal_gradient_bound` share (see
-    :func:`gradient_bound`, Notes), from the real keys K, V (S of them, at most, per
-    row) and the rows Q: ``(g, m, s, R, κ_q, κ_k, V, ε_P, e_Δ, H, a₁, a₂)``, or None
-    when the bound is void (``ε = δ + ρ >= 1``)."""
+def _gradient_terms(Q, K, V, scale, coef, delta, S, radius, radius1, rounding=None):
+    """The terms every fast gradient bound shares (see :func:`gradient_bound`, Notes),
+    from the real keys K, V (S of them, at most, per row) and the rows Q: ``(g, m, s,
+    R, κ_q, κ_k, V, ε_P, e_Δ, H, a₁, a₂)``, or None when the bound is void (``ε = δ + ρ
+    >= 1``). ``rounding(R, R₁) -> ρ``: the forward's floating-point allowance (default
+    :func:`rounding_term` of S + 8g + 4 terms; a recurrence passes its own)."""
     E, Ev = Q.shape[1], V.shape[1]
     coef = np.asarray(coef, dtype=np.float64)
     g = len(coef) - 1
@@ -216,7 +217,8 @@ def _gradient_terms(Q, K, V, scale, coef, delta, S, radius, radius1):
     Vm = float(np.abs(V).max()) if Ev else 0.0
     nu = float((V.max(axis=0) - V.min(axis=0)).max()) if Ev else 0.0
     V2 = float(np.linalg.norm(V, axis=1).max()) if Ev else 0.0
-    rho = rounding_term(S + 8 * g + 4, m, coef, R, R1, delta)
+    rho = (rounding_term(S + 8 * g + 4, m, coef, R, R1, delta) if rounding is None
+           else rounding(R, R1))
     eps = float(delta) + float(rho)
     if not eps < 1:
         return None

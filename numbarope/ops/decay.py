@@ -67,7 +67,7 @@ from .. import _config
 from .. import bias as _bias
 from .._runtime.threads import parallel, prange_loop, resolve_workers, task_array
 from . import _common
-from ._bounds import _U, DECAY_CUT, _gamma, recurrence_rounding
+from ._bounds import _U, DECAY_CUT, _gamma, _gradient_terms, recurrence_rounding
 from ._common import (_FM, _check_state, _example_qkv, _key_states, _ranges, _scan, _setup,
                       _shaped, _Side, backward_chunk, gemm_chunk, prefix_chunk,
                       recurrence_chunk, scan_memory)
@@ -1327,30 +1327,15 @@ def decay_gradient_bound(q, k, v, dout, scale, coef, delta, rate, causal=False, 
         ff, fb = _side_factors(qpos, kpos, lim_f, dec)
     Q, dO, lim_f, ff, fb = Q[act], dO[act], lim_f[act], ff[act], fb[act]
     n = Q.shape[0]
-    # --- the forward's ε and the shared terms (as _bounds._gradient_terms, ρ of decay)
-    s = float(scale)
-    cs = s * float(np.linalg.norm(Q, axis=1).max()) * float(np.linalg.norm(K, axis=1).max())
-    R = cs if radius is None else float(radius)
-    R1 = cs if radius1 is None else float(radius1)
-    kq = float(np.abs(Q).max()) if E else 0.0
-    kk = float(np.abs(K).max()) if E else 0.0
-    Vm = float(np.abs(V).max()) if Ev else 0.0
-    nu = float((V.max(axis=0) - V.min(axis=0)).max()) if Ev else 0.0
-    V2 = float(np.linalg.norm(V, axis=1).max()) if Ev else 0.0
+    # --- the forward's ε and the shared terms (_bounds._gradient_terms, ρ of decay)
     cf = decay_chunk(m, E, Ev, g) if chunk is None else int(chunk)
     cb = backward_chunk_keys(m) if backward_chunk is None else int(backward_chunk)
-    rho = recurrence_rounding("decay", S_all + 8 * g + 6, m, coef, R, R1, delta, cf, r)
-    eps = float(delta) + float(rho)
-    if not eps < 1:
+    t = _gradient_terms(Q, K, V, scale, coef, delta, S_all, radius, radius1,
+                        rounding=lambda R, R1: recurrence_rounding(
+                            "decay", S_all + 8 * g + 6, m, coef, R, R1, delta, cf, r))
+    if t is None:
         return np.inf, np.inf, np.inf
-    eP = (float(delta) + eps) / (1 - eps)
-    eo = (1 + _U) * 2 * eps / (1 - eps) + _U
-    eD = eo + _gamma(Ev) * (1 + eo)
-    with np.errstate(over="ignore", invalid="ignore"):
-        P1 = float(np.sum(np.abs(coef) * min(R1, 1e300) ** np.arange(g + 1)))
-        H = P1 * np.exp(min(R, 700.0)) / (1 - eps)
-    a1 = eP * nu + (1 + eP) * eD * Vm
-    a2 = (2 * eP + (1 + eP) * eD) * V2
+    _, _, s, R, kq, kk, Vm, eP, eD, H, a1, a2 = t
     # --- decayed masses M_i (lower bounds) and Λ_T (upper bounds)
     A = min(r * (S_all - 1), DECAY_CUT) if S_all > 1 else 0.0
     ulps = float(EXP_ULPS[np.dtype(np.float64)])

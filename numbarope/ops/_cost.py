@@ -8,10 +8,11 @@ Each algorithm predicts its time as ``Σ constant × operation count`` with thes
 __all__ = ["COST_CONSTANTS"]
 
 #: The measured constants below times this factor: on the development machine (a
-#: shared VM) whole calls took 1.5–2.4× less than predicted at quiet times and 0.8–1.0×
-#: the prediction at busy ones (``python tools/auto_grid.py --n 4096 16384 65536 --E 16
-#: 64 --R 0.5``, 2026-12-07); 0.7 puts both within 2×. One factor for every constant:
-#: the planner's choices depend on ratios of predictions only, so they do not change.
+#: shared VM, quiet) whole calls took 1.5–2.4× less than predicted (``python
+#: tools/auto_grid.py --n 4096 16384 65536 --E 16 64 --R 0.5``, 2026-12-07); with 0.7
+#: the predictions are 1.05–1.7× the measured times, leaving room for the machine's busy
+#: periods (the same call up to 2× slower). One factor for every constant: the planner's
+#: choices depend on ratios of predictions only, so they do not change.
 SCALE = 0.7
 
 #: Seconds per elementary operation of each kind (see module docstring).

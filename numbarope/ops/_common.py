@@ -796,3 +796,44 @@ def key_side_state(k, v, scale, coef, *, key_mask=None, workers=None):
 def add_states(a, b):
     """The state of two disjoint key blocks without a decay: ``(S_a + S_b, s_a + s_b)``."""
     return a[0] + b[0], a[1] + b[1]
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _add_rows_to_state(st, s0, s1, cb, sparent, svar, sratio, sw0, spost, sweight, A, B,
+                       u0, ne, na, nx, fb, yb, Z, T, empty):
+    # The backward scans' state update (prefix, decay): rows s0 <= j < s1 of the state
+    # side, in blocks of cb, added to Z (m × width): Z[:, e·na + a] += Σ_j feat(x_j)
+    # B[j, u0 + e] A[j, a] for the ne units, Z[:, ne·na + a] += Σ_j feat(x_j) A[j, a] for
+    # the nx extra columns; features of x from st (E, rows) with the s* tables; fb, yb, T
+    # scratch. ``empty``: Z holds nothing yet (the first block is written, not added).
+    # Returns the new ``empty``.
+    m, width = Z.shape
+    for j0 in range(s0, s1, cb):
+        j1 = min(j0 + cb, s1)
+        n = j1 - j0
+        P = fb[:m * n].reshape((m, n))
+        Y = yb[:n * width].reshape((n, width))
+        _features_block(st, j0, j1, sparent, svar, sratio, sw0, spost, sweight, P, 0)
+        for r in range(n):
+            j = j0 + r
+            y = Y[r]
+            aj = A[j]
+            for e in range(ne):
+                f = B[j, u0 + e]
+                base = e * na
+                for a in range(na):
+                    y[base + a] = f * aj[a]
+            base = ne * na
+            for a in range(nx):
+                y[base + a] = aj[a]
+        if empty:
+            np.dot(P, Y, Z)
+            empty = False
+        else:
+            np.dot(P, Y, T)
+            for a in range(m):
+                za = Z[a]
+                ta = T[a]
+                for e in range(width):
+                    za[e] += ta[e]
+    return empty

@@ -68,8 +68,8 @@ from .. import bias as _bias
 from .._runtime.threads import parallel, prange_loop, resolve_workers, task_array
 from . import _common
 from ._bounds import _U, DECAY_CUT, _gamma, _gradient_terms, recurrence_rounding
-from ._common import (_FM, _check_state, _example_qkv, _key_states, _ranges, _scan, _setup,
-                      _shaped, _Side, backward_chunk, gemm_chunk, prefix_chunk,
+from ._common import (_add_rows_to_state, _FM, _check_state, _example_qkv, _key_states, _ranges,
+                      _scan, _setup, _shaped, _Side, backward_chunk, gemm_chunk, prefix_chunk,
                       recurrence_chunk, scan_memory)
 from ._cost import COST_CONSTANTS
 from ._exp import EXP_ULPS, _exp64
@@ -799,34 +799,8 @@ def _dscan_columns(st, B, A, at, C, fa, fstep, steps, u0, u1, cb, sparent, svar,
                     za = Z[a]
                     for e in range(width):
                         za[e] *= f
-        for j0 in range(s0, s1, cb):
-            j1 = min(j0 + cb, s1)
-            n = j1 - j0
-            P = fb[:m * n].reshape((m, n))
-            Y = yb[:n * width].reshape((n, width))
-            _features_block(st, j0, j1, sparent, svar, sratio, sw0, spost, sweight, P, 0)
-            for r in range(n):
-                j = j0 + r
-                y = Y[r]
-                aj = A[j]
-                for e in range(ne):
-                    f = B[j, u0 + e]
-                    base = e * na
-                    for a in range(na):
-                        y[base + a] = f * aj[a]
-                base = ne * na
-                for a in range(nx):
-                    y[base + a] = aj[a]
-            if empty:
-                np.dot(P, Y, Z)
-                empty = False
-            else:
-                np.dot(P, Y, T)
-                for a in range(m):
-                    za = Z[a]
-                    ta = T[a]
-                    for e in range(width):
-                        za[e] += ta[e]
+        empty = _add_rows_to_state(st, s0, s1, cb, sparent, svar, sratio, sw0, spost,
+                                   sweight, A, B, u0, ne, na, nx, fb, yb, Z, T, empty)
 
 
 @njit(cache=True, nogil=True, fastmath=_FM)

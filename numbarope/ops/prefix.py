@@ -39,8 +39,8 @@ from .. import _config
 from .. import bias as _bias
 from .._runtime.threads import parallel, prange_loop, resolve_workers, task_array
 from ._bounds import causal_gradient_bound
-from ._common import (_FM, _check_state, _example_qkv, _ranges, _scan, _Side, _setup,
-                      _shaped, add_states, backward_chunk, key_side_state, prefix_chunk,
+from ._common import (_add_rows_to_state, _FM, _check_state, _example_qkv, _ranges, _scan, _Side,
+                      _setup, _shaped, add_states, backward_chunk, key_side_state, prefix_chunk,
                       scan_memory, visible_keys)
 from ._cost import COST_CONSTANTS
 from ._features import _features_block, n_features
@@ -267,34 +267,8 @@ def _scan_columns(st, B, A, at, C, steps, u0, u1, cb, sparent, svar, sratio, sw0
                     base = ne * na
                     for a in range(nx):
                         o2[a] = row[base + a]
-        for j0 in range(s0, s1, cb):
-            j1 = min(j0 + cb, s1)
-            n = j1 - j0
-            P = fb[:m * n].reshape((m, n))
-            Y = yb[:n * width].reshape((n, width))
-            _features_block(st, j0, j1, sparent, svar, sratio, sw0, spost, sweight, P, 0)
-            for r in range(n):
-                j = j0 + r
-                y = Y[r]
-                aj = A[j]
-                for e in range(ne):
-                    f = B[j, u0 + e]
-                    base = e * na
-                    for a in range(na):
-                        y[base + a] = f * aj[a]
-                base = ne * na
-                for a in range(nx):
-                    y[base + a] = aj[a]
-            if empty:
-                np.dot(P, Y, Z)
-                empty = False
-            else:
-                np.dot(P, Y, T)
-                for a in range(m):
-                    za = Z[a]
-                    ta = T[a]
-                    for e in range(width):
-                        za[e] += ta[e]
+        empty = _add_rows_to_state(st, s0, s1, cb, sparent, svar, sratio, sw0, spost,
+                                   sweight, A, B, u0, ne, na, nx, fb, yb, Z, T, empty)
 
 
 @njit(cache=True, nogil=True, fastmath=_FM)

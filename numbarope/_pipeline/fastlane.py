@@ -32,7 +32,8 @@ from numba import njit
 
 from ..bias import Causal, Chunked, NoBias, Packed, Window
 from ..ops.streaming import decode_plan, decode_run, exact_attention, pairs_visited
-from .._runtime.interop import is_torch, output_like
+from .._runtime.interop import is_torch
+from .._runtime.omp_team import team as torch_team
 from .._runtime.threads import resolve_workers
 from .heads import head_facts
 from .inputs import _all_finite, check_shapes, make_problem
@@ -82,16 +83,16 @@ def clear():
 
 
 def _numpy(x):
-    """A float32/float64 numpy view of x and its torch dtype name (None for a numpy
-    array), or None (not for this lane)."""
+    """A float32/float64 numpy view of x and whether it is a torch tensor, or None (not
+    for this lane)."""
     if type(x) is np.ndarray:         # (subclasses, np.matrix: the full pipeline)
-        return (x, None) if x.dtype in _FLOATS and x.dtype.isnative else None
+        return (x, False) if x.dtype in _FLOATS and x.dtype.isnative else None
     if is_torch(x):
         try:     # raises for tensors that require grad, live elsewhere, or are bfloat16
             a = x.numpy()
         except (RuntimeError, TypeError):
             return None
-        return (a, a.dtype.name) if a.dtype in _FLOATS else None
+        return (a, True) if a.dtype in _FLOATS else None
     return None
 
 
@@ -248,7 +249,7 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
     if any(c is None for c in conv):
         return None
     (q, tq), (k, tk), (v, tv) = conv
-    if not (q.dtype == k.dtype == v.dtype) or len({tq, tk, tv}) != 1:
+    if not (q.dtype == k.dtype == v.dtype) or not (tq == tk == tv):
         return None
     if q.ndim < 2 or k.ndim < 2 or v.ndim < 2 or 0 in q.shape or 0 in k.shape \
             or 0 in v.shape:
@@ -298,11 +299,12 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
             return None
     dp = e.decode[kmask is not None]
     if dp is not None:       # the decoding kernel flags NaN/inf itself, at no extra
-        # pass (a non-finite logit or value makes its head's output NaN)
-        with np.errstate(all="ignore"):
-            out, lse = decode_run(dp, qf, kf, vf, e.scale,
+        # pass (a non-finite logit or value makes its head's output NaN), and checks
+        # its outputs as it writes them
+        # (with torch tensors, on torch's own threads: they spin between its operators)
+        out, lse, ok = decode_run(dp, qf, kf, vf, e.scale,
                                   _NO_MASK if kmask is None else kmask,
-                                  resolve_workers(workers))
+                                  resolve_workers(workers), torch_team() if tq else None)
     else:
         # the main kernel masks what a row cannot see before any check: NaN/inf are
         # refused as the full pipeline does
@@ -314,21 +316,32 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
                                        key_ranges=e.ranges, key_mask=kmask, kidx=kidx,
                                        bias=e.bias, bidx=e.bidx, workers=workers,
                                        return_lse=True)
-    ok = _result_ok(out, lse)
+        ok = _result_ok(out, lse)
     if ok == 0:
         return None              # NaN/inf inputs or logits beyond float32: full pipeline
     if ok < 0 and _sees_some_key(e, kmask, kidx, lse):
         return None              # a row with keys lost them (underflow): full pipeline
     out = out.reshape(e.batch_shape + (e.L, e.Ev)).astype(q.dtype, copy=False)
-    if tq is not None and out.flags.c_contiguous:
-        import torch                      # already imported: the inputs are tensors
-        out = torch.from_numpy(out)       # of one dtype (tq), out's own
-    else:
-        out = output_like(out, (tq,))
+    if tq:
+        out = _torch().from_numpy(out)     # q's dtype, contiguous; lse float64
+        if return_lse:
+            return out, _torch().from_numpy(lse.reshape(e.batch_shape + (e.L,)))
+        return out
     if return_lse:
-        return out, output_like(lse.reshape(e.batch_shape + (e.L,)),
-                                ("float64",) if tq is not None else ())
+        return out, lse.reshape(e.batch_shape + (e.L,))
     return out
+
+
+def _torch():
+    """torch (imported: the inputs were tensors)."""
+    global _TORCH
+    if _TORCH is None:
+        import torch
+        _TORCH = torch
+    return _TORCH
+
+
+_TORCH = None
 
 
 def _sees_some_key(e, kmask, kidx, lse):

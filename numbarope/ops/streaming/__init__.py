@@ -61,7 +61,8 @@ from .kernel import (  # noqa: F401
     gather_key_ranges, row_norms
 )
 from .decode import (  # noqa: F401
-    DecodePlan, _consecutive, _decode_merge, _decode_plan, _decode_stack, _decode_task,
+    DecodePlan, _consecutive, _decode_call, _decode_merge, _decode_plan, _decode_stack,
+    _decode_task,
     _par_decode, decode_plan, decode_run
 )
 from .entry import (  # noqa: F401

@@ -4,9 +4,10 @@ import functools
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
+from numba import carray, cfunc, njit, prange, types
 
 from ... import _config
+from ..._runtime.omp_team import as_voidptr, next_task
 from ..._runtime.threads import parallel
 from .kernel import _DUMMY_RANGE, _FM, _online_update
 
@@ -143,6 +144,154 @@ def _par_decode(q, k, v, zero, kmask, kidx, has_kmask, lo, hi, lidx, has_ranges,
 
 
 @njit(cache=True, nogil=True)
+def _scaled(q, scale):
+    # q · s in q's dtype, as the main kernel scales it
+    qs = np.empty_like(q)
+    Bk, R, E = q.shape
+    for b in range(Bk):
+        for r in range(R):
+            for e in range(E):
+                qs[b, r, e] = q[b, r, e] * scale
+    return qs
+
+
+@njit(cache=True)
+def _decode_call(q, scale, k, v, zero, kmask, kidx, has_kmask, lo, hi, lidx, has_ranges,
+                 block, tasks, first):
+    # the decoding kernel as one call from Python (each call from Python costs
+    # microseconds): q scaled, the parallel loop, the merge in chunk order;
+    # (out, lse, status of _decode_merge)
+    Bk, R, E = q.shape
+    Ev = v.shape[2]
+    qs = _scaled(q, scale)
+    T = tasks.shape[0]
+    M = np.empty((T, R))
+    L = np.empty((T, R))
+    A = np.empty((T, R, Ev))
+    F = np.zeros(T, np.bool_)
+    _par_decode(qs, k, v, zero, kmask, kidx, has_kmask, lo, hi, lidx, has_ranges, block,
+                tasks, M, L, A, F)
+    out = np.empty((Bk, R, Ev), q.dtype)
+    lse = np.empty((Bk, R))
+    status = _decode_merge(M, L, A, F, first, out, lse)
+    return out, lse, status
+
+
+# ------------------------------------------------------------------ on torch's threads
+#
+# The same tasks run by torch's OpenMP team (numbarope._runtime.omp_team) when the
+# inputs are torch tensors: each thread of the team takes the next task from an atomic
+# counter until none is left, and the merge is the same, so the bits are those of the
+# parallel loop above. The task function receives one int64 array (the descriptor):
+# the counter's address, the sizes, and the addresses of C-contiguous arrays.
+
+_D_WORDS = 27
+
+
+@njit(cache=True)
+def _team_prepare(q, scale, k, v, kmask, kidx, has_kmask, lo, hi, lidx, has_ranges, block,
+                  tasks):
+    # q scaled, the chunk partials allocated, and the descriptor of the task function
+    Bk, R, E = q.shape
+    Ev = v.shape[2]
+    qs = _scaled(q, scale)
+    T = tasks.shape[0]
+    M = np.empty((T, R))
+    L = np.empty((T, R))
+    A = np.empty((T, R, Ev))
+    F = np.zeros(T, np.bool_)
+    counter = np.zeros(1, np.int64)
+    d = np.empty(_D_WORDS, np.int64)
+    d[0] = counter.ctypes.data
+    d[1] = T
+    d[2] = Bk
+    d[3] = R
+    d[4] = E
+    d[5] = Ev
+    d[6] = k.shape[1]
+    d[7] = qs.ctypes.data
+    d[8] = k.ctypes.data
+    d[9] = v.ctypes.data
+    d[10] = M.ctypes.data
+    d[11] = L.ctypes.data
+    d[12] = A.ctypes.data
+    d[13] = F.ctypes.data
+    d[14] = tasks.ctypes.data
+    d[15] = block
+    d[16] = kmask.ctypes.data
+    d[17] = kmask.shape[0]
+    d[18] = kmask.shape[1]
+    d[19] = kidx.ctypes.data
+    d[20] = has_kmask
+    d[21] = lo.ctypes.data
+    d[22] = lo.shape[0]
+    d[23] = lo.shape[1]
+    d[24] = hi.ctypes.data
+    d[25] = lidx.ctypes.data
+    d[26] = has_ranges
+    return d, counter, qs, M, L, A, F
+
+
+@njit(cache=True, nogil=True)
+def _team_loop(d, q, k, v, zero):
+    # one thread of the team: tasks from the counter until none is left
+    T, Bk, R, Ev = d[1], d[2], d[3], d[5]
+    M = carray(as_voidptr(d[10]), (T, R), np.float64)
+    L = carray(as_voidptr(d[11]), (T, R), np.float64)
+    A = carray(as_voidptr(d[12]), (T, R, Ev), np.float64)
+    F = carray(as_voidptr(d[13]), (T,), np.bool_)
+    tasks = carray(as_voidptr(d[14]), (T, 3), np.int64)
+    kmask = carray(as_voidptr(d[16]), (d[17], d[18]), np.float64)
+    kidx = carray(as_voidptr(d[19]), (Bk,), np.int64)
+    lo = carray(as_voidptr(d[21]), (d[22], d[23]), np.int64)
+    hi = carray(as_voidptr(d[24]), (d[22], d[23]), np.int64)
+    lidx = carray(as_voidptr(d[25]), (Bk,), np.int64)
+    has_kmask = d[20] != 0
+    has_ranges = d[26] != 0
+    block = d[15]
+    while True:
+        t = next_task(d[0])
+        if t >= T:
+            break
+        _decode_task(q, k, v, zero, kmask, kidx, has_kmask, lo, hi, lidx, has_ranges, block,
+                     tasks[t, 0], tasks[t, 1], tasks[t, 2], M[t], L[t], A[t], F[t:t + 1])
+
+
+@njit(cache=True, nogil=True)
+def _team_f32(d):
+    Bk, R, E, Ev, S = d[2], d[3], d[4], d[5], d[6]
+    _team_loop(d, carray(as_voidptr(d[7]), (Bk, R, E), np.float32),
+               carray(as_voidptr(d[8]), (Bk, S, E), np.float32),
+               carray(as_voidptr(d[9]), (Bk, S, Ev), np.float32), np.float32(0.0))
+
+
+@njit(cache=True, nogil=True)
+def _team_f64(d):
+    Bk, R, E, Ev, S = d[2], d[3], d[4], d[5], d[6]
+    _team_loop(d, carray(as_voidptr(d[7]), (Bk, R, E), np.float64),
+               carray(as_voidptr(d[8]), (Bk, S, E), np.float64),
+               carray(as_voidptr(d[9]), (Bk, S, Ev), np.float64), 0.0)
+
+
+_team_bodies: dict = {}
+
+
+def _team_body(dt):
+    """The address of ``void body(void *descriptor)`` for q's dtype, compiled on first
+    use (a process that never decodes with torch tensors never compiles it)."""
+    addr = _team_bodies.get(dt)
+    if addr is None:
+        inner = _team_f32 if dt == np.float32 else _team_f64
+
+        def body(data):
+            inner(carray(data, (_D_WORDS,), np.int64))
+
+        fn = cfunc(types.void(types.voidptr), nopython=True)(body)
+        _team_bodies[dt] = addr = (fn, fn.address)
+    return addr[1]
+
+
+@njit(cache=True, nogil=True)
 def _consecutive(kvidx, g):
     # kvidx[b] == b // g for every b
     for b in range(kvidx.shape[0]):
@@ -154,13 +303,18 @@ def _consecutive(kvidx, g):
 @njit(cache=True, nogil=True)
 def _decode_merge(M, L, A, F, first, out, lse):
     # the chunks first[b] .. first[b+1] - 1 of key/value head b, merged in order; a head
-    # with a non-finite logit (F) gets NaN rows (NaN/inf inputs: the callers refuse)
+    # with a non-finite logit (F) gets NaN rows (NaN/inf inputs: the callers refuse).
+    # Returns 0 when some head was flagged or some output is not finite (in the
+    # output's dtype), -1 when every output is finite and some row saw no key
+    # (lse = -inf), 1 otherwise.
     Bk, R, Ev = out.shape
+    status = 1
     for b in range(Bk):
         bad = False
         for t in range(first[b], first[b + 1]):
             bad |= F[t]
         if bad:
+            status = 0
             for r in range(R):
                 for c in range(Ev):
                     out[b, r, c] = np.nan
@@ -174,6 +328,8 @@ def _decode_merge(M, L, A, F, first, out, lse):
                 for c in range(Ev):
                     out[b, r, c] = 0.0
                 lse[b, r] = -np.inf
+                if status == 1:
+                    status = -1
                 continue
             den = 0.0
             num = np.zeros(Ev)
@@ -187,7 +343,10 @@ def _decode_merge(M, L, A, F, first, out, lse):
             inv = 1.0 / den
             for c in range(Ev):
                 out[b, r, c] = num[c] * inv
+                if not np.isfinite(out[b, r, c]):
+                    status = 0
             lse[b, r] = m + np.log(den)
+    return status
 
 
 def _decode_stack(B, n, kvidx, Bk, kidx, has_kmask, lidx, has_ranges):
@@ -250,26 +409,33 @@ def decode_plan(B, n, Bk, S, E, Ev, kvidx, kidx, has_kmask, lo, hi, lidx, has_ra
                       tasks, first, tasks.shape[0] > 1 and work >= _config.DECODE_PARALLEL)
 
 
-def decode_run(plan, q, k, v, scale, km, nthreads):
-    """``(out (B, n, Ev), lse (B, n) float64)`` of the decoding kernel under ``plan``
-    (:func:`decode_plan`); q (B, n, E), k, v C-contiguous of one dtype, ``km`` the
-    (rows, S) float64 key mask (0 / −inf) or a dummy when the plan has none."""
+def decode_run(plan, q, k, v, scale, km, nthreads, team=None):
+    """``(out (B, n, Ev), lse (B, n) float64, status)`` of the decoding kernel under
+    ``plan`` (:func:`decode_plan`); q (B, n, E), k, v C-contiguous of one dtype, ``km``
+    the (rows, S) float64 key mask (0 / −inf) or a dummy when the plan has none.
+    ``status``: 0 when a head met a non-finite logit or value (its rows are NaN) or an
+    output is not finite, -1 when some row saw no key (lse −inf, output 0), else 1.
+    ``team``: torch's OpenMP team (:func:`numbarope._runtime.omp_team.team`) to run
+    the tasks on instead of numba's threads (the same bits)."""
     B, n, E = q.shape
-    Bk = plan.Bk
-    Ev = v.shape[2]
     dt = q.dtype
-    R = plan.g * n
-    qs = (q * dt.type(scale)).reshape(Bk, R, E)
-    T = plan.tasks.shape[0]
-    M, L, A = np.empty((T, R)), np.empty((T, R)), np.empty((T, R, Ev))
-    F = np.zeros(T, np.bool_)
-    with parallel(nthreads if plan.threads else 1, blas=False, balance=False):
-        _par_decode(qs, k, v, dt.type(0.0), km, plan.kib, plan.has_kmask, plan.lo,
-                    plan.hi, plan.lidx, plan.has_ranges, plan.block, plan.tasks, M, L, A, F)
-    out = np.empty((Bk, R, Ev), dt)
-    lse = np.empty((Bk, R))
-    _decode_merge(M, L, A, F, plan.first, out, lse)
-    return out.reshape(B, n, Ev), lse.reshape(B, n)
+    qs = np.ascontiguousarray(q.reshape(plan.Bk, plan.g * n, E))
+    nt = nthreads if plan.threads else 1
+    if team is not None and nt > 1:
+        d, counter, qs, M, L, A, F = _team_prepare(
+            qs, dt.type(scale), k, v, km, plan.kib, plan.has_kmask, plan.lo, plan.hi,
+            plan.lidx, plan.has_ranges, plan.block, plan.tasks)
+        team.run(_team_body(dt), d.ctypes.data, nt)
+        out = np.empty((plan.Bk, plan.g * n, v.shape[2]), dt)
+        lse = np.empty((plan.Bk, plan.g * n))
+        status = _decode_merge(M, L, A, F, plan.first, out, lse)
+    else:
+        with parallel(nt, blas=False, balance=False):
+            out, lse, status = _decode_call(qs, dt.type(scale), k, v, dt.type(0.0), km,
+                                            plan.kib, plan.has_kmask, plan.lo, plan.hi,
+                                            plan.lidx, plan.has_ranges, plan.block,
+                                            plan.tasks, plan.first)
+    return out.reshape(B, n, v.shape[2]), lse.reshape(B, n), status
 
 
 @functools.lru_cache(maxsize=256)

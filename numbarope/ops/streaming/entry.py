@@ -92,7 +92,7 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx
         dp = decode_plan(B, n, k.shape[0], S, E, Ev, kvi, ki, has_kmask, lo, hi, li,
                          has_ranges)
         if dp is not None:
-            out, lse = decode_run(dp, q, k, v, scale, km, nthreads)
+            out, lse, _ = decode_run(dp, q, k, v, scale, km, nthreads)
             return (out, lse) if return_lse else out
     if has_bias:
         shift, sidx = _row_shifts(n, S, bs, bi, km, ki, has_kmask, lo, hi, li, has_ranges)

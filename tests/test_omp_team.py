@@ -1,6 +1,6 @@
-"""The decoding kernel on torch's OpenMP team (numbarope._runtime.omp_team).
+"""The decoding and exact kernels on torch's OpenMP team (numbarope._runtime.omp_team).
 
-With torch tensors, decoding calls run their tasks on torch's own OpenMP threads;
+With torch tensors, the fast lane's calls run their tasks on torch's OpenMP threads;
 the results must be bitwise those of numba's parallel loop over the same tasks,
 with every mask and range the kernel reads, and a forked child (GNU OpenMP does
 not survive fork) must fall back to numba's threads and finish.
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import numbarope
+import numbarope.bias
 from numbarope._runtime import omp_team
 from numbarope.ops.streaming import decode as _decode
 
@@ -131,3 +132,52 @@ def test_single_thread_skips_the_team(monkeypatch):
 def test_team_body_compiled_once_per_dtype():
     a = _decode._team_body(np.dtype(np.float32))
     assert a == _decode._team_body(np.dtype(np.float32)) and isinstance(a, int)
+
+
+# ------------------------------------------------------------------ the exact kernel
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+@pytest.mark.parametrize("case", ["full", "causal", "key_padding", "window"])
+def test_exact_kernel_on_team_gives_the_bits_of_numbas_loop(monkeypatch, dt, case):
+    # prefill-sized calls (a transformers layer): the exact kernel's groups on
+    # torch's team, with the GEMMs at one BLAS thread as in numba's loop
+    rng = np.random.default_rng(7)
+    q, k, v = _inputs(rng, dt, L=300, S=300)
+    kw = dict(enable_gqa=True)
+    if case in ("causal", "key_padding"):
+        kw["is_causal"] = True
+    if case == "key_padding":
+        m = np.ones((2, 1, 300), bool)
+        m[1, 0, :40] = False
+        kw["key_padding_mask"] = m
+    if case == "window":
+        kw["bias"] = numbarope.bias.Window(64)
+    ref = numbarope.rope_attention(q, k, v, **kw)
+    calls = _counting(monkeypatch)
+    tkw = {a: torch.from_numpy(b) if isinstance(b, np.ndarray) else b
+           for a, b in kw.items()}
+    out = numbarope.rope_attention(*(torch.from_numpy(x) for x in (q, k, v)), **tkw)
+    assert calls
+    assert np.array_equal(out.numpy(), ref)
+
+
+def test_exact_kernel_on_team_keeps_blas_quiet():
+    # OpenBLAS (pthreads) called from an OpenMP thread with more than one BLAS
+    # thread prints "Detect OpenMP Loop and this application may hang"
+    code = """
+import numpy as np, torch
+torch.set_num_threads(2)
+import numbarope
+import numbarope.bias
+from threadpoolctl import threadpool_limits
+rng = np.random.default_rng(0)
+q, k, v = (torch.from_numpy(rng.standard_normal((1, 4, 600, 64))) for _ in range(3))
+with threadpool_limits(limits=2, user_api="blas"):
+    for _ in range(3):
+        numbarope.rope_attention(q, k, v, is_causal=True)
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert res.stdout.strip() == "ok", res.stderr
+    assert "OpenMP Loop" not in res.stderr

@@ -315,7 +315,8 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
             out, lse = exact_attention(qf, kf, vf, e.scale, kvidx=e.kvidx,
                                        key_ranges=e.ranges, key_mask=kmask, kidx=kidx,
                                        bias=e.bias, bidx=e.bidx, workers=workers,
-                                       return_lse=True)
+                                       return_lse=True,
+                                       team=torch_team() if tq else None)
         ok = _result_ok(out, lse)
     if ok == 0:
         return None              # NaN/inf inputs or logits beyond float32: full pipeline

@@ -10,7 +10,11 @@ threaded workers, a threaded server) and survives ``fork``; next to torch in one
 process neither slows the other (tools/threads_interop.py). If the process
 already started numba's ``omp`` layer, numbarope uses it (a forked child cannot);
 under ``workqueue`` it runs one parallel region at a time, because that layer
-aborts on concurrent ones. :func:`show_config` prints what runs.
+aborts on concurrent ones. One exception: exact calls with torch tensors (a
+transformers model's layers: the fast lane's decoding and exact kernels) run their
+tasks on torch's own OpenMP threads (:mod:`numbarope._runtime.omp_team`): they spin
+between torch's operators, and tbb's workers, woken for a call of a millisecond,
+shared the cores with them. :func:`show_config` prints what runs.
 
 ``workers`` has scipy.fft's meaning: ``None`` uses the default (all cores, or
 what :func:`set_workers` set in this thread), a positive int that many threads,
@@ -338,8 +342,10 @@ def task_array(tasks) -> np.ndarray:
 
 def show_config(file=None) -> dict:
     """Print (and return) what numbarope runs on: numba's threading layer and where
-    tbb was loaded from, the default threads, numba's thread limit, and the BLAS
-    libraries (threadpoolctl) with their threads.
+    tbb was loaded from, the default threads, numba's thread limit, the BLAS
+    libraries (threadpoolctl) with their threads, and torch's OpenMP team that
+    exact calls with torch tensors run on (``torch_team``: its libgomp, or None
+    when torch is not imported or has none; :mod:`numbarope._runtime.omp_team`).
 
     Examples
     --------
@@ -362,6 +368,9 @@ def show_config(file=None) -> dict:
                blas=[dict(library=d.get("internal_api"), version=d.get("version"),
                           threads=d.get("num_threads"), threading=d.get("threading_layer"))
                      for d in threadpool_info() if d.get("user_api") == "blas"])
+    from .omp_team import team
+    t = team()
+    cfg["torch_team"] = t.path if t is not None else None
     lines = [f"numba {cfg['numba']}, threading layer {layer}"
              + (f" (tbb {tbb_version}, {_tbb_path})" if layer == "tbb" and _tbb_path else
                 f" (tbb {tbb_version})" if layer == "tbb" else ""),
@@ -370,6 +379,9 @@ def show_config(file=None) -> dict:
     for b in cfg["blas"]:
         lines.append(f"BLAS: {b['library']} {b['version']}, {b['threads']} threads"
                      + (f" ({b['threading']})" if b['threading'] else ""))
+    lines.append("torch's OpenMP team (exact calls with torch tensors): "
+                 + (cfg["torch_team"] or ("none" if "torch" in sys.modules
+                                          else "torch not imported")))
     print("\n".join(lines), file=file if file is not None else sys.stdout)
     return cfg
 

@@ -421,7 +421,8 @@ def decode_run(plan, q, k, v, scale, km, nthreads, team=None):
     dt = q.dtype
     qs = np.ascontiguousarray(q.reshape(plan.Bk, plan.g * n, E))
     nt = nthreads if plan.threads else 1
-    if team is not None and nt > 1:
+    if team is not None and nt > 1 and k.flags.c_contiguous and v.flags.c_contiguous \
+            and km.flags.c_contiguous:      # (the team's tasks read raw addresses)
         d, counter, qs, M, L, A, F = _team_prepare(
             qs, dt.type(scale), k, v, km, plan.kib, plan.has_kmask, plan.lo, plan.hi,
             plan.lidx, plan.has_ranges, plan.block, plan.tasks)

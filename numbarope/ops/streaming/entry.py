@@ -7,13 +7,13 @@ from ... import _config
 from ..._runtime.threads import parallel, resolve_workers
 from .decode import decode_plan, decode_run
 from .kernel import (_DUMMY_BIAS, _DUMMY_REL, EXACT_HEADROOM, _exact_tasks, _index_args,
-                     _layout, _par_exact, _row_shifts, row_norms)
+                     _layout, _par_exact, _row_shifts, exact_on_team, row_norms)
 
 # ------------------------------------------------------------------ the entry point
 
 def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx=None,
                     key_ranges=None, key_mask=None, kidx=None, kvidx=None, norms=None,
-                    workers=None, return_lse=False, softcap=None):
+                    workers=None, return_lse=False, softcap=None, team=None):
     """Exact softmax attention of flattened heads (internal entry point).
 
     Parameters
@@ -57,6 +57,10 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx
     softcap : float > 0, optional
         Logit soft-capping (Gemma 2): the logit ``x = s·q_iᵀk_j`` (times W with
         general matrices) becomes ``c·tanh(x/c)`` before the bias is added.
+    team : numbarope._runtime.omp_team.Team, optional
+        torch's OpenMP team: a parallel call without relative matrices runs its
+        tasks on it instead of numba's threads (the same bits); the callers pass it
+        for torch tensors.
 
     Returns
     -------
@@ -139,6 +143,12 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx
             knorm, headroom, km, ki, has_kmask, kvi, lo, hi, li, has_ranges, softcap)
     if lay.inline:      # a small call: a parallel region costs more than it saves
         _exact_tasks(*args, lay.tasks, out, lse)
+    elif team is not None and nthreads > 1 and not general and all(
+            a.flags.c_contiguous for a in (q, k, v, bs, shift, km, qnorm, knorm, lo, hi)):
+        # torch tensors: on torch's own threads (the same groups, the same bits)
+        exact_on_team(team, nthreads, q, k, v, bs, bi, has_bias, shift, sidx, gscale, rb,
+                      kb, qnorm, knorm, headroom, km, ki, has_kmask, kvi, lo, hi, li,
+                      has_ranges, softcap, lay.tasks, lay.waves, out, lse)
     else:
         with parallel(nthreads):
             for wave in lay.waves:

@@ -5,10 +5,11 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
+from numba import carray, cfunc, njit, prange, types
 
 from ... import _config
-from ..._runtime.threads import prange_loop
+from ..._runtime.omp_team import as_voidptr, next_task
+from ..._runtime.threads import blas_threads, prange_loop
 from .._exp import _exp_block
 
 _FM = set(_config.FASTMATH)
@@ -187,6 +188,164 @@ def _par_exact(fn, q, k, v, relative, ridx, general, bias, bidx, has_bias, rowsh
         fn(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshift, sidx, gscale,
            row_block, key_block, qnorm, knorm, headroom, kmask, kidx, has_kmask, kvidx, lo, hi,
            lidx, has_ranges, softcap, tasks[starts[g]:starts[g + 1]], out, lse)
+
+
+# ------------------------------------------------------------------ on torch's threads
+#
+# The groups of _par_exact run by torch's OpenMP team (numbarope._runtime.omp_team)
+# when the inputs are torch tensors and no relative matrices apply: each thread of the
+# team takes the next group from an atomic counter; every task writes its own rows,
+# so the bits are those of the parallel loop. The task function receives one int64
+# array (the descriptor): a header, then five words per array (address, shape).
+
+_X_ARRAYS = ("q", "k", "v", "bias", "bidx", "rowshift", "sidx", "qnorm", "knorm", "kmask",
+             "kidx", "kvidx", "lo", "hi", "lidx", "tasks", "starts", "out", "lse")
+_X_HEAD = 10        # counter, groups, has_bias, has_kmask, has_ranges, rb, kb, floats
+
+
+@njit(cache=True, nogil=True)
+def _put(d, slot, a):
+    # array a's address and shape into the descriptor's slot
+    base = _X_HEAD + 5 * slot
+    d[base] = a.ctypes.data
+    for i in range(a.ndim):
+        d[base + 1 + i] = a.shape[i]
+
+
+@njit(cache=True)
+def _exact_team_prepare(q, k, v, bias, bidx, has_bias, rowshift, sidx, gscale, row_block,
+                        key_block, qnorm, knorm, headroom, kmask, kidx, has_kmask, kvidx, lo,
+                        hi, lidx, has_ranges, softcap, tasks, starts, out, lse):
+    # the descriptor of one wave (starts: its group boundaries) and what it points to
+    d = np.zeros(_X_HEAD + 5 * 19, np.int64)
+    counter = np.zeros(1, np.int64)
+    floats = np.array([gscale, headroom, softcap])
+    d[0] = counter.ctypes.data
+    d[1] = starts.shape[0] - 1
+    d[2] = has_bias
+    d[3] = has_kmask
+    d[4] = has_ranges
+    d[5] = row_block
+    d[6] = key_block
+    d[7] = floats.ctypes.data
+    _put(d, 0, q)
+    _put(d, 1, k)
+    _put(d, 2, v)
+    _put(d, 3, bias)
+    _put(d, 4, bidx)
+    _put(d, 5, rowshift)
+    _put(d, 6, sidx)
+    _put(d, 7, qnorm)
+    _put(d, 8, knorm)
+    _put(d, 9, kmask)
+    _put(d, 10, kidx)
+    _put(d, 11, kvidx)
+    _put(d, 12, lo)
+    _put(d, 13, hi)
+    _put(d, 14, lidx)
+    _put(d, 15, tasks)
+    _put(d, 16, starts)
+    _put(d, 17, out)
+    _put(d, 18, lse)
+    return d, counter, floats
+
+
+@njit(cache=True, nogil=True)
+def _f64_2d(d, slot):
+    b = _X_HEAD + 5 * slot
+    return carray(as_voidptr(d[b]), (d[b + 1], d[b + 2]), np.float64)
+
+
+@njit(cache=True, nogil=True)
+def _i64_1d(d, slot):
+    b = _X_HEAD + 5 * slot
+    return carray(as_voidptr(d[b]), (d[b + 1],), np.int64)
+
+
+@njit(cache=True, nogil=True)
+def _i64_2d(d, slot):
+    b = _X_HEAD + 5 * slot
+    return carray(as_voidptr(d[b]), (d[b + 1], d[b + 2]), np.int64)
+
+
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _exact_team_loop(d, q, k, v, rel, out):
+    # one thread of the team: groups from the counter until none is left
+    fl = carray(as_voidptr(d[7]), (3,), np.float64)
+    bias, bidx = _f64_2d(d, 3), _i64_1d(d, 4)
+    rowshift, sidx = _f64_2d(d, 5), _i64_1d(d, 6)
+    qnorm, knorm = _f64_2d(d, 7), _f64_2d(d, 8)
+    kmask, kidx, kvidx = _f64_2d(d, 9), _i64_1d(d, 10), _i64_1d(d, 11)
+    lo, hi, lidx = _i64_2d(d, 12), _i64_2d(d, 13), _i64_1d(d, 14)
+    tasks, starts, lse = _i64_2d(d, 15), _i64_1d(d, 16), _f64_2d(d, 18)
+    ridx = np.zeros(q.shape[0], np.int64)
+    ngroups = d[1]
+    while True:
+        g = next_task(d[0])
+        if g >= ngroups:
+            break
+        _exact_tasks(q, k, v, rel, ridx, False, bias, bidx, d[2] != 0, rowshift, sidx,
+                     fl[0], d[5], d[6], qnorm, knorm, fl[1], kmask, kidx, d[3] != 0, kvidx,
+                     lo, hi, lidx, d[4] != 0, fl[2], tasks[starts[g]:starts[g + 1]], out, lse)
+
+
+@njit(cache=True, nogil=True)
+def _dims3(d, slot):
+    b = _X_HEAD + 5 * slot
+    return (d[b + 1], d[b + 2], d[b + 3])
+
+
+@njit(cache=True, nogil=True)
+def _exact_team_f32(d):
+    dt = np.float32
+    _exact_team_loop(d, carray(as_voidptr(d[_X_HEAD]), _dims3(d, 0), dt),
+                     carray(as_voidptr(d[_X_HEAD + 5]), _dims3(d, 1), dt),
+                     carray(as_voidptr(d[_X_HEAD + 10]), _dims3(d, 2), dt),
+                     np.zeros((1, 1, 1, 1), dt),
+                     carray(as_voidptr(d[_X_HEAD + 85]), _dims3(d, 17), dt))
+
+
+@njit(cache=True, nogil=True)
+def _exact_team_f64(d):
+    dt = np.float64
+    _exact_team_loop(d, carray(as_voidptr(d[_X_HEAD]), _dims3(d, 0), dt),
+                     carray(as_voidptr(d[_X_HEAD + 5]), _dims3(d, 1), dt),
+                     carray(as_voidptr(d[_X_HEAD + 10]), _dims3(d, 2), dt),
+                     np.zeros((1, 1, 1, 1), dt),
+                     carray(as_voidptr(d[_X_HEAD + 85]), _dims3(d, 17), dt))
+
+
+_exact_team_bodies: dict = {}
+
+
+def _exact_team_body(dt):
+    """The address of ``void body(void *descriptor)`` for the dtype, compiled on first
+    use."""
+    hit = _exact_team_bodies.get(dt)
+    if hit is None:
+        inner = _exact_team_f32 if dt == np.float32 else _exact_team_f64
+
+        def body(data):
+            inner(carray(data, (_X_HEAD + 5 * 19,), np.int64))
+
+        fn = cfunc(types.void(types.voidptr), nopython=True)(body)
+        _exact_team_bodies[dt] = hit = (fn, fn.address)
+    return hit[1]
+
+
+def exact_on_team(team, nthreads, q, k, v, bias, bidx, has_bias, rowshift, sidx, gscale,
+                  row_block, key_block, qnorm, knorm, headroom, kmask, kidx, has_kmask,
+                  kvidx, lo, hi, lidx, has_ranges, softcap, tasks, waves, out, lse):
+    """The exact kernel's waves on torch's OpenMP team (no relative matrices; every
+    array C-contiguous): the results of ``_par_exact`` over the same waves."""
+    body = _exact_team_body(q.dtype)
+    with blas_threads(1):      # the GEMMs inside at one thread, as in numba's loop
+        for starts in waves:
+            d, counter, floats = _exact_team_prepare(
+                q, k, v, bias, bidx, has_bias, rowshift, sidx, gscale, row_block,
+                key_block, qnorm, knorm, headroom, kmask, kidx, has_kmask, kvidx, lo, hi,
+                lidx, has_ranges, softcap, tasks, starts, out, lse)
+            team.run(body, d.ctypes.data, nthreads)
 
 
 _DUMMY_REL = np.zeros((1, 1, 1, 1))

@@ -48,6 +48,8 @@ import numba
 from numba.core.types.function_type import CompileResultWAP
 import numpy as np
 
+from . import omp_team
+
 __all__ = ["get_workers", "set_workers", "resolve_workers", "blas_threads", "parallel",
            "threading_layer", "task_array", "prange_loop", "show_config"]
 
@@ -368,8 +370,7 @@ def show_config(file=None) -> dict:
                blas=[dict(library=d.get("internal_api"), version=d.get("version"),
                           threads=d.get("num_threads"), threading=d.get("threading_layer"))
                      for d in threadpool_info() if d.get("user_api") == "blas"])
-    from .omp_team import team
-    t = team()
+    t = omp_team.team()
     cfg["torch_team"] = t.path if t is not None else None
     lines = [f"numba {cfg['numba']}, threading layer {layer}"
              + (f" (tbb {tbb_version}, {_tbb_path})" if layer == "tbb" and _tbb_path else

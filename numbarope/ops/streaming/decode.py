@@ -144,15 +144,16 @@ def _par_decode(q, k, v, zero, kmask, kidx, has_kmask, lo, hi, lidx, has_ranges,
 
 
 @njit(cache=True, nogil=True)
-def _scaled(q, scale):
-    # q · s in q's dtype, as the main kernel scales it
+def _start(q, scale, T, Ev):
+    # q · s in q's dtype (as the main kernel scales it), and each task's partial
+    # maximum, sum, numerator and non-finite flag
     qs = np.empty_like(q)
     Bk, R, E = q.shape
     for b in range(Bk):
         for r in range(R):
             for e in range(E):
                 qs[b, r, e] = q[b, r, e] * scale
-    return qs
+    return qs, np.empty((T, R)), np.empty((T, R)), np.empty((T, R, Ev)), np.zeros(T, np.bool_)
 
 
 @njit(cache=True)
@@ -163,12 +164,7 @@ def _decode_call(q, scale, k, v, zero, kmask, kidx, has_kmask, lo, hi, lidx, has
     # (out, lse, status of _decode_merge)
     Bk, R, E = q.shape
     Ev = v.shape[2]
-    qs = _scaled(q, scale)
-    T = tasks.shape[0]
-    M = np.empty((T, R))
-    L = np.empty((T, R))
-    A = np.empty((T, R, Ev))
-    F = np.zeros(T, np.bool_)
+    qs, M, L, A, F = _start(q, scale, tasks.shape[0], Ev)
     _par_decode(qs, k, v, zero, kmask, kidx, has_kmask, lo, hi, lidx, has_ranges, block,
                 tasks, M, L, A, F)
     out = np.empty((Bk, R, Ev), q.dtype)
@@ -194,12 +190,8 @@ def _team_prepare(q, scale, k, v, kmask, kidx, has_kmask, lo, hi, lidx, has_rang
     # q scaled, the chunk partials allocated, and the descriptor of the task function
     Bk, R, E = q.shape
     Ev = v.shape[2]
-    qs = _scaled(q, scale)
     T = tasks.shape[0]
-    M = np.empty((T, R))
-    L = np.empty((T, R))
-    A = np.empty((T, R, Ev))
-    F = np.zeros(T, np.bool_)
+    qs, M, L, A, F = _start(q, scale, T, Ev)
     counter = np.zeros(1, np.int64)
     d = np.empty(_D_WORDS, np.int64)
     d[0] = counter.ctypes.data

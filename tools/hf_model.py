@@ -96,10 +96,14 @@ def main():
           f"dim {a.head_dim}, init {a.init}, {a.dtype}, batch {a.batch} x {a.n} tokens"
           + (f" (row 2 left-padded by {a.pad})" if a.batch > 1 and a.pad else "")
           + f"; numbarope method={a.method}, eps={a.eps}")
+    base = res.get("sdpa")
     for impl, r in res.items():
         d = np.abs(np.load(a.out + f".{impl}.npy") - ref).max()
-        print(f"  {impl:10s} best of {a.repeat}: {r['best']:.3f} s   "
-              f"max|logits - sdpa| = {d:.1e}")
+        med = float(np.median(r["times"]))
+        ratio = (f"   / sdpa: best {r['best'] / base['best']:.2f}x, median "
+                 f"{med / np.median(base['times']):.2f}x" if base else "")
+        print(f"  {impl:10s} best of {a.repeat}: {1e3 * r['best']:.2f} ms, median "
+              f"{1e3 * med:.2f} ms   max|logits - sdpa| = {d:.1e}{ratio}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ kernel, and the checks.
 It serves only what it can decide alike: no bias array (typed ``Causal``,
 ``Window``, ``Chunked`` and ``Packed`` structures only), no relative matrices, no rotary, no positions, no ``radius=``/``degree=``/``verify=``, ``return_info=False``
 (the per-head certified bound is the report's job), float32/float64 inputs of one
-dtype without broadcasting. Anything else, a head whose radius might be below
+dtype without broadcasting, or float16/bfloat16 torch tensors (widened exactly to
+float32 and computed as the full pipeline computes them, the result rounded back). Anything else, a head whose radius might be below
 ``R*``, or a non-finite result (NaN/inf inputs, logits beyond float32) goes to the
 full pipeline, which then decides, refuses or computes exactly as it would have:
 the lane returns nothing it could not have returned, and the same bits (it runs
@@ -25,13 +26,14 @@ the same kernel on the same arrays).
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numba import njit
 
 from ..bias import Causal, Chunked, NoBias, Packed, Window
-from ..ops.streaming import decode_plan, decode_run, exact_attention, pairs_visited
+from ..ops.streaming import (decode_plan, decode_run, exact_plan, exact_run, pairs_visited,
+                             scaled_queries)
 from .._runtime.interop import is_torch
 from .._runtime.omp_team import team as torch_team
 from .._runtime.threads import resolve_workers
@@ -73,6 +75,7 @@ class _Entry:
     structure: object = None       # the typed structure of the key ranges (or None)
     bias: np.ndarray | None = None  # a typed window's values (with bidx), as the full
     bidx: np.ndarray | None = None  # pipeline passes them to the kernel
+    plans: dict = field(default_factory=dict)   # ExactPlan per (key mask?, threads)
 
 
 def clear():
@@ -83,38 +86,48 @@ def clear():
 
 
 def _numpy(x):
-    """A float32/float64 numpy view of x and whether it is a torch tensor, or None (not
-    for this lane)."""
+    """``(array, kind)``: a float32/float64 numpy view of x and what it came as — None
+    (a numpy array), True (a float32/float64 torch tensor, viewed), or the torch dtype
+    of a float16/bfloat16 tensor (widened exactly to float32, as the full pipeline
+    widens it: the result goes back to that dtype) — or None (not for this lane)."""
     if type(x) is np.ndarray:         # (subclasses, np.matrix: the full pipeline)
-        return (x, False) if x.dtype in _FLOATS and x.dtype.isnative else None
+        return (x, None) if x.dtype in _FLOATS and x.dtype.isnative else None
     if is_torch(x):
         try:     # raises for tensors that require grad, live elsewhere, or are bfloat16
             a = x.numpy()
-        except (RuntimeError, TypeError):
+        except RuntimeError:
             return None
-        return (a, True) if a.dtype in _FLOATS else None
+        except TypeError:
+            a = None
+        if a is not None and a.dtype in _FLOATS:
+            return a, True
+        torch = _torch()
+        if x.dtype not in (torch.bfloat16, torch.float16) or x.device.type != "cpu":
+            return None
+        return x.detach().to(torch.float32).numpy(), x.dtype
     return None
 
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-@njit(cache=True, nogil=True)
 def _result_ok(out, lse):
-    # every output finite and no log-sum-exp NaN or +inf; -1 if some lse is -inf (a row
-    # that saw nothing: checked against its keys), 1 otherwise, 0 when something is off
-    o = out.reshape(-1)
-    for i in range(o.size):
-        if not np.isfinite(o[i]):
-            return 0
+    """Every output finite and no log-sum-exp NaN or +inf; -1 if some lse is -inf (a row
+    that saw nothing: checked against its keys), 1 otherwise, 0 when something is off."""
+    return _lse_status(lse) if _all_finite(out) else 0
+
+
+@njit(cache=True, nogil=True)
+def _lse_status(lse):
+    # (flags accumulated without an early exit: the loop vectorises)
+    bad = False
     neg = False
     ls = lse.reshape(-1)
     for i in range(ls.size):
         x = ls[i]
-        if np.isnan(x) or x == np.inf:
-            return 0
+        bad |= (x != x) | (x == np.inf)
         neg |= x == -np.inf
-    return -1 if neg else 1
+    return 0 if bad else -1 if neg else 1
 
 
 def _threshold(spec, method, eps, approx):
@@ -250,7 +263,7 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
         return None
     (q, tq), (k, tk), (v, tv) = conv
     if not (q.dtype == k.dtype == v.dtype) or not (tq == tk == tv):
-        return None
+        return None                  # (a float16/bfloat16 tensor beside a float32 one too)
     if q.ndim < 2 or k.ndim < 2 or v.ndim < 2 or 0 in q.shape or 0 in k.shape \
             or 0 in v.shape:
         return None                  # empty: the full pipeline's answer or message
@@ -259,7 +272,8 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
         kpm = kpm.numpy() if is_torch(kpm) else np.asarray(kpm)
         if kpm.dtype != np.bool_:
             return None
-    sig = (q.shape, k.shape, v.shape, q.dtype.str, bool(enable_gqa), causal, query_offset,
+    sig = (q.shape, k.shape, v.shape, q.dtype.str if tq in (None, True) else tq,
+           bool(enable_gqa), causal, query_offset,
            causal_alignment, None if kpm is None else kpm.shape, scale, method, eps, approx,
            precision, bias if isinstance(bias, (Window, Chunked, Packed)) else None)
     e = _cache.get(sig)
@@ -271,8 +285,10 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
             fam = _families.get(_family(sig))
             if fam is not None:
                 e = _derive(sig, fam, q, k, v, method, eps, approx, arrays)
-            if e is None:
-                e = _entry(sig, q, k, v, method, eps, approx, arrays)
+            if e is None:        # (float16/bfloat16: the problem as the full pipeline
+                low = tq not in (None, True)     # sees it, with their rounding)
+                e = _entry(sig, query if low else q, key if low else k,
+                           value if low else v, method, eps, approx, arrays)
         except (ValueError, TypeError):
             return None          # the full pipeline raises it, with its message
         if e is None:
@@ -280,11 +296,16 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
     if q.shape[:-2] != e.batch_shape or k.shape[:-2] != (e.batch_shape[:-1] + (k.shape[-3],)
                                                          if enable_gqa else e.batch_shape):
         return None                          # broadcast leading dims: the full pipeline
-    qf = np.ascontiguousarray(q.reshape(e.B, e.L, e.E), dtype=e.compute)
+    masked = kpm is not None and not kpm.all()
+    dp = e.decode[masked]
+    if dp is None:   # the main kernel: q scaled as it takes it, in one pass
+        qf = scaled_queries(q, e.scale, e.compute)
+    else:            # the decoding kernel scales q itself
+        qf = np.ascontiguousarray(q.reshape(e.B, e.L, e.E), dtype=e.compute)
     kf = np.ascontiguousarray(k.reshape(e.Bk, e.S, e.E), dtype=e.compute)
     vf = np.ascontiguousarray(v.reshape(e.Bk, e.S, e.Ev), dtype=e.compute)
     kmask = kidx = None
-    if kpm is not None and not kpm.all():
+    if masked:
         kmask = np.where(kpm.reshape(-1, e.S), 0.0, -np.inf)
         kidx = e.kidx
     if e.r_star > 0.0:            # auto: every head's radius above R* means exact
@@ -294,37 +315,43 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
         if kmask is not None and not np.isfinite(kmask[:, j]).all():
             return None
         kn = np.sqrt(np.einsum("be,be->b", kf[:, j], kf[:, j], dtype=np.float64))
-        r_low = e.scale * qn * kn[e.kvidx] * (1 - 1e-6)
+        # (q already scaled on the main kernel's side: its rounding, <= u relative,
+        # is inside the margin)
+        r_low = (1.0 if dp is None else e.scale) * qn * kn[e.kvidx] * (1 - 1e-6)
         if not np.all(r_low > e.r_star):
             return None
-    dp = e.decode[kmask is not None]
+    nthreads = resolve_workers(workers)
+    team = torch_team() if tq is not None else None
     if dp is not None:       # the decoding kernel flags NaN/inf itself, at no extra
         # pass (a non-finite logit or value makes its head's output NaN), and checks
         # its outputs as it writes them
         # (with torch tensors, on torch's own threads: they spin between its operators)
         out, lse, ok = decode_run(dp, qf, kf, vf, e.scale,
-                                  _NO_MASK if kmask is None else kmask,
-                                  resolve_workers(workers), torch_team() if tq else None)
+                                  _NO_MASK if kmask is None else kmask, nthreads, team)
     else:
         # the main kernel masks what a row cannot see before any check: NaN/inf are
         # refused as the full pipeline does
-        for x in (qf, kf, vf):
-            if not _all_finite(x):
-                return None
+        # (q·scale: NaN/inf in q, or a finite q that overflowed at a scale > 1)
+        if not (_all_finite(qf) and _all_finite(kf) and _all_finite(vf)):
+            return None
+        plan = e.plans.get((masked, nthreads))
+        if plan is None:
+            plan = e.plans[masked, nthreads] = exact_plan(
+                e.B, e.L, e.Bk, e.S, e.E, e.Ev, kvidx=e.kvidx, key_ranges=e.ranges,
+                has_kmask=masked, kidx=kidx, bias=e.bias, bidx=e.bidx, workers=nthreads)
         with np.errstate(all="ignore"):
-            out, lse = exact_attention(qf, kf, vf, e.scale, kvidx=e.kvidx,
-                                       key_ranges=e.ranges, key_mask=kmask, kidx=kidx,
-                                       bias=e.bias, bidx=e.bidx, workers=workers,
-                                       return_lse=True,
-                                       team=torch_team() if tq else None)
+            out, lse = exact_run(plan, qf, kf, vf, e.scale, kmask, team=team,
+                                 prescaled=True)
         ok = _result_ok(out, lse)
     if ok == 0:
         return None              # NaN/inf inputs or logits beyond float32: full pipeline
     if ok < 0 and _sees_some_key(e, kmask, kidx, lse):
         return None              # a row with keys lost them (underflow): full pipeline
     out = out.reshape(e.batch_shape + (e.L, e.Ev)).astype(q.dtype, copy=False)
-    if tq:
+    if tq is not None:
         out = _torch().from_numpy(out)     # q's dtype, contiguous; lse float64
+        if tq is not True:                 # back to float16/bfloat16, as output_like
+            out = out.to(tq)
         if return_lse:
             return out, _torch().from_numpy(lse.reshape(e.batch_shape + (e.L,)))
         return out

@@ -625,3 +625,41 @@ def test_decoding_kernel_flags_non_finite_logits():
     k[0, 17, 2] = np.inf
     out = st.exact_attention(q, k, v, 0.5)
     assert np.isnan(out).all()
+
+
+@pytest.mark.parametrize("dtype,compute", [(np.float32, np.float32), (np.float32, np.float64),
+                                           (np.float64, np.float32), (np.float64, np.float64)])
+def test_scaled_queries_round_once_as_astype_then_scale(dtype, compute):
+    # from a strided (transposed) view, widened or narrowed first: the bits of
+    # q.astype(compute) * compute(scale), C-contiguous (B·H, L, E)
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 37, 9, 16)).astype(dtype).transpose(0, 2, 1, 3)
+    for scale in (0.125, 1 / 3, 7.1):
+        got = st.scaled_queries(q, scale, compute)
+        want = np.ascontiguousarray(q.astype(compute).reshape(18, 37, 16)) * \
+            np.dtype(compute).type(scale)
+        assert got.dtype == compute and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, want)
+    assert st.scaled_queries(q[0], 0.5, compute).shape == (9, 37, 16)
+    assert st.scaled_queries(q[0, 0], 0.5, compute).shape == (1, 37, 16)
+
+
+@pytest.mark.parametrize("L,S,ranges", [(40, 40, True), (1, 300, False), (300, 300, True)])
+def test_exact_run_of_a_kept_plan_is_exact_attention(L, S, ranges):
+    # a plan made once and run again (the fast lane's way), with q scaled beforehand,
+    # gives exact_attention's bits
+    rng = np.random.default_rng(L)
+    q = rng.standard_normal((6, L, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((2, S, 16)).astype(np.float32) for _ in range(2))
+    kvidx = np.repeat(np.arange(2), 3)
+    kr = None
+    if ranges:
+        kr = (np.zeros((1, L), np.int64), np.arange(1, L + 1, dtype=np.int64)[None],
+              np.zeros(6, np.int64))
+    want, wl = st.exact_attention(q, k, v, 0.3, kvidx=kvidx, key_ranges=kr, return_lse=True)
+    plan = st.exact_plan(6, L, 2, S, 16, 16, kvidx=kvidx, key_ranges=kr)
+    assert (plan.decode is not None) == (L == 1)
+    for _ in range(2):
+        got, gl = st.exact_run(plan, q * np.float32(0.3), k, v, 0.3, prescaled=True)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(gl, wl)

@@ -114,6 +114,49 @@ def test_torch_tensors_same_bits():
     assert torch.equal(out, ref)
 
 
+@pytest.mark.skipif(torch is None, reason="torch not installed")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("L,padded", [(1, False), (40, False), (40, True), (300, False)])
+def test_low_precision_tensors_take_the_lane_with_the_same_bits(dtype, L, padded):
+    # float16/bfloat16 are widened to float32 and computed as the full pipeline computes
+    # them, the result rounded back to their dtype: the lane serves them (a bfloat16
+    # model's layers), with the full pipeline's bits, in their dtype
+    g = torch.Generator().manual_seed(L)
+    dt = getattr(torch, dtype)
+    S = L if L > 1 else 50
+    q = torch.randn(2, 9, L, 64, generator=g).to(dt)
+    k, v = (torch.randn(2, 3, S, 64, generator=g).to(dt) for _ in range(2))
+    kw = dict(is_causal=L > 1, enable_gqa=True, scale=0.125)
+    if padded:
+        m = torch.ones(2, 1, S, dtype=torch.bool)
+        m[1, 0, :5] = False
+        kw["key_padding_mask"] = m
+    fastlane.clear()
+    out, lse = rope_attention(q, k, v, return_lse=True, **kw)
+    assert len(fastlane._cache) == 1                    # served by the lane
+    ref, rl, _ = rope_attention(q, k, v, return_lse=True, return_info=True, **kw)
+    assert out.dtype == ref.dtype == dt
+    assert torch.equal(out, ref) and torch.equal(lse, rl)
+    # a float32 tensor of the same shapes is another signature (another output dtype)
+    rope_attention(q.float(), k.float(), v.float(), **kw)
+    assert len(fastlane._cache) == 2
+
+
+@pytest.mark.skipif(torch is None, reason="torch not installed")
+def test_transposed_queries_as_transformers_passes_them():
+    # transformers hands over (B, H, L, E) views of (B, L, H, E) tensors: the lane scales
+    # them into the kernel's layout in one pass, with the full pipeline's bits
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 37, 9, 64, generator=g).transpose(1, 2)
+    k, v = (torch.randn(2, 3, 37, 64, generator=g) for _ in range(2))
+    assert not q.is_contiguous()
+    for kw in (dict(is_causal=True), dict(is_causal=True, scale=3.0)):
+        fastlane.clear()
+        out = rope_attention(q, k, v, enable_gqa=True, **kw)
+        assert len(fastlane._cache) == 1
+        assert torch.equal(out, _full(q, k, v, enable_gqa=True, **kw))
+
+
 @pytest.mark.parametrize("bias", [None, Chunked(64)])
 @pytest.mark.parametrize("method", ["auto", "exact"])
 def test_a_growing_cache_derives_its_plans(method, bias, monkeypatch):

@@ -58,7 +58,7 @@ from .kernel import (  # noqa: F401
     _block_work, _check_ranges, _index_args, _exact_tasks, _first_run_after, _key_runs, _layout,
     _layouts, _max_tree, _online_update, _par_exact, _range_row_max, _row_shifts,
     _shift_mode, _sum_squares, _tree_max, _window_max, bias_row_shift, exact_blocks,
-    gather_key_ranges, row_norms
+    gather_key_ranges, row_norms, scaled_queries
 )
 from .decode import (  # noqa: F401
     DecodePlan, _consecutive, _decode_call, _decode_merge, _decode_plan, _decode_stack,
@@ -66,7 +66,7 @@ from .decode import (  # noqa: F401
     _par_decode, decode_plan, decode_run
 )
 from .entry import (  # noqa: F401
-    exact_attention
+    ExactPlan, exact_attention, exact_plan, exact_run
 )
 from .backward import (  # noqa: F401
     _grad_block, _grad_kv_task, _grad_q_task, _par_grad_kv, _par_grad_q, exact_backward
@@ -79,4 +79,4 @@ from .bound import (  # noqa: F401
 __all__ = ["exact_attention", "exact_backward", "row_norms", "bias_row_shift", "exact_blocks",
            "gather_key_ranges", "visible_pairs", "visited_pairs", "pairs_visited",
            "exact_error_bound", "predict_exact", "exact_memory", "EXACT_HEADROOM",
-           "Streaming", "decode_plan", "decode_run"]
+           "Streaming", "decode_plan", "decode_run", "ExactPlan", "exact_plan", "exact_run"]

@@ -1,13 +1,16 @@
 """The exact path's entry point, :func:`exact_attention`."""
 
 
+from typing import NamedTuple
+
 import numpy as np
 
 from ... import _config
 from ..._runtime.threads import parallel, resolve_workers
 from .decode import decode_plan, decode_run
-from .kernel import (_DUMMY_BIAS, _DUMMY_REL, EXACT_HEADROOM, _exact_tasks, _index_args,
-                     _layout, _par_exact, _row_shifts, exact_on_team, row_norms)
+from .kernel import (_DUMMY_BIAS, _DUMMY_REL, EXACT_HEADROOM, _exact_tasks,
+                     _index_args, _Layout, _layout, _par_exact, _row_shifts, exact_on_team,
+                     row_norms)
 
 # ------------------------------------------------------------------ the entry point
 
@@ -71,33 +74,91 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx
         Only with ``return_lse``; −inf on fully masked rows.
     """
     B, n, E = q.shape
+    S = k.shape[1]
+    if B == 0 or n == 0 or S == 0:       # no rows, or no keys: every row fully masked
+        out, lse = np.zeros((B, n, v.shape[2]), q.dtype), np.full((B, n), -np.inf)
+        return (out, lse) if return_lse else out
+    plan = exact_plan(B, n, k.shape[0], S, E, v.shape[2], kvidx=kvidx,
+                      key_ranges=key_ranges, has_kmask=key_mask is not None, kidx=kidx,
+                      bias=bias, bidx=bidx, general=relative is not None,
+                      softcap=softcap is not None and bool(softcap), workers=workers)
+    out, lse = exact_run(plan, q, k, v, scale, key_mask, relative=relative, ridx=ridx,
+                         norms=norms, softcap=softcap, team=team)
+    return (out, lse) if return_lse else out
+
+
+class ExactPlan(NamedTuple):
+    """What the exact kernel needs beyond the arrays: fixed by the sizes, the index
+    arrays and the threads (:func:`exact_plan`). A caller that sees the same shapes
+    again (a model's layers) keeps it and calls :func:`exact_run`."""
+
+    B: int
+    n: int
+    Bk: int
+    S: int
+    E: int
+    Ev: int
+    layout: _Layout
+    kvi: np.ndarray             # (B,) key/value head of each head
+    has_bias: bool
+    bs: np.ndarray              # (Bb, n+S-1) float64 bias, or a dummy
+    bi: np.ndarray              # (B,)
+    has_kmask: bool
+    ki: np.ndarray              # (B,) key-mask row of each head
+    has_ranges: bool
+    general: bool
+    decode: object              # the DecodePlan of few rows per head, or None
+    nthreads: int
+
+
+def exact_plan(B, n, Bk, S, E, Ev, *, kvidx=None, key_ranges=None, has_kmask=False,
+               kidx=None, bias=None, bidx=None, general=False, softcap=False, workers=None):
+    """The :class:`ExactPlan` of q (B, n, E) on k (Bk, S, E), v (Bk, S, Ev) with the
+    index arrays and options of :func:`exact_attention` (``has_kmask``: a key mask
+    will be passed to :func:`exact_run`; ``general``: relative matrices will be;
+    ``softcap``: a soft cap will be). Reads no data."""
+    kvi, has_bias, bs, bi, _, _, ki = _index_args(B, bias, bidx, None, kidx, kvidx)
+    if has_kmask:
+        ki = (np.zeros(B, np.int64) if kidx is None
+              else np.ascontiguousarray(kidx, dtype=np.int64))
+    nthreads = resolve_workers(workers)
+    lay = _layout(B, n, S, E * E if general else E + Ev, key_ranges, nthreads)
+    dp = None
+    if not general and not has_bias and not softcap:
+        dp = decode_plan(B, n, Bk, S, E, Ev, kvi, ki, has_kmask, lay.lo, lay.hi, lay.li,
+                         key_ranges is not None)
+    return ExactPlan(B, n, Bk, S, E, Ev, lay, kvi, has_bias, bs, bi, has_kmask, ki,
+                     key_ranges is not None, general, dp, nthreads)
+
+
+def exact_run(plan, q, k, v, scale, key_mask=None, *, relative=None, ridx=None, norms=None,
+              softcap=None, team=None, prescaled=False):
+    """``(out (B, n, Ev) of the compute dtype, lse (B, n) float64)``: the exact kernel
+    under ``plan`` (:func:`exact_plan`), the arrays and options as
+    :func:`exact_attention` takes them. ``prescaled``: q is already ``q·scale`` in its
+    dtype (one rounding, as the kernel would make it; not with relative matrices):
+    the same bits."""
+    B, n, E = q.shape
     dt = q.dtype
     Ev = v.shape[2]
+    S = k.shape[1]
+    lay = plan.layout
+    general = plan.general
+    has_kmask = plan.has_kmask
+    km = np.ascontiguousarray(key_mask, dtype=np.float64) if has_kmask else _DUMMY_BIAS
+    kvi, has_bias, bs, bi, ki = plan.kvi, plan.has_bias, plan.bs, plan.bi, plan.ki
+    has_ranges = plan.has_ranges
+    lo, hi, li = lay.lo, lay.hi, lay.li
+    nthreads = plan.nthreads
+    softcap = 0.0 if softcap is None else float(softcap)
+    if plan.decode is not None:
+        out, lse, _ = decode_run(plan.decode, q, k, v, 1.0 if prescaled else scale, km,
+                                 nthreads, team)
+        return out, lse
     out = np.empty((B, n, Ev), dt)
     lse = np.empty((B, n))
-    if B == 0 or n == 0:
-        return (out, lse) if return_lse else out
-    S = k.shape[1]
-    if S == 0:                       # no keys: every row is fully masked
-        out[...] = 0
-        lse[...] = -np.inf
-        return (out, lse) if return_lse else out
-    general = relative is not None
     rel = relative if general else _DUMMY_REL.astype(dt)
     ri = np.ascontiguousarray(ridx, dtype=np.int64) if general else np.zeros(B, np.int64)
-    kvi, has_bias, bs, bi, has_kmask, km, ki = _index_args(B, bias, bidx, key_mask, kidx,
-                                                           kvidx)
-    has_ranges = key_ranges is not None
-    nthreads = resolve_workers(workers)
-    lay = _layout(B, n, S, E * E if relative is not None else E + Ev, key_ranges, nthreads)
-    lo, hi, li = lay.lo, lay.hi, lay.li
-    softcap = 0.0 if softcap is None else float(softcap)
-    if not general and not has_bias and not softcap:
-        dp = decode_plan(B, n, k.shape[0], S, E, Ev, kvi, ki, has_kmask, lo, hi, li,
-                         has_ranges)
-        if dp is not None:
-            out, lse, _ = decode_run(dp, q, k, v, scale, km, nthreads)
-            return (out, lse) if return_lse else out
     if has_bias:
         shift, sidx = _row_shifts(n, S, bs, bi, km, ki, has_kmask, lo, hi, li, has_ranges)
     else:
@@ -111,13 +172,15 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx
         # small heads: every block's maximum is computed (a pass over a few logits),
         # no norms are needed (their pass costs more than the maxima it saves);
         # decided by n and S alone, so a head's bits do not depend on its batch
-        q = q * q.dtype.type(scale)
+        if not prescaled:
+            q = q * q.dtype.type(scale)
         gscale = 1.0
         qnorm = np.zeros((B, n))                 # read by the kernel, never decisive:
         knorm = np.zeros((k.shape[0], -(-S // kb)))          # headroom −inf
         headroom = -np.inf
     else:           # fold the scale into q: the GEMM then gives the logits (one rounding)
-        q = q * q.dtype.type(scale)
+        if not prescaled:
+            q = q * q.dtype.type(scale)
         gscale = 1.0
         # bounds of the logits per row and key block, slightly enlarged for rounding
         if norms is None:
@@ -153,6 +216,6 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx
         with parallel(nthreads):
             for wave in lay.waves:
                 _par_exact(_exact_tasks, *args, lay.tasks, wave, out, lse)
-    if return_lse and has_bias:              # undo the per-row bias shift
+    if has_bias:              # undo the per-row bias shift
         lse += shift[sidx]
-    return (out, lse) if return_lse else out
+    return out, lse

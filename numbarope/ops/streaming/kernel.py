@@ -612,6 +612,21 @@ def _sum_squares(x):
     return out
 
 
+def scaled_queries(q, scale, dtype):
+    """q·scale as the exact kernel takes it: C-contiguous ``(B, n, E)`` of ``dtype``,
+    each ``dtype(q)·dtype(scale)`` rounded once, as ``q.astype(dtype) * dtype(scale)``
+    gives them, from q ``(..., n, E)`` of any strides (a transposed torch tensor's
+    view) in one pass."""
+    n, E = q.shape[-2:]
+    dtype = np.dtype(dtype)
+    out = np.empty((q.size // max(n * E, 1), n, E), dtype)
+    if q.dtype.itemsize > dtype.itemsize:        # narrowed first: one rounding each
+        q = q.astype(dtype)
+    # (a wider dtype: the product in it is exactly q.astype(dtype)·scale)
+    np.multiply(q, dtype.type(scale), out=out.reshape(q.shape))
+    return out
+
+
 def row_norms(x):
     """Upper bounds of the row norms ‖x[b, i]‖₂ of a (B, n, E) array, as float64.
 

@@ -14,7 +14,7 @@ from numba.extending import intrinsic, overload
 
 from .. import _config
 
-__all__ = ["EXP_ULPS", "EXP_FLUSH", "exp_kernel"]
+__all__ = ["EXP_ULPS", "EXP_FLUSH", "exp_kernel", "row_max"]
 
 _FM = set(_config.FASTMATH)
 
@@ -122,6 +122,49 @@ def _exp_block_impl(x, n, m):
     if x.dtype == types.float64:
         return lambda x, n, m: _exp64(x, n, m)
     return lambda x, n, m: _exp32(x, n, m)
+
+
+@njit(cache=True, nogil=True)
+def _max32(x, a, b):
+    # the float order is the integer order of the bits with the negatives' magnitude
+    # bits flipped (i ^ 0x7FFFFFFF for i < 0): an integer maximum, which vectorises
+    # (a float maximum by compare and select does not, without fast-math on NaN)
+    u = x[a:b].view(np.int32)
+    best = np.int32(-2147483648)
+    for t in range(u.size):
+        i = u[t]
+        o = i ^ ((i >> np.int32(31)) & np.int32(0x7FFFFFFF))
+        best = o if o > best else best
+    return np.float64(_as_float32(best ^ ((best >> np.int32(31)) & np.int32(0x7FFFFFFF))))
+
+
+@njit(cache=True, nogil=True)
+def _max64(x, a, b):
+    u = x[a:b].view(np.int64)
+    best = np.int64(-9223372036854775808)
+    for t in range(u.size):
+        i = u[t]
+        o = i ^ ((i >> np.int64(63)) & np.int64(0x7FFFFFFFFFFFFFFF))
+        best = o if o > best else best
+    return _as_float64(best ^ ((best >> np.int64(63)) & np.int64(0x7FFFFFFFFFFFFFFF)))
+
+
+def row_max(x, a, b):
+    """max of x[a:b] as float64 (−inf when empty; −inf entries allowed). With a NaN
+    entry the result is a NaN or a number, by the NaN's sign bit; the kernels' exp of
+    the row carries the NaN into the row's sum either way. (Implemented for numba
+    only.)"""
+    raise NotImplementedError("numba-only")
+
+
+@overload(row_max)
+def _row_max_impl(x, a, b):
+    def impl64(x, a, b):
+        return _max64(x, a, b) if b > a else -np.inf
+
+    def impl32(x, a, b):
+        return _max32(x, a, b) if b > a else -np.inf
+    return impl64 if x.dtype == types.float64 else impl32
 
 
 @njit(cache=True, nogil=True, fastmath={"contract"})

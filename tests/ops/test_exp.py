@@ -37,3 +37,28 @@ def test_exp_kernel_float32_every_input_sampled():
         ref = np.exp(x.astype(np.float64))
         worst = max(worst, float(np.max(np.abs(y / ref - 1))))
     assert worst / 2.0 ** -24 <= EXP_ULPS[np.dtype(np.float32)], worst / 2.0 ** -24
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_max_is_the_float_maximum(dtype):
+    # the maximum through the bits' integer order (vectorised): the float maximum over
+    # any range, with -inf entries, of either sign and any magnitude; -inf when empty
+    from numba import njit
+    from numbarope.ops._exp import row_max
+
+    @njit
+    def call(x, a, b):
+        return row_max(x, a, b)
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        x = (rng.standard_normal(70) * 10.0 ** rng.integers(-30, 30)).astype(dtype)
+        x[rng.random(70) < 0.3] = -np.inf
+        a, b = sorted(rng.integers(0, 71, 2))
+        want = float(x[a:b].max()) if b > a else -np.inf
+        assert call(x, a, b) == want
+    x = np.full(5, -np.inf, dtype)
+    assert call(x, 0, 5) == -np.inf and call(x, 3, 3) == -np.inf
+    x[2] = -0.0
+    x[4] = np.finfo(dtype).tiny / 4              # a subnormal
+    assert call(x, 0, 5) == x[4]

@@ -9,6 +9,7 @@ from numba import carray, cfunc, njit, prange, types
 from ... import _config
 from ..._runtime.omp_team import as_voidptr, next_task
 from ..._runtime.threads import parallel
+from .._exp import row_max
 from .kernel import _DUMMY_RANGE, _FM, _online_update
 
 # ------------------------------------------------------------------ few rows (decoding)
@@ -91,10 +92,7 @@ def _decode_task(q, k, v, zero, kmask, kidx, has_kmask, lo, hi, lidx, has_ranges
                 km = kmask[kidx[b]]
                 for jj in range(ja, jb):
                     row[jj] += km[j0 + jj]
-            bm = -np.inf
-            for jj in range(ja, jb):
-                y = row[jj]
-                bm = y if y > bm else bm
+            bm = row_max(row, ja, jb)
             if _online_update(row, nb, bm, r, mx, den, acc):
                 any_row = True
         if not any_row:

@@ -10,7 +10,7 @@ from numba import carray, cfunc, njit, prange, types
 from ... import _config
 from ..._runtime.omp_team import as_voidptr, next_task
 from ..._runtime.threads import blas_threads, prange_loop
-from .._exp import _exp_block
+from .._exp import _exp_block, row_max
 
 _FM = set(_config.FASTMATH)
 
@@ -145,18 +145,12 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
                     sh = rowshift[sidx[b], i]
                     off = i + nk - 1 - j0
                     for jj in range(ja, jb):
-                        x = row[jj] * gs + (bb[off - jj] - sh)
-                        row[jj] = x
-                        bm = x if x > bm else bm
+                        row[jj] = row[jj] * gs + (bb[off - jj] - sh)
                 elif general:
                     for jj in range(ja, jb):
-                        x = row[jj] * gs
-                        row[jj] = x
-                        bm = x if x > bm else bm
-                elif not skip_max:          # q was scaled: the GEMM gave the logits
-                    for jj in range(ja, jb):
-                        x = row[jj]
-                        bm = x if x > bm else bm
+                        row[jj] = row[jj] * gs
+                if has_bias or general or not skip_max:  # (else q was scaled: the GEMM
+                    bm = row_max(row, ja, jb)            # gave the logits)
                 for jj in range(jb, kb):
                     row[jj] = -np.inf
                 _online_update(row, kb, bm, r, mx, den, acc)

@@ -161,6 +161,23 @@ def test_exact_kernel_on_team_gives_the_bits_of_numbas_loop(monkeypatch, dt, cas
     assert np.array_equal(out.numpy(), ref)
 
 
+def test_exact_kernel_on_team_writes_heads_last(monkeypatch):
+    # the transformers backend's layout (B, L, H, Ev) written by the team's tasks: the
+    # values of numba's loop in the usual layout
+    from numbarope.ops import streaming as st
+    rng = np.random.default_rng(8)
+    q = rng.standard_normal((6, 300, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((2, 300, 16)).astype(np.float32) for _ in range(2))
+    plan = st.exact_plan(6, 300, 2, 300, 16, 16, kvidx=np.repeat(np.arange(2), 3),
+                         workers=2)
+    want, _ = st.exact_run(plan, q, k, v, 0.3)
+    calls = _counting(monkeypatch)
+    got, _ = st.exact_run(plan, q, k, v, 0.3, team=omp_team.team(), heads_last=3)
+    assert calls
+    assert got.transpose(0, 2, 1, 3).flags.c_contiguous
+    assert np.array_equal(got.reshape(6, 300, 16), want)
+
+
 def test_exact_kernel_on_team_keeps_blas_quiet():
     # OpenBLAS (pthreads) called from an OpenMP thread with more than one BLAS
     # thread prints "Detect OpenMP Loop and this application may hang"

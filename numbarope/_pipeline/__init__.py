@@ -76,14 +76,15 @@ def attend(p, *, method, eps, degree, approx, radius=None, verify=0, workers=Non
 
 def attention(query, key, value, *, method, eps, degree=None, approx="chebyshev",
               radius=None, verify=0, workers=None, return_lse=False, return_info=False,
-              stacklevel=3, **arrays):
+              stacklevel=3, heads_last=False, **arrays):
     """:func:`numbarope.rope_attention` after its options were checked: the arrays (and
     their options, ``arrays``: rotary, relative, bias, is_causal, scale, precision,
     enable_gqa, query_offset, causal_alignment, key_padding_mask, positions) through
     the pipeline, the result packaged as the inputs came (numpy, or torch of torch's
     promoted dtype). What the API and every backend call. Calls the fast lane serves
     (:mod:`.fastlane`: exact, with what was derived for their shapes reused) skip
-    the per-call planning."""
+    the per-call planning (``heads_last``: the lane may return its result as the
+    transposed view of a (B, L, H, Ev) array, for the transformers backend)."""
     if requires_grad(query, key, value, arrays.get("relative"), arrays.get("bias")):
         return attention_with_grad(query, key, value, method=method, eps=eps, degree=degree,
                                    approx=approx, radius=radius, verify=verify,
@@ -92,7 +93,8 @@ def attention(query, key, value, *, method, eps, degree=None, approx="chebyshev"
                                    stacklevel=stacklevel + 1, **arrays)
     if not (return_info or verify or degree is not None or radius is not None):
         res = try_fast_exact(query, key, value, method=method, eps=eps, approx=approx,
-                             workers=workers, return_lse=return_lse, **arrays)
+                             workers=workers, return_lse=return_lse,
+                             heads_last=heads_last, **arrays)
         if res is not None:
             return res
     p, out_torch = make_problem(query, key, value, **arrays)

@@ -13,12 +13,14 @@ lower bound of each head's radius (one key row), the comparison with ``R*``, the
 kernel, and the checks.
 
 It serves only what it can decide alike: no bias array (typed ``Causal``,
-``Window``, ``Chunked`` and ``Packed`` structures only), no relative matrices, no rotary, no positions, no ``radius=``/``degree=``/``verify=``, ``return_info=False``
+``Window``, ``Chunked`` and ``Packed`` structures only), no relative matrices, no
+rotary, no positions, no ``radius=``/``degree=``/``verify=``, ``return_info=False``
 (the per-head certified bound is the report's job), float32/float64 inputs of one
 dtype without broadcasting, or float16/bfloat16 torch tensors (widened exactly to
-float32 and computed as the full pipeline computes them, the result rounded back). Anything else, a head whose radius might be below
-``R*``, or a non-finite result (NaN/inf inputs, logits beyond float32) goes to the
-full pipeline, which then decides, refuses or computes exactly as it would have:
+float32 and computed as the full pipeline computes them, the result rounded back).
+Anything else, a head whose radius might be below ``R*``, or a non-finite result
+(NaN/inf inputs, logits beyond float32) goes to the full pipeline, which then
+decides, refuses or computes exactly as it would have:
 the lane returns nothing it could not have returned, and the same bits (it runs
 the same kernel on the same arrays).
 """
@@ -248,9 +250,12 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
                    rotary=None, relative=None, bias=None, is_causal=False, scale=None,
                    precision=None, enable_gqa=False, query_offset=None,
                    causal_alignment="top_left", key_padding_mask=None, positions=None,
-                   softcap=None):
+                   softcap=None, heads_last=False):
     """The result the full pipeline would give, or None where this lane does not serve
-    the call (see the module docstring)."""
+    the call (see the module docstring). ``heads_last`` (the transformers backend): a
+    (B, H, L, Ev) result may be the transposed view of a contiguous (B, L, H, Ev)
+    array, the layout transformers wants (its ``transpose(1, 2).contiguous()`` is then
+    free)."""
     if method not in ("auto", "exact") or softcap is not None:
         return None                  # "fast" computes or refuses in the full pipeline
     if rotary not in (None, False) or relative is not None or positions is not None:
@@ -339,10 +344,11 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
             plan = e.plans[masked, nthreads] = exact_plan(
                 e.B, e.L, e.Bk, e.S, e.E, e.Ev, kvidx=e.kvidx, key_ranges=e.ranges,
                 has_kmask=masked, kidx=kidx, bias=e.bias, bidx=e.bidx, workers=nthreads)
+        hl = e.batch_shape[-1] if heads_last and len(e.batch_shape) == 2 else 0
         with np.errstate(all="ignore"):
             out, lse = exact_run(plan, qf, kf, vf, e.scale, kmask, team=team,
-                                 prescaled=True)
-        ok = _result_ok(out, lse)
+                                 prescaled=True, heads_last=hl)
+        ok = _result_ok(out.transpose(0, 2, 1, 3) if hl else out, lse)   # (contiguous)
     if ok == 0:
         return None              # NaN/inf inputs or logits beyond float32: full pipeline
     if ok < 0 and _sees_some_key(e, kmask, kidx, lse):

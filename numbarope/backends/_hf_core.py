@@ -358,8 +358,8 @@ def _compute(query, key, value, attention_mask, scaling, causal, softcap, read=r
     # require grad get a differentiable result there
     args = _arguments(query, key, attention_mask, scaling, causal, softcap, read)
     local = args.get("bias")
-    if not isinstance(local, tuple):
-        out = _attention(query, key, value, **args)
+    if not isinstance(local, tuple):      # (the fast lane writes (B, L, H, Dv): the
+        out = _attention(query, key, value, heads_last=True, **args)   # copy below free)
     else:           # one structure per batch row (chunks from each row's first token)
         rows = {}
         for b, st in enumerate(local):

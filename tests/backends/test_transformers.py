@@ -143,6 +143,28 @@ def test_one_attention_layer(model64, batch, padded):
         assert _maxdiff(outs["numbarope"], outs["eager"], real) < EAGER
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_attention_forward_returns_the_full_pipelines_values_heads_last(dtype):
+    # the fast lane writes transformers' (B, L, H, D) directly (the backend's transpose
+    # is then free): the values of the full pipeline, contiguous, in the input dtype
+    import numbarope
+    from numbarope.backends.transformers import attention_forward
+
+    class _Layer:
+        is_causal = True
+
+    g = torch.Generator().manual_seed(1)
+    dt = getattr(torch, dtype)
+    q = torch.randn(2, 37, 9, 64, generator=g).transpose(1, 2).to(dt)
+    k, v = (torch.randn(2, 3, 37, 64, generator=g).to(dt) for _ in range(2))
+    with torch.inference_mode():
+        out, _ = attention_forward(_Layer(), q, k, v, None, scaling=0.125)
+        ref = numbarope.rope_attention(q, k, v, is_causal=True, enable_gqa=True,
+                                       scale=0.125, return_info=True)[0]
+    assert out.shape == (2, 37, 9, 64) and out.is_contiguous() and out.dtype == dt
+    assert torch.equal(out, ref.transpose(1, 2))
+
+
 # -- (b) the whole model ------------------------------------------------------
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -663,3 +663,26 @@ def test_exact_run_of_a_kept_plan_is_exact_attention(L, S, ranges):
         got, gl = st.exact_run(plan, q * np.float32(0.3), k, v, 0.3, prescaled=True)
         np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(gl, wl)
+
+
+@pytest.mark.parametrize("L,S,workers", [(40, 40, 1), (300, 300, 2), (1, 300, 2),
+                                         (4, 300, 2)])
+def test_exact_run_heads_last_writes_the_transformers_layout(L, S, workers):
+    # heads_last = H: the kernel writes (B/H, n, H, Ev) (transformers' layout) and
+    # returns its (B/H, H, n, Ev) view: the values of the usual layout, on the inline,
+    # parallel and decoding paths
+    rng = np.random.default_rng(L)
+    q = rng.standard_normal((6, L, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((2, S, 16)).astype(np.float32) for _ in range(2))
+    kvidx = np.repeat(np.arange(2), 3)
+    kr = None
+    if L == S:
+        kr = (np.zeros((1, L), np.int64), np.arange(1, L + 1, dtype=np.int64)[None],
+              np.zeros(6, np.int64))
+    plan = st.exact_plan(6, L, 2, S, 16, 16, kvidx=kvidx, key_ranges=kr, workers=workers)
+    want, wl = st.exact_run(plan, q, k, v, 0.3)
+    got, gl = st.exact_run(plan, q, k, v, 0.3, heads_last=3)
+    assert got.shape == (2, 3, L, 16)
+    assert got.transpose(0, 2, 1, 3).flags.c_contiguous
+    np.testing.assert_array_equal(got.reshape(6, L, 16), want)
+    np.testing.assert_array_equal(gl, wl)

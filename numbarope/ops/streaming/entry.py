@@ -132,12 +132,15 @@ def exact_plan(B, n, Bk, S, E, Ev, *, kvidx=None, key_ranges=None, has_kmask=Fal
 
 
 def exact_run(plan, q, k, v, scale, key_mask=None, *, relative=None, ridx=None, norms=None,
-              softcap=None, team=None, prescaled=False):
+              softcap=None, team=None, prescaled=False, heads_last=0):
     """``(out (B, n, Ev) of the compute dtype, lse (B, n) float64)``: the exact kernel
     under ``plan`` (:func:`exact_plan`), the arrays and options as
     :func:`exact_attention` takes them. ``prescaled``: q is already ``q·scale`` in its
     dtype (one rounding, as the kernel would make it; not with relative matrices):
-    the same bits."""
+    the same bits. ``heads_last = H`` (H divides B): ``out`` is ``(B/H, H, n, Ev)``, the
+    transposed view of a C-contiguous ``(B/H, n, H, Ev)`` array — the layout
+    transformers returns attention in, written by the kernel (no transposed copy
+    after the call) — with the same values."""
     B, n, E = q.shape
     dt = q.dtype
     Ev = v.shape[2]
@@ -154,8 +157,13 @@ def exact_run(plan, q, k, v, scale, key_mask=None, *, relative=None, ridx=None, 
     if plan.decode is not None:
         out, lse, _ = decode_run(plan.decode, q, k, v, 1.0 if prescaled else scale, km,
                                  nthreads, team)
+        if heads_last:            # (one row: both layouts are the same memory)
+            out = out.reshape(B // heads_last, heads_last, n, Ev)
+            if n > 1:
+                out = np.ascontiguousarray(out.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
         return out, lse
-    out = np.empty((B, n, Ev), dt)
+    ohead = heads_last or 1
+    obuf = np.empty((B // ohead, n, ohead * Ev), dt)
     lse = np.empty((B, n))
     rel = relative if general else _DUMMY_REL.astype(dt)
     ri = np.ascontiguousarray(ridx, dtype=np.int64) if general else np.zeros(B, np.int64)
@@ -205,17 +213,19 @@ def exact_run(plan, q, k, v, scale, key_mask=None, *, relative=None, ridx=None, 
     args = (q, k, v, rel, ri, general, bs, bi, has_bias, shift, sidx, gscale, rb, kb, qnorm,
             knorm, headroom, km, ki, has_kmask, kvi, lo, hi, li, has_ranges, softcap)
     if lay.inline:      # a small call: a parallel region costs more than it saves
-        _exact_tasks(*args, lay.tasks, out, lse)
+        _exact_tasks(*args, lay.tasks, obuf, lse, ohead)
     elif team is not None and nthreads > 1 and not general and all(
             a.flags.c_contiguous for a in (q, k, v, bs, shift, km, qnorm, knorm, lo, hi)):
         # torch tensors: on torch's own threads (the same groups, the same bits)
         exact_on_team(team, nthreads, q, k, v, bs, bi, has_bias, shift, sidx, gscale, rb,
                       kb, qnorm, knorm, headroom, km, ki, has_kmask, kvi, lo, hi, li,
-                      has_ranges, softcap, lay.tasks, lay.waves, out, lse)
+                      has_ranges, softcap, lay.tasks, lay.waves, obuf, lse, ohead)
     else:
         with parallel(nthreads):
             for wave in lay.waves:
-                _par_exact(_exact_tasks, *args, lay.tasks, wave, out, lse)
+                _par_exact(_exact_tasks, *args, lay.tasks, wave, obuf, lse, ohead)
     if has_bias:              # undo the per-row bias shift
         lse += shift[sidx]
-    return out, lse
+    if heads_last:
+        return obuf.reshape(B // ohead, n, ohead, Ev).transpose(0, 2, 1, 3), lse
+    return obuf, lse

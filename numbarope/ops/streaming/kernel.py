@@ -49,8 +49,10 @@ def _online_update(row, n, bm, r, mx, den, acc):
 def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshift, sidx,
                  gscale, row_block, key_block, qnorm, knorm, headroom,
                  kmask, kidx, has_kmask, kvidx, lo, hi, lidx, has_ranges, softcap, tasks,
-                 out, lse):
-    # q arrives multiplied by the scale s, except with general W (then gscale = s;
+                 out, lse, ohead):
+    # out: (B, n, Ev) (ohead = 1), or heads last, (B/ohead, n, ohead·Ev) (the layout
+    # (batch, n, heads, Ev) transformers returns: head b = a·ohead + h writes out[a, i,
+    # h·Ev:(h+1)·Ev]). q arrives multiplied by the scale s, except with general W (then gscale = s;
     # with no general W and a bias, gscale = 1). Row i of head b sees at most the keys
     # lo[lidx[b], i] <= j < hi[lidx[b], i] (all keys without ranges); the bias and W
     # of the pair (i, j) are stored at i - j + nk - 1. softcap > 0: the logits
@@ -160,28 +162,31 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
             for r in range(rb):
                 for c in range(Ev):
                     acc[r, c] += P[r, c]
+        ob = b // ohead
+        oc = (b % ohead) * Ev
         for r in range(rb):
+            orow = out[ob, i0 + r]
             if den[r] > 0.0:
                 inv = 1.0 / den[r]
                 for c in range(Ev):
-                    out[b, i0 + r, c] = acc[r, c] * inv
+                    orow[oc + c] = acc[r, c] * inv
                 lse[b, i0 + r] = mx[r] + np.log(den[r])
             else:
                 for c in range(Ev):
-                    out[b, i0 + r, c] = 0.0
+                    orow[oc + c] = 0.0
                 lse[b, i0 + r] = -np.inf
 
 
 @prange_loop(lambda *a: a[:26] + (a[26][a[27][0]:a[27][1]],) + a[28:])
 def _par_exact(fn, q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshift, sidx,
                gscale, row_block, key_block, qnorm, knorm, headroom, kmask, kidx, has_kmask,
-               kvidx, lo, hi, lidx, has_ranges, softcap, tasks, starts, out, lse):
+               kvidx, lo, hi, lidx, has_ranges, softcap, tasks, starts, out, lse, ohead):
     # the parallel loop of the exact path: one iteration per group of tasks
     # tasks[starts[g]:starts[g+1]] (each task writes its own rows of out, lse)
     for g in prange(starts.shape[0] - 1):
         fn(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshift, sidx, gscale,
            row_block, key_block, qnorm, knorm, headroom, kmask, kidx, has_kmask, kvidx, lo, hi,
-           lidx, has_ranges, softcap, tasks[starts[g]:starts[g + 1]], out, lse)
+           lidx, has_ranges, softcap, tasks[starts[g]:starts[g + 1]], out, lse, ohead)
 
 
 # ------------------------------------------------------------------ on torch's threads
@@ -194,7 +199,8 @@ def _par_exact(fn, q, k, v, relative, ridx, general, bias, bidx, has_bias, rowsh
 
 _X_ARRAYS = ("q", "k", "v", "bias", "bidx", "rowshift", "sidx", "qnorm", "knorm", "kmask",
              "kidx", "kvidx", "lo", "hi", "lidx", "tasks", "starts", "out", "lse")
-_X_HEAD = 10        # counter, groups, has_bias, has_kmask, has_ranges, rb, kb, floats
+_X_HEAD = 10        # counter, groups, has_bias, has_kmask, has_ranges, rb, kb, floats,
+#                     ohead
 
 
 @njit(cache=True, nogil=True)
@@ -209,7 +215,7 @@ def _put(d, slot, a):
 @njit(cache=True)
 def _exact_team_prepare(q, k, v, bias, bidx, has_bias, rowshift, sidx, gscale, row_block,
                         key_block, qnorm, knorm, headroom, kmask, kidx, has_kmask, kvidx, lo,
-                        hi, lidx, has_ranges, softcap, tasks, starts, out, lse):
+                        hi, lidx, has_ranges, softcap, tasks, starts, out, lse, ohead):
     # the descriptor of one wave (starts: its group boundaries) and what it points to
     d = np.zeros(_X_HEAD + 5 * 19, np.int64)
     counter = np.zeros(1, np.int64)
@@ -222,6 +228,7 @@ def _exact_team_prepare(q, k, v, bias, bidx, has_bias, rowshift, sidx, gscale, r
     d[5] = row_block
     d[6] = key_block
     d[7] = floats.ctypes.data
+    d[8] = ohead
     _put(d, 0, q)
     _put(d, 1, k)
     _put(d, 2, v)
@@ -280,7 +287,8 @@ def _exact_team_loop(d, q, k, v, rel, out):
             break
         _exact_tasks(q, k, v, rel, ridx, False, bias, bidx, d[2] != 0, rowshift, sidx,
                      fl[0], d[5], d[6], qnorm, knorm, fl[1], kmask, kidx, d[3] != 0, kvidx,
-                     lo, hi, lidx, d[4] != 0, fl[2], tasks[starts[g]:starts[g + 1]], out, lse)
+                     lo, hi, lidx, d[4] != 0, fl[2], tasks[starts[g]:starts[g + 1]], out, lse,
+                     d[8])
 
 
 @njit(cache=True, nogil=True)
@@ -329,7 +337,7 @@ def _exact_team_body(dt):
 
 def exact_on_team(team, nthreads, q, k, v, bias, bidx, has_bias, rowshift, sidx, gscale,
                   row_block, key_block, qnorm, knorm, headroom, kmask, kidx, has_kmask,
-                  kvidx, lo, hi, lidx, has_ranges, softcap, tasks, waves, out, lse):
+                  kvidx, lo, hi, lidx, has_ranges, softcap, tasks, waves, out, lse, ohead=1):
     """The exact kernel's waves on torch's OpenMP team (no relative matrices; every
     array C-contiguous): the results of ``_par_exact`` over the same waves."""
     body = _exact_team_body(q.dtype)
@@ -338,7 +346,7 @@ def exact_on_team(team, nthreads, q, k, v, bias, bidx, has_bias, rowshift, sidx,
             d, counter, floats = _exact_team_prepare(
                 q, k, v, bias, bidx, has_bias, rowshift, sidx, gscale, row_block,
                 key_block, qnorm, knorm, headroom, kmask, kidx, has_kmask, kvidx, lo, hi,
-                lidx, has_ranges, softcap, tasks, starts, out, lse)
+                lidx, has_ranges, softcap, tasks, starts, out, lse, ohead)
             team.run(body, d.ctypes.data, nthreads)
 
 

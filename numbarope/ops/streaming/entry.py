@@ -87,6 +87,9 @@ def exact_attention(q, k, v, scale, *, relative=None, ridx=None, bias=None, bidx
     return (out, lse) if return_lse else out
 
 
+_DUMMY_RELS = {np.dtype(d): _DUMMY_REL.astype(d) for d in (np.float32, np.float64)}
+
+
 class ExactPlan(NamedTuple):
     """What the exact kernel needs beyond the arrays: fixed by the sizes, the index
     arrays and the threads (:func:`exact_plan`). A caller that sees the same shapes
@@ -109,6 +112,9 @@ class ExactPlan(NamedTuple):
     general: bool
     decode: object              # the DecodePlan of few rows per head, or None
     nthreads: int
+    zeros: np.ndarray           # (B,) int64 zeros (index arrays the call does not use)
+    small: tuple                # (qnorm, knorm) zeros of heads small enough to compute
+    #                             every block's maximum (n·S <= EXACT_ALWAYS_MAX), or ()
 
 
 def exact_plan(B, n, Bk, S, E, Ev, *, kvidx=None, key_ranges=None, has_kmask=False,
@@ -127,8 +133,12 @@ def exact_plan(B, n, Bk, S, E, Ev, *, kvidx=None, key_ranges=None, has_kmask=Fal
     if not general and not has_bias and not softcap:
         dp = decode_plan(B, n, Bk, S, E, Ev, kvi, ki, has_kmask, lay.lo, lay.hi, lay.li,
                          key_ranges is not None)
+    small = ()
+    if not general and n * S <= _config.EXACT_ALWAYS_MAX:   # (read by the kernel, never
+        small = (np.zeros((B, n)), np.zeros((Bk, -(-S // lay.kb))))   # written)
     return ExactPlan(B, n, Bk, S, E, Ev, lay, kvi, has_bias, bs, bi, has_kmask, ki,
-                     key_ranges is not None, general, dp, nthreads)
+                     key_ranges is not None, general, dp, nthreads, np.zeros(B, np.int64),
+                     small)
 
 
 def exact_run(plan, q, k, v, scale, key_mask=None, *, relative=None, ridx=None, norms=None,
@@ -165,26 +175,25 @@ def exact_run(plan, q, k, v, scale, key_mask=None, *, relative=None, ridx=None, 
     ohead = heads_last or 1
     obuf = np.empty((B // ohead, n, ohead * Ev), dt)
     lse = np.empty((B, n))
-    rel = relative if general else _DUMMY_REL.astype(dt)
-    ri = np.ascontiguousarray(ridx, dtype=np.int64) if general else np.zeros(B, np.int64)
+    rel = relative if general else _DUMMY_RELS[dt]
+    ri = np.ascontiguousarray(ridx, dtype=np.int64) if general else plan.zeros
     if has_bias:
         shift, sidx = _row_shifts(n, S, bs, bi, km, ki, has_kmask, lo, hi, li, has_ranges)
     else:
-        shift, sidx = _DUMMY_BIAS, np.zeros(B, np.int64)
+        shift, sidx = _DUMMY_BIAS, plan.zeros
     rb, kb = lay.rb, lay.kb
     if general:
         gscale = float(scale)
         qnorm = knorm = np.zeros((1, 1))
         headroom = -np.inf
-    elif n * S <= _config.EXACT_ALWAYS_MAX:
+    elif plan.small:
         # small heads: every block's maximum is computed (a pass over a few logits),
         # no norms are needed (their pass costs more than the maxima it saves);
         # decided by n and S alone, so a head's bits do not depend on its batch
         if not prescaled:
             q = q * q.dtype.type(scale)
         gscale = 1.0
-        qnorm = np.zeros((B, n))                 # read by the kernel, never decisive:
-        knorm = np.zeros((k.shape[0], -(-S // kb)))          # headroom −inf
+        qnorm, knorm = plan.small       # read by the kernel, never decisive: headroom −inf
         headroom = -np.inf
     else:           # fold the scale into q: the GEMM then gives the logits (one rounding)
         if not prescaled:

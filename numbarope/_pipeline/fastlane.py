@@ -380,12 +380,31 @@ _TORCH = None
 
 def _sees_some_key(e, kmask, kidx, lse):
     """Whether a row with lse = −inf has a visible key (then something underflowed)."""
-    b, i = np.nonzero(np.isneginf(lse))
-    for bb, ii in zip(b, i):
-        lo = 0 if e.lo is None else e.lo[ii]
-        hi = e.S if e.hi is None else e.hi[ii]
-        if hi <= lo:
-            continue
-        if kmask is None or np.isfinite(kmask[kidx[bb], lo:hi]).any():
-            return True
+    has_r = e.lo is not None
+    return bool(_any_row_sees_a_key(
+        lse.reshape(-1, e.L), e.lo if has_r else _NO_RANGE, e.hi if has_r else _NO_RANGE,
+        has_r, e.S, _NO_MASK if kmask is None else kmask,
+        kidx if kmask is not None else _NO_RANGE, kmask is not None))
+
+
+_NO_RANGE = np.zeros(1, np.int64)
+
+
+@njit(cache=True, nogil=True)
+def _any_row_sees_a_key(lse, lo, hi, has_ranges, S, kmask, kidx, has_kmask):
+    # (left padding makes rows that see no key: one pass, not a Python loop over them)
+    for b in range(lse.shape[0]):
+        for i in range(lse.shape[1]):
+            if lse[b, i] != -np.inf:
+                continue
+            a = lo[i] if has_ranges else 0
+            c = hi[i] if has_ranges else S
+            if c <= a:
+                continue
+            if not has_kmask:
+                return True
+            m = kmask[kidx[b]]
+            for j in range(a, c):
+                if m[j] == 0.0:
+                    return True
     return False

@@ -12,6 +12,7 @@ from types import MappingProxyType
 
 import numpy as np
 import torch
+from numba import njit
 
 from .._pipeline import attention as _attention
 from .._runtime.threads import resolve_workers
@@ -167,6 +168,11 @@ def _analyse(mask):
                 "-inf/finfo.min): numbarope's transformers backend reads masks only; "
                 "a relative (Toeplitz) bias goes to numbarope.rope_attention(bias=)")
         m = take
+    # the common masks (padding alone, or causal with one offset and padding) in one
+    # compiled pass over the booleans; the rest below, with torch's operators
+    kind, off, padn = _causal_padding(m.numpy())
+    if kind >= 0:
+        return (None if kind == 0 else int(off)), (None if padn.all() else padn), None
     L, S = m.shape[-2:]
     pad = m.any(dim=-2)                                     # (B, h, S)
     if bool(torch.equal(m, pad[..., None, :].expand_as(m))):
@@ -236,6 +242,48 @@ def _packed(m, pad, first, rows, offset, S):
     rebuilt = (j[None, :] >= torch.from_numpy(lo)[:, None]) & \
         (j[None, :] < torch.from_numpy(hi)[:, None])
     return packed if bool(torch.equal(m, rebuilt.expand_as(m))) else None
+
+
+@njit(cache=True, nogil=True)
+def _causal_padding(m):
+    # m (B, h, L, S) bool, any strides: (kind, offset, pad (B, h, S) = m.any over rows).
+    # kind 0: every row of m is its padding vector; 1: m = padding & (j <= i + offset),
+    # the offset the largest (last visible key − i) over rows that see a key (0 if
+    # none), as the operators below find it; -1: neither
+    B, H, L, S = m.shape
+    pad = np.zeros((B, H, S), np.bool_)
+    for b in range(B):
+        for h in range(H):
+            for i in range(L):
+                for j in range(S):
+                    pad[b, h, j] |= m[b, h, i, j]
+    full = True
+    for b in range(B):
+        for h in range(H):
+            for i in range(L):
+                for j in range(S):
+                    full &= m[b, h, i, j] == pad[b, h, j]
+    if full:
+        return 0, 0, pad
+    off = -(L + S)
+    have = False
+    for b in range(B):
+        for h in range(H):
+            for i in range(L):
+                for j in range(S - 1, -1, -1):
+                    if m[b, h, i, j]:
+                        off = max(off, j - i)
+                        have = True
+                        break
+    if not have:
+        off = 0
+    for b in range(B):
+        for h in range(H):
+            for i in range(L):
+                for j in range(S):
+                    if m[b, h, i, j] != (pad[b, h, j] and j <= i + off):
+                        return -1, off, pad
+    return 1, off, pad
 
 
 def _padding_or_none(pad):

@@ -165,6 +165,44 @@ def test_attention_forward_returns_the_full_pipelines_values_heads_last(dtype):
     assert torch.equal(out, ref.transpose(1, 2))
 
 
+def test_compiled_mask_reading_agrees_with_the_operators(monkeypatch):
+    # padding alone and causal-with-padding masks are read in one compiled pass
+    # (_causal_padding); every mask gets the reading of torch's operators (the general
+    # path, forced by making the compiled pass decline)
+    rng = np.random.default_rng(0)
+    masks = []
+    for L, S in ((7, 7), (3, 12), (1, 9), (6, 6)):
+        i, j = np.arange(L)[:, None], np.arange(S)[None, :]
+        for off in (S - L, 0, 2):
+            causal = j <= i + off
+            for kind in range(4):
+                pad = np.ones((2, 1, S), bool)
+                if kind >= 1:
+                    pad[1, 0, :rng.integers(1, S)] = False          # left padding
+                if kind == 3:
+                    pad[0, 0, :] = False                            # a row of nothing
+                base = causal if kind != 2 else np.ones((L, S), bool)
+                masks.append(pad[:, :, None, :] & base)
+            masks.append(causal & (j > i + off - 3))                # a window: declined
+    masks.append(np.broadcast_to(np.tril(np.ones((5, 5), bool)), (2, 1, 5, 5)))  # stride 0
+    declined = 0
+    for m in masks:
+        t = torch.from_numpy(np.ascontiguousarray(m) if m.ndim == 4 else m[None, None])
+        if m.ndim == 4 and m.strides[0] == 0:
+            t = torch.from_numpy(np.tril(np.ones((5, 5), bool)))[None, None].expand(2, 1, 5, 5)
+        kind = core._causal_padding(t.numpy())[0]
+        declined += kind < 0
+        fast = core._analyse(t)
+        with monkeypatch.context() as mp:
+            mp.setattr(core, "_causal_padding", lambda x: (-1, 0, None))
+            slow = core._analyse(t)
+        assert fast[0] == slow[0] and fast[2] == slow[2]
+        assert (fast[1] is None) == (slow[1] is None)
+        if fast[1] is not None:
+            assert np.array_equal(fast[1], slow[1])
+    assert 0 < declined < len(masks)
+
+
 # -- (b) the whole model ------------------------------------------------------
 
 @pytest.mark.parametrize("padded", [False, True])

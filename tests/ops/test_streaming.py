@@ -644,18 +644,23 @@ def test_scaled_queries_round_once_as_astype_then_scale(dtype, compute):
     assert st.scaled_queries(q[0, 0], 0.5, compute).shape == (1, 37, 16)
 
 
-@pytest.mark.parametrize("L,S,ranges", [(40, 40, True), (1, 300, False), (300, 300, True)])
-def test_exact_run_of_a_kept_plan_is_exact_attention(L, S, ranges):
-    # a plan made once and run again (the fast lane's way), with q scaled beforehand,
-    # gives exact_attention's bits
+def _gqa_causal(L, S, ranges):
+    # 6 query heads on 2 key/value heads (E = Ev = 16, float32); causal key ranges or None
     rng = np.random.default_rng(L)
     q = rng.standard_normal((6, L, 16)).astype(np.float32)
     k, v = (rng.standard_normal((2, S, 16)).astype(np.float32) for _ in range(2))
-    kvidx = np.repeat(np.arange(2), 3)
     kr = None
     if ranges:
         kr = (np.zeros((1, L), np.int64), np.arange(1, L + 1, dtype=np.int64)[None],
               np.zeros(6, np.int64))
+    return q, k, v, np.repeat(np.arange(2), 3), kr
+
+
+@pytest.mark.parametrize("L,S,ranges", [(40, 40, True), (1, 300, False), (300, 300, True)])
+def test_exact_run_of_a_kept_plan_is_exact_attention(L, S, ranges):
+    # a plan made once and run again (the fast lane's way), with q scaled beforehand,
+    # gives exact_attention's bits
+    q, k, v, kvidx, kr = _gqa_causal(L, S, ranges)
     want, wl = st.exact_attention(q, k, v, 0.3, kvidx=kvidx, key_ranges=kr, return_lse=True)
     plan = st.exact_plan(6, L, 2, S, 16, 16, kvidx=kvidx, key_ranges=kr)
     assert (plan.decode is not None) == (L == 1)
@@ -671,14 +676,7 @@ def test_exact_run_heads_last_writes_the_transformers_layout(L, S, workers):
     # heads_last = H: the kernel writes (B/H, n, H, Ev) (transformers' layout) and
     # returns its (B/H, H, n, Ev) view: the values of the usual layout, on the inline,
     # parallel and decoding paths
-    rng = np.random.default_rng(L)
-    q = rng.standard_normal((6, L, 16)).astype(np.float32)
-    k, v = (rng.standard_normal((2, S, 16)).astype(np.float32) for _ in range(2))
-    kvidx = np.repeat(np.arange(2), 3)
-    kr = None
-    if L == S:
-        kr = (np.zeros((1, L), np.int64), np.arange(1, L + 1, dtype=np.int64)[None],
-              np.zeros(6, np.int64))
+    q, k, v, kvidx, kr = _gqa_causal(L, S, L == S)
     plan = st.exact_plan(6, L, 2, S, 16, 16, kvidx=kvidx, key_ranges=kr, workers=workers)
     want, wl = st.exact_run(plan, q, k, v, 0.3)
     got, gl = st.exact_run(plan, q, k, v, 0.3, heads_last=3)

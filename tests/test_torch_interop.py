@@ -227,3 +227,16 @@ def test_numpy_float16_next_to_torch_is_refused_by_name():
     q = torch.zeros(8, 4, dtype=torch.float16)
     with pytest.raises(TypeError, match="value has dtype float16"):
         rope_attention(q, q, np.zeros((8, 4), np.float16))
+
+
+@needs_torch
+def test_lazily_negated_views_are_read():
+    # torch's lazy negated views (torch._neg_view; a negative bit, as .conj() sets a
+    # conjugate one) cannot be viewed by numpy as they are: resolved, not refused
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 16, generator=g) for _ in range(3))
+    neg = torch._neg_view(q)
+    assert neg.is_neg()
+    out = numbarope.rope_attention(neg, k, v, is_causal=True)
+    ref = numbarope.rope_attention(-q, k, v, is_causal=True)
+    assert torch.equal(out, ref)

@@ -67,6 +67,8 @@ def to_numpy(x, name, allow_int=False):
         t = x.detach()
         if t.is_conj() if hasattr(t, "is_conj") else False:
             t = t.resolve_conj()
+        if t.is_neg() if hasattr(t, "is_neg") else False:     # a lazily negated view
+            t = t.resolve_neg()
         if dt in LOW_PRECISION_UNIT:
             import torch
             return t.to(torch.float32).numpy(), LOW_PRECISION_UNIT[dt], dt

@@ -124,31 +124,6 @@ def _exp_block_impl(x, n, m):
     return lambda x, n, m: _exp32(x, n, m)
 
 
-@njit(cache=True, nogil=True)
-def _max32(x, a, b):
-    # the float order is the integer order of the bits with the negatives' magnitude
-    # bits flipped (i ^ 0x7FFFFFFF for i < 0): an integer maximum, which vectorises
-    # (a float maximum by compare and select does not, without fast-math on NaN)
-    u = x[a:b].view(np.int32)
-    best = np.int32(-2147483648)
-    for t in range(u.size):
-        i = u[t]
-        o = i ^ ((i >> np.int32(31)) & np.int32(0x7FFFFFFF))
-        best = o if o > best else best
-    return np.float64(_as_float32(best ^ ((best >> np.int32(31)) & np.int32(0x7FFFFFFF))))
-
-
-@njit(cache=True, nogil=True)
-def _max64(x, a, b):
-    u = x[a:b].view(np.int64)
-    best = np.int64(-9223372036854775808)
-    for t in range(u.size):
-        i = u[t]
-        o = i ^ ((i >> np.int64(63)) & np.int64(0x7FFFFFFFFFFFFFFF))
-        best = o if o > best else best
-    return _as_float64(best ^ ((best >> np.int64(63)) & np.int64(0x7FFFFFFFFFFFFFFF)))
-
-
 def row_max(x, a, b):
     """max of x[a:b] as float64 (−inf when empty; −inf entries allowed). With a NaN
     entry the result is a NaN or a number, by the NaN's sign bit; the kernels' exp of
@@ -159,12 +134,27 @@ def row_max(x, a, b):
 
 @overload(row_max)
 def _row_max_impl(x, a, b):
-    def impl64(x, a, b):
-        return _max64(x, a, b) if b > a else -np.inf
+    # the float order is the integer order of the bits with the negatives' magnitude
+    # bits flipped (i ^ 0x7FF..F for i < 0): an integer maximum, which vectorises (a
+    # float maximum by compare and select does not, without fast-math on NaN)
+    wide = x.dtype == types.float64
+    it = np.int64 if wide else np.int32
+    sign = it(63 if wide else 31)
+    mag = it(0x7FFFFFFFFFFFFFFF if wide else 0x7FFFFFFF)
+    least = it(np.iinfo(it).min)
+    as_float = _as_float64 if wide else _as_float32
 
-    def impl32(x, a, b):
-        return _max32(x, a, b) if b > a else -np.inf
-    return impl64 if x.dtype == types.float64 else impl32
+    def impl(x, a, b):
+        if b <= a:
+            return -np.inf
+        u = x[a:b].view(it)
+        best = least
+        for t in range(u.size):
+            i = u[t]
+            o = i ^ ((i >> sign) & mag)
+            best = o if o > best else best
+        return np.float64(as_float(best ^ ((best >> sign) & mag)))
+    return impl
 
 
 @njit(cache=True, nogil=True, fastmath={"contract"})

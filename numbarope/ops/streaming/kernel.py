@@ -52,8 +52,8 @@ def _exact_tasks(q, k, v, relative, ridx, general, bias, bidx, has_bias, rowshif
                  out, lse, ohead):
     # out: (B, n, Ev) (ohead = 1), or heads last, (B/ohead, n, ohead·Ev) (the layout
     # (batch, n, heads, Ev) transformers returns: head b = a·ohead + h writes out[a, i,
-    # h·Ev:(h+1)·Ev]). q arrives multiplied by the scale s, except with general W (then gscale = s;
-    # with no general W and a bias, gscale = 1). Row i of head b sees at most the keys
+    # h·Ev:(h+1)·Ev]). q arrives multiplied by the scale s, except with general W (then
+    # gscale = s; with no general W and a bias, gscale = 1). Row i of head b sees at most the keys
     # lo[lidx[b], i] <= j < hi[lidx[b], i] (all keys without ranges); the bias and W
     # of the pair (i, j) are stored at i - j + nk - 1. softcap > 0: the logits
     # (before the bias) are soft-capped, c·tanh(x/c) (then headroom = −inf).

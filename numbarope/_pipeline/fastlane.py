@@ -34,8 +34,8 @@ import numpy as np
 from numba import njit
 
 from ..bias import Causal, Chunked, NoBias, Packed, Window
-from ..ops.streaming import (decode_plan, decode_run, exact_plan, exact_run, pairs_visited,
-                             scaled_queries)
+from ..ops.streaming import (decode_plan, decode_run, exact_plan, exact_run, kernel_inputs,
+                             pairs_visited)
 from .._runtime.interop import is_torch
 from .._runtime.omp_team import team as torch_team
 from .._runtime.threads import resolve_workers
@@ -303,23 +303,34 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
         return None                          # broadcast leading dims: the full pipeline
     masked = kpm is not None and not kpm.all()
     dp = e.decode[masked]
-    if dp is None:   # the main kernel: q scaled as it takes it, in one pass
-        qf = scaled_queries(q, e.scale, e.compute)
+    stats = None
+    if dp is None:   # the main kernel: q scaled as it takes it, k and v contiguous, each
+        # checked for NaN/inf and its rows' squares summed, in one pass over each (the
+        # main kernel masks what a row cannot see before any check: NaN/inf are
+        # refused as the full pipeline does; q·scale: NaN/inf in q, or a finite q that
+        # overflowed at a scale > 1)
+        taken = kernel_inputs(q, k, v, e.scale, e.compute)
+        if taken is None:
+            return None
+        qf, kf, vf, stats = taken
     else:            # the decoding kernel scales q itself
         qf = np.ascontiguousarray(q.reshape(e.B, e.L, e.E), dtype=e.compute)
-    kf = np.ascontiguousarray(k.reshape(e.Bk, e.S, e.E), dtype=e.compute)
-    vf = np.ascontiguousarray(v.reshape(e.Bk, e.S, e.Ev), dtype=e.compute)
+        kf = np.ascontiguousarray(k.reshape(e.Bk, e.S, e.E), dtype=e.compute)
+        vf = np.ascontiguousarray(v.reshape(e.Bk, e.S, e.Ev), dtype=e.compute)
     kmask = kidx = None
     if masked:
         kmask = np.where(kpm.reshape(-1, e.S), 0.0, -np.inf)
         kidx = e.kidx
     if e.r_star > 0.0:            # auto: every head's radius above R* means exact
-        qn = np.sqrt(np.einsum("bie,bie->b", qf, qf, dtype=np.float64) if e.L == 1 else
-                     np.einsum("bie,bie->bi", qf, qf, dtype=np.float64).max(axis=1))
         j = e.S - 1                # one key per key/value head: a lower bound of max‖k‖
         if kmask is not None and not np.isfinite(kmask[:, j]).all():
             return None
-        kn = np.sqrt(np.einsum("be,be->b", kf[:, j], kf[:, j], dtype=np.float64))
+        if stats is not None:
+            qn, kn = np.sqrt(stats[0].max(axis=1)), np.sqrt(stats[1][:, j])
+        else:
+            qn = np.sqrt(np.einsum("bie,bie->b", qf, qf, dtype=np.float64) if e.L == 1 else
+                         np.einsum("bie,bie->bi", qf, qf, dtype=np.float64).max(axis=1))
+            kn = np.sqrt(np.einsum("be,be->b", kf[:, j], kf[:, j], dtype=np.float64))
         # (q already scaled on the main kernel's side: its rounding, <= u relative,
         # is inside the margin)
         r_low = (1.0 if dp is None else e.scale) * qn * kn[e.kvidx] * (1 - 1e-6)
@@ -334,11 +345,6 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
         out, lse, ok = decode_run(dp, qf, kf, vf, e.scale,
                                   _NO_MASK if kmask is None else kmask, nthreads, team)
     else:
-        # the main kernel masks what a row cannot see before any check: NaN/inf are
-        # refused as the full pipeline does
-        # (q·scale: NaN/inf in q, or a finite q that overflowed at a scale > 1)
-        if not (_all_finite(qf) and _all_finite(kf) and _all_finite(vf)):
-            return None
         plan = e.plans.get((masked, nthreads))
         if plan is None:
             plan = e.plans[masked, nthreads] = exact_plan(
@@ -347,7 +353,7 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
         hl = e.batch_shape[-1] if heads_last and len(e.batch_shape) == 2 else 0
         with np.errstate(all="ignore"):
             out, lse = exact_run(plan, qf, kf, vf, e.scale, kmask, team=team,
-                                 prescaled=True, heads_last=hl)
+                                 prescaled=True, heads_last=hl, stats=stats)
         ok = _result_ok(out.transpose(0, 2, 1, 3) if hl else out, lse)   # (contiguous)
     if ok == 0:
         return None              # NaN/inf inputs or logits beyond float32: full pipeline

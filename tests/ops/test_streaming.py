@@ -627,21 +627,76 @@ def test_decoding_kernel_flags_non_finite_logits():
     assert np.isnan(out).all()
 
 
-@pytest.mark.parametrize("dtype,compute", [(np.float32, np.float32), (np.float32, np.float64),
-                                           (np.float64, np.float32), (np.float64, np.float64)])
-def test_scaled_queries_round_once_as_astype_then_scale(dtype, compute):
-    # from a strided (transposed) view, widened or narrowed first: the bits of
-    # q.astype(compute) * compute(scale), C-contiguous (B·H, L, E)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("compute", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["heads_last", "contiguous", "strided"])
+def test_kernel_inputs_round_once_as_astype_then_scale(dtype, compute, layout):
+    # q, k, v (B, H, L, E) as transformers passes them (transposed views of (B, L, H, E)),
+    # C-contiguous, or sliced: the bits of q.astype(compute) * compute(scale) and of
+    # k, v .astype(compute), C-contiguous (B·H, L, E), with their rows' sums of squares
     rng = np.random.default_rng(0)
-    q = rng.standard_normal((2, 37, 9, 16)).astype(dtype).transpose(0, 2, 1, 3)
+
+    def make(h, e):
+        x = rng.standard_normal((2, 37, h, 2 * e)).astype(dtype)
+        if layout == "heads_last":
+            return x[..., :e].copy().transpose(0, 2, 1, 3)
+        if layout == "contiguous":
+            return np.ascontiguousarray(x[..., :e].transpose(0, 2, 1, 3))
+        return x[..., ::2].transpose(0, 2, 1, 3)
+
+    q, k, v = make(9, 16), make(3, 16), make(3, 8)
     for scale in (0.125, 1 / 3, 7.1):
-        got = st.scaled_queries(q, scale, compute)
+        qf, kf, vf, (sq, sk, vmax) = st.kernel_inputs(q, k, v, scale, compute)
         want = np.ascontiguousarray(q.astype(compute).reshape(18, 37, 16)) * \
             np.dtype(compute).type(scale)
-        assert got.dtype == compute and got.flags.c_contiguous
-        np.testing.assert_array_equal(got, want)
-    assert st.scaled_queries(q[0], 0.5, compute).shape == (9, 37, 16)
-    assert st.scaled_queries(q[0, 0], 0.5, compute).shape == (1, 37, 16)
+        for got, ref in ((qf, want), (kf, k.astype(compute).reshape(6, 37, 16)),
+                         (vf, v.astype(compute).reshape(6, 37, 8))):
+            assert got.dtype == compute and got.flags.c_contiguous
+            np.testing.assert_array_equal(got, ref)
+        for got, x in ((sq, qf), (sk, kf)):
+            np.testing.assert_allclose(got, (x.astype(np.float64) ** 2).sum(-1), rtol=1e-13)
+        assert np.abs(vf).max() <= vmax <= np.abs(vf).max() * np.sqrt(8) * (1 + 1e-5)
+    assert st.kernel_inputs(q[0], k[0], v[0], 0.5, compute)[0].shape == (9, 37, 16)
+    assert st.kernel_inputs(q[0, 0], k[0, 0], v[0, 0], 0.5, compute)[0].shape == (1, 37, 16)
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_kernel_inputs_refuse_nan_inf(which, bad):
+    # NaN/inf in any of q, k, v (or a finite q that overflows at the scale): None
+    rng = np.random.default_rng(1)
+    arrays = [rng.standard_normal((1, 5, 3, 8)).astype(np.float32).transpose(0, 2, 1, 3)
+              for _ in range(3)]
+    assert st.kernel_inputs(*arrays, 0.5, np.float32) is not None
+    arrays[which] = arrays[which].copy()
+    arrays[which][0, 1, 4, 7] = bad
+    assert st.kernel_inputs(*arrays, 0.5, np.float32) is None
+    arrays[which][0, 1, 4, 7] = 3e38
+    assert (st.kernel_inputs(*arrays, 4.0, np.float32) is None) == (which == 0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_exact_run_with_kernel_inputs_stats_is_exact_attention(causal):
+    # the sums of squares kernel_inputs returns stand for exact_run's own passes over
+    # q, k, v: the same bits (n·S above EXACT_ALWAYS_MAX: the norms decide)
+    rng = np.random.default_rng(2)
+    L = 700
+    q = rng.standard_normal((1, L, 6, 16)).astype(np.float32).transpose(0, 2, 1, 3)
+    k, v = (rng.standard_normal((1, L, 2, 16)).astype(np.float32).transpose(0, 2, 1, 3)
+            for _ in range(2))
+    kvidx = np.repeat(np.arange(2), 3)
+    kr = None
+    if causal:
+        kr = (np.zeros((1, L), np.int64), np.arange(1, L + 1, dtype=np.int64)[None],
+              np.zeros(6, np.int64))
+    qf, kf, vf, stats = st.kernel_inputs(q, k, v, 0.25, np.float32)
+    plan = st.exact_plan(6, L, 2, L, 16, 16, kvidx=kvidx, key_ranges=kr)
+    assert not plan.small
+    out, lse = st.exact_run(plan, qf, kf, vf, 0.25, prescaled=True, stats=stats)
+    want, wlse = st.exact_attention(np.ascontiguousarray(q.reshape(6, L, 16)), kf, vf, 0.25,
+                                    kvidx=kvidx, key_ranges=kr, return_lse=True)
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(lse, wlse)
 
 
 def _gqa_causal(L, S, ranges):

@@ -142,7 +142,7 @@ def exact_plan(B, n, Bk, S, E, Ev, *, kvidx=None, key_ranges=None, has_kmask=Fal
 
 
 def exact_run(plan, q, k, v, scale, key_mask=None, *, relative=None, ridx=None, norms=None,
-              softcap=None, team=None, prescaled=False, heads_last=0):
+              softcap=None, team=None, prescaled=False, heads_last=0, stats=None):
     """``(out (B, n, Ev) of the compute dtype, lse (B, n) float64)``: the exact kernel
     under ``plan`` (:func:`exact_plan`), the arrays and options as
     :func:`exact_attention` takes them. ``prescaled``: q is already ``q·scale`` in its
@@ -150,7 +150,9 @@ def exact_run(plan, q, k, v, scale, key_mask=None, *, relative=None, ridx=None, 
     the same bits. ``heads_last = H`` (H divides B): ``out`` is ``(B/H, H, n, Ev)``, the
     transposed view of a C-contiguous ``(B/H, n, H, Ev)`` array — the layout
     transformers returns attention in, written by the kernel (no transposed copy
-    after the call) — with the same values."""
+    after the call) — with the same values. ``stats``: what :func:`kernel_inputs`
+    returned with q, k, v (their row sums of squares and a bound of max |v|: no pass
+    over them here)."""
     B, n, E = q.shape
     dt = q.dtype
     Ev = v.shape[2]
@@ -200,7 +202,10 @@ def exact_run(plan, q, k, v, scale, key_mask=None, *, relative=None, ridx=None, 
             q = q * q.dtype.type(scale)
         gscale = 1.0
         # bounds of the logits per row and key block, slightly enlarged for rounding
-        if norms is None:
+        if stats is not None:  # kernel_inputs' sums of squares (of q·scale, k)
+            grow = 1 + (E + 1) * np.finfo(dt).eps       # row_norms' margin
+            qn0, kn0 = np.sqrt(stats[0] * grow), np.sqrt(stats[1] * grow)
+        elif norms is None:
             qn0, kn0 = row_norms(q), row_norms(k)
         else:                  # bounds of ‖q‖, ‖k‖ from the caller (unscaled q)
             qn0, kn0 = norms[0] * float(scale), norms[1]
@@ -211,7 +216,7 @@ def exact_run(plan, q, k, v, scale, key_mask=None, *, relative=None, ridx=None, 
         knorm[:, :S] = kn
         knorm = np.ascontiguousarray(knorm.reshape(k.shape[0], nkb, kb).max(axis=2))
         # e^headroom · key_block · max|V| must stay far below the dtype's maximum
-        vmax = float(np.abs(v).max(initial=0.0))
+        vmax = float(np.abs(v).max(initial=0.0)) if stats is None else stats[2]
         cap = np.log(float(np.finfo(dt).max) / 16 / kb / max(vmax, 1e-300))
         headroom = float(min(EXACT_HEADROOM[np.dtype(dt)], cap))
         if headroom < 1.0:

@@ -614,19 +614,95 @@ def _sum_squares(x):
     return out
 
 
-def scaled_queries(q, scale, dtype):
-    """q·scale as the exact kernel takes it: C-contiguous ``(B, n, E)`` of ``dtype``,
-    each ``dtype(q)·dtype(scale)`` rounded once, as ``q.astype(dtype) * dtype(scale)``
-    gives them, from q ``(..., n, E)`` of any strides (a transposed torch tensor's
-    view) in one pass."""
-    n, E = q.shape[-2:]
+@njit(cache=True, nogil=True, fastmath=_FM)
+def _take_heads(x, hl, scale, scaled, copy, out, sq):
+    # x C-contiguous, (A, G, n, E) or, with hl, (A, n, G, E) (transformers' layout), as
+    # heads b = a·G + g (rows x[a, g, i] or x[a, i, g]): with copy, into out (A·G, n, E)
+    # (C-contiguous, out's dtype): dtype(x)·dtype(scale) (scaled) or dtype(x), each
+    # rounded once as q.astype(dtype) * dtype(scale) and astype round them (one product: fastmath's
+    # reassoc/contract cannot change it). sq[b, i]: the float64 sum of the squares of
+    # that row (reassociated; inf or NaN when the row holds inf or NaN, or its squares
+    # overflow float64: the caller checks them, as a test under fastmath's flags here
+    # was compiled away on the path without a copy).
+    A, G, n, E = x.shape
+    if hl:
+        G, n = n, G
+    dt = out.dtype
+    s = dt.type(scale)
+    for a in range(A):
+        for g in range(G):
+            b = a * G + g
+            for i in range(n):
+                row = x[a, i, g] if hl else x[a, g, i]
+                acc = 0.0
+                if copy:
+                    orow = out[b, i]
+                    for e in range(E):
+                        y = dt.type(row[e])
+                        if scaled:
+                            y = y * s
+                        orow[e] = y
+                        z = np.float64(y)
+                        acc += z * z
+                else:
+                    for e in range(E):
+                        z = np.float64(row[e])
+                        acc += z * z
+                sq[b, i] = acc
+
+
+def _as4(x):
+    """x (..., n, E) as (A, G, n, E): a view for 2, 3 or 4 dims."""
+    if x.ndim == 4:
+        return x
+    if x.ndim == 3:
+        return x[:, None]
+    if x.ndim == 2:
+        return x[None, None]
+    return x.reshape((-1,) + x.shape[-3:])
+
+
+def kernel_inputs(q, k, v, scale, dtype):
+    """q·scale, k and v as the exact kernel takes them, and what :func:`exact_run`
+    would read from them, in one pass over each.
+
+    Parameters
+    ----------
+    q, k, v : (..., n, E), (..., S, E), (..., S, Ev) ndarray of float32 or float64
+        Any strides (the transposed views transformers passes).
+    scale : float
+    dtype : float32 or float64
+        The kernel's dtype.
+
+    Returns
+    -------
+    (qf, kf, vf, stats), or None when q·scale, k or v holds inf or NaN (or a row's
+    squares overflow float64)
+        ``qf``: C-contiguous ``(B, n, E)``, ``q.astype(dtype) * dtype(scale)`` (one
+        rounding each); ``kf``, ``vf``: ``k``, ``v`` as ``astype(dtype)``, C-contiguous
+        (the arrays themselves when already so). ``stats = (sq_q (B, n), sq_k (Bk, S),
+        vmax)``: float64 sums of the squares of the rows of ``qf`` and ``kf``, and an
+        upper bound of ``max |v|`` (the largest row norm), for ``exact_run(stats=)``.
+    """
     dtype = np.dtype(dtype)
-    out = np.empty((q.size // max(n * E, 1), n, E), dtype)
-    if q.dtype.itemsize > dtype.itemsize:        # narrowed first: one rounding each
-        q = q.astype(dtype)
-    # (a wider dtype: the product in it is exactly q.astype(dtype)·scale)
-    np.multiply(q, dtype.type(scale), out=out.reshape(q.shape))
-    return out
+    res = []
+    for x, scaled in ((q, True), (k, False), (v, False)):
+        x4 = _as4(x)
+        if scaled and x4.dtype.itemsize > dtype.itemsize:
+            x4 = x4.astype(dtype)               # narrowed first: one rounding each
+        A, G, n, E = x4.shape
+        copy = scaled or x4.dtype != dtype or not x4.flags.c_contiguous
+        out = np.empty((A * G, n, E), dtype) if copy else x4.reshape(A * G, n, E)
+        hl = not x4.flags.c_contiguous and x4.transpose(0, 2, 1, 3).flags.c_contiguous
+        src = x4.transpose(0, 2, 1, 3) if hl else np.ascontiguousarray(x4)
+        sq = np.empty((A * G, n))
+        _take_heads(src, hl, scale, scaled, copy, out, sq)
+        if not np.isfinite(sq).all():
+            return None
+        res.append((out, sq))
+    (qf, qsq), (kf, ksq), (vf, vsq) = res
+    vmax = float(np.sqrt(vsq.max(initial=0.0) * (1 + 1e-6)))
+    return qf, kf, vf, (qsq, ksq, vmax)
 
 
 def row_norms(x):

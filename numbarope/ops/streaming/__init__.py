@@ -57,8 +57,8 @@ from .kernel import (  # noqa: F401
     _PROBES, _TREE,
     _block_work, _check_ranges, _index_args, _exact_tasks, _first_run_after, _key_runs, _layout,
     _layouts, _max_tree, _online_update, _par_exact, _range_row_max, _row_shifts,
-    _shift_mode, _sum_squares, _tree_max, _window_max, bias_row_shift, exact_blocks,
-    gather_key_ranges, kernel_inputs, row_norms
+    _shift_mode, _tree_max, _window_max, bias_row_shift, exact_blocks,
+    gather_key_ranges, kernel_inputs, norm_bounds, row_norms
 )
 from .decode import (  # noqa: F401
     DecodePlan, _consecutive, _decode_call, _decode_merge, _decode_plan, _decode_stack,

@@ -10,7 +10,7 @@ from ..._runtime.threads import parallel, resolve_workers
 from .decode import decode_plan, decode_run
 from .kernel import (_DUMMY_BIAS, _DUMMY_REL, EXACT_HEADROOM, _exact_tasks,
                      _index_args, _Layout, _layout, _par_exact, _row_shifts, exact_on_team,
-                     row_norms)
+                     norm_bounds, row_norms)
 
 # ------------------------------------------------------------------ the entry point
 
@@ -203,8 +203,7 @@ def exact_run(plan, q, k, v, scale, key_mask=None, *, relative=None, ridx=None, 
         gscale = 1.0
         # bounds of the logits per row and key block, slightly enlarged for rounding
         if stats is not None:  # kernel_inputs' sums of squares (of q·scale, k)
-            grow = 1 + (E + 1) * np.finfo(dt).eps       # row_norms' margin
-            qn0, kn0 = np.sqrt(stats[0] * grow), np.sqrt(stats[1] * grow)
+            qn0, kn0 = norm_bounds(stats[0], E, dt), norm_bounds(stats[1], E, dt)
         elif norms is None:
             qn0, kn0 = row_norms(q), row_norms(k)
         else:                  # bounds of ‖q‖, ‖k‖ from the caller (unscaled q)

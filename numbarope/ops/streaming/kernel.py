@@ -602,25 +602,13 @@ def bias_row_shift(bias, n, n_keys=None, key_range=None, key_mask=None):
 # ------------------------------------------------------------------ helpers
 
 @njit(cache=True, nogil=True, fastmath=_FM)
-def _sum_squares(x):
-    # (rows,) float64 sums of the squares of each row (inf when they overflow)
-    out = np.empty(x.shape[0])
-    for i in range(x.shape[0]):
-        acc = 0.0
-        for e in range(x.shape[1]):
-            y = np.float64(x[i, e])
-            acc += y * y
-        out[i] = acc
-    return out
-
-
-@njit(cache=True, nogil=True, fastmath=_FM)
 def _take_heads(x, hl, scale, scaled, copy, out, sq):
     # x C-contiguous, (A, G, n, E) or, with hl, (A, n, G, E) (transformers' layout), as
     # heads b = a·G + g (rows x[a, g, i] or x[a, i, g]): with copy, into out (A·G, n, E)
     # (C-contiguous, out's dtype): dtype(x)·dtype(scale) (scaled) or dtype(x), each
-    # rounded once as q.astype(dtype) * dtype(scale) and astype round them (one product: fastmath's
-    # reassoc/contract cannot change it). sq[b, i]: the float64 sum of the squares of
+    # rounded once as x.astype(dtype) * dtype(scale) and astype round them (one
+    # product: fastmath's reassoc/contract cannot change it). Without copy, out is not
+    # written (any array of the dtype). sq[b, i]: the float64 sum of the squares of
     # that row (reassociated; inf or NaN when the row holds inf or NaN, or its squares
     # overflow float64: the caller checks them, as a test under fastmath's flags here
     # was compiled away on the path without a copy).
@@ -705,19 +693,25 @@ def kernel_inputs(q, k, v, scale, dtype):
     return qf, kf, vf, (qsq, ksq, vmax)
 
 
+def norm_bounds(sq, E, dtype):
+    """Upper bounds of row norms from the float64 sums of the squares of their E
+    entries of ``dtype`` (any order): ``sqrt(sq·(1 + 2(E+1)u))``, u the unit roundoff
+    of ``dtype`` (>= float64's), which covers the rounding of the sum (Higham 2002,
+    §3.1)."""
+    return np.sqrt(sq * (1 + (E + 1) * np.finfo(dtype).eps))
+
+
 def row_norms(x):
     """Upper bounds of the row norms ‖x[b, i]‖₂ of a (B, n, E) array, as float64.
 
-    The squares are summed in float64 (one pass, no copy of x), then enlarged by
-    ``1 + 2(E+1)u`` (u the unit roundoff of x's dtype, >= float64's), which covers
-    the rounding of a sum of E squares (Higham 2002, §3.1): the result is never below
-    the true norm.
+    The squares are summed in float64 (one pass, no copy of a C-contiguous x), then
+    enlarged by :func:`norm_bounds`: the result is never below the true norm.
     """
     E = x.shape[-1]
-    u = np.finfo(x.dtype).eps / 2
-    sq = _sum_squares(x.reshape(-1, E) if x.flags.c_contiguous else
-                      np.ascontiguousarray(x).reshape(-1, E)).reshape(x.shape[:-1])
-    out = np.sqrt(sq * (1 + 2 * (E + 1) * u))
+    xc = np.ascontiguousarray(x).reshape(1, 1, -1, E)
+    sq = np.empty((1, xc.shape[2]))
+    _take_heads(xc, False, 1.0, False, False, np.empty((0, 0, E), x.dtype), sq)   # sums only
+    out = norm_bounds(sq.reshape(x.shape[:-1]), E, x.dtype)
     bad = ~np.isfinite(out)
     if bad.any():           # the squares overflowed x's dtype: rows scaled by max|x|, float64
         rows = x[bad].astype(np.float64)

@@ -679,10 +679,12 @@ def kernel_inputs(q, k, v, scale, dtype):
         if scaled and x4.dtype.itemsize > dtype.itemsize:
             x4 = x4.astype(dtype)               # narrowed first: one rounding each
         A, G, n, E = x4.shape
-        copy = scaled or x4.dtype != dtype or not x4.flags.c_contiguous
-        out = np.empty((A * G, n, E), dtype) if copy else x4.reshape(A * G, n, E)
         hl = not x4.flags.c_contiguous and x4.transpose(0, 2, 1, 3).flags.c_contiguous
-        src = x4.transpose(0, 2, 1, 3) if hl else np.ascontiguousarray(x4)
+        if not hl:
+            x4 = np.ascontiguousarray(x4)       # (other strides: copied once, here)
+        copy = scaled or x4.dtype != dtype or hl
+        out = np.empty((A * G, n, E), dtype) if copy else x4.reshape(A * G, n, E)
+        src = x4.transpose(0, 2, 1, 3) if hl else x4
         sq = np.empty((A * G, n))
         _take_heads(src, hl, scale, scaled, copy, out, sq)
         if not np.isfinite(sq).all():

@@ -14,10 +14,12 @@ kernel, and the checks.
 
 It serves only what it can decide alike: no bias array (typed ``Causal``,
 ``Window``, ``Chunked`` and ``Packed`` structures only), no relative matrices, no
-rotary, no positions, no ``radius=``/``degree=``/``verify=``, ``return_info=False``
+positions, no ``radius=``/``degree=``/``verify=``, ``return_info=False``
 (the per-head certified bound is the report's job), float32/float64 inputs of one
 dtype without broadcasting, or float16/bfloat16 torch tensors (widened exactly to
 float32 and computed as the full pipeline computes them, the result rounded back).
+A ``rotary=`` call (float32/float64 inputs) is rotated as the full pipeline rotates
+it (:func:`~.inputs._rotate`: float64, the same positions), then served alike.
 Anything else, a head whose radius might be below ``R*``, or a non-finite result
 (NaN/inf inputs, logits beyond float32) goes to the full pipeline, which then
 decides, refuses or computes exactly as it would have:
@@ -40,7 +42,8 @@ from .._runtime.interop import is_torch
 from .._runtime.omp_team import team as torch_team
 from .._runtime.threads import resolve_workers
 from .heads import head_facts
-from .inputs import _all_finite, check_shapes, make_problem
+from ..rotary import Rotary
+from .inputs import _all_finite, _rotate, check_shapes, make_problem
 from .plan import RADIUS_GRID, plan_head
 
 __all__ = ["try_fast_exact", "clear"]
@@ -58,6 +61,7 @@ class _Entry:
     """What the full pipeline derived once for a shape signature."""
 
     batch_shape: tuple
+    offset: int                    # position of query 0 among the keys (rotary angles)
     B: int
     Bk: int
     L: int
@@ -234,7 +238,7 @@ def _store(key, sh, Bk, kvidx, lo, hi, r_star, compute, scale, kpm, spec, struct
                     np.zeros(B, np.int64), has_r)
         for masked in ((False, True) if kidx is not None else (False,))) \
         if bias is None else (None, None)          # the decoding kernel takes no bias
-    e = _Entry(batch_shape=sh.batch_shape, B=B, Bk=Bk, L=L, S=S,
+    e = _Entry(batch_shape=sh.batch_shape, offset=sh.offset, B=B, Bk=Bk, L=L, S=S,
                E=sh.E, Ev=sh.Ev, kvidx=kvidx, lo=lo, hi=hi, r_star=r_star,
                compute=compute, scale=scale, kidx=kidx, decode=decode,
                ranges=ranges, spec=spec, structure=structure, bias=bias, bidx=bidx)
@@ -258,8 +262,13 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
     free)."""
     if method not in ("auto", "exact") or softcap is not None:
         return None                  # "fast" computes or refuses in the full pipeline
-    if rotary not in (None, False) or relative is not None or positions is not None:
+    if relative is not None or positions is not None:
         return None
+    rot = Rotary() if rotary is True or rotary is np.True_ else rotary
+    if rot is False or rot is np.False_:
+        rot = None
+    if rot is not None and type(rot) is not Rotary:
+        return None                  # (the full pipeline's message)
     if bias is not None and not isinstance(bias, (NoBias, Causal, Window, Chunked, Packed)):
         return None
     causal = bool(is_causal) or isinstance(bias, Causal)
@@ -269,6 +278,8 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
     (q, tq), (k, tk), (v, tv) = conv
     if not (q.dtype == k.dtype == v.dtype) or not (tq == tk == tv):
         return None                  # (a float16/bfloat16 tensor beside a float32 one too)
+    if rot is not None and tq not in (None, True):
+        return None                  # (float16/bfloat16 with rotary: the full pipeline)
     if q.ndim < 2 or k.ndim < 2 or v.ndim < 2 or 0 in q.shape or 0 in k.shape \
             or 0 in v.shape:
         return None                  # empty: the full pipeline's answer or message
@@ -280,11 +291,14 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
     sig = (q.shape, k.shape, v.shape, q.dtype.str if tq in (None, True) else tq,
            bool(enable_gqa), causal, query_offset,
            causal_alignment, None if kpm is None else kpm.shape, scale, method, eps, approx,
-           precision, bias if isinstance(bias, (Window, Chunked, Packed)) else None)
-    e = _cache.get(sig)
+           precision, bias if isinstance(bias, (Window, Chunked, Packed)) else None, rot)
+    try:
+        e = _cache.get(sig)
+    except TypeError:
+        return None                  # (an unhashable Rotary: scaling with arrays)
     if e is None:
-        arrays = dict(bias=bias, is_causal=is_causal, scale=scale, precision=precision,
-                      enable_gqa=enable_gqa, query_offset=query_offset,
+        arrays = dict(rotary=rot, bias=bias, is_causal=is_causal, scale=scale,
+                      precision=precision, enable_gqa=enable_gqa, query_offset=query_offset,
                       causal_alignment=causal_alignment, key_padding_mask=kpm)
         try:
             fam = _families.get(_family(sig))
@@ -301,6 +315,9 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
     if q.shape[:-2] != e.batch_shape or k.shape[:-2] != (e.batch_shape[:-1] + (k.shape[-3],)
                                                          if enable_gqa else e.batch_shape):
         return None                          # broadcast leading dims: the full pipeline
+    dtype = q.dtype
+    if rot is not None:      # float64, at the positions the full pipeline rotates at
+        q, k = _rotate(q, k, rot, None, e.L, e.S, e.E, e.offset)
     masked = kpm is not None and not kpm.all()
     dp = e.decode[masked]
     stats = None
@@ -359,7 +376,7 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
         return None              # NaN/inf inputs or logits beyond float32: full pipeline
     if ok < 0 and _sees_some_key(e, kmask, kidx, lse):
         return None              # a row with keys lost them (underflow): full pipeline
-    out = out.reshape(e.batch_shape + (e.L, e.Ev)).astype(q.dtype, copy=False)
+    out = out.reshape(e.batch_shape + (e.L, e.Ev)).astype(dtype, copy=False)
     if tq is not None:
         out = _torch().from_numpy(out)     # q's dtype, contiguous; lse float64
         if tq is not True:                 # back to float16/bfloat16, as output_like

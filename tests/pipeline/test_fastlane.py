@@ -5,7 +5,8 @@ everything they cannot decide alike to it, and keep its errors."""
 import numpy as np
 import pytest
 
-from numbarope import rope_attention
+from numbarope import Rotary, rope_attention
+from numbarope.rotary import DynamicNTKScaling, YarnScaling
 from numbarope.bias import Causal, Chunked, Packed, Window
 from numbarope._pipeline import fastlane
 
@@ -94,7 +95,7 @@ def test_what_the_lane_does_not_serve():
     q, k, v = _qkv(rng, 2, 2, 6, 6)
     assert fastlane.try_fast_exact(q, k, v, method="fast", eps=1e-3, approx="chebyshev",
                                    workers=None, return_lse=False) is None
-    for kw in (dict(rotary=True), dict(positions=np.arange(6)),
+    for kw in (dict(rotary=True, positions=np.arange(6)),
                dict(bias=np.zeros(11, np.float32))):
         assert fastlane.try_fast_exact(q, k, v, method="exact", eps=1e-3,
                                        approx="chebyshev", workers=None,
@@ -102,6 +103,32 @@ def test_what_the_lane_does_not_serve():
     assert fastlane.try_fast_exact(q, k, v.astype(np.float64), method="exact", eps=1e-3,
                                    approx="chebyshev", workers=None,
                                    return_lse=False) is None
+
+
+ROTARIES = [True, Rotary(layout="interleaved", base=500.0),
+            Rotary(dim=12, scaling=YarnScaling(factor=4.0, original_max_position_embeddings=32)),
+            Rotary(scaling=DynamicNTKScaling(factor=2.0, original_max_position_embeddings=40))]
+
+
+@pytest.mark.parametrize("rot", range(len(ROTARIES)))
+@pytest.mark.parametrize("case", [1, 2, 3, 5, 6, 7])
+def test_rotary_calls_take_the_lane_with_the_same_bits(rot, case):
+    # rotated as the full pipeline rotates them (float64, the same positions: query
+    # offsets, bottom-right alignment, a length-dependent scaling), then the lane
+    kw = dict(CASES[case], rotary=ROTARIES[rot])
+    rng = np.random.default_rng(10 + case)
+    q, k, v = _qkv(rng, kw.pop("B"), kw.pop("Bk"), kw.pop("L"), kw.pop("S"),
+                   dtype=kw.pop("dtype", np.float32), s=2.0)
+    fastlane.clear()
+    for _ in range(2):
+        out, lse = rope_attention(q, k, v, return_lse=True, **kw)
+        ref, rl = rope_attention(q, k, v, return_lse=True, return_info=True, **kw)[:2]
+        assert out.dtype == ref.dtype == q.dtype
+        np.testing.assert_array_equal(out, ref)
+        np.testing.assert_array_equal(lse, rl)
+    assert len(fastlane._cache) == 1          # served, and its entry reused
+    # the rotation is not skipped: without it the result differs
+    assert not np.array_equal(out, rope_attention(q, k, v, **dict(kw, rotary=None)))
 
 
 @pytest.mark.skipif(torch is None, reason="torch not installed")

@@ -28,6 +28,12 @@ PLAUSIBLE_FACTOR = 100.0
 #: Spread of a kernel's timings (median / minimum over the repeats) above which the
 #: measurement is reported as noisy.
 NOISY_SPREAD = 1.5
+#: Whole calls at sizes the constants were not taken from (exact calls at head_dim
+#: 32, a gemm call with 32 value columns) must be predicted within this factor of
+#: their fastest time, or no constant is stored: constants taken from differences of
+#: two timings can be plausible and still wrong by several times when one of the two
+#: was disturbed.
+CHECK_FACTOR = 2.0
 
 
 class CalibrationWarning(UserWarning):
@@ -41,6 +47,7 @@ def _dims():
     wphi, _ = feature_weights(coef, E, g)
     rows = 16384
     return {"n": 4096, "ng": 512, "Eg": 4, "E": E, "g": g, "rows": rows, "ev": 16,
+            "ev_wide": 64, "ev_check": 32, "w_check": 32,
             "m": int(wphi.size), "ch": int(min(prefix_chunk(wphi.size), rows)),
             "coef": coef, "wphi": wphi, "N": 8192, "cols": 64, "F": 1025, "mk": 20,
             "ev1": 17, "nw": 2047, "Ew": 4}
@@ -51,9 +58,10 @@ def _probes(d, rng):
     probes = {}
     n = d["n"]
     for dt, sfx in ((np.float64, ""), (np.float32, "32")):
-        for w in (8, 64):
+        for w in (8, 64, d["w_check"]):
             q, k, v = (rng.standard_normal((1, n, w)).astype(dt) for _ in range(3))
-            probes[f"exact{w}{sfx}"] = (lambda q=q, k=k, v=v: exact_attention(q, k, v, 0.1))
+            name = f"exact{w}{sfx}" if w != d["w_check"] else f"check_exact{sfx}"
+            probes[name] = (lambda q=q, k=k, v=v: exact_attention(q, k, v, 0.1))
     ng, Eg = d["ng"], d["Eg"]
     q, k, v = (rng.standard_normal((1, ng, Eg)) for _ in range(3))
     W = rng.standard_normal((1, 2 * ng - 1, Eg, Eg))
@@ -68,6 +76,9 @@ def _probes(d, rng):
     probes["feature"] = lambda: features(x, d["E"], d["g"], d["wphi"], out)
     gemm, prefix = ops.get("gemm"), ops.get("prefix")
     probes["gemm"] = lambda: gemm.run(x, x, vv, 1.0, d["coef"], structure=NoBias())
+    for name, ev in (("gemm_wide", d["ev_wide"]), ("check_gemm", d["ev_check"])):
+        vw = rng.standard_normal((d["rows"], ev))
+        probes[name] = (lambda vw=vw: gemm.run(x, x, vw, 1.0, d["coef"], structure=NoBias()))
     probes["prefix"] = lambda: prefix.run(x, x, vv, 1.0, d["coef"], structure=Causal())
     u = rng.standard_normal((d["N"], d["cols"]))
     probes["fft"] = lambda: sfft.irfft(sfft.rfft(u, axis=0), n=d["N"], axis=0)
@@ -98,7 +109,10 @@ def _derive(t, d):
     c["exact_general_flop"] = (tg - c["exact_pair"] - c["exact_flop"] * 2 * Eg) / (Eg * Eg + Eg)
     rows, m, ev = d["rows"], d["m"], d["ev"]
     c["feature"] = t["feature"] / (m * rows)
-    c["gemm_flop"] = (t["gemm"] - c["feature"] * 2 * rows * m) / (2 * rows * m * (ev + 1))
+    # from two gemm calls that differ in their value columns only (the same features):
+    # the features alone (written out whole, not block by block as the call computes
+    # them) took 5x their share of the call, which once left gemm_flop 10-50x too small
+    c["gemm_flop"] = (t["gemm_wide"] - t["gemm"]) / (2 * rows * m * (d["ev_wide"] - ev))
     ch = d["ch"]
     intra = t["prefix"] - t["gemm"] - c["gemm_flop"] * rows * ch * (d["E"] + ev + 1)
     # elementwise: per (query, key) pair of a chunk and degree, Horner and mask (numba)
@@ -108,6 +122,20 @@ def _derive(t, d):
     c["cmul"] = t["cmul"] / (4 * d["F"] * d["mk"] * d["mk"] * d["ev1"])
     c["sympow"] = t["sympow"] / (d["nw"] * (10 * 4 + 20 * 10) * 4)
     return {k: float(v) for k, v in c.items()}
+
+
+def _checks(t, c, d):
+    """check name -> (predicted, measured) seconds of the check calls (``t``: timings)
+    under the constants ``c``: the model :func:`_derive` fits, at other sizes."""
+    nn = float(d["n"]) ** 2
+    res = {}
+    for sfx in ("", "32"):
+        pred = nn * (c["exact_pair" + sfx] + c["exact_flop" + sfx] * 2 * d["w_check"])
+        res[f"check_exact{sfx}"] = (pred, t[f"check_exact{sfx}"])
+    rows, m = d["rows"], d["m"]
+    pred = c["feature"] * 2 * rows * m + c["gemm_flop"] * 2 * rows * m * (d["ev_check"] + 1)
+    res["check_gemm"] = (pred, t["check_gemm"])
+    return res
 
 
 def _measure(repeat, seed, bar):
@@ -166,7 +194,10 @@ def calibrate(update=True, seed=0, progress=None, repeat=5):
         A constant is not finite, <= 0, or more than ``PLAUSIBLE_FACTOR`` (100)
         times away from its built-in value: the message names it, its estimates
         the built-in value and the spread of the timings it comes from, and the
-        constants in use are kept (none is updated). Or, all constants plausible,
+        constants in use are kept (none is updated). Or the constants predict a
+        whole call at sizes they were not taken from (exact at head_dim 32, gemm
+        with 32 value columns) more than ``CHECK_FACTOR`` (2) times off its time:
+        the message names the call, and none is updated. Or, all constants plausible,
         a kernel's median time over the repeats is more than ``NOISY_SPREAD``
         (1.5×) its fastest: the constants are stored, and the message says which
         timings were noisy.
@@ -219,6 +250,17 @@ def calibrate(update=True, seed=0, progress=None, repeat=5):
               f"value{timings}. The timings were probably disturbed by other work on the "
               f"machine: calibrate on a quiet machine, or with a larger repeat=.",
             CalibrationWarning, stacklevel=2)
+        return c
+    off = {name: p / m for name, (p, m) in _checks(best, c, dims).items()
+           if not 1 / CHECK_FACTOR <= p / m <= CHECK_FACTOR}
+    if off:
+        warnings.warn(
+            "numbarope.calibrate: the measured constants mispredict whole calls at other "
+            "sizes, none updated (the cost model keeps its current constants): "
+            + ", ".join(f"{name} predicted {r:.2f}x its time" for name, r in off.items())
+            + f" (accepted within {CHECK_FACTOR:g}x){timings}. The timings were probably "
+              f"disturbed by other work on the machine: calibrate on a quiet machine, or "
+              f"with a larger repeat=.", CalibrationWarning, stacklevel=2)
         return c
     if noisy:
         warnings.warn(

@@ -28,12 +28,14 @@ def _times(c, d):
         pair, flop = c["exact_pair" + sfx], c["exact_flop" + sfx]
         t["exact8" + sfx] = nn * (pair + flop * 16)
         t["exact64" + sfx] = nn * (pair + flop * 128)
+        t["check_exact" + sfx] = nn * (pair + flop * 2 * d["w_check"])
     Eg = d["Eg"]
     t["general"] = d["ng"] ** 2 * (c["exact_pair"] + c["exact_flop"] * 2 * Eg
                                    + c["exact_general_flop"] * (Eg * Eg + Eg))
     rows, m, ev, ch = d["rows"], d["m"], d["ev"], d["ch"]
     t["feature"] = c["feature"] * m * rows
-    t["gemm"] = c["feature"] * 2 * rows * m + c["gemm_flop"] * 2 * rows * m * (ev + 1)
+    for name, e in (("gemm", ev), ("gemm_wide", d["ev_wide"]), ("check_gemm", d["ev_check"])):
+        t[name] = c["feature"] * 2 * rows * m + c["gemm_flop"] * 2 * rows * m * (e + 1)
     t["prefix"] = (t["gemm"] + c["gemm_flop"] * rows * ch * (d["E"] + ev + 1)
                    + c["elementwise"] * rows * ch * (2 * d["g"] + 3))
     t["fft"] = c["fft_flop"] * 2 * d["cols"] * d["N"] * np.log2(d["N"])
@@ -109,6 +111,42 @@ def test_implausible_constants_are_refused_and_nothing_changes(fake):
                       + r".*within 100x"):
         numbarope.calibrate(update=True, repeat=2)
     assert COST_CONSTANTS == before
+
+
+def test_gemm_flop_does_not_depend_on_the_feature_probe(fake):
+    """Found on this machine: the feature probe (features written out whole) took 5x
+    their share of a gemm call (computed block by block), and gemm_flop, then taken as
+    gemm minus features, came out 10-50x too small (plausible: within 100x), so that
+    method="auto" took gemm where exact was 3-7x faster. It is now the difference of two
+    gemm calls with the same features."""
+    d = cal._dims()
+    t = _times(cal.BUILTIN, d)
+    t["feature"] *= 5.0
+    fake([t] * 2)
+    with pytest.warns(cal.CalibrationWarning, match="check_gemm predicted"):
+        c = numbarope.calibrate(update=False, repeat=2)     # (features over-predicted)
+    assert c["gemm_flop"] == pytest.approx(cal.BUILTIN["gemm_flop"], rel=1e-6)
+    assert c["feature"] == pytest.approx(5 * cal.BUILTIN["feature"], rel=1e-6)
+
+
+@pytest.mark.parametrize("check", ["check_gemm", "check_exact", "check_exact32"])
+@pytest.mark.parametrize("factor", [0.3, 3.0])
+def test_constants_that_mispredict_a_whole_call_are_refused(fake, check, factor):
+    """Plausible constants that predict a whole call at other sizes (the check calls)
+    more than CHECK_FACTOR off: a warning naming the call, and nothing is stored."""
+    before = dict(COST_CONSTANTS)
+    t = _times(cal.BUILTIN, cal._dims())
+    t[check] *= factor
+    fake([t] * 2)
+    with pytest.warns(cal.CalibrationWarning,
+                      match=rf"mispredict whole calls.*none updated.*{check} predicted "
+                            rf"{1 / factor:.2f}x its time"):
+        numbarope.calibrate(update=True, repeat=2)
+    assert COST_CONSTANTS == before
+    t[check] /= factor * 1.5                      # within the factor: stored
+    fake([t] * 2)
+    numbarope.calibrate(update=True, repeat=2)
+    assert COST_CONSTANTS != before
 
 
 def test_quiet_plausible_run_updates_without_warning(fake):

@@ -42,8 +42,7 @@ from .._runtime.interop import is_torch
 from .._runtime.omp_team import team as torch_team
 from .._runtime.threads import resolve_workers
 from .heads import head_facts
-from ..rotary import Rotary
-from .inputs import _all_finite, _rotate, check_shapes, make_problem
+from .inputs import _all_finite, _rotate, as_rotary, check_shapes, make_problem
 from .plan import RADIUS_GRID, plan_head
 
 __all__ = ["try_fast_exact", "clear"]
@@ -264,10 +263,9 @@ def try_fast_exact(query, key, value, *, method, eps, approx, workers, return_ls
         return None                  # "fast" computes or refuses in the full pipeline
     if relative is not None or positions is not None:
         return None
-    rot = Rotary() if rotary is True or rotary is np.True_ else rotary
-    if rot is False or rot is np.False_:
-        rot = None
-    if rot is not None and type(rot) is not Rotary:
+    try:
+        rot = as_rotary(rotary)
+    except TypeError:
         return None                  # (the full pipeline's message)
     if bias is not None and not isinstance(bias, (NoBias, Causal, Window, Chunked, Packed)):
         return None

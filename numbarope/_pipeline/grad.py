@@ -42,10 +42,9 @@ import numpy as np
 
 from .. import ops
 from ..ops.streaming import exact_backward
-from ..rotary import Rotary
 from .._runtime.interop import is_torch, output_like
 from .heads import head_weights
-from .inputs import make_problem, rotate_back, rotate_rows_back
+from .inputs import as_rotary, make_problem, rotate_back, rotate_rows_back
 
 __all__ = ["attention_with_grad", "exact_forward", "exact_gradients"]
 
@@ -188,10 +187,8 @@ def _forward(query, key, value, *, method, eps, approx, radius, verify, workers,
 
 def _saved(p, out64, lse, cd, arrays, workers, inputs):
     """What :func:`_backward` reads of a forward."""
-    rotary = arrays.get("rotary")
-    rotary = Rotary() if rotary is True or rotary is np.True_ else (
-        None if rotary is False or rotary is np.False_ else rotary)
-    return {"p": p, "out": out64, "lse": lse, "cd": cd, "rotary": rotary,
+    return {"p": p, "out": out64, "lse": lse, "cd": cd,
+            "rotary": as_rotary(arrays.get("rotary")),
             "workers": workers, "shapes": tuple(tuple(x.shape) for x in inputs),
             "heads": None}
 

@@ -165,6 +165,19 @@ def packed_arguments(cu_seqlens, key, bias, is_causal, rotary, positions):
     return packed, False, positions
 
 
+def as_rotary(rotary):
+    """``rotary=`` as rope_attention reads it: True is ``Rotary()``, False (or None) is
+    None, a :class:`~numbarope.Rotary` itself; anything else raises TypeError."""
+    if rotary is True or rotary is np.True_:
+        return Rotary()
+    if rotary is False or rotary is np.False_:
+        return None
+    if rotary is not None and not isinstance(rotary, Rotary):
+        raise TypeError(f"rotary must be a numbarope.Rotary, True (the default Rotary()) "
+                        f"or None/False (no rotation), got {type(rotary).__name__}")
+    return rotary
+
+
 def validate_softcap(softcap):
     """``softcap`` as a float > 0, or None; raises naming the argument."""
     if softcap is None:
@@ -548,13 +561,7 @@ def make_problem(query, key, value, *, rotary=None, relative=None, bias=None,
         raise ValueError("rotary and relative are exclusive: pass a rotary embedding "
                          "OR general relative matrices (rotary_relative_matrices gives "
                          "the matrices of a rotary embedding)")
-    if rotary is True or rotary is np.True_:
-        rotary = Rotary()
-    elif rotary is False or rotary is np.False_:
-        rotary = None
-    if rotary is not None and not isinstance(rotary, Rotary):
-        raise TypeError(f"rotary must be a numbarope.Rotary, True (the default Rotary()) "
-                        f"or None/False (no rotation), got {type(rotary).__name__}")
+    rotary = as_rotary(rotary)
     structure = bias if isinstance(bias, Structure) else None
     (q, k, v, rel, bia), out_torch, low_unit = _from_other_libraries(
         query, key, value, relative, None if structure is not None else bias)

@@ -23,13 +23,12 @@ import numpy as np
 
 from .._pipeline import attention
 from .._pipeline.inputs import (KNOWN_KEYWORDS, _as_positions, _typed_bias, as_float_array,
-                                as_key_mask, check_shapes, query_offset_of, validate_flag,
-                                validate_options, validate_precision)
+                                as_key_mask, as_rotary, check_shapes, query_offset_of,
+                                validate_flag, validate_options, validate_precision)
 from .._pipeline.report import AttentionInfo
 from .._runtime.interop import is_dask, unexpected_keywords
 from .._runtime.threads import resolve_workers
 from ..bias import Decay, RelativeBias, Structure
-from ..rotary import Rotary
 
 __all__ = ["is_dask", "rope_attention_dask"]
 
@@ -74,13 +73,7 @@ def _check_dtype(dtype, name):
 def _as_rotary(rotary, E):
     """``rotary=`` as rope_attention reads it: True is ``Rotary()``, False is None; a
     Rotary is checked against the head_dim E. Raises rope_attention's errors."""
-    if rotary is True or rotary is np.True_:
-        rotary = Rotary()
-    elif rotary is False or rotary is np.False_:
-        rotary = None
-    if rotary is not None and not isinstance(rotary, Rotary):
-        raise TypeError(f"rotary must be a numbarope.Rotary, True (the default Rotary()) "
-                        f"or None/False (no rotation), got {type(rotary).__name__}")
+    rotary = as_rotary(rotary)
     if rotary is not None:
         rotary.rotary_dim(E)
     return rotary

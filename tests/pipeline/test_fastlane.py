@@ -186,7 +186,8 @@ def test_transposed_queries_as_transformers_passes_them():
 
 @pytest.mark.parametrize("bias", [None, Chunked(64)])
 @pytest.mark.parametrize("method", ["auto", "exact"])
-def test_a_growing_cache_derives_its_plans(method, bias, monkeypatch):
+@pytest.mark.parametrize("rotary", [None, True])
+def test_a_growing_cache_derives_its_plans(method, bias, rotary, monkeypatch):
     # a decoding cache grows by one key a step: each step's plan is derived from the
     # previous one's (no pass over the data), with the full pipeline's bits
     rng = np.random.default_rng(9)
@@ -199,7 +200,7 @@ def test_a_growing_cache_derives_its_plans(method, bias, monkeypatch):
         pad = np.ones((6, S), bool)
         pad[:, :3] = False                                  # left padding
         kw = dict(enable_gqa=True, is_causal=True, causal_alignment="bottom_right",
-                  key_padding_mask=pad, method=method, bias=bias)
+                  key_padding_mask=pad, method=method, bias=bias, rotary=rotary)
         np.testing.assert_array_equal(rope_attention(q, k, v, **kw), _full(q, k, v, **kw))
     assert len(built) == 1
     assert all(e.r_star == 0.0 for e in fastlane._cache.values())

@@ -111,7 +111,7 @@ def _derive(t, d):
     c["feature"] = t["feature"] / (m * rows)
     # from two gemm calls that differ in their value columns only (the same features):
     # the features alone (written out whole, not block by block as the call computes
-    # them) took 5x their share of the call, which once left gemm_flop 10-50x too small
+    # them) took 5x their share of the call, which left gemm_flop 6-36x too small
     c["gemm_flop"] = (t["gemm_wide"] - t["gemm"]) / (2 * rows * m * (d["ev_wide"] - ev))
     ch = d["ch"]
     intra = t["prefix"] - t["gemm"] - c["gemm_flop"] * rows * ch * (d["E"] + ev + 1)

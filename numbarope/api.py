@@ -27,12 +27,12 @@ _COMMON_DOC = """
     Parameters
     ----------
     query : (..., L, E) array_like of float32 or float64
-        Queries (L = n for self-attention); leading (batch, head) dims broadcast with those of key, value,
-        relative and bias. torch CPU tensors are accepted (float16 and bfloat16
-        too: computed as float32 inputs, returned in their dtype, the final rounding in
-        ``info.error_bound``); when any of query, key, value is a torch tensor, the
-        result is a torch tensor of the dtype torch promotes the three to
-        (``torch.promote_types``, numpy inputs taken by their dtype: a float16
+        Queries (L = n for self-attention); leading (batch, head) dims broadcast
+        with those of key, value, relative and bias. torch CPU tensors are
+        accepted (float16 and bfloat16 too: computed as float32 inputs, returned in
+        their dtype, the final rounding in ``info.error_bound``); when any of
+        query, key, value is a torch tensor, the result is a torch tensor of the dtype torch
+        promotes the three to (``torch.promote_types``, numpy inputs taken by their dtype: a float16
         tensor with float32 arrays gives float32), with that dtype's rounding
         in the bound; differentiable when one requires grad (README "Gradients":
         exact heads by FlashAttention-2's backward, fast heads by their algorithm's
@@ -74,8 +74,9 @@ _COMMON_DOC = """
         ``(B, H, L, E)`` queries: an array with fewer leading dims than the
         batch dims, not shared by all heads, is refused rather than read per
         head). Rows that see no real key return 0. Padded keys enter neither
-        the per-row bias shift nor the logit radius nor max|value|. On the fast path the padded keys take no part (removed, or zero
-        rows of the FFT's right-hand side): the Toeplitz structure is kept.
+        the per-row bias shift nor the logit radius nor max|value|. On the fast
+        path the padded keys take no part (removed, or zero rows of the FFT's
+        right-hand side): the Toeplitz structure is kept.
     cu_seqlens : (N+1,) array_like of int, optional
         Packed sequences (flash-attn's varlen ``cu_seqlens``): ``[0, n₁, n₁+n₂, …,
         S]``, the keys (and queries at the same positions) of N sequences laid end to
@@ -226,11 +227,11 @@ def rope_attention(query: Any, key: Any, value: Any, *, rotary: Rotary | bool | 
     the mathematical value of the formula for the given inputs, on every path:
     for the exact path it is the floating-point rounding of logits, exp, sums
     and the final division (:func:`numbarope.ops.streaming.exact_error_bound`); float32
-    results add their final rounding (at most ``2^-24·max|V|``). The fast path's error bound is ``max|out − exact| <= 2δ'/(1−δ')·max|V|``
-    where δ' is the certified relative error δ of the polynomial on ``[−R, R]``
-    plus a floating-point allowance (Alman & Song 2025, §4; see
-    :func:`numbarope.exp_approximation`). Every weight ``p(x)T`` is within
-    a factor ``1 ± δ'`` of ``eˣT``, and a ratio of such sums moves by at most
+    results add their final rounding (at most ``2^-24·max|V|``). The fast path's error
+    bound is ``max|out − exact| <= 2δ'/(1−δ')·max|V|`` where δ' is the certified
+    relative error δ of the polynomial on ``[−R, R]`` plus a floating-point
+    allowance (Alman & Song 2025, §4; see :func:`numbarope.exp_approximation`). Every weight
+    ``p(x)T`` is within a factor ``1 ± δ'`` of ``eˣT``, and a ratio of such sums moves by at most
     ``δ'/(1−δ')·(max v − min v)``.
 
     Examples

@@ -24,9 +24,10 @@ slow dense path (:func:`_general_exact_part`, O(L·S·E²) in numpy), fast heads
 info). Not differentiated (refused with a message when they require grad): bias
 arrays, relative matrices. Second
 derivatives raise (``once_differentiable``); an input changed in place after the
-forward makes backward raise, as torch's own operations do. Without a backward (refused when an input requires grad):
-general relative matrices with a soft cap; ``method="fast"`` where the head needs an algorithm without
-one (a registered algorithm without ``backward``, a soft cap); the gradient of the
+forward makes backward raise, as torch's own operations do. Without a backward
+(refused when an input requires grad): general relative matrices with a soft cap;
+``method="fast"`` where the head needs an algorithm without one (a registered
+algorithm without ``backward``, a soft cap); the gradient of the
 returned lse of a fast head.
 
 The same forward and backward, apart: :func:`exact_forward` returns what the

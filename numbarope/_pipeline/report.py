@@ -197,7 +197,8 @@ class AttentionInfo:
             tf = "-" if h.time_fast is None else f"{h.time_fast:9.2e}"
             ob = ""
             if verified:
-                ob = " " + ("-" if h.observed_error is None else f"{h.observed_error:9.2e}").rjust(9)
+                obs = "-" if h.observed_error is None else f"{h.observed_error:9.2e}"
+                ob = " " + obs.rjust(9)
             lines.append(
                 f"{str(h.head):>10} {h.radius:8.3f} {h.method:>6} {h.algorithm:>12} "
                 f"{deg:>4} {feat:>9} {h.error_bound:9.2e}{ob} {h.time_exact:10.2e} {tf:>9}  "

@@ -6,8 +6,9 @@ is already imported). Everything numbarope computes stays numpy inside.
 * torch CPU tensors are read without a copy where numpy can view them
   (float32/float64); float16 and bfloat16 are widened exactly to float32 and
   computed as float32 inputs are (float32 accumulation, float64 where the logits
-  need it, as torch computes them in float32), and the result is returned in the input dtype with its
-  rounding (``2⁻¹¹`` or ``2⁻⁸`` times max|V|) added to ``info.error_bound``;
+  need it, as torch computes them in float32), and the result is returned in the
+  input dtype with its rounding (``2⁻¹¹`` or ``2⁻⁸`` times max|V|) added to
+  ``info.error_bound``;
   tensors on another device are refused (numbarope computes on the CPU).
   Tensors that require grad (grad mode on) get a differentiable result
   (:mod:`numbarope._pipeline.grad`).

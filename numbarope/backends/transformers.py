@@ -31,10 +31,10 @@ sequences (padding-free batches). That structure is passed as ``is_causal``,
 ``bias=numbarope.bias.Window(W − 1, 0)``, ``Chunked(c)`` or
 ``Packed(cu_seqlens)``, and ``key_padding_mask=``; all of these stay eligible for the fast path
 (``method="auto"`` takes it where it is certified and cheaper). Any other
-structure (a bidirectional block, an arbitrary mask or a float bias) raises ``NotImplementedError`` naming it: nothing is computed
-wrongly. The analysis costs O(B·L·S) boolean operations once per mask
-(transformers passes the same mask object to every layer, or two alternating
-ones; the last few are kept, per thread, and used again only for the same object
+structure (a bidirectional block, an arbitrary mask or a float bias) raises
+``NotImplementedError`` naming it: nothing is computed wrongly. The analysis costs
+O(B·L·S) boolean operations once per mask (transformers passes the same mask object to every layer,
+or two alternating ones; the last few are kept, per thread, and used again only for the same object
 with an unchanged version counter, so threads serving different batches at once
 each get their own mask's reading).
 

@@ -317,8 +317,8 @@ class T5Buckets(RelativeBias):
     Buckets of :func:`t5_buckets` (HF ``T5Attention._relative_position_bucket``
     with ``relative_position = j − i = −t``), at any offset, so rectangular
     calls (decoding with a cache) see the buckets of the absolute positions.
-    ``T5Buckets(table).materialize(n) == t5_bias(n, table)``. ``causal`` is True when the buckets of every ``t < 0`` hold
-    ``-inf`` (a decoder's bucket 0 masks ``t <= 0``).
+    ``T5Buckets(table).materialize(n) == t5_bias(n, table)``. ``causal`` is True when
+    the buckets of every ``t < 0`` hold ``-inf`` (a decoder's bucket 0 masks ``t <= 0``).
     """
 
     table: np.ndarray

@@ -513,7 +513,8 @@ def apply_rotary(x: ArrayLike, rotary: Rotary | None = None,
     """
     rotary = Rotary() if rotary is None else rotary
     if not isinstance(rotary, Rotary):
-        raise TypeError(f"apply_rotary: rotary must be a numbarope.Rotary, got {type(rotary).__name__}")
+        raise TypeError(f"apply_rotary: rotary must be a numbarope.Rotary, got "
+                        f"{type(rotary).__name__}")
     tensor = None
     if type(x).__module__.startswith("torch") and hasattr(x, "detach"):
         tensor, x = x, x.detach().cpu().numpy()      # validated as numpy, rotated below

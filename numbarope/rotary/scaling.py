@@ -165,7 +165,8 @@ class Llama3Scaling(_Scaling):
         if self.high_freq_factor <= self.low_freq_factor:
             raise ValueError(
                 f"Llama3Scaling: high_freq_factor must be > low_freq_factor, got "
-                f"high_freq_factor={self.high_freq_factor} and low_freq_factor={self.low_freq_factor}")
+                f"high_freq_factor={self.high_freq_factor} and "
+                f"low_freq_factor={self.low_freq_factor}")
         object.__setattr__(self, "original_max_position_embeddings",
                            _length("Llama3Scaling", "original_max_position_embeddings",
                                    self.original_max_position_embeddings))
@@ -175,7 +176,8 @@ class Llama3Scaling(_Scaling):
         L = self.original_max_position_embeddings
         wavelen = 2 * np.pi / inv
         out = np.where(wavelen > L / self.low_freq_factor, inv / self.factor, inv)
-        smooth = (L / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        smooth = ((L / wavelen - self.low_freq_factor)
+                  / (self.high_freq_factor - self.low_freq_factor))
         smoothed = (1 - smooth) * out / self.factor + smooth * out
         medium = ~(wavelen < L / self.high_freq_factor) & ~(wavelen > L / self.low_freq_factor)
         return np.where(medium, smoothed, out)
@@ -252,7 +254,8 @@ class YarnScaling(_Scaling):
         if self.attention_factor is not None:
             return self.attention_factor
         if self.mscale and self.mscale_all_dim:
-            return _yarn_mscale(self.factor, self.mscale) / _yarn_mscale(self.factor, self.mscale_all_dim)
+            return (_yarn_mscale(self.factor, self.mscale)
+                    / _yarn_mscale(self.factor, self.mscale_all_dim))
         return _yarn_mscale(self.factor)
 
     def inv_freq(self, base: float, dim: int, seq_len: float | None = None) -> np.ndarray:
@@ -314,7 +317,8 @@ class LongRopeScaling(_Scaling):
         for name in ("short_factor", "long_factor"):
             val = getattr(self, name)
             if isinstance(val, (str, bytes)) or not hasattr(val, "__len__") or len(val) == 0:
-                raise ValueError(f"{o}: {name} must be a non-empty sequence of numbers, got {val!r}")
+                raise ValueError(f"{o}: {name} must be a non-empty sequence of numbers, "
+                                 f"got {val!r}")
             s(self, name, tuple(_real(o, f"{name}[{i}]", v, lo=0) for i, v in enumerate(val)))
         if len(self.short_factor) != len(self.long_factor):
             raise ValueError(f"{o}: short_factor and long_factor must have the same length, got "
@@ -332,7 +336,8 @@ class LongRopeScaling(_Scaling):
             return self.attention_factor
         if self.factor <= 1.0:
             return 1.0
-        return math.sqrt(1 + math.log(self.factor) / math.log(self.original_max_position_embeddings))
+        return math.sqrt(1 + math.log(self.factor)
+                         / math.log(self.original_max_position_embeddings))
 
     def inv_freq(self, base: float, dim: int, seq_len: float | None = None) -> np.ndarray:
         if len(self.short_factor) != dim // 2:

@@ -37,9 +37,10 @@ def visible_pairs(n, S, key_range=None, *, causal=False, offset=0):
 def visited_pairs(n, S, key_range=None, row_block=None, key_block=None):
     """(query, key) pairs the kernel computes: per block of ``row_block`` rows, whole
     key blocks from the smallest ``lo`` (aligned down to ``key_block``) to the largest
-    ``hi`` of its rows (none when no row of it sees a key) (defaults: ``_config.EXACT_ROW_BLOCK``, ``EXACT_KEY_BLOCK``).
-    Without ``key_range``, n·S. The predicted time of a window or a chunked structure
-    is in these pairs, not in :func:`visible_pairs`."""
+    ``hi`` of its rows (none when no row of it sees a key) (defaults:
+    ``_config.EXACT_ROW_BLOCK``, ``EXACT_KEY_BLOCK``). Without ``key_range``, n·S.
+    The predicted time of a window or a chunked structure is in these pairs, not in
+    :func:`visible_pairs`."""
     n, S = int(n), int(S)
     if key_range is None or n == 0:
         return float(n) * S
